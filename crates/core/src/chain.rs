@@ -1,0 +1,802 @@
+//! [`TieredCache`]: the chain of cache tiers over an authoritative source.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::clock::{Clock, Timestamp};
+use crate::entry::{Entry, Version};
+use crate::error::{Error, Result};
+use crate::flight::Flights;
+use crate::stats::{ChainStats, ChainTierStats, Counter, hit_rate};
+use crate::tier::{CacheTier, Key, Peek, Value};
+
+/// Default time limit of a call to a cache tier.
+pub const DEFAULT_TIER_TIMEOUT: Duration = Duration::from_millis(250);
+/// Default time limit of a call to the source.
+pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time to live of a cached "not found".
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
+/// Default oldest stale copy served when the source fails.
+pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(300);
+/// Default life of a version floor left by a write that could not reach every cache tier.
+pub const DEFAULT_FLOOR_TTL: Duration = Duration::from_secs(1800);
+
+/// Which level answered a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Origin {
+    /// Cache tier `index` (0 is the top) held a fresh entry.
+    Tier(usize),
+    /// The source answered.
+    Source,
+    /// The source failed; cache tier `index` served a stale copy within the max-stale age.
+    Stale(usize),
+}
+
+/// A request's answer with its version and where it came from.
+pub struct Fetched<V> {
+    /// The value, or `None` when the source does not have the key.
+    pub value: Option<Arc<V>>,
+    /// The source's version of the value (0 for "not found").
+    pub version: Version,
+    /// Which level answered.
+    pub origin: Origin,
+}
+
+impl<V> Fetched<V> {
+    fn from_entry(entry: Entry<V>, origin: Origin) -> Self {
+        Fetched {
+            value: entry.value,
+            version: entry.version,
+            origin,
+        }
+    }
+
+    /// Whether the source had the key.
+    #[must_use]
+    pub fn is_found(&self) -> bool {
+        self.value.is_some()
+    }
+}
+
+impl<V> Clone for Fetched<V> {
+    fn clone(&self) -> Self {
+        Fetched {
+            value: self.value.clone(),
+            version: self.version,
+            origin: self.origin,
+        }
+    }
+}
+
+impl<V> fmt::Debug for Fetched<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fetched")
+            .field("found", &self.value.is_some())
+            .field("version", &self.version)
+            .field("origin", &self.origin)
+            .finish()
+    }
+}
+
+/// The top tier's synchronous answer.
+enum Top<V> {
+    Hit(Entry<V>),
+    /// Go on from this cache tier.
+    Continue(usize),
+}
+
+/// One level of the chain: a tier, its time limit and the chain's counters for it.
+struct Level<K, V> {
+    tier: Arc<dyn CacheTier<K, V>>,
+    name: String,
+    timeout: Option<Duration>,
+    hits: Counter,
+    misses: Counter,
+    errors: Counter,
+    timeouts: Counter,
+}
+
+impl<K: Key, V: Value> Level<K, V> {
+    fn new(tier: Arc<dyn CacheTier<K, V>>, timeout: Option<Duration>) -> Self {
+        Level {
+            name: tier.name().to_owned(),
+            tier,
+            timeout,
+            hits: Counter::default(),
+            misses: Counter::default(),
+            errors: Counter::default(),
+            timeouts: Counter::default(),
+        }
+    }
+
+    /// Runs one call to the tier under its time limit; counts and traces a failure.
+    async fn call<T>(&self, op: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let result = match self.timeout {
+            Some(limit) => match tokio::time::timeout(limit, fut).await {
+                Ok(result) => result,
+                Err(_) => Err(Error::Timeout {
+                    tier: self.name.clone(),
+                    after: limit,
+                }),
+            },
+            None => fut.await,
+        };
+        if let Err(error) = &result {
+            self.errors.incr();
+            if error.is_timeout() {
+                self.timeouts.incr();
+            }
+            tracing::debug!(tier = %self.name, op, %error, "tier call failed");
+        }
+        result
+    }
+
+    fn stats(&self) -> ChainTierStats {
+        let (hits, misses) = (self.hits.get(), self.misses.get());
+        ChainTierStats {
+            name: self.name.clone(),
+            hits,
+            misses,
+            errors: self.errors.get(),
+            timeouts: self.timeouts.get(),
+            hit_rate: hit_rate(hits, misses),
+            tier: self.tier.stats(),
+        }
+    }
+}
+
+/// Versions this chain wrote that some cache tier may not have seen (its invalidation failed).
+/// Until a floor dies, an older version of its key is treated as a miss at every tier.
+struct Floors<K> {
+    map: Mutex<HashMap<K, (Version, Timestamp)>>,
+    len: AtomicUsize,
+}
+
+impl<K: Key> Floors<K> {
+    fn new() -> Self {
+        Floors {
+            map: Mutex::new(HashMap::new()),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    /// Whether `version` of `key` may be served at `now`.
+    #[inline]
+    fn allows(&self, key: &K, version: Version, clock: &Clock) -> bool {
+        // The common case, no failed writes outstanding, is one relaxed load.
+        if self.len.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let now = clock.now();
+        let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        match map.get(key) {
+            Some(&(floor, until)) if now < until => version >= floor,
+            _ => true,
+        }
+    }
+
+    fn raise(&self, key: &K, version: Version, now: Timestamp, ttl: Duration) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.retain(|_, &mut (_, until)| now < until);
+        let slot = map.entry(key.clone()).or_insert((version, now + ttl));
+        if version >= slot.0 {
+            *slot = (version, now + ttl);
+        }
+        self.len.store(map.len(), Ordering::Relaxed);
+    }
+}
+
+/// The chain's policy knobs; see the builder's setters for their meaning and defaults.
+#[derive(Debug, Clone)]
+struct Policy {
+    negative_ttl: Option<Duration>,
+    max_stale: Option<Duration>,
+    floor_ttl: Duration,
+}
+
+#[derive(Default)]
+struct ChainCounters {
+    source_found: Counter,
+    not_found: Counter,
+    stale_served: Counter,
+    failed: Counter,
+    source_loads: Counter,
+    coalesced: Counter,
+    updates: Counter,
+    refused: Counter,
+}
+
+struct Inner<K, V> {
+    tiers: Vec<Level<K, V>>,
+    source: Level<K, V>,
+    clock: Clock,
+    policy: Policy,
+    flights: Flights<K, Result<Fetched<V>>>,
+    floors: Floors<K>,
+    counters: ChainCounters,
+}
+
+/// A read-through chain of cache tiers over an authoritative source.
+///
+/// * **Read** ([`get`](TieredCache::get)): tiers top to bottom; a hit at tier `i` back-fills tiers
+///   `0..i`, each capping the entry's remaining time to live with its own TTL. On a miss
+///   everywhere the source answers and every tier is back-filled. Concurrent misses of one key
+///   share one load (single-flight). A failing cache tier is counted and skipped; if the source
+///   fails, a stale copy within the max-stale age is served, else [`Error::SourceUnavailable`].
+/// * **Write** ([`update`](TieredCache::update)): the source first (on failure nothing else is
+///   touched), then every cache tier is invalidated at the previous version and repopulated
+///   with the new one. Tombstones and version checks in the tiers keep a slow reader from
+///   back-filling an older value afterwards.
+///
+/// Cheap to clone; clones share everything.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> tiercache_core::Result<()> {
+/// use std::sync::Arc;
+/// use tiercache_core::TieredCache;
+/// use tiercache_testkit::FakeTier;
+///
+/// let source = FakeTier::source("db"); // your database tier
+/// let cache: TieredCache<String, String> = TieredCache::builder().source(source).build()?;
+///
+/// let version = cache.update(&"alice".to_string(), Arc::new("dark".to_string())).await?;
+/// assert_eq!(version, 1);
+/// let theme = cache.get(&"alice".to_string()).await?;
+/// assert_eq!(theme.as_deref().map(String::as_str), Some("dark"));
+/// # Ok(())
+/// # }
+/// ```
+pub struct TieredCache<K, V> {
+    inner: Arc<Inner<K, V>>,
+}
+
+impl<K, V> Clone for TieredCache<K, V> {
+    fn clone(&self) -> Self {
+        TieredCache {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K: Key, V: Value> fmt::Debug for TieredCache<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.inner.tiers.iter().map(|l| l.name.as_str()).collect();
+        f.debug_struct("TieredCache")
+            .field("tiers", &names)
+            .field("source", &self.inner.source.name)
+            .field("policy", &self.inner.policy)
+            .finish()
+    }
+}
+
+impl<K: Key, V: Value> TieredCache<K, V> {
+    /// Starts a chain: add cache tiers top first, then the source.
+    pub fn builder() -> TieredCacheBuilder<K, V> {
+        TieredCacheBuilder::new()
+    }
+
+    /// The value for `key`: `Ok(None)` if the source does not have it.
+    ///
+    /// A hit in a top tier with a synchronous path ([`CacheTier::peek`]) completes without
+    /// awaiting anything.
+    #[inline]
+    pub async fn get(&self, key: &K) -> Result<Option<Arc<V>>> {
+        match self.peek_top(key) {
+            Top::Hit(entry) => Ok(entry.value),
+            Top::Continue(start) => self.fetch_slow(key, start).await.map(|f| f.value),
+        }
+    }
+
+    /// Like [`get`](TieredCache::get), with the version and the level that answered.
+    pub async fn fetch(&self, key: &K) -> Result<Fetched<V>> {
+        match self.peek_top(key) {
+            Top::Hit(entry) => Ok(Fetched::from_entry(entry, Origin::Tier(0))),
+            Top::Continue(start) => self.fetch_slow(key, start).await,
+        }
+    }
+
+    /// Asks the top tier's synchronous path, and counts its answer.
+    #[inline]
+    fn peek_top(&self, key: &K) -> Top<V> {
+        let inner = &*self.inner;
+        let Some(top) = inner.tiers.first() else {
+            return Top::Continue(0);
+        };
+        match top.tier.peek(key) {
+            Peek::Hit(entry) if inner.floors.allows(key, entry.version, &inner.clock) => {
+                top.hits.incr();
+                Top::Hit(entry)
+            }
+            Peek::Hit(_) => {
+                inner.counters.refused.incr();
+                top.misses.incr();
+                Top::Continue(1)
+            }
+            Peek::Miss => {
+                top.misses.incr();
+                Top::Continue(1)
+            }
+            Peek::Unsupported => Top::Continue(0),
+        }
+    }
+
+    /// Everything after the top tier's synchronous path, from cache tier `start` down,
+    /// coalesced per key.
+    async fn fetch_slow(&self, key: &K, start: usize) -> Result<Fetched<V>> {
+        let inner = &*self.inner;
+        let (result, led) = inner.flights.run(key, || self.load(key, start)).await;
+        if !led {
+            inner.counters.coalesced.incr();
+        }
+        self.count(&result);
+        result
+    }
+
+    /// Counts a slow-path request's outcome (the fast path counts its own hits).
+    fn count(&self, result: &Result<Fetched<V>>) {
+        let c = &self.inner.counters;
+        match result {
+            Ok(f) => match f.origin {
+                Origin::Tier(i) => self.inner.tiers[i].hits.incr(),
+                Origin::Source if f.is_found() => c.source_found.incr(),
+                Origin::Source => c.not_found.incr(),
+                Origin::Stale(_) => c.stale_served.incr(),
+            },
+            Err(_) => c.failed.incr(),
+        }
+    }
+
+    /// The miss path, run once per key however many callers wait for it.
+    async fn load(&self, key: &K, start: usize) -> Result<Fetched<V>> {
+        let inner = &*self.inner;
+        for (i, level) in inner.tiers.iter().enumerate().skip(start) {
+            match level.call("get", level.tier.get(key)).await {
+                Ok(Some(entry)) if inner.floors.allows(key, entry.version, &inner.clock) => {
+                    tracing::trace!(tier = %level.name, "hit");
+                    self.backfill(key, &entry, i).await;
+                    return Ok(Fetched::from_entry(entry, Origin::Tier(i)));
+                }
+                Ok(Some(_)) => {
+                    inner.counters.refused.incr();
+                    level.misses.incr();
+                }
+                Ok(None) => level.misses.incr(),
+                Err(_) => {}
+            }
+        }
+        let source = &inner.source;
+        inner.counters.source_loads.incr();
+        match source.call("get", source.tier.get(key)).await {
+            Ok(Some(entry)) => {
+                // The source's entries do not expire; each tier applies its own TTL.
+                let entry = Entry {
+                    expires_at: None,
+                    ..entry
+                };
+                self.backfill(key, &entry, inner.tiers.len()).await;
+                Ok(Fetched::from_entry(entry, Origin::Source))
+            }
+            Ok(None) => {
+                source.misses.incr();
+                if let Some(ttl) = inner.policy.negative_ttl {
+                    let absent = Entry::absent(0).expiring_at(inner.clock.now() + ttl);
+                    self.backfill(key, &absent, inner.tiers.len()).await;
+                }
+                Ok(Fetched::from_entry(Entry::absent(0), Origin::Source))
+            }
+            Err(error) => self.fail_safe(key, error).await,
+        }
+    }
+
+    /// The source failed: serve the freshest stale copy within the max-stale age, if any.
+    async fn fail_safe(&self, key: &K, error: Error) -> Result<Fetched<V>> {
+        let inner = &*self.inner;
+        if let Some(max_stale) = inner.policy.max_stale {
+            for (i, level) in inner.tiers.iter().enumerate() {
+                if let Ok(Some(entry)) = level
+                    .call("get_stale", level.tier.get_stale(key, max_stale))
+                    .await
+                {
+                    if inner.floors.allows(key, entry.version, &inner.clock) {
+                        tracing::debug!(tier = %level.name, %error, "source failed; serving stale copy");
+                        return Ok(Fetched::from_entry(entry, Origin::Stale(i)));
+                    }
+                }
+            }
+        }
+        tracing::warn!(%error, "source failed and no usable cached copy");
+        Err(Error::SourceUnavailable {
+            source: Box::new(error),
+        })
+    }
+
+    /// Stores `entry` in cache tiers `0..below`. Failures are counted and skipped.
+    async fn backfill(&self, key: &K, entry: &Entry<V>, below: usize) {
+        for level in &self.inner.tiers[..below] {
+            let _ = level.call("set", level.tier.set(key, entry.clone())).await;
+        }
+    }
+
+    /// The values for `keys`, in order, answered tier by tier with one batch call per tier
+    /// ([`CacheTier::get_many`]). Batches are not coalesced with concurrent single gets.
+    pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Arc<V>>>> {
+        let inner = &*self.inner;
+        let mut answers: Vec<Option<Fetched<V>>> = vec![None; keys.len()];
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        for (i, level) in inner.tiers.iter().enumerate() {
+            if pending.is_empty() {
+                break;
+            }
+            let batch: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
+            let Ok(found) = level.call("get_many", level.tier.get_many(&batch)).await else {
+                continue;
+            };
+            let mut still = Vec::with_capacity(pending.len());
+            for (&p, entry) in pending.iter().zip(found) {
+                match entry {
+                    Some(e) if inner.floors.allows(&keys[p], e.version, &inner.clock) => {
+                        level.hits.incr();
+                        self.backfill(&keys[p], &e, i).await;
+                        answers[p] = Some(Fetched::from_entry(e, Origin::Tier(i)));
+                    }
+                    _ => {
+                        level.misses.incr();
+                        still.push(p);
+                    }
+                }
+            }
+            pending = still;
+        }
+        if !pending.is_empty() {
+            let source = &inner.source;
+            let batch: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
+            inner.counters.source_loads.incr();
+            match source.call("get_many", source.tier.get_many(&batch)).await {
+                Ok(found) => {
+                    let negative = inner
+                        .policy
+                        .negative_ttl
+                        .map(|ttl| Entry::absent(0).expiring_at(inner.clock.now() + ttl));
+                    for (&p, entry) in pending.iter().zip(found) {
+                        let below = inner.tiers.len();
+                        match entry {
+                            Some(e) => {
+                                let e = Entry {
+                                    expires_at: None,
+                                    ..e
+                                };
+                                inner.counters.source_found.incr();
+                                self.backfill(&keys[p], &e, below).await;
+                                answers[p] = Some(Fetched::from_entry(e, Origin::Source));
+                            }
+                            None => {
+                                source.misses.incr();
+                                inner.counters.not_found.incr();
+                                if let Some(absent) = &negative {
+                                    self.backfill(&keys[p], absent, below).await;
+                                }
+                                answers[p] =
+                                    Some(Fetched::from_entry(Entry::absent(0), Origin::Source));
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    for &p in &pending {
+                        let result = self.fail_safe(&keys[p], error.clone()).await;
+                        self.count(&result);
+                        answers[p] = Some(result?);
+                    }
+                }
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.and_then(|f| f.value))
+            .collect())
+    }
+
+    /// Writes `value` to the source, then invalidates every cache tier at the previous version
+    /// and repopulates it with the new one. Returns the new version.
+    ///
+    /// If the source write fails, the error is returned and no cache is touched. A cache tier
+    /// that fails here is counted and skipped; until the floor TTL passes, this chain then
+    /// refuses to serve versions older than the one written, from any tier.
+    pub async fn update(&self, key: &K, value: Arc<V>) -> Result<Version> {
+        let inner = &*self.inner;
+        let version = inner
+            .source
+            .call("write", inner.source.tier.write(key, Arc::clone(&value)))
+            .await?;
+        inner.counters.updates.incr();
+        // No request that starts after this returns may join a load that began before it.
+        inner.flights.forget(key);
+        let entry = Entry::new(value, version);
+        let previous = version.checked_sub(1);
+        let mut all_ok = true;
+        for level in inner.tiers.iter().rev() {
+            if let Some(previous) = previous {
+                let invalidated = level
+                    .call("invalidate", level.tier.invalidate(key, Some(previous)))
+                    .await;
+                all_ok &= invalidated.is_ok();
+            }
+        }
+        for level in inner.tiers.iter().rev() {
+            all_ok &= level
+                .call("set", level.tier.set(key, entry.clone()))
+                .await
+                .is_ok();
+        }
+        if !all_ok {
+            tracing::warn!(
+                version,
+                "update could not reach every cache tier; raising a floor"
+            );
+            inner
+                .floors
+                .raise(key, version, inner.clock.now(), inner.policy.floor_ttl);
+        }
+        Ok(version)
+    }
+
+    /// Removes `key` from every cache tier, leaving tombstones at the versions they held. Every
+    /// tier is tried; the first failure is returned.
+    pub async fn invalidate(&self, key: &K) -> Result<()> {
+        let inner = &*self.inner;
+        inner.flights.forget(key);
+        let mut first_error = None;
+        for level in &inner.tiers {
+            if let Err(e) = level
+                .call("invalidate", level.tier.invalidate(key, None))
+                .await
+            {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Empties every cache tier (never the source). Every tier is tried; the first failure is
+    /// returned.
+    pub async fn clear(&self) -> Result<()> {
+        let mut first_error = None;
+        for i in 0..self.inner.tiers.len() {
+            if let Err(e) = self.clear_tier(i).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Empties cache tier `index` (0 is the top).
+    pub async fn clear_tier(&self, index: usize) -> Result<()> {
+        let level = self.inner.tiers.get(index).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "no cache tier {index}; the chain has {}",
+                self.inner.tiers.len()
+            ))
+        })?;
+        level.call("clear", level.tier.clear()).await
+    }
+
+    /// The cache tiers, top first.
+    pub fn tiers(&self) -> impl ExactSizeIterator<Item = &Arc<dyn CacheTier<K, V>>> {
+        self.inner.tiers.iter().map(|l| &l.tier)
+    }
+
+    /// The authoritative source.
+    #[must_use]
+    pub fn source(&self) -> &Arc<dyn CacheTier<K, V>> {
+        &self.inner.source.tier
+    }
+
+    /// The chain's clock.
+    #[must_use]
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    /// Statistics of the chain and of every tier.
+    #[must_use]
+    pub fn stats(&self) -> ChainStats {
+        let inner = &*self.inner;
+        let c = &inner.counters;
+        let tiers: Vec<ChainTierStats> = inner.tiers.iter().map(Level::stats).collect();
+        let mut source = inner.source.stats();
+        source.hits = c.source_found.get();
+        source.hit_rate = hit_rate(source.hits, source.misses);
+        let tier_hits: u64 = tiers.iter().map(|t| t.hits).sum();
+        let not_found = c.not_found.get();
+        let stale_served = c.stale_served.get();
+        let failed = c.failed.get();
+        let requests = tier_hits + source.hits + not_found + stale_served + failed;
+        ChainStats {
+            requests,
+            cache_hit_rate: if requests == 0 {
+                0.0
+            } else {
+                tier_hits as f64 / requests as f64
+            },
+            tiers,
+            source,
+            not_found,
+            stale_served,
+            failed,
+            source_loads: c.source_loads.get(),
+            coalesced: c.coalesced.get(),
+            updates: c.updates.get(),
+            refused_stale_versions: c.refused.get(),
+        }
+    }
+}
+
+/// A tier and the time limit of each call to it.
+type TierAndLimit<K, V> = (Arc<dyn CacheTier<K, V>>, Option<Duration>);
+
+/// Builds a [`TieredCache`]; see [`TieredCache::builder`].
+///
+/// ```
+/// use std::time::Duration;
+/// use tiercache_testkit::FakeTier;
+/// use tiercache_core::TieredCache;
+///
+/// let cache: TieredCache<String, String> = TieredCache::builder()
+///     .source_with_timeout(FakeTier::source("db"), Some(Duration::from_secs(2)))
+///     .negative_ttl(Some(Duration::from_secs(30)))
+///     .max_stale(Some(Duration::from_secs(600)))
+///     .build()
+///     .unwrap();
+/// ```
+#[must_use]
+pub struct TieredCacheBuilder<K, V> {
+    tiers: Vec<TierAndLimit<K, V>>,
+    source: Option<TierAndLimit<K, V>>,
+    clock: Clock,
+    policy: Policy,
+}
+
+impl<K: Key, V: Value> Default for TieredCacheBuilder<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
+    /// An empty builder with the default policy.
+    pub fn new() -> Self {
+        TieredCacheBuilder {
+            tiers: Vec::new(),
+            source: None,
+            clock: Clock::system(),
+            policy: Policy {
+                negative_ttl: Some(DEFAULT_NEGATIVE_TTL),
+                max_stale: Some(DEFAULT_MAX_STALE),
+                floor_ttl: DEFAULT_FLOOR_TTL,
+            },
+        }
+    }
+
+    /// Adds a cache tier below those already added, with a time limit of
+    /// [`DEFAULT_TIER_TIMEOUT`] per call.
+    pub fn tier(self, tier: impl CacheTier<K, V> + 'static) -> Self {
+        self.shared_tier(Arc::new(tier), Some(DEFAULT_TIER_TIMEOUT))
+    }
+
+    /// Adds a cache tier with its own time limit per call (`None`: no limit).
+    pub fn tier_with_timeout(
+        self,
+        tier: impl CacheTier<K, V> + 'static,
+        timeout: Option<Duration>,
+    ) -> Self {
+        self.shared_tier(Arc::new(tier), timeout)
+    }
+
+    /// Adds a cache tier you keep a handle to (for example to read its stats or clear it).
+    pub fn shared_tier(
+        mut self,
+        tier: Arc<dyn CacheTier<K, V>>,
+        timeout: Option<Duration>,
+    ) -> Self {
+        self.tiers.push((tier, timeout));
+        self
+    }
+
+    /// Sets the authoritative source, with a time limit of [`DEFAULT_SOURCE_TIMEOUT`] per call.
+    pub fn source(self, source: impl CacheTier<K, V> + 'static) -> Self {
+        self.shared_source(Arc::new(source), Some(DEFAULT_SOURCE_TIMEOUT))
+    }
+
+    /// Sets the authoritative source with its own time limit per call (`None`: no limit).
+    pub fn source_with_timeout(
+        self,
+        source: impl CacheTier<K, V> + 'static,
+        timeout: Option<Duration>,
+    ) -> Self {
+        self.shared_source(Arc::new(source), timeout)
+    }
+
+    /// Sets a source you keep a handle to.
+    pub fn shared_source(
+        mut self,
+        source: Arc<dyn CacheTier<K, V>>,
+        timeout: Option<Duration>,
+    ) -> Self {
+        self.source = Some((source, timeout));
+        self
+    }
+
+    /// The clock for negative-entry expiry and version floors. Give the same clock to the tiers.
+    /// Defaults to [`Clock::system`].
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Time to live of a cached "not found" (`None`: do not cache it). Defaults to
+    /// [`DEFAULT_NEGATIVE_TTL`].
+    pub fn negative_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.policy.negative_ttl = ttl;
+        self
+    }
+
+    /// Oldest stale copy served when the source fails (`None`: never serve stale). Defaults to
+    /// [`DEFAULT_MAX_STALE`].
+    pub fn max_stale(mut self, age: Option<Duration>) -> Self {
+        self.policy.max_stale = age;
+        self
+    }
+
+    /// How long this chain refuses versions older than one it wrote, after a write that could
+    /// not reach every cache tier. Set it to at least the longest cache tier TTL. Defaults to
+    /// [`DEFAULT_FLOOR_TTL`].
+    pub fn floor_ttl(mut self, ttl: Duration) -> Self {
+        self.policy.floor_ttl = ttl;
+        self
+    }
+
+    /// Builds the chain.
+    ///
+    /// # Errors
+    /// [`Error::Config`] without a source, or with a zero time limit or TTL.
+    pub fn build(self) -> Result<TieredCache<K, V>> {
+        let (source, source_timeout) = self
+            .source
+            .ok_or_else(|| Error::Config("a chain needs a source (call .source(...))".into()))?;
+        let zero = |d: Option<Duration>| d.is_some_and(|d| d.is_zero());
+        if zero(source_timeout) || self.tiers.iter().any(|(_, t)| zero(*t)) {
+            return Err(Error::Config(
+                "a time limit of zero fails every call; use None for no limit".into(),
+            ));
+        }
+        if zero(self.policy.negative_ttl) {
+            return Err(Error::Config(
+                "negative_ttl of zero caches nothing; use None to disable negative caching".into(),
+            ));
+        }
+        if self.policy.floor_ttl.is_zero() {
+            return Err(Error::Config("floor_ttl must be positive".into()));
+        }
+        Ok(TieredCache {
+            inner: Arc::new(Inner {
+                tiers: self
+                    .tiers
+                    .into_iter()
+                    .map(|(tier, timeout)| Level::new(tier, timeout))
+                    .collect(),
+                source: Level::new(source, source_timeout),
+                clock: self.clock,
+                policy: self.policy,
+                flights: Flights::new(),
+                floors: Floors::new(),
+                counters: ChainCounters::default(),
+            }),
+        })
+    }
+}

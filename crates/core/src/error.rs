@@ -1,0 +1,204 @@
+//! The one error type of the core crate, shared by every tier.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A boxed error from a tier's backend, shared so that [`Error`] is cheap to clone (callers
+/// coalesced on one load all receive the same error).
+pub type BoxError = Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// `Result` with [`Error`] as the default error type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a tier or in the chain.
+///
+/// Tiers map their backend's failures onto these variants; the chain uses the classification
+/// methods ([`Error::is_transient`], [`Error::is_timeout`]) to decide what to do. Messages never
+/// contain a cached value or a credential.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A call to a tier did not finish within its time limit.
+    #[error("tier `{tier}` timed out after {after:?}")]
+    Timeout {
+        /// The tier's name.
+        tier: String,
+        /// The time limit that passed.
+        after: Duration,
+    },
+    /// A tier's backend could not be reached (connection refused or dropped, pool exhausted,
+    /// server restarting). Worth retrying later.
+    #[error("tier `{tier}` is unavailable")]
+    Unavailable {
+        /// The tier's name.
+        tier: String,
+        /// What the backend said.
+        #[source]
+        source: BoxError,
+    },
+    /// A tier's backend refused or failed the call for a reason retrying will not fix.
+    #[error("tier `{tier}` failed")]
+    Backend {
+        /// The tier's name.
+        tier: String,
+        /// What the backend said.
+        #[source]
+        source: BoxError,
+    },
+    /// Stored bytes for a key could not be decoded.
+    #[error("tier `{tier}` holds data it cannot decode")]
+    Corrupt {
+        /// The tier's name.
+        tier: String,
+        /// Why decoding failed.
+        #[source]
+        source: BoxError,
+    },
+    /// The tier does not support this operation (for example `write` on a cache tier).
+    #[error("tier `{tier}` does not support `{operation}`")]
+    Unsupported {
+        /// The tier's name.
+        tier: String,
+        /// The operation.
+        operation: &'static str,
+    },
+    /// A configuration value was rejected when the tier or chain was built.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// A value or key was rejected before any I/O.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The source failed to load a key and no cached copy was fresh or within the max-stale age.
+    #[error("source unavailable and no usable cached copy")]
+    SourceUnavailable {
+        /// Why the source failed.
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    /// Wraps a backend error that retrying may fix.
+    pub fn unavailable(
+        tier: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Unavailable {
+            tier: tier.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// Wraps a backend error that retrying will not fix.
+    pub fn backend(
+        tier: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Backend {
+            tier: tier.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// Wraps a decoding failure.
+    pub fn corrupt(
+        tier: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Corrupt {
+            tier: tier.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// The error a tier returns for an operation it does not have.
+    pub fn unsupported(tier: impl Into<String>, operation: &'static str) -> Self {
+        Error::Unsupported {
+            tier: tier.into(),
+            operation,
+        }
+    }
+
+    /// Whether retrying the same call later may succeed (timeouts, unreachable backends).
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Timeout { .. } | Error::Unavailable { .. } => true,
+            Error::SourceUnavailable { source } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// Whether the call ran out of time.
+    #[must_use]
+    pub fn is_timeout(&self) -> bool {
+        match self {
+            Error::Timeout { .. } => true,
+            Error::SourceUnavailable { source } => source.is_timeout(),
+            _ => false,
+        }
+    }
+
+    /// Whether stored data could not be decoded.
+    #[must_use]
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Error::Corrupt { .. })
+    }
+
+    /// Whether the caller's input or configuration was rejected (before any I/O).
+    #[must_use]
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, Error::InvalidInput(_) | Error::Config(_))
+    }
+
+    /// The name of the tier the error came from, if it came from one.
+    #[must_use]
+    pub fn tier(&self) -> Option<&str> {
+        match self {
+            Error::Timeout { tier, .. }
+            | Error::Unavailable { tier, .. }
+            | Error::Backend { tier, .. }
+            | Error::Corrupt { tier, .. }
+            | Error::Unsupported { tier, .. } => Some(tier),
+            Error::SourceUnavailable { source } => source.tier(),
+            Error::Config(_) | Error::InvalidInput(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classification() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let down = Error::unavailable("redis", io);
+        assert!(down.is_transient());
+        assert!(!down.is_timeout());
+        assert_eq!(down.tier(), Some("redis"));
+
+        let slow = Error::Timeout {
+            tier: "postgres".into(),
+            after: Duration::from_millis(50),
+        };
+        assert!(slow.is_transient() && slow.is_timeout());
+
+        let wrapped = Error::SourceUnavailable {
+            source: Box::new(slow.clone()),
+        };
+        assert!(wrapped.is_transient() && wrapped.is_timeout());
+        assert_eq!(wrapped.tier(), Some("postgres"));
+
+        assert!(!Error::unsupported("memory", "write").is_transient());
+        assert!(Error::InvalidInput("empty key".into()).is_invalid_input());
+        let bad = Error::corrupt("redis", std::fmt::Error);
+        assert!(bad.is_corrupt() && !bad.is_transient());
+    }
+
+    #[test]
+    fn errors_are_cheap_to_share() {
+        fn assert_traits<T: Clone + Send + Sync + 'static>() {}
+        assert_traits::<Error>();
+    }
+}

@@ -1,0 +1,153 @@
+//! Single-flight: concurrent loads of one key run once and share the result.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::sync::OnceCell;
+
+use crate::tier::Key;
+
+/// In-flight loads by key. Every caller of [`Flights::run`] for a key that is already loading
+/// waits for that load instead of starting its own.
+///
+/// If the caller running the load is cancelled, the next waiter runs it (a property of
+/// [`tokio::sync::OnceCell`]), so waiters never hang on a dropped leader. A finished flight is
+/// removed by whichever caller sees it finish first, so results are never reused by a later
+/// request.
+pub(crate) struct Flights<K, T> {
+    map: Mutex<HashMap<K, Arc<OnceCell<T>>>>,
+}
+
+impl<K: Key, T: Clone> Flights<K, T> {
+    pub(crate) fn new() -> Self {
+        Flights {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Runs `load` for `key` unless a load of `key` is in flight, in which case waits for it.
+    /// Returns the result and whether this caller ran the load.
+    pub(crate) async fn run<F, Fut>(&self, key: &K, load: F) -> (T, bool)
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = T>,
+    {
+        let cell = {
+            let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(
+                map.entry(key.clone())
+                    .or_insert_with(|| Arc::new(OnceCell::new())),
+            )
+        };
+        let mut led = false;
+        let value = cell
+            .get_or_init(|| {
+                led = true;
+                load()
+            })
+            .await
+            .clone();
+        self.remove_if_same(key, &cell);
+        (value, led)
+    }
+
+    /// Detaches `key`'s flight, if any: callers already waiting keep waiting for it, new callers
+    /// start a new load. Used after a write, so that no request that starts after the write
+    /// returns joins a load that began before it.
+    pub(crate) fn forget(&self, key: &K) {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
+
+    /// Loads in flight now.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    fn remove_if_same(&self, key: &K, cell: &Arc<OnceCell<T>>) {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            map.remove(key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_callers_share_one_load() {
+        let flights = Arc::new(Flights::<String, u64>::new());
+        let loads = Arc::new(AtomicUsize::new(0));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let mut tasks = Vec::new();
+        for _ in 0..100 {
+            let (flights, loads, gate) = (flights.clone(), loads.clone(), gate.clone());
+            tasks.push(tokio::spawn(async move {
+                flights
+                    .run(&"k".to_string(), || async {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        gate.notified().await;
+                        42
+                    })
+                    .await
+            }));
+        }
+        // Let every task reach the flight, then release the one load.
+        while loads.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        gate.notify_one();
+        let mut leaders = 0;
+        for t in tasks {
+            let (v, led) = t.await.unwrap();
+            assert_eq!(v, 42);
+            leaders += usize::from(led);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 1);
+        assert_eq!(leaders, 1);
+        assert_eq!(flights.len(), 0, "finished flights are removed");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_leader_hands_the_load_to_a_waiter() {
+        let flights = Arc::new(Flights::<u32, u32>::new());
+        let leader = {
+            let flights = flights.clone();
+            tokio::spawn(async move { flights.run(&1, std::future::pending::<u32>).await })
+        };
+        tokio::task::yield_now().await;
+        let follower = {
+            let flights = flights.clone();
+            tokio::spawn(async move { flights.run(&1, || async { 7 }).await })
+        };
+        tokio::task::yield_now().await;
+        leader.abort();
+        let (v, led) = follower.await.unwrap();
+        assert_eq!(v, 7);
+        assert!(
+            led,
+            "the follower ran the load after the leader was cancelled"
+        );
+    }
+
+    #[tokio::test]
+    async fn forget_starts_a_new_flight() {
+        let flights = Flights::<u32, u32>::new();
+        let (a, _) = flights.run(&1, || async { 1 }).await;
+        flights.forget(&1);
+        let (b, led) = flights.run(&1, || async { 2 }).await;
+        assert_eq!((a, b, led), (1, 2, true));
+    }
+}

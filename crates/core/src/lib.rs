@@ -1,0 +1,63 @@
+//! The core of tiercache: the [`CacheTier`] trait and the [`TieredCache`] chain.
+//!
+//! A chain reads through cache tiers top to bottom (memory, then Redis, say) down to an
+//! authoritative source (a database), back-fills the tiers above a hit, coalesces concurrent
+//! misses of a key into one source load, and writes to the source first, then invalidates and
+//! repopulates every cache tier. Every entry carries the source's [`Version`]; tiers refuse to
+//! replace a newer version with an older one and keep tombstones after invalidations, so a slow
+//! reader can never put an old value back after an update.
+//!
+//! This crate depends on no tier. The tiers live in their own crates (`tiercache-memory`,
+//! `tiercache-redis`, `tiercache-postgres`, ...), fakes and mocks in `tiercache-testkit`.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> tiercache_core::Result<()> {
+//! use std::sync::Arc;
+//! use tiercache_core::{Origin, TieredCache};
+//! use tiercache_testkit::FakeTier;
+//!
+//! let memory = FakeTier::cache("memory");
+//! let db = FakeTier::source("db");
+//! db.put("alice".to_string(), "dark".to_string());
+//!
+//! let cache = TieredCache::builder()
+//!     .tier(memory.clone())
+//!     .source(db.clone())
+//!     .build()?;
+//!
+//! let first = cache.fetch(&"alice".to_string()).await?;
+//! assert_eq!(first.origin, Origin::Source);
+//! let second = cache.fetch(&"alice".to_string()).await?;
+//! assert_eq!(second.origin, Origin::Tier(0)); // back-filled
+//!
+//! cache.update(&"alice".to_string(), Arc::new("light".to_string())).await?;
+//! assert_eq!(db.calls().write, 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Feature flags
+//! * `mock`: generates `MockCacheTier` with mockall.
+
+#![forbid(unsafe_code)]
+
+mod chain;
+mod clock;
+mod entry;
+mod error;
+mod flight;
+mod stats;
+mod tier;
+
+pub use chain::{
+    DEFAULT_FLOOR_TTL, DEFAULT_MAX_STALE, DEFAULT_NEGATIVE_TTL, DEFAULT_SOURCE_TIMEOUT,
+    DEFAULT_TIER_TIMEOUT, Fetched, Origin, TieredCache, TieredCacheBuilder,
+};
+pub use clock::{Clock, ManualClock, TimeSource, Timestamp};
+pub use entry::{Entry, Slot, Version};
+pub use error::{BoxError, Error, Result};
+pub use stats::{ChainStats, ChainTierStats, Counter, TierStats, hit_rate};
+#[cfg(feature = "mock")]
+pub use tier::MockCacheTier;
+pub use tier::{CacheTier, Key, Peek, Value};

@@ -1,0 +1,61 @@
+//! What tiercache's tests, and yours, need to test a chain or a tier without servers.
+//!
+//! * [`FakeTier`]: an in-memory cache tier or source that counts its calls
+//!   ([`FakeTier::calls`]) and takes faults ([`FakeTier::faults`]).
+//! * [`Faulty`]: wraps any tier (a real one too) with a [`FaultSwitch`]: [`Fault::Error`],
+//!   [`Fault::Delay`], [`Fault::Hang`], or [`Fault::Hold`] at a [`Gate`] you open when the test is
+//!   ready, for all operations or one ([`Op`]).
+//! * [`ManualClock`]: time that moves only when the test says, so TTL tests never sleep.
+//! * [`MockCacheTier`]: the mockall mock of [`CacheTier`](tiercache_core::CacheTier), for facts
+//!   about call order ("after a memory hit, nothing below is called").
+//!
+//! # A property test against a model
+//!
+//! The fakes make chains cheap to build, so a proptest can build a fresh one per case and
+//! compare it with a plain map:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> tiercache_core::Result<()> {
+//! use std::collections::HashMap;
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tiercache_core::TieredCache;
+//! use tiercache_testkit::{FakeTier, Fault, ManualClock};
+//!
+//! let manual = ManualClock::new();
+//! let l1 = FakeTier::cache("l1").with_peek().with_clock(manual.clock());
+//! let l2 = FakeTier::cache("l2").with_clock(manual.clock());
+//! let db = FakeTier::source("db");
+//! let cache = TieredCache::builder()
+//!     .tier(l1.clone())
+//!     .tier(l2.clone())
+//!     .source(db.clone())
+//!     .clock(manual.clock())
+//!     .build()?;
+//!
+//! let mut model: HashMap<u8, u64> = HashMap::new();
+//! for (step, key) in [1u8, 2, 1, 3, 1].into_iter().enumerate() {
+//!     if step % 2 == 0 {
+//!         let v = cache.update(&key, Arc::new(step as u32)).await?;
+//!         model.insert(key, v);
+//!     }
+//!     if step == 3 {
+//!         l2.faults().set(Fault::Error); // a cache tier failing never fails a read
+//!     }
+//!     manual.advance(Duration::from_secs(100));
+//!     let got = cache.fetch(&key).await?;
+//!     assert_eq!(got.version, model.get(&key).copied().unwrap_or(0));
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+mod fake;
+mod fault;
+
+pub use fake::{Calls, DEFAULT_FAKE_TTL, FakeTier};
+pub use fault::{Fault, FaultSwitch, Faulty, Gate, InjectedFault, Op};
+pub use tiercache_core::{Clock, ManualClock, MockCacheTier};
