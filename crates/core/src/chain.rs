@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -218,6 +218,9 @@ struct Inner<K, V> {
     policy: Policy,
     flights: Flights<K, Result<Fetched<V>>>,
     floors: Floors<K>,
+    /// Bumped by every manual invalidation and clear. A load that sees it change skips its
+    /// back-fill, so that it cannot put back what was just invalidated.
+    epoch: AtomicU64,
     counters: ChainCounters,
 }
 
@@ -355,11 +358,12 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// The miss path, run once per key however many callers wait for it.
     async fn load(&self, key: &K, start: usize) -> Result<Fetched<V>> {
         let inner = &*self.inner;
+        let epoch = inner.epoch.load(Ordering::SeqCst);
         for (i, level) in inner.tiers.iter().enumerate().skip(start) {
             match level.call("get", level.tier.get(key)).await {
                 Ok(Some(entry)) if inner.floors.allows(key, entry.version, &inner.clock) => {
                     tracing::trace!(tier = %level.name, "hit");
-                    self.backfill(key, &entry, i).await;
+                    self.backfill(key, &entry, i, epoch).await;
                     return Ok(Fetched::from_entry(entry, Origin::Tier(i)));
                 }
                 Ok(Some(_)) => {
@@ -379,14 +383,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                     expires_at: None,
                     ..entry
                 };
-                self.backfill(key, &entry, inner.tiers.len()).await;
+                self.backfill(key, &entry, inner.tiers.len(), epoch).await;
                 Ok(Fetched::from_entry(entry, Origin::Source))
             }
             Ok(None) => {
                 source.misses.incr();
                 if let Some(ttl) = inner.policy.negative_ttl {
                     let absent = Entry::absent(0).expiring_at(inner.clock.now() + ttl);
-                    self.backfill(key, &absent, inner.tiers.len()).await;
+                    self.backfill(key, &absent, inner.tiers.len(), epoch).await;
                 }
                 Ok(Fetched::from_entry(Entry::absent(0), Origin::Source))
             }
@@ -416,10 +420,25 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         })
     }
 
-    /// Stores `entry` in cache tiers `0..below`. Failures are counted and skipped.
-    async fn backfill(&self, key: &K, entry: &Entry<V>, below: usize) {
+    /// Stores `entry` in cache tiers `0..below`, unless a manual invalidation or clear happened
+    /// since the load began at `epoch`. Failures are counted and skipped.
+    ///
+    /// `invalidate` bumps the epoch before it touches a tier, so a set that lands after the
+    /// tier was invalidated is seen by the check that follows it, and taken back.
+    async fn backfill(&self, key: &K, entry: &Entry<V>, below: usize, epoch: u64) {
+        let current = || self.inner.epoch.load(Ordering::SeqCst) == epoch;
         for level in &self.inner.tiers[..below] {
-            let _ = level.call("set", level.tier.set(key, entry.clone())).await;
+            if !current() {
+                tracing::trace!("invalidated during the load; back-fill skipped");
+                return;
+            }
+            let stored = level.call("set", level.tier.set(key, entry.clone())).await;
+            if matches!(stored, Ok(true)) && !current() {
+                let _ = level
+                    .call("invalidate", level.tier.invalidate(key, None))
+                    .await;
+                return;
+            }
         }
     }
 
@@ -427,6 +446,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// ([`CacheTier::get_many`]). Batches are not coalesced with concurrent single gets.
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Arc<V>>>> {
         let inner = &*self.inner;
+        let epoch = inner.epoch.load(Ordering::SeqCst);
         let mut answers: Vec<Option<Fetched<V>>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         for (i, level) in inner.tiers.iter().enumerate() {
@@ -442,7 +462,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 match entry {
                     Some(e) if inner.floors.allows(&keys[p], e.version, &inner.clock) => {
                         level.hits.incr();
-                        self.backfill(&keys[p], &e, i).await;
+                        self.backfill(&keys[p], &e, i, epoch).await;
                         answers[p] = Some(Fetched::from_entry(e, Origin::Tier(i)));
                     }
                     _ => {
@@ -472,14 +492,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                                     ..e
                                 };
                                 inner.counters.source_found.incr();
-                                self.backfill(&keys[p], &e, below).await;
+                                self.backfill(&keys[p], &e, below, epoch).await;
                                 answers[p] = Some(Fetched::from_entry(e, Origin::Source));
                             }
                             None => {
                                 source.misses.incr();
                                 inner.counters.not_found.incr();
                                 if let Some(absent) = &negative {
-                                    self.backfill(&keys[p], absent, below).await;
+                                    self.backfill(&keys[p], absent, below, epoch).await;
                                 }
                                 answers[p] =
                                     Some(Fetched::from_entry(Entry::absent(0), Origin::Source));
@@ -546,10 +566,13 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         Ok(version)
     }
 
-    /// Removes `key` from every cache tier, leaving tombstones at the versions they held. Every
-    /// tier is tried; the first failure is returned.
+    /// Removes `key` from every cache tier, for a change made behind the chain's back (writes
+    /// through [`update`](TieredCache::update) need no invalidation). Loads already running in
+    /// this chain skip their back-fill; the next read asks the source. Every tier is tried; the
+    /// first failure is returned.
     pub async fn invalidate(&self, key: &K) -> Result<()> {
         let inner = &*self.inner;
+        inner.epoch.fetch_add(1, Ordering::SeqCst);
         inner.flights.forget(key);
         let mut first_error = None;
         for level in &inner.tiers {
@@ -577,6 +600,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
 
     /// Empties cache tier `index` (0 is the top).
     pub async fn clear_tier(&self, index: usize) -> Result<()> {
+        self.inner.epoch.fetch_add(1, Ordering::SeqCst);
         let level = self.inner.tiers.get(index).ok_or_else(|| {
             Error::InvalidInput(format!(
                 "no cache tier {index}; the chain has {}",
@@ -795,6 +819,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
                 policy: self.policy,
                 flights: Flights::new(),
                 floors: Floors::new(),
+                epoch: AtomicU64::new(0),
                 counters: ChainCounters::default(),
             }),
         })

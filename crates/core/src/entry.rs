@@ -149,8 +149,14 @@ impl<V> Slot<V> {
         }
     }
 
-    /// The slot after an invalidation at `version` (`None`: at whatever version the slot holds)
-    /// at `now`, with tombstones living `tombstone_ttl`. `None` means "remove the slot".
+    /// The slot after an invalidation at `version` at `now`, with tombstones living
+    /// `tombstone_ttl`; `None` means "remove the slot".
+    ///
+    /// `Some(v)` removes an entry at a version `<= v` and leaves a tombstone at `v` (or keeps a
+    /// live tombstone's higher version); a newer entry survives. `None` ("whatever you hold", a
+    /// manual invalidation that knows no version) removes an entry without leaving a tombstone,
+    /// so that re-reading the same version from the source is not refused; live tombstones
+    /// stay.
     #[must_use]
     pub fn invalidated(
         this: Option<Self>,
@@ -162,28 +168,21 @@ impl<V> Slot<V> {
         match (this, version) {
             // A newer entry survives an invalidation of older versions.
             (Some(Slot::Live(entry)), Some(v)) if entry.version > v => Some(Slot::Live(entry)),
-            (Some(Slot::Live(entry)), v) => Some(Slot::Tombstone {
-                version: v.unwrap_or(entry.version).max(entry.version),
-                until,
-            }),
+            (Some(Slot::Live(_)), Some(v)) | (None, Some(v)) => {
+                Some(Slot::Tombstone { version: v, until })
+            }
             (
                 Some(Slot::Tombstone {
                     version: dead,
                     until: old,
                 }),
                 v,
-            ) => {
-                let live = now < old;
-                let version = match (live, v) {
-                    (true, Some(v)) => dead.max(v),
-                    (true, None) => dead,
-                    (false, Some(v)) => v,
-                    (false, None) => return None,
-                };
-                Some(Slot::Tombstone { version, until })
-            }
-            (None, Some(v)) => Some(Slot::Tombstone { version: v, until }),
-            (None, None) => None,
+            ) if now < old => Some(Slot::Tombstone {
+                version: v.map_or(dead, |v| v.max(dead)),
+                until: if v.is_some() { until } else { old },
+            }),
+            (Some(Slot::Tombstone { .. }), Some(v)) => Some(Slot::Tombstone { version: v, until }),
+            (Some(Slot::Live(_) | Slot::Tombstone { .. }), None) | (None, None) => None,
         }
     }
 
@@ -254,11 +253,8 @@ mod tests {
         assert!(matches!(kept, Some(Slot::Live(e)) if e.version == 9));
         let dead = Slot::invalidated(Some(live(5)), Some(5), t(0), ttl);
         assert!(matches!(dead, Some(Slot::Tombstone { version: 5, .. })));
-        let at_current = Slot::invalidated(Some(live(4)), None, t(0), ttl);
-        assert!(matches!(
-            at_current,
-            Some(Slot::Tombstone { version: 4, .. })
-        ));
+        // A manual invalidation removes without leaving a tombstone.
+        assert!(Slot::invalidated(Some(live(4)), None, t(0), ttl).is_none());
         assert!(Slot::<u32>::invalidated(None, None, t(0), ttl).is_none());
         let fresh = Slot::<u32>::invalidated(None, Some(2), t(0), ttl);
         assert!(matches!(fresh, Some(Slot::Tombstone { version: 2, .. })));
@@ -279,6 +275,12 @@ mod tests {
         };
         let replaced = Slot::invalidated(Some(dead), Some(3), t(40), ttl);
         assert!(matches!(replaced, Some(Slot::Tombstone { version: 3, .. })));
+        let live_stone: Slot<u32> = Slot::Tombstone {
+            version: 8,
+            until: t(30),
+        };
+        let kept = Slot::invalidated(Some(live_stone), None, t(10), ttl);
+        assert!(matches!(kept, Some(Slot::Tombstone { version: 8, until }) if until == t(30)));
     }
 
     #[test]

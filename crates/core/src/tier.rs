@@ -78,8 +78,9 @@ pub trait CacheTier<K: Key, V: Value>: Send + Sync {
     /// Returns whether it was stored.
     async fn set(&self, key: &K, entry: Entry<V>) -> Result<bool>;
 
-    /// Removes `key`'s entries at versions `<= version` and leaves a tombstone refusing them;
-    /// `None` invalidates whatever version the tier holds.
+    /// Removes `key`'s entry if its version is `<= version` and leaves a tombstone refusing
+    /// sets of versions `<= version`. `None` (a manual invalidation that knows no version)
+    /// removes whatever entry the tier holds and leaves no tombstone.
     async fn invalidate(&self, key: &K, version: Option<Version>) -> Result<()>;
 
     /// Removes every entry of this tier (and only this tier's).

@@ -567,10 +567,14 @@ mod tests {
         // Invalidating an older version leaves the newer entry.
         t.invalidate(&key("a"), Some(1)).await.unwrap();
         assert!(t.get(&key("a")).await.unwrap().is_some());
-        // Invalidate at whatever is held, then let the tombstone die.
-        t.invalidate(&key("a"), None).await.unwrap();
+        // Let a tombstone die.
+        t.invalidate(&key("a"), Some(2)).await.unwrap();
         assert!(!t.set(&key("a"), entry(2, 2)).await.unwrap());
         manual.advance(Duration::from_secs(30));
+        assert!(t.set(&key("a"), entry(2, 2)).await.unwrap());
+        // A manual invalidation removes without a tombstone: the same version may come back.
+        t.invalidate(&key("a"), None).await.unwrap();
+        assert!(t.get(&key("a")).await.unwrap().is_none());
         assert!(t.set(&key("a"), entry(2, 2)).await.unwrap());
     }
 

@@ -1,0 +1,256 @@
+//! The write path: source first, then invalidate and repopulate; the races that versions and
+//! tombstones close; manual invalidation and clearing.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{Chain, key, val};
+use tiercache_core::{CacheTier, Error, Origin, TieredCache};
+use tiercache_testkit::{FakeTier, Fault, Gate, Op};
+
+#[tokio::test]
+async fn update_writes_the_source_then_repopulates_every_tier() {
+    let c = Chain::new();
+    c.db.put(key("a"), "old".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+
+    let v = c.cache.update(&key("a"), val("new")).await.unwrap();
+    assert_eq!(v, 2);
+    assert_eq!(c.db.version(&key("a")), Some(2));
+    assert_eq!(c.memory_version("a").await, Some(2));
+    assert_eq!(c.redis.version(&key("a")), Some(2));
+    assert_eq!(c.redis.calls().invalidate, 1);
+
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!((got.version, got.origin), (2, Origin::Tier(0)));
+    assert_eq!(got.value.as_deref().map(String::as_str), Some("new"));
+    assert_eq!(c.db.calls().get, 1, "no reload after an update");
+}
+
+#[tokio::test]
+async fn a_failed_source_write_returns_the_error_and_touches_no_cache() {
+    let c = Chain::new();
+    c.db.put(key("a"), "old".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    let before = (c.redis.calls(), c.memory.stats());
+
+    c.db.faults().set_for(Op::Write, Fault::Error);
+    let err = c.cache.update(&key("a"), val("new")).await.unwrap_err();
+    assert!(err.is_transient());
+    assert_eq!(c.redis.calls(), before.0, "redis untouched");
+    assert_eq!(c.memory_version("a").await, Some(1));
+    assert_eq!(c.redis.version(&key("a")), Some(1));
+    assert_eq!(c.db.version(&key("a")), Some(1));
+    let got = c.cache.get(&key("a")).await.unwrap();
+    assert_eq!(got.as_deref().map(String::as_str), Some("old"));
+}
+
+/// The race every read-through cache must close: a reader loads version 1 from the source, an
+/// update writes version 2 and repopulates the caches, then the slow reader back-fills version
+/// 1. The tiers refuse it, so nothing older than the update survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_reader_cannot_back_fill_an_older_version_after_an_update() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    let gate = Gate::new();
+    c.db.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+
+    let reader = {
+        let cache = c.cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await })
+    };
+    gate.arrived(1).await; // the reader holds version 1
+    let v2 = c.cache.update(&key("a"), val("v2")).await.unwrap();
+    assert_eq!(v2, 2);
+    gate.open();
+    let slow = reader.await.unwrap().unwrap();
+    assert_eq!(slow.version, 1, "the reader started before the update");
+
+    // Its back-fill of version 1 was refused everywhere.
+    assert_eq!(c.memory_version("a").await, Some(2));
+    assert_eq!(c.redis.version(&key("a")), Some(2));
+    assert_eq!(c.cache.fetch(&key("a")).await.unwrap().version, 2);
+    assert!(c.memory.stats().rejected_sets >= 1);
+}
+
+/// The same race one level up: the slow reader found version 1 in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_second_tier_hit_cannot_back_fill_an_older_version_after_an_update() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    c.memory.remove_all();
+    let gate = Gate::new();
+    c.redis.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+
+    let reader = {
+        let cache = c.cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await })
+    };
+    gate.arrived(1).await;
+    c.cache.update(&key("a"), val("v2")).await.unwrap();
+    gate.open();
+    assert_eq!(reader.await.unwrap().unwrap().origin, Origin::Tier(1));
+    assert_eq!(c.memory_version("a").await, Some(2));
+    assert_eq!(c.cache.fetch(&key("a")).await.unwrap().version, 2);
+}
+
+/// A get that starts after `update` returned must not join a load that began before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_after_update_never_joins_an_older_load() {
+    // A chain whose only cache tier is down, so every read goes to the source.
+    let broken = FakeTier::<String, String>::cache("broken");
+    broken.faults().set(Fault::Error);
+    let db = FakeTier::source("db");
+    db.put(key("a"), "v1".to_string());
+    let cache = TieredCache::builder()
+        .tier(broken)
+        .source(db.clone())
+        .build()
+        .unwrap();
+    let gate = Gate::new();
+    db.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+
+    let early = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await })
+    };
+    gate.arrived(1).await;
+    cache.update(&key("a"), val("v2")).await.unwrap();
+    let late = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await })
+    };
+    // The late reader starts its own load, which reaches the source (a joiner never would).
+    tokio::time::timeout(Duration::from_secs(5), gate.arrived(2))
+        .await
+        .expect("the late reader joined the early load");
+    gate.open();
+    assert_eq!(early.await.unwrap().unwrap().version, 1);
+    assert_eq!(late.await.unwrap().unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn an_update_that_misses_a_cache_tier_raises_a_floor_against_its_old_copy() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+
+    c.redis.faults().set(Fault::Error);
+    c.cache.update(&key("a"), val("v2")).await.unwrap();
+    c.redis.faults().clear();
+    assert_eq!(
+        c.redis.version(&key("a")),
+        Some(1),
+        "redis missed the update"
+    );
+
+    c.memory.remove_all();
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!(got.version, 2, "redis's version 1 was refused");
+    assert_eq!(got.origin, Origin::Source);
+    assert_eq!(c.cache.stats().refused_stale_versions, 1);
+    assert_eq!(c.redis.version(&key("a")), Some(2), "and replaced");
+}
+
+#[tokio::test]
+async fn manual_invalidation_empties_every_tier_and_the_next_read_reloads() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    // Someone edits the database directly.
+    c.db.put(key("a"), "edited".to_string());
+
+    c.cache.invalidate(&key("a")).await.unwrap();
+    assert_eq!(c.memory_version("a").await, None);
+    assert_eq!(c.redis.version(&key("a")), None);
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!((got.version, got.origin), (2, Origin::Source));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_invalidation_stops_a_slow_reader_putting_back_what_it_read() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    c.memory.remove_all();
+    let gate = Gate::new();
+    c.redis.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+    let reader = {
+        let cache = c.cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await })
+    };
+    gate.arrived(1).await; // holds version 1 from redis
+    c.db.put(key("a"), "edited".to_string());
+    c.cache.invalidate(&key("a")).await.unwrap();
+    gate.open();
+    reader.await.unwrap().unwrap();
+    assert_eq!(
+        c.memory_version("a").await,
+        None,
+        "the load in flight skipped its back-fill"
+    );
+    c.redis.faults().clear();
+    assert_eq!(c.cache.fetch(&key("a")).await.unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn clear_empties_the_caches_and_never_the_source() {
+    let c = Chain::new();
+    for k in ["a", "b"] {
+        c.db.put(key(k), "v".to_string());
+        c.cache.get(&key(k)).await.unwrap();
+    }
+    c.cache.clear_tier(0).await.unwrap();
+    assert!(c.memory.is_empty());
+    assert_eq!(c.redis.len(), 2);
+    c.cache.clear().await.unwrap();
+    assert!(c.redis.is_empty());
+    assert_eq!(c.db.len(), 2);
+    assert_eq!(c.db.calls().clear, 0);
+    let err = c.cache.clear_tier(7).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput(_)));
+}
+
+#[tokio::test]
+async fn invalidate_and_clear_report_a_failing_tier_after_trying_all() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    c.redis.faults().set(Fault::Error);
+    assert!(c.cache.invalidate(&key("a")).await.is_err());
+    assert_eq!(
+        c.memory_version("a").await,
+        None,
+        "memory was still invalidated"
+    );
+    assert!(c.cache.clear().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_leave_every_tier_at_the_source_version() {
+    let c = Chain::new();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let cache = c.cache.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..50 {
+                cache
+                    .update(&key("hot"), Arc::new(format!("{t}-{i}")))
+                    .await
+                    .unwrap();
+                cache.get(&key("hot")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let source = c.db.version(&key("hot")).unwrap();
+    assert_eq!(source, 400);
+    assert_eq!(c.memory_version("hot").await, Some(source));
+    assert_eq!(c.redis.version(&key("hot")), Some(source));
+    assert_eq!(c.cache.stats().updates, 400);
+}

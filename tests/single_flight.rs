@@ -1,0 +1,95 @@
+//! Single-flight: concurrent misses of one key make one source load, and everyone gets its
+//! result, a failure included.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{Key, Val, key};
+use tiercache_core::{Error, TieredCache};
+use tiercache_memory::MemoryTier;
+use tiercache_testkit::{FakeTier, Fault, Faulty, Gate, Op};
+
+const CALLERS: usize = 1_000;
+
+/// Memory, a fake Redis, and `db` behind a gate that holds the source's answer until the test
+/// opens it, so that every caller is waiting when the load finishes.
+fn chain(db: &FakeTier<Key, Val>, gate: &Gate) -> TieredCache<Key, Val> {
+    let held = Faulty::new(db.clone());
+    held.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+    TieredCache::builder()
+        .tier(MemoryTier::new())
+        .tier(FakeTier::cache("redis"))
+        .source_with_timeout(held, None)
+        .build()
+        .unwrap()
+}
+
+async fn stampede(
+    cache: &TieredCache<Key, Val>,
+    gate: &Gate,
+) -> Vec<Result<Option<Arc<Val>>, Error>> {
+    let mut tasks = Vec::with_capacity(CALLERS);
+    for _ in 0..CALLERS {
+        let cache = cache.clone();
+        tasks.push(tokio::spawn(async move { cache.get(&key("hot")).await }));
+    }
+    gate.arrived(1).await;
+    // A caller counts its memory miss and joins the flight in one poll, without yielding in
+    // between; wait until all have missed, then give the last one time to finish that poll.
+    while cache.stats().tiers[0].misses < CALLERS as u64 {
+        tokio::task::yield_now().await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    gate.open();
+    let mut results = Vec::with_capacity(CALLERS);
+    for t in tasks {
+        results.push(t.await.unwrap());
+    }
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_cold_gets_make_one_source_load() {
+    let db = FakeTier::source("db");
+    db.put(key("hot"), "value".to_string());
+    let gate = Gate::new();
+    let cache = chain(&db, &gate);
+
+    let results = stampede(&cache, &gate).await;
+    assert_eq!(db.calls().get, 1, "exactly one source load");
+    let first = results[0].as_ref().unwrap().clone().unwrap();
+    for r in &results {
+        let v = r.as_ref().unwrap().as_ref().unwrap();
+        assert!(Arc::ptr_eq(v, &first), "every caller shares one value");
+    }
+    let stats = cache.stats();
+    assert_eq!(stats.source_loads, 1);
+    assert_eq!(stats.coalesced, CALLERS as u64 - 1);
+    assert_eq!(stats.requests, CALLERS as u64);
+    assert_eq!(stats.source.hits, CALLERS as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_load_is_shared_by_every_caller() {
+    let db = FakeTier::source("db");
+    db.faults().set_for(Op::Get, Fault::Error);
+    let gate = Gate::new();
+    let cache = chain(&db, &gate);
+
+    let results = stampede(&cache, &gate).await;
+    assert_eq!(db.calls().get, 1, "exactly one source load");
+    for r in &results {
+        let e = r.as_ref().unwrap_err();
+        assert!(matches!(e, Error::SourceUnavailable { .. }), "{e:?}");
+        assert!(e.is_transient());
+    }
+    assert_eq!(cache.stats().failed, CALLERS as u64);
+
+    // The failure is not remembered: the next request loads again.
+    db.faults().clear();
+    db.put(key("hot"), "back".to_string());
+    assert!(cache.get(&key("hot")).await.unwrap().is_some());
+    assert_eq!(db.calls().get, 2);
+}
