@@ -559,9 +559,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 version,
                 "update could not reach every cache tier; raising a floor"
             );
-            inner
-                .floors
-                .raise(key, version, inner.clock.now(), inner.policy.floor_ttl);
+            // A stale copy may be served up to max-stale past its expiry: outlive that too.
+            let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);
+            inner.floors.raise(key, version, inner.clock.now(), life);
         }
         Ok(version)
     }
@@ -778,8 +778,8 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
     }
 
     /// How long this chain refuses versions older than one it wrote, after a write that could
-    /// not reach every cache tier. Set it to at least the longest cache tier TTL. Defaults to
-    /// [`DEFAULT_FLOOR_TTL`].
+    /// not reach every cache tier (plus the max-stale age, for stale copies). Set it to at least
+    /// the longest cache tier TTL. Defaults to [`DEFAULT_FLOOR_TTL`], the default Redis TTL.
     pub fn floor_ttl(mut self, ttl: Duration) -> Self {
         self.policy.floor_ttl = ttl;
         self

@@ -153,10 +153,12 @@ impl<V> Slot<V> {
     /// `tombstone_ttl`; `None` means "remove the slot".
     ///
     /// `Some(v)` removes an entry at a version `<= v` and leaves a tombstone at `v` (or keeps a
-    /// live tombstone's higher version); a newer entry survives. `None` ("whatever you hold", a
-    /// manual invalidation that knows no version) removes an entry without leaving a tombstone,
-    /// so that re-reading the same version from the source is not refused; live tombstones
-    /// stay.
+    /// live tombstone's higher version); a newer entry survives.
+    ///
+    /// `None` (a manual invalidation, which knows no version) removes the entry held and leaves
+    /// a tombstone just below its version: older versions (a slow, older update's repopulation,
+    /// say) cannot come back, but the same version can be re-read from the source. Live
+    /// tombstones stay.
     #[must_use]
     pub fn invalidated(
         this: Option<Self>,
@@ -171,6 +173,12 @@ impl<V> Slot<V> {
             (Some(Slot::Live(_)), Some(v)) | (None, Some(v)) => {
                 Some(Slot::Tombstone { version: v, until })
             }
+            (Some(Slot::Live(entry)), None) => {
+                entry.version.checked_sub(1).map(|below| Slot::Tombstone {
+                    version: below,
+                    until,
+                })
+            }
             (
                 Some(Slot::Tombstone {
                     version: dead,
@@ -182,7 +190,7 @@ impl<V> Slot<V> {
                 until: if v.is_some() { until } else { old },
             }),
             (Some(Slot::Tombstone { .. }), Some(v)) => Some(Slot::Tombstone { version: v, until }),
-            (Some(Slot::Live(_) | Slot::Tombstone { .. }), None) | (None, None) => None,
+            (Some(Slot::Tombstone { .. }), None) | (None, None) => None,
         }
     }
 
@@ -253,8 +261,11 @@ mod tests {
         assert!(matches!(kept, Some(Slot::Live(e)) if e.version == 9));
         let dead = Slot::invalidated(Some(live(5)), Some(5), t(0), ttl);
         assert!(matches!(dead, Some(Slot::Tombstone { version: 5, .. })));
-        // A manual invalidation removes without leaving a tombstone.
-        assert!(Slot::invalidated(Some(live(4)), None, t(0), ttl).is_none());
+        // A manual invalidation refuses older versions, not the one it removed.
+        let manual = Slot::invalidated(Some(live(4)), None, t(0), ttl).unwrap();
+        assert!(matches!(manual, Slot::Tombstone { version: 3, .. }));
+        assert!(manual.admits(4, t(0)) && !manual.admits(3, t(0)));
+        assert!(Slot::invalidated(Some(live(0)), None, t(0), ttl).is_none());
         assert!(Slot::<u32>::invalidated(None, None, t(0), ttl).is_none());
         let fresh = Slot::<u32>::invalidated(None, Some(2), t(0), ttl);
         assert!(matches!(fresh, Some(Slot::Tombstone { version: 2, .. })));

@@ -80,7 +80,8 @@ pub trait CacheTier<K: Key, V: Value>: Send + Sync {
 
     /// Removes `key`'s entry if its version is `<= version` and leaves a tombstone refusing
     /// sets of versions `<= version`. `None` (a manual invalidation that knows no version)
-    /// removes whatever entry the tier holds and leaves no tombstone.
+    /// removes whatever entry the tier holds and leaves a tombstone just below its version, so
+    /// that older versions cannot come back but the same version can be re-read.
     async fn invalidate(&self, key: &K, version: Option<Version>) -> Result<()>;
 
     /// Removes every entry of this tier (and only this tier's).

@@ -572,9 +572,10 @@ mod tests {
         assert!(!t.set(&key("a"), entry(2, 2)).await.unwrap());
         manual.advance(Duration::from_secs(30));
         assert!(t.set(&key("a"), entry(2, 2)).await.unwrap());
-        // A manual invalidation removes without a tombstone: the same version may come back.
+        // A manual invalidation refuses older versions; the same version may come back.
         t.invalidate(&key("a"), None).await.unwrap();
         assert!(t.get(&key("a")).await.unwrap().is_none());
+        assert!(!t.set(&key("a"), entry(1, 1)).await.unwrap());
         assert!(t.set(&key("a"), entry(2, 2)).await.unwrap());
     }
 
