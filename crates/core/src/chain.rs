@@ -165,13 +165,15 @@ impl<K: Key> Floors<K> {
         }
     }
 
-    /// Whether `version` of `key` may be served at `now`.
-    #[inline]
+    /// Whether `version` of `key` may be served now.
+    #[inline(always)]
     fn allows(&self, key: &K, version: Version, clock: &Clock) -> bool {
         // The common case, no failed writes outstanding, is one relaxed load.
-        if self.len.load(Ordering::Relaxed) == 0 {
-            return true;
-        }
+        self.len.load(Ordering::Relaxed) == 0 || self.check(key, version, clock)
+    }
+
+    #[cold]
+    fn check(&self, key: &K, version: Version, clock: &Clock) -> bool {
         let now = clock.now();
         let map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
         match map.get(key) {
@@ -292,7 +294,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     pub async fn get(&self, key: &K) -> Result<Option<Arc<V>>> {
         match self.peek_top(key) {
             Top::Hit(entry) => Ok(entry.value),
-            Top::Continue(start) => self.fetch_slow(key, start).await.map(|f| f.value),
+            // Boxed, so that the future of a hit stays a few words: it is built and moved on
+            // every call, the slow path's state machine is most of a kilobyte.
+            Top::Continue(start) => Box::pin(self.fetch_slow(key, start)).await.map(|f| f.value),
         }
     }
 
@@ -300,12 +304,12 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     pub async fn fetch(&self, key: &K) -> Result<Fetched<V>> {
         match self.peek_top(key) {
             Top::Hit(entry) => Ok(Fetched::from_entry(entry, Origin::Tier(0))),
-            Top::Continue(start) => self.fetch_slow(key, start).await,
+            Top::Continue(start) => Box::pin(self.fetch_slow(key, start)).await,
         }
     }
 
     /// Asks the top tier's synchronous path, and counts its answer.
-    #[inline]
+    #[inline(always)]
     fn peek_top(&self, key: &K) -> Top<V> {
         let inner = &*self.inner;
         let Some(top) = inner.tiers.first() else {

@@ -2,6 +2,7 @@
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -137,23 +138,102 @@ pub struct ChainStats {
     pub cache_hit_rate: f64,
 }
 
-const STRIPES: usize = 16;
+/// Stripes owned by one thread each; a thread that finds them all taken shares the overflow
+/// stripe.
+const OWNED_STRIPES: usize = 32;
 
-/// A counter striped over cache lines, so that threads counting at once do not fight over one
-/// line. Each thread writes its own stripe; reads sum them.
-#[derive(Default)]
+/// A counter with one cache line per thread, so that counting on the hot path is a plain
+/// load-add-store on a line no other thread writes, not a locked read-modify-write on a shared
+/// one. Reads sum the stripes.
+///
+/// Each thread owns one of 32 stripes for as long as it lives (the stripe goes back to a free
+/// list when the thread exits); threads beyond 32 at once share an overflow stripe with atomic
+/// adds. No count is ever lost.
 pub struct Counter {
-    stripes: [Stripe; STRIPES],
+    stripes: Box<[Stripe]>,
 }
 
 #[derive(Default)]
-#[repr(align(128))]
+#[repr(align(64))]
 struct Stripe(AtomicU64);
 
-static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+/// This thread's stripe: [`UNASSIGNED`] until its first count, [`OVERFLOW`] if all stripes
+/// were taken (or the thread is exiting). A `const` thread-local without a destructor, so that
+/// reading it on the hot path is a single load.
+const UNASSIGNED: usize = usize::MAX;
+const OVERFLOW: usize = OWNED_STRIPES;
 
 thread_local! {
-    static STRIPE: Cell<usize> = Cell::new(NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES);
+    static STRIPE: Cell<usize> = const { Cell::new(UNASSIGNED) };
+    /// Gives this thread's stripe back when the thread exits.
+    static LEASE: StripeLease = const { StripeLease };
+}
+
+static FREE_STRIPES: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+struct StripeLease;
+
+impl Drop for StripeLease {
+    fn drop(&mut self) {
+        let _ = STRIPE.try_with(|stripe| {
+            let owned = stripe.replace(OVERFLOW);
+            if owned < OWNED_STRIPES {
+                FREE_STRIPES
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(owned);
+            }
+        });
+    }
+}
+
+/// The stripe this thread counts on, leasing one on first use.
+#[inline]
+fn my_stripe() -> usize {
+    let current = STRIPE.try_with(Cell::get).unwrap_or(OVERFLOW);
+    if current != UNASSIGNED {
+        return current;
+    }
+    lease_stripe()
+}
+
+#[cold]
+fn lease_stripe() -> usize {
+    let popped = FREE_STRIPES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .pop();
+    let index = popped.unwrap_or_else(|| {
+        let next = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed);
+        if next < OWNED_STRIPES {
+            next
+        } else {
+            NEXT_STRIPE.store(OWNED_STRIPES, Ordering::Relaxed);
+            OVERFLOW
+        }
+    });
+    // Register the give-back before publishing the lease; if the thread is already tearing
+    // down its thread-locals, count on the shared stripe instead.
+    if LEASE.try_with(|_| ()).is_err() {
+        if index < OWNED_STRIPES {
+            FREE_STRIPES
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(index);
+        }
+        return OVERFLOW;
+    }
+    let _ = STRIPE.try_with(|stripe| stripe.set(index));
+    index
+}
+
+impl Default for Counter {
+    fn default() -> Self {
+        Counter {
+            stripes: (0..=OWNED_STRIPES).map(|_| Stripe::default()).collect(),
+        }
+    }
 }
 
 impl Counter {
@@ -166,8 +246,15 @@ impl Counter {
     /// Adds `n`.
     #[inline]
     pub fn add(&self, n: u64) {
-        let i = STRIPE.with(Cell::get);
-        self.stripes[i].0.fetch_add(n, Ordering::Relaxed);
+        let i = my_stripe();
+        let stripe = &self.stripes[i].0;
+        if i < OWNED_STRIPES {
+            // Only this thread writes this stripe, so a relaxed load and store cannot lose a
+            // count, and readers on other threads still see a well-formed value.
+            stripe.store(stripe.load(Ordering::Relaxed) + n, Ordering::Relaxed);
+        } else {
+            stripe.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// The sum of all stripes.
@@ -198,6 +285,38 @@ mod tests {
         let s = TierStats::new("memory", 3, 1).with_size(2, Some(500));
         assert_eq!(s.total_requests, 4);
         assert_eq!(s.max_size, Some(500));
+    }
+
+    #[test]
+    fn counter_loses_nothing_with_more_threads_than_stripes() {
+        let c = Arc::new(Counter::default());
+        let barrier = Arc::new(std::sync::Barrier::new(OWNED_STRIPES + 8));
+        let handles: Vec<_> = (0..OWNED_STRIPES + 8)
+            .map(|_| {
+                let (c, barrier) = (Arc::clone(&c), Arc::clone(&barrier));
+                std::thread::spawn(move || {
+                    barrier.wait(); // all alive at once: some share the overflow stripe
+                    for _ in 0..1000 {
+                        c.incr();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(c.get(), (OWNED_STRIPES as u64 + 8) * 1000);
+        // Stripes of exited threads are reused, and still lose nothing.
+        let again: Vec<_> = (0..4)
+            .map(|_| {
+                let c = Arc::clone(&c);
+                std::thread::spawn(move || c.add(5))
+            })
+            .collect();
+        for h in again {
+            h.join().unwrap();
+        }
+        assert_eq!(c.get(), (OWNED_STRIPES as u64 + 8) * 1000 + 20);
     }
 
     #[test]

@@ -3,11 +3,15 @@
 //!
 //! * Capacity defaults to [`DEFAULT_CAPACITY`] (500) entries, time to live to
 //!   [`DEFAULT_TTL`] (5 minutes); an expired entry is never returned as fresh.
-//! * The keys are spread over shards, each an LRU behind its own mutex, so two threads rarely
-//!   meet on one lock. Eviction is least-recently-used within a shard; with one shard
-//!   ([`MemoryTierBuilder::shards`]) it is exact LRU over the whole tier.
-//! * Hit and miss counts live inside each shard, under the lock already taken: no shared
-//!   counter on the hot path.
+//! * The keys are spread over shards, each an LRU behind its own read-write lock. Eviction is
+//!   least-recently-used within a shard; with one shard ([`MemoryTierBuilder::shards`]) it is
+//!   LRU over the whole tier.
+//! * A hit takes only the shard's read lock: it moves the entry to the front of the LRU list (a
+//!   write) at most once per [promotion interval](MemoryTierBuilder::promote_interval), one
+//!   second by default, as memcached does. Recency is therefore tracked to the second; set the
+//!   interval to zero for exact LRU order at the cost of a write lock on every hit.
+//! * Hit and miss counts are per-thread striped counters ([`Counter`]): no shared counter on
+//!   the hot path.
 //! * A hit answers through the synchronous [`CacheTier::peek`] path, so a chain's memory hit
 //!   never allocates or awaits.
 //!
@@ -37,13 +41,14 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::marker::PhantomData;
 use std::num::NonZeroUsize;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use lru::LruCache;
 use tiercache_core::{
-    CacheTier, Clock, Entry, Error, Key, Peek, Result, Slot, TierStats, Timestamp, Value, Version,
+    CacheTier, Clock, Counter, Entry, Error, Key, Peek, Result, Slot, TierStats, Timestamp, Value,
+    Version,
 };
 
 /// Default capacity in entries (the seed design's `MEMORY_CACHE_MAX_SIZE`).
@@ -52,6 +57,8 @@ pub const DEFAULT_CAPACITY: usize = 500;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Default tier name in stats and errors.
 pub const DEFAULT_NAME: &str = "memory";
+/// Default time between two moves of one entry to the front of its LRU list.
+pub const DEFAULT_PROMOTE_INTERVAL: Duration = Duration::from_secs(1);
 /// Smallest number of entries a shard gets when the shard count is chosen automatically.
 const MIN_ENTRIES_PER_SHARD: usize = 32;
 
@@ -62,6 +69,8 @@ pub struct MemoryTier<K, V> {
     hasher: foldhash::fast::RandomState,
     clock: Clock,
     config: Config,
+    hits: Counter,
+    misses: Counter,
 }
 
 #[derive(Debug, Clone)]
@@ -71,47 +80,60 @@ struct Config {
     ttl: Duration,
     tombstone_ttl: Duration,
     jitter: f64,
+    promote_interval: Duration,
 }
 
 /// One shard, alone on its cache lines.
 #[repr(align(128))]
 struct Shard<K, V> {
-    state: Mutex<ShardState<K, V>>,
+    state: RwLock<ShardState<K, V>>,
 }
 
 struct ShardState<K, V> {
-    lru: LruCache<K, Slot<V>>,
-    hits: u64,
-    misses: u64,
+    lru: LruCache<K, Held<V>>,
     evictions: u64,
     rejected_sets: u64,
+}
+
+/// A slot and when it last moved to the front of the LRU list.
+struct Held<V> {
+    slot: Slot<V>,
+    promoted: Timestamp,
 }
 
 impl<K: Key, V: Value> Shard<K, V> {
     fn new(capacity: NonZeroUsize) -> Self {
         Shard {
-            state: Mutex::new(ShardState {
+            state: RwLock::new(ShardState {
                 lru: LruCache::new(capacity),
-                hits: 0,
-                misses: 0,
                 evictions: 0,
                 rejected_sets: 0,
             }),
         }
     }
 
+    // A panic while holding the lock cannot leave the LRU half-updated in a way that matters
+    // for a cache (at worst an entry is missing), so a poisoned lock keeps serving.
+
     #[inline]
-    fn lock(&self) -> MutexGuard<'_, ShardState<K, V>> {
-        // A panic while holding the lock cannot leave the LRU half-updated in a way that
-        // matters for a cache (at worst an entry is missing), so keep serving.
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn read(&self) -> RwLockReadGuard<'_, ShardState<K, V>> {
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    #[inline]
+    fn write(&self) -> RwLockWriteGuard<'_, ShardState<K, V>> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
 impl<K: Key, V: Value> ShardState<K, V> {
-    /// Inserts, counting an eviction if the LRU pushed out another key.
-    fn insert(&mut self, key: K, slot: Slot<V>) {
-        if let Some((old, _)) = self.lru.push(key.clone(), slot) {
+    /// Inserts at the front, counting an eviction if the LRU pushed out another key.
+    fn insert(&mut self, key: K, slot: Slot<V>, now: Timestamp) {
+        let held = Held {
+            slot,
+            promoted: now,
+        };
+        if let Some((old, _)) = self.lru.push(key.clone(), held) {
             if old != key {
                 self.evictions += 1;
             }
@@ -151,10 +173,37 @@ impl<K: Key, V: Value> MemoryTier<K, V> {
         entry.capped_expiry(now, ttl)
     }
 
+    /// The slow half of a hit: moves the entry to the front under the write lock.
+    #[cold]
+    fn promote(&self, shard: &Shard<K, V>, key: &K, now: Timestamp) -> Peek<V> {
+        let mut state = shard.write();
+        let fresh = match state.lru.get_mut(key) {
+            Some(held) => match &held.slot {
+                Slot::Live(entry) if !entry.is_expired(now) => {
+                    held.promoted = now;
+                    Some(entry.clone())
+                }
+                _ => None,
+            },
+            None => None,
+        };
+        drop(state);
+        match fresh {
+            Some(entry) => {
+                self.hits.incr();
+                Peek::Hit(entry)
+            }
+            None => {
+                self.misses.incr();
+                Peek::Miss
+            }
+        }
+    }
+
     /// Entries held now (fresh, expired or tombstones).
     #[must_use]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().lru.len()).sum()
+        self.shards.iter().map(|s| s.read().lru.len()).sum()
     }
 
     /// Whether the tier holds nothing.
@@ -185,7 +234,7 @@ impl<K: Key, V: Value> MemoryTier<K, V> {
     /// counts are kept.
     pub fn remove_all(&self) {
         for shard in &*self.shards {
-            shard.lock().lru.clear();
+            shard.write().lru.clear();
         }
     }
 
@@ -195,11 +244,11 @@ impl<K: Key, V: Value> MemoryTier<K, V> {
         let now = self.clock.now();
         let mut removed = 0;
         for shard in &*self.shards {
-            let mut state = shard.lock();
+            let mut state = shard.write();
             let doomed: Vec<K> = state
                 .lru
                 .iter()
-                .filter(|(_, slot)| match slot {
+                .filter(|(_, held)| match &held.slot {
                     Slot::Live(e) => e.version < floor || e.is_expired(now),
                     Slot::Tombstone { .. } => false,
                 })
@@ -238,21 +287,29 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
     #[inline]
     fn peek(&self, key: &K) -> Peek<V> {
         let now = self.clock.now();
-        let mut state = self.shard(key).lock();
-        let fresh = match state.lru.get(key) {
-            Some(Slot::Live(entry)) if !entry.is_expired(now) => Some(entry.clone()),
-            _ => None,
-        };
-        match fresh {
-            Some(entry) => {
-                state.hits += 1;
-                Peek::Hit(entry)
-            }
-            None => {
-                state.misses += 1;
-                Peek::Miss
+        let shard = self.shard(key);
+        {
+            let state = shard.read();
+            match state.lru.peek(key) {
+                Some(Held {
+                    slot: Slot::Live(entry),
+                    promoted,
+                }) if !entry.is_expired(now) => {
+                    if now.saturating_since(*promoted) < self.config.promote_interval {
+                        let entry = entry.clone();
+                        drop(state);
+                        self.hits.incr();
+                        return Peek::Hit(entry);
+                    }
+                }
+                _ => {
+                    drop(state);
+                    self.misses.incr();
+                    return Peek::Miss;
+                }
             }
         }
+        self.promote(shard, key, now)
     }
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
@@ -264,8 +321,8 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
 
     async fn get_stale(&self, key: &K, max_stale: Duration) -> Result<Option<Entry<V>>> {
         let now = self.clock.now();
-        let state = self.shard(key).lock();
-        Ok(match state.lru.peek(key) {
+        let state = self.shard(key).read();
+        Ok(match state.lru.peek(key).map(|held| &held.slot) {
             Some(Slot::Live(entry))
                 if entry
                     .expires_at
@@ -284,23 +341,23 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
             return Ok(false);
         }
         let entry = entry.expiring_at(expires_at);
-        let mut state = self.shard(key).lock();
-        if let Some(slot) = state.lru.peek(key) {
-            if !slot.admits(entry.version, now) {
+        let mut state = self.shard(key).write();
+        if let Some(held) = state.lru.peek(key) {
+            if !held.slot.admits(entry.version, now) {
                 state.rejected_sets += 1;
                 return Ok(false);
             }
         }
-        state.insert(key.clone(), Slot::Live(entry));
+        state.insert(key.clone(), Slot::Live(entry), now);
         Ok(true)
     }
 
     async fn invalidate(&self, key: &K, version: Option<Version>) -> Result<()> {
         let now = self.clock.now();
-        let mut state = self.shard(key).lock();
-        let old = state.lru.pop(key);
+        let mut state = self.shard(key).write();
+        let old = state.lru.pop(key).map(|held| held.slot);
         if let Some(slot) = Slot::invalidated(old, version, now, self.config.tombstone_ttl) {
-            state.insert(key.clone(), slot);
+            state.insert(key.clone(), slot, now);
         }
         Ok(())
     }
@@ -311,16 +368,14 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
     }
 
     fn stats(&self) -> TierStats {
-        let (mut hits, mut misses, mut entries, mut evictions, mut rejected) = (0, 0, 0, 0, 0);
+        let (mut entries, mut evictions, mut rejected) = (0, 0, 0);
         for shard in &*self.shards {
-            let state = shard.lock();
-            hits += state.hits;
-            misses += state.misses;
+            let state = shard.read();
             entries += state.lru.len() as u64;
             evictions += state.evictions;
             rejected += state.rejected_sets;
         }
-        TierStats::new(self.config.name.clone(), hits, misses)
+        TierStats::new(self.config.name.clone(), self.hits.get(), self.misses.get())
             .with_size(entries, Some(self.config.capacity as u64))
             .with_housekeeping(evictions, 0, rejected)
     }
@@ -335,6 +390,7 @@ pub struct MemoryTierBuilder<K, V> {
     tombstone_ttl: Option<Duration>,
     jitter: f64,
     shards: Option<usize>,
+    promote_interval: Duration,
     clock: Clock,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -359,6 +415,7 @@ impl<K, V> Default for MemoryTierBuilder<K, V> {
             tombstone_ttl: None,
             jitter: 0.0,
             shards: None,
+            promote_interval: DEFAULT_PROMOTE_INTERVAL,
             clock: Clock::system(),
             _types: PhantomData,
         }
@@ -403,6 +460,14 @@ impl<K: Key, V: Value> MemoryTierBuilder<K, V> {
     /// gives exact LRU order over the whole tier.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = Some(shards);
+        self
+    }
+
+    /// The least time between two moves of one entry to the front of its LRU list. A hit within
+    /// it takes only the read lock; recency is tracked to this resolution. Zero gives exact LRU
+    /// order (and a write lock on every hit). Defaults to [`DEFAULT_PROMOTE_INTERVAL`].
+    pub fn promote_interval(mut self, interval: Duration) -> Self {
+        self.promote_interval = interval;
         self
     }
 
@@ -460,7 +525,10 @@ impl<K: Key, V: Value> MemoryTierBuilder<K, V> {
                 ttl: self.ttl,
                 tombstone_ttl: self.tombstone_ttl.unwrap_or(self.ttl),
                 jitter: self.jitter,
+                promote_interval: self.promote_interval,
             },
+            hits: Counter::default(),
+            misses: Counter::default(),
         })
     }
 }
@@ -484,6 +552,7 @@ mod tests {
         MemoryTier::builder()
             .capacity(capacity)
             .shards(1)
+            .promote_interval(Duration::ZERO)
             .clock(manual.clock())
             .build()
             .unwrap()
@@ -537,6 +606,30 @@ mod tests {
         assert!(t.get(&key("c")).await.unwrap().is_some());
         assert_eq!(t.stats().evictions, 1);
         assert_eq!(t.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn recency_is_tracked_to_the_promotion_interval() {
+        let manual = ManualClock::new();
+        let t: MemoryTier<String, u32> = MemoryTier::builder()
+            .capacity(2)
+            .shards(1)
+            .clock(manual.clock())
+            .build()
+            .unwrap();
+        t.set(&key("a"), entry(1, 1)).await.unwrap();
+        t.set(&key("b"), entry(2, 1)).await.unwrap();
+        // Within a second of its insertion, a hit on "a" does not move it: "a" is still the
+        // least recently used and goes first.
+        assert!(t.get(&key("a")).await.unwrap().is_some());
+        t.set(&key("c"), entry(3, 1)).await.unwrap();
+        assert!(t.get(&key("a")).await.unwrap().is_none());
+        // A second later, a hit moves "b" to the front, so "c" goes next.
+        manual.advance(DEFAULT_PROMOTE_INTERVAL);
+        assert!(t.get(&key("b")).await.unwrap().is_some());
+        t.set(&key("d"), entry(4, 1)).await.unwrap();
+        assert!(t.get(&key("c")).await.unwrap().is_none());
+        assert!(t.get(&key("b")).await.unwrap().is_some());
     }
 
     #[tokio::test]
@@ -632,7 +725,7 @@ mod tests {
             .shards(8)
             .build()
             .unwrap();
-        let total: usize = t.shards.iter().map(|s| s.lock().lru.cap().get()).sum();
+        let total: usize = t.shards.iter().map(|s| s.read().lru.cap().get()).sum();
         assert_eq!(total, 500);
         for k in 0..10_000u64 {
             t.set(&k, Entry::new(Arc::new(k), 1)).await.unwrap();

@@ -1,0 +1,202 @@
+//! A memory hit through `TieredCache::get`, side by side with the raw caches it competes with,
+//! in one run: `quick_cache::sync::Cache::get`, `moka::future::Cache::get`, and an
+//! `lru::LruCache` behind a `Mutex`. 500 and 100,000 keys, every lookup a hit, on one thread
+//! and on two.
+//!
+//! ```text
+//! cargo bench --bench memory_hit
+//! ```
+//!
+//! On two threads the reported time is wall time per lookup across both threads (the inverse
+//! of throughput), so a contender that scales shows half its one-thread time.
+
+use std::hint::black_box;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use tiercache_core::TieredCache;
+use tiercache_memory::MemoryTier;
+use tiercache_testkit::FakeTier;
+
+type Val = Arc<String>;
+
+fn keys(n: usize) -> Vec<String> {
+    let mut keys: Vec<String> = (0..n).map(|i| format!("user-{i:08}")).collect();
+    // Visit in a fixed random order, so the hardware prefetcher cannot walk the table.
+    fastrand::Rng::with_seed(7).shuffle(&mut keys);
+    keys
+}
+
+fn value() -> Val {
+    Arc::new("{\"theme\":\"dark\",\"font_size\":14}".to_string())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Runs `lookups` on `threads` threads, each with its own current-thread runtime, splitting
+/// `iters` lookups between them; returns the wall time from the common start to the last
+/// finish.
+fn run_threads<F, Fut>(threads: usize, iters: u64, lookups: F) -> Duration
+where
+    F: Fn(u64, u64) -> Fut + Sync,
+    Fut: std::future::Future<Output = ()>,
+{
+    let barrier = Barrier::new(threads + 1);
+    let per_thread = iters / threads as u64;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, lookups) = (&barrier, &lookups);
+                s.spawn(move || {
+                    let rt = runtime();
+                    barrier.wait();
+                    rt.block_on(lookups(t as u64 * 7_919, per_thread));
+                    Instant::now()
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        let end = handles
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .max()
+            .unwrap();
+        end - start
+    })
+}
+
+fn bench_memory_hit(c: &mut Criterion) {
+    let rt = runtime();
+    for n in [500usize, 100_000] {
+        let keys = keys(n);
+        let mask = keys.len();
+
+        // The chain: memory over an in-process source, filled by reading every key once.
+        let source = FakeTier::<String, String>::source("db");
+        for k in &keys {
+            source.put(
+                k.clone(),
+                "{\"theme\":\"dark\",\"font_size\":14}".to_string(),
+            );
+        }
+        // Every contender gets room for twice the keys: sharded and admission-controlled caches
+        // (ours, quick_cache, moka) may turn a key away before they are full, and this bench
+        // measures hits only.
+        let room = 2 * n;
+        let memory = MemoryTier::<String, String>::builder()
+            .capacity(room)
+            .build()
+            .unwrap();
+        let chain = TieredCache::builder()
+            .tier(memory)
+            .source(source)
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            for k in &keys {
+                chain.get(k).await.unwrap().unwrap();
+            }
+        });
+
+        let quick: quick_cache::sync::Cache<String, Val> = quick_cache::sync::Cache::new(room);
+        let moka: moka::future::Cache<String, Val> = moka::future::Cache::new(room as u64);
+        let lru = Mutex::new(lru::LruCache::<String, Val>::new(
+            std::num::NonZeroUsize::new(room).unwrap(),
+        ));
+        rt.block_on(async {
+            for k in &keys {
+                quick.insert(k.clone(), value());
+                moka.insert(k.clone(), value()).await;
+                lru.lock().unwrap().put(k.clone(), value());
+            }
+        });
+        rt.block_on(async {
+            for k in &keys {
+                assert!(quick.get(k).is_some(), "quick_cache must hold every key");
+                assert!(moka.get(k).await.is_some(), "moka must hold every key");
+                assert!(lru.lock().unwrap().get(k).is_some());
+            }
+        });
+        let stats = chain.stats();
+        assert_eq!(
+            stats.tiers[0].tier.evictions, 0,
+            "memory must hold every key"
+        );
+
+        for threads in [1usize, 2] {
+            let mut group = c.benchmark_group(format!("memory_hit/{n}_keys/{threads}_thread"));
+            group.throughput(criterion::Throughput::Elements(1));
+
+            group.bench_function(BenchmarkId::from_parameter("tiercache_chain"), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |offset, count| {
+                        let (chain, keys) = (&chain, &keys);
+                        async move {
+                            for i in 0..count {
+                                let k = &keys[((offset + i) as usize) % mask];
+                                black_box(chain.get(k).await.unwrap());
+                            }
+                        }
+                    })
+                })
+            });
+            group.bench_function(BenchmarkId::from_parameter("quick_cache"), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |offset, count| {
+                        let (quick, keys) = (&quick, &keys);
+                        async move {
+                            for i in 0..count {
+                                let k = &keys[((offset + i) as usize) % mask];
+                                black_box(quick.get(k));
+                            }
+                        }
+                    })
+                })
+            });
+            group.bench_function(BenchmarkId::from_parameter("moka_future"), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |offset, count| {
+                        let (moka, keys) = (&moka, &keys);
+                        async move {
+                            for i in 0..count {
+                                let k = &keys[((offset + i) as usize) % mask];
+                                black_box(moka.get(k).await);
+                            }
+                        }
+                    })
+                })
+            });
+            group.bench_function(BenchmarkId::from_parameter("lru_mutex"), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |offset, count| {
+                        let (lru, keys) = (&lru, &keys);
+                        async move {
+                            for i in 0..count {
+                                let k = &keys[((offset + i) as usize) % mask];
+                                black_box(lru.lock().unwrap().get(k).cloned());
+                            }
+                        }
+                    })
+                })
+            });
+            group.finish();
+        }
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20);
+    targets = bench_memory_hit
+}
+criterion_main!(benches);
