@@ -9,17 +9,47 @@
 //!
 //! On two threads the reported time is wall time per lookup across both threads (the inverse
 //! of throughput), so a contender that scales shows half its one-thread time.
+//!
+//! `tiercache_chain_no_peek` is the same chain with the memory tier's synchronous `peek` path
+//! hidden, so that each hit goes through `CacheTier::get`'s boxed future: what `peek` saves.
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use tiercache_core::TieredCache;
+use tiercache_core::{CacheTier, Entry, Result, TierStats, TieredCache, Version};
 use tiercache_memory::MemoryTier;
 use tiercache_testkit::FakeTier;
 
 type Val = Arc<String>;
+
+/// The memory tier without its synchronous path, to show what `peek` saves: every hit goes
+/// through the boxed future of the `async_trait` method `get`.
+struct AsyncOnly<T>(T);
+
+#[async_trait]
+impl<T: CacheTier<String, String>> CacheTier<String, String> for AsyncOnly<T> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    async fn get(&self, key: &String) -> Result<Option<Entry<String>>> {
+        self.0.get(key).await
+    }
+    async fn set(&self, key: &String, entry: Entry<String>) -> Result<bool> {
+        self.0.set(key, entry).await
+    }
+    async fn invalidate(&self, key: &String, version: Option<Version>) -> Result<()> {
+        self.0.invalidate(key, version).await
+    }
+    async fn clear(&self) -> Result<()> {
+        self.0.clear().await
+    }
+    fn stats(&self) -> TierStats {
+        self.0.stats()
+    }
+}
 
 fn keys(n: usize) -> Vec<String> {
     let mut keys: Vec<String> = (0..n).map(|i| format!("user-{i:08}")).collect();
@@ -96,12 +126,22 @@ fn bench_memory_hit(c: &mut Criterion) {
             .unwrap();
         let chain = TieredCache::builder()
             .tier(memory)
+            .source(source.clone())
+            .build()
+            .unwrap();
+        let async_memory = MemoryTier::<String, String>::builder()
+            .capacity(room)
+            .build()
+            .unwrap();
+        let async_chain = TieredCache::builder()
+            .tier(AsyncOnly(async_memory))
             .source(source)
             .build()
             .unwrap();
         rt.block_on(async {
             for k in &keys {
                 chain.get(k).await.unwrap().unwrap();
+                async_chain.get(k).await.unwrap().unwrap();
             }
         });
 
@@ -147,6 +187,22 @@ fn bench_memory_hit(c: &mut Criterion) {
                     })
                 })
             });
+            group.bench_function(
+                BenchmarkId::from_parameter("tiercache_chain_no_peek"),
+                |b| {
+                    b.iter_custom(|iters| {
+                        run_threads(threads, iters, |offset, count| {
+                            let (chain, keys) = (&async_chain, &keys);
+                            async move {
+                                for i in 0..count {
+                                    let k = &keys[((offset + i) as usize) % mask];
+                                    black_box(chain.get(k).await.unwrap());
+                                }
+                            }
+                        })
+                    })
+                },
+            );
             group.bench_function(BenchmarkId::from_parameter("quick_cache"), |b| {
                 b.iter_custom(|iters| {
                     run_threads(threads, iters, |offset, count| {

@@ -6,10 +6,12 @@
 //! * The keys are spread over shards, each an LRU behind its own read-write lock. Eviction is
 //!   least-recently-used within a shard; with one shard ([`MemoryTierBuilder::shards`]) it is
 //!   LRU over the whole tier.
-//! * A hit takes only the shard's read lock: it moves the entry to the front of the LRU list (a
-//!   write) at most once per [promotion interval](MemoryTierBuilder::promote_interval), one
-//!   second by default, as memcached does. Recency is therefore tracked to the second; set the
-//!   interval to zero for exact LRU order at the cost of a write lock on every hit.
+//! * A hit takes only the shard's read lock unless its entry is at risk of eviction: the shard is
+//!   at least three-quarters full and the entry has drifted out of the front half of the
+//!   shard's LRU list. Only then does it take the write lock to move the entry to the front.
+//!   Hot entries are thus served without a write, and two cores do not fight over the list's
+//!   pointers. The price: within the front half (or while the shard fills), order is insertion
+//!   order, not use order. [`MemoryTierBuilder::exact_lru`] moves every hit to the front.
 //! * Hit and miss counts are per-thread striped counters ([`Counter`]): no shared counter on
 //!   the hot path.
 //! * A hit answers through the synchronous [`CacheTier::peek`] path, so a chain's memory hit
@@ -62,8 +64,6 @@ pub const DEFAULT_CAPACITY: usize = 500;
 pub const DEFAULT_TTL: Duration = Duration::from_secs(300);
 /// Default tier name in stats and errors.
 pub const DEFAULT_NAME: &str = "memory";
-/// Default time between two moves of one entry to the front of its LRU list.
-pub const DEFAULT_PROMOTE_INTERVAL: Duration = Duration::from_secs(1);
 /// Smallest number of entries a shard gets when the shard count is chosen automatically.
 const MIN_ENTRIES_PER_SHARD: usize = 32;
 
@@ -85,7 +85,6 @@ struct Config {
     ttl: Duration,
     tombstone_ttl: Duration,
     jitter: f64,
-    promote_interval: Duration,
 }
 
 /// One shard, alone on its cache lines.
@@ -96,21 +95,29 @@ struct Shard<K, V> {
 
 struct ShardState<K, V> {
     lru: LruCache<K, Held<V>>,
+    /// Moves to the front so far: an entry whose `front` is within `window` of it is in the
+    /// front part of the list (fewer than `window` entries were put before it since).
+    moves: u64,
+    /// How far from the front an entry may drift before a hit moves it back (0: always).
+    window: u64,
     evictions: u64,
     rejected_sets: u64,
 }
 
-/// A slot and when it last moved to the front of the LRU list.
+/// A slot and the value of its shard's `moves` when it was last put at the front.
 struct Held<V> {
     slot: Slot<V>,
-    promoted: Timestamp,
+    front: u64,
 }
 
 impl<K: Key, V: Value> Shard<K, V> {
-    fn new(capacity: NonZeroUsize) -> Self {
+    fn new(capacity: NonZeroUsize, exact: bool) -> Self {
+        let window = if exact { 0 } else { capacity.get() as u64 / 2 };
         Shard {
             state: RwLock::new(ShardState {
                 lru: LruCache::new(capacity),
+                moves: 0,
+                window,
                 evictions: 0,
                 rejected_sets: 0,
             }),
@@ -132,11 +139,22 @@ impl<K: Key, V: Value> Shard<K, V> {
 }
 
 impl<K: Key, V: Value> ShardState<K, V> {
+    /// Whether a hit on an entry last put at the front at `front` may leave it where it is:
+    /// while the shard is less than three-quarters full nothing is near eviction, and once it
+    /// is, an entry in the front half is not either.
+    #[inline]
+    fn may_stay(&self, front: u64) -> bool {
+        let len = self.lru.len() as u64;
+        let cap = self.lru.cap().get() as u64;
+        self.moves - front < self.window || (self.window > 0 && len < cap - cap / 4)
+    }
+
     /// Inserts at the front, counting an eviction if the LRU pushed out another key.
-    fn insert(&mut self, key: K, slot: Slot<V>, now: Timestamp) {
+    fn insert(&mut self, key: K, slot: Slot<V>) {
+        self.moves += 1;
         let held = Held {
             slot,
-            promoted: now,
+            front: self.moves,
         };
         if let Some((old, _)) = self.lru.push(key.clone(), held) {
             if old != key {
@@ -182,10 +200,12 @@ impl<K: Key, V: Value> MemoryTier<K, V> {
     #[cold]
     fn promote(&self, shard: &Shard<K, V>, key: &K, now: Timestamp) -> Peek<V> {
         let mut state = shard.write();
+        state.moves += 1;
+        let moves = state.moves;
         let fresh = match state.lru.get_mut(key) {
             Some(held) => match &held.slot {
                 Slot::Live(entry) if !entry.is_expired(now) => {
-                    held.promoted = now;
+                    held.front = moves;
                     Some(entry.clone())
                 }
                 _ => None,
@@ -298,9 +318,9 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
             match state.lru.peek(key) {
                 Some(Held {
                     slot: Slot::Live(entry),
-                    promoted,
+                    front,
                 }) if !entry.is_expired(now) => {
-                    if now.saturating_since(*promoted) < self.config.promote_interval {
+                    if state.may_stay(*front) {
                         let entry = entry.clone();
                         drop(state);
                         self.hits.incr();
@@ -353,7 +373,7 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
                 return Ok(false);
             }
         }
-        state.insert(key.clone(), Slot::Live(entry), now);
+        state.insert(key.clone(), Slot::Live(entry));
         Ok(true)
     }
 
@@ -362,7 +382,7 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
         let mut state = self.shard(key).write();
         let old = state.lru.pop(key).map(|held| held.slot);
         if let Some(slot) = Slot::invalidated(old, version, now, self.config.tombstone_ttl) {
-            state.insert(key.clone(), slot, now);
+            state.insert(key.clone(), slot);
         }
         Ok(())
     }
@@ -395,7 +415,7 @@ pub struct MemoryTierBuilder<K, V> {
     tombstone_ttl: Option<Duration>,
     jitter: f64,
     shards: Option<usize>,
-    promote_interval: Duration,
+    exact_lru: bool,
     clock: Clock,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -420,7 +440,7 @@ impl<K, V> Default for MemoryTierBuilder<K, V> {
             tombstone_ttl: None,
             jitter: 0.0,
             shards: None,
-            promote_interval: DEFAULT_PROMOTE_INTERVAL,
+            exact_lru: false,
             clock: Clock::system(),
             _types: PhantomData,
         }
@@ -468,11 +488,12 @@ impl<K: Key, V: Value> MemoryTierBuilder<K, V> {
         self
     }
 
-    /// The least time between two moves of one entry to the front of its LRU list. A hit within
-    /// it takes only the read lock; recency is tracked to this resolution. Zero gives exact LRU
-    /// order (and a write lock on every hit). Defaults to [`DEFAULT_PROMOTE_INTERVAL`].
-    pub fn promote_interval(mut self, interval: Duration) -> Self {
-        self.promote_interval = interval;
+    /// Moves every hit to the front of its shard's LRU list (exact LRU order, a write lock on
+    /// every hit). By default a hit moves its entry only when the shard is three-quarters full
+    /// and the entry has drifted out of the front half, and takes only the read lock otherwise.
+    /// Defaults to `false`.
+    pub fn exact_lru(mut self, exact: bool) -> Self {
+        self.exact_lru = exact;
         self
     }
 
@@ -516,7 +537,10 @@ impl<K: Key, V: Value> MemoryTierBuilder<K, V> {
             .map(|i| {
                 // Spread the capacity exactly: the first `capacity % shards` get one more.
                 let size = self.capacity / shards + usize::from(i < self.capacity % shards);
-                Shard::new(NonZeroUsize::new(size).expect("shards <= capacity"))
+                Shard::new(
+                    NonZeroUsize::new(size).expect("shards <= capacity"),
+                    self.exact_lru,
+                )
             })
             .collect();
         Ok(MemoryTier {
@@ -530,7 +554,6 @@ impl<K: Key, V: Value> MemoryTierBuilder<K, V> {
                 ttl: self.ttl,
                 tombstone_ttl: self.tombstone_ttl.unwrap_or(self.ttl),
                 jitter: self.jitter,
-                promote_interval: self.promote_interval,
             },
             hits: Counter::default(),
             misses: Counter::default(),
@@ -557,7 +580,7 @@ mod tests {
         MemoryTier::builder()
             .capacity(capacity)
             .shards(1)
-            .promote_interval(Duration::ZERO)
+            .exact_lru(true)
             .clock(manual.clock())
             .build()
             .unwrap()
@@ -614,26 +637,47 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn recency_is_tracked_to_the_promotion_interval() {
+    async fn hits_move_entries_only_when_they_risk_eviction() {
         let manual = ManualClock::new();
         let t: MemoryTier<String, u32> = MemoryTier::builder()
-            .capacity(2)
+            .capacity(8)
             .shards(1)
             .clock(manual.clock())
             .build()
             .unwrap();
-        t.set(&key("a"), entry(1, 1)).await.unwrap();
-        t.set(&key("b"), entry(2, 1)).await.unwrap();
-        // Within a second of its insertion, a hit on "a" does not move it: "a" is still the
-        // least recently used and goes first.
+        for (i, k) in ["a", "b", "c", "d", "e", "f", "g", "h"].iter().enumerate() {
+            t.set(&key(k), entry(i as u32, 1)).await.unwrap();
+        }
+        // "h" is the newest: in the front half, a hit leaves it where it is.
+        // "a" is the oldest and the shard is full: a hit moves it to the front.
+        assert!(t.get(&key("h")).await.unwrap().is_some());
         assert!(t.get(&key("a")).await.unwrap().is_some());
-        t.set(&key("c"), entry(3, 1)).await.unwrap();
+        t.set(&key("i"), entry(9, 1)).await.unwrap();
+        assert!(t.get(&key("a")).await.unwrap().is_some(), "a was moved");
+        assert!(
+            t.get(&key("b")).await.unwrap().is_none(),
+            "b was least recent"
+        );
+    }
+
+    #[tokio::test]
+    async fn while_the_shard_fills_hits_do_not_reorder() {
+        let manual = ManualClock::new();
+        let t: MemoryTier<String, u32> = MemoryTier::builder()
+            .capacity(8)
+            .shards(1)
+            .clock(manual.clock())
+            .build()
+            .unwrap();
+        for k in ["a", "b", "c", "d", "e"] {
+            t.set(&key(k), entry(1, 1)).await.unwrap();
+        }
+        // Five of eight: a hit on "a" does not move it, so it is still the first to go.
+        assert!(t.get(&key("a")).await.unwrap().is_some());
+        for k in ["f", "g", "h", "i"] {
+            t.set(&key(k), entry(1, 1)).await.unwrap();
+        }
         assert!(t.get(&key("a")).await.unwrap().is_none());
-        // A second later, a hit moves "b" to the front, so "c" goes next.
-        manual.advance(DEFAULT_PROMOTE_INTERVAL);
-        assert!(t.get(&key("b")).await.unwrap().is_some());
-        t.set(&key("d"), entry(4, 1)).await.unwrap();
-        assert!(t.get(&key("c")).await.unwrap().is_none());
         assert!(t.get(&key("b")).await.unwrap().is_some());
     }
 
