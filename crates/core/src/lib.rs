@@ -47,6 +47,7 @@ mod clock;
 mod entry;
 mod error;
 mod flight;
+mod key;
 mod stats;
 mod tier;
 
@@ -57,6 +58,7 @@ pub use chain::{
 pub use clock::{Clock, ManualClock, TimeSource, Timestamp};
 pub use entry::{Entry, Slot, Version};
 pub use error::{BoxError, Error, Result};
+pub use key::StorageKey;
 pub use stats::{ChainStats, ChainTierStats, Counter, TierStats, hit_rate};
 #[cfg(feature = "mock")]
 pub use tier::MockCacheTier;

@@ -6,6 +6,8 @@
 //!   [`Fault::Delay`], [`Fault::Hang`], or [`Fault::Hold`] at a [`Gate`] you open when the test is
 //!   ready, for all operations or one ([`Op`]).
 //! * [`ManualClock`]: time that moves only when the test says, so TTL tests never sleep.
+//! * [`env`]: where the test servers are (`REDIS_URL`, `DATABASE_URL`), unique names that keep
+//!   parallel tests apart, and the message a test gives when a server is unreachable.
 //! * [`MockCacheTier`]: the mockall mock of [`CacheTier`](tiercache_core::CacheTier), for facts
 //!   about call order ("after a memory hit, nothing below is called").
 //!
@@ -53,8 +55,15 @@
 
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "contract")]
+pub mod contract;
+pub mod env;
 mod fake;
 mod fault;
+#[cfg(feature = "postgres")]
+pub mod postgres_env;
+#[cfg(feature = "redis")]
+pub mod redis_env;
 
 pub use fake::{Calls, DEFAULT_FAKE_TTL, FakeTier};
 pub use fault::{Fault, FaultSwitch, Faulty, Gate, InjectedFault, Op};
