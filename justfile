@@ -4,7 +4,7 @@ default: ci
 
 # The main job on the embedded default (no servers needed).
 run:
-    cargo run --release --example quickstart
+    cargo run --release -p userconfig-cli -- simulate
 
 fmt:
     cargo fmt --all -- --check

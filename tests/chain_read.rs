@@ -295,3 +295,30 @@ async fn stats_add_up() {
     let json = serde_json::to_value(&s).unwrap();
     assert_eq!(json["tiers"][0]["tier"]["max_size"], 500);
 }
+
+#[tokio::test]
+async fn a_non_transient_source_error_is_returned_as_it_is_and_serves_no_stale_copy() {
+    let c = Chain::with(|b| b.max_stale(Some(Duration::from_secs(3600))));
+    c.db.put(key("a"), "v".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    c.manual.advance(L2_TTL);
+    // A transient failure: the stale copy is served.
+    c.db.faults().set(Fault::Error);
+    assert!(matches!(
+        c.cache.fetch(&key("a")).await.unwrap().origin,
+        Origin::Stale(_)
+    ));
+    c.db.faults().clear();
+    // A mock source that answers "corrupt": the caller sees that error, typed.
+    let mut source = tiercache_testkit::MockCacheTier::<String, String>::new();
+    source.expect_name().return_const("db".to_string());
+    source
+        .expect_get()
+        .returning(|_| Err(Error::corrupt("db", std::fmt::Error)));
+    let cache = tiercache_core::TieredCache::builder()
+        .source(source)
+        .build()
+        .unwrap();
+    let err = cache.get(&key("a")).await.unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+}

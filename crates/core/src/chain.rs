@@ -232,7 +232,8 @@ struct Inner<K, V> {
 ///   `0..i`, each capping the entry's remaining time to live with its own TTL. On a miss
 ///   everywhere the source answers and every tier is back-filled. Concurrent misses of one key
 ///   share one load (single-flight). A failing cache tier is counted and skipped; if the source
-///   fails, a stale copy within the max-stale age is served, else [`Error::SourceUnavailable`].
+///   is unreachable or slow, a stale copy within the max-stale age is served, else
+///   [`Error::SourceUnavailable`]; its other errors (corrupt data) are returned as they are.
 /// * **Write** ([`update`](TieredCache::update)): the source first (on failure nothing else is
 ///   touched), then every cache tier is invalidated at the previous version and repopulated
 ///   with the new one. Tombstones and version checks in the tiers keep a slow reader from
@@ -402,9 +403,16 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         }
     }
 
-    /// The source failed: serve the freshest stale copy within the max-stale age, if any.
+    /// The source failed. If the failure is transient (unreachable, slow), serve a stale copy
+    /// within the max-stale age, if any, else [`Error::SourceUnavailable`]. Other failures (a
+    /// row that does not decode, a refused query) are returned as they are: they say something
+    /// about the data, not about availability.
     async fn fail_safe(&self, key: &K, error: Error) -> Result<Fetched<V>> {
         let inner = &*self.inner;
+        if !error.is_transient() {
+            tracing::warn!(%error, "source failed");
+            return Err(error);
+        }
         if let Some(max_stale) = inner.policy.max_stale {
             for (i, level) in inner.tiers.iter().enumerate() {
                 if let Ok(Some(entry)) = level

@@ -3,7 +3,7 @@
 //!
 //! Integration tests read `REDIS_URL` and `DATABASE_URL`, defaulting to the local servers, and
 //! isolate themselves with [`unique_name`] (a Redis key prefix, a PostgreSQL schema). When a
-//! server cannot be reached they fail with [`unreachable`]'s message, which names the variable
+//! server cannot be reached they fail with [`unreachable()`]'s message, which names the variable
 //! and the command that starts the server.
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -6,7 +6,7 @@
 //!   [`Fault::Delay`], [`Fault::Hang`], or [`Fault::Hold`] at a [`Gate`] you open when the test is
 //!   ready, for all operations or one ([`Op`]).
 //! * [`ManualClock`]: time that moves only when the test says, so TTL tests never sleep.
-//! * [`env`]: where the test servers are (`REDIS_URL`, `DATABASE_URL`), unique names that keep
+//! * [`env`](mod@env): where the test servers are (`REDIS_URL`, `DATABASE_URL`), unique names that keep
 //!   parallel tests apart, and the message a test gives when a server is unreachable.
 //! * [`MockCacheTier`]: the mockall mock of [`CacheTier`](tiercache_core::CacheTier), for facts
 //!   about call order ("after a memory hit, nothing below is called").

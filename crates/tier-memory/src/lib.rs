@@ -53,11 +53,6 @@ use tiercache_core::{
     Version,
 };
 
-/// The README's example, compiled as a doctest so that it stays true.
-#[cfg(doctest)]
-#[doc = include_str!("../../../README.md")]
-struct ReadmeDoctests;
-
 /// Default capacity in entries (the seed design's `MEMORY_CACHE_MAX_SIZE`).
 pub const DEFAULT_CAPACITY: usize = 500;
 /// Default time to live (the seed design's `MEMORY_CACHE_TTL`, 5 minutes).

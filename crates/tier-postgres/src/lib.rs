@@ -1,1 +1,651 @@
-//! Work in progress (this session).
+//! The PostgreSQL tier of tiercache: the authoritative source at the bottom of a chain.
+//!
+//! * One table (default `public.tiercache_entries`): `key text primary key`, `value jsonb`,
+//!   `version bigint`, `updated_at timestamptz`, created by embedded migrations
+//!   (`sqlx::migrate!`). The schema and the table name are configurable: the migrations' SQL
+//!   names the table as `{table}`, replaced at run time by the validated, schema-qualified
+//!   name, and each table keeps its own migration bookkeeping
+//!   (`<schema>._tiercache_migrations_<table>`), so several tables can live in one schema.
+//! * Reads: one prepared primary-key `SELECT`; `get_many` one `= ANY($1)` query. Writes: one
+//!   statement that upserts and increments the version atomically and returns it.
+//! * The pool connects lazily: [`PostgresTierBuilder::build`] needs no running server, and the
+//!   migrations run on first use (retried on later calls if they failed). Acquire (1 s) and
+//!   statement (2 s) time limits are short by default; a server that refuses connections is a
+//!   transient [`Error::Unavailable`] whose source says so, not a bare pool time-out.
+//! * TLS comes from the URL: `?sslmode=require`, `verify-ca` or `verify-full` (with
+//!   `sslrootcert=/path/ca.pem`), through the system's OpenSSL.
+//! * The password never appears in `Debug` output, errors or logs.
+//!
+//! A row whose JSON does not decode into `V` is [`Error::Corrupt`] naming the key, never a
+//! default (a later update would destroy the user's data).
+//!
+//! ```no_run
+//! # async fn demo() -> tiercache_core::Result<()> {
+//! use std::sync::Arc;
+//! use tiercache_core::CacheTier;
+//! use tiercache_postgres::PostgresTier;
+//!
+//! let db = PostgresTier::<String, serde_json::Value>::builder()
+//!     .url("postgres://app@db.internal:5432/app?sslmode=verify-full")
+//!     .schema("tiercache")
+//!     .build()?; // does not connect yet
+//! let version = db.write(&"alice".into(), Arc::new(serde_json::json!({"theme": "dark"}))).await?;
+//! assert_eq!(db.get(&"alice".into()).await?.unwrap().version, version);
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::migrate::{Migration, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Row, SqlSafeStr};
+use tiercache_core::{CacheTier, Counter, Entry, Error, Result, StorageKey, TierStats, Version};
+use tokio::sync::OnceCell;
+
+/// Default schema.
+pub const DEFAULT_SCHEMA: &str = "public";
+/// Default table.
+pub const DEFAULT_TABLE: &str = "tiercache_entries";
+/// Default pool size.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
+/// Default time limit for getting a connection from the pool.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default time limit of one statement (set on each connection as `statement_timeout`).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default tier name.
+pub const DEFAULT_NAME: &str = "postgres";
+/// After the server was found unreachable, calls fail at once for this long.
+const FAIL_FAST_FOR: Duration = Duration::from_millis(250);
+/// Time limit of the direct connection attempt that explains a pool time-out.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+
+static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
+
+/// The PostgreSQL tier. See the [crate docs](crate).
+pub struct PostgresTier<K, V> {
+    pool: PgPool,
+    options: PgConnectOptions,
+    schema: String,
+    table: String,
+    sql: Statements,
+    name: String,
+    statement_timeout: Duration,
+    migrated: OnceCell<()>,
+    down_until: AtomicU64,
+    epoch: Instant,
+    stats: Stats,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+struct Statements {
+    get: String,
+    get_many: String,
+    write: String,
+}
+
+#[derive(Default)]
+struct Stats {
+    hits: Counter,
+    misses: Counter,
+    errors: Counter,
+    corrupt: Counter,
+}
+
+/// Connection settings without the password.
+struct Redacted<'a>(&'a PgConnectOptions);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let o = self.0;
+        write!(
+            f,
+            "postgres://{}@{}:{}/{} (sslmode {:?})",
+            o.get_username(),
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or(""),
+            o.get_ssl_mode()
+        )
+    }
+}
+
+impl<K, V> fmt::Debug for PostgresTier<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresTier")
+            .field("server", &Redacted(&self.options))
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stored value that does not decode, naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("stored value for key `{key}` does not decode: {reason}")]
+pub struct Undecodable {
+    /// The key.
+    pub key: String,
+    /// The decoder's message.
+    pub reason: String,
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+enum NoConnection {
+    #[error("the database refused or dropped the connection: {0}")]
+    Unreachable(String),
+    #[error("no pooled connection became free in time (the pool is busy)")]
+    PoolBusy,
+    #[error("the database was unreachable moments ago; not retrying yet")]
+    FailingFast,
+}
+
+/// Maps a sqlx error onto the core's.
+fn map_error(tier: &str, error: sqlx::Error) -> Error {
+    match &error {
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
+            Error::unavailable(tier, error)
+        }
+        sqlx::Error::PoolTimedOut => Error::unavailable(tier, NoConnection::PoolBusy),
+        sqlx::Error::Database(db) => match db.code().as_deref() {
+            Some("57014") => Error::Timeout {
+                tier: tier.to_owned(),
+                after: Duration::ZERO,
+            },
+            Some(code)
+                if code.starts_with("08")
+                    || matches!(code, "57P01" | "57P02" | "57P03" | "53300") =>
+            {
+                Error::unavailable(tier, error)
+            }
+            _ => Error::backend(tier, error),
+        },
+        _ => Error::backend(tier, error),
+    }
+}
+
+/// Whether `name` is a safe identifier: `[a-z_][a-z0-9_]*`, at most `max` characters.
+fn valid_identifier(name: &str, max: usize) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.len() <= max
+}
+
+impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> PostgresTier<K, V> {
+    /// Starts configuring a tier.
+    pub fn builder() -> PostgresTierBuilder<K, V> {
+        PostgresTierBuilder::default()
+    }
+
+    /// The connection pool (for operators and tests; the tier's own statements go through it
+    /// too).
+    #[must_use]
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema-qualified table, as used in statements.
+    #[must_use]
+    pub fn qualified_table(&self) -> String {
+        format!("\"{}\".\"{}\"", self.schema, self.table)
+    }
+
+    /// Creates the schema and the table if they are missing (idempotent; concurrent callers are
+    /// serialized by an advisory lock).
+    pub async fn migrate(&self) -> Result<()> {
+        let table = self.qualified_table();
+        let migrations: Vec<Migration> = EMBEDDED
+            .iter()
+            .map(|m| {
+                let sql = m.sql.as_str().replace("{table}", &table);
+                Migration::new(
+                    m.version,
+                    m.description.clone(),
+                    m.migration_type,
+                    AssertSqlSafe(sql).into_sql_str(),
+                    m.no_tx,
+                )
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(migrations);
+        migrator.create_schema(Cow::Owned(self.schema.clone()));
+        migrator.dangerous_set_table_name(Cow::Owned(format!(
+            "{}._tiercache_migrations_{}",
+            self.schema, self.table
+        )));
+        migrator.run(&self.pool).await.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => map_error(&self.name, inner),
+            other => Error::backend(&self.name, other),
+        })
+    }
+
+    fn now_nanos(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Migrates once, then runs `call`; fails fast while the server is known to be down, and
+    /// explains a pool time-out.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
+    {
+        if self.now_nanos() < self.down_until.load(Ordering::Relaxed) {
+            self.stats.errors.incr();
+            return Err(Error::unavailable(&self.name, NoConnection::FailingFast));
+        }
+        let result = match self.migrated.get_or_try_init(|| self.migrate()).await {
+            Ok(()) => call().await.map_err(|e| self.explain(e)),
+            Err(e) => Err(e),
+        };
+        let result = match result {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.explain_core(e).await),
+        };
+        if let Err(error) = &result {
+            self.stats.errors.incr();
+            tracing::debug!(tier = %self.name, %error, "database call failed");
+        }
+        result
+    }
+
+    fn explain(&self, error: sqlx::Error) -> Error {
+        map_error(&self.name, error)
+    }
+
+    /// A pool time-out says little: a direct connection attempt tells "the server refuses
+    /// connections" from "the pool is busy". While the server is unreachable, calls fail fast
+    /// for a moment instead of each waiting out the acquire time limit.
+    async fn explain_core(&self, error: Error) -> Error {
+        match &error {
+            Error::Unavailable { source, .. } => {
+                let pool_busy = source
+                    .downcast_ref::<NoConnection>()
+                    .is_some_and(|n| matches!(n, NoConnection::PoolBusy));
+                let reason = if pool_busy {
+                    match tokio::time::timeout(PROBE_TIMEOUT, self.options.connect()).await {
+                        Ok(Ok(conn)) => {
+                            drop(conn);
+                            return error;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(_) => "no answer to a connection attempt".to_owned(),
+                    }
+                } else {
+                    error_chain(&error)
+                };
+                let until = self.now_nanos() + u64::try_from(FAIL_FAST_FOR.as_nanos()).unwrap_or(0);
+                self.down_until.store(until, Ordering::Relaxed);
+                Error::unavailable(&self.name, NoConnection::Unreachable(reason))
+            }
+            Error::Timeout { tier, .. } => Error::Timeout {
+                tier: tier.clone(),
+                after: self.statement_timeout,
+            },
+            _ => error,
+        }
+    }
+
+    fn decode(&self, key: &str, json: &str, version: i64) -> Result<Entry<V>> {
+        let value: V = serde_json::from_str(json).map_err(|e| {
+            self.stats.corrupt.incr();
+            Error::corrupt(
+                &self.name,
+                Undecodable {
+                    key: key.to_owned(),
+                    reason: e.to_string(),
+                },
+            )
+        })?;
+        Ok(Entry::new(
+            Arc::new(value),
+            u64::try_from(version).unwrap_or(0),
+        ))
+    }
+}
+
+/// The text of an error and its sources, for a message that must stand on its own.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[async_trait]
+impl<K, V> CacheTier<K, V> for PostgresTier<K, V>
+where
+    K: StorageKey,
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        let key = key.storage_key();
+        let row = self
+            .run(|| {
+                sqlx::query(AssertSqlSafe(self.sql.get.as_str()))
+                    .bind(key.as_ref())
+                    .fetch_optional(&self.pool)
+            })
+            .await?;
+        match row {
+            Some(row) => {
+                self.stats.hits.incr();
+                let json: String = row.try_get(0).map_err(|e| self.explain(e))?;
+                let version: i64 = row.try_get(1).map_err(|e| self.explain(e))?;
+                self.decode(&key, &json, version).map(Some)
+            }
+            None => {
+                self.stats.misses.incr();
+                Ok(None)
+            }
+        }
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        let texts: Vec<String> = keys.iter().map(|k| k.storage_key().into_owned()).collect();
+        let rows = self
+            .run(|| {
+                sqlx::query(AssertSqlSafe(self.sql.get_many.as_str()))
+                    .bind(&texts)
+                    .fetch_all(&self.pool)
+            })
+            .await?;
+        let mut found: HashMap<String, (String, i64)> = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let key: String = row.try_get(0).map_err(|e| self.explain(e))?;
+            let json: String = row.try_get(1).map_err(|e| self.explain(e))?;
+            let version: i64 = row.try_get(2).map_err(|e| self.explain(e))?;
+            found.insert(key, (json, version));
+        }
+        texts
+            .iter()
+            .map(|key| match found.get(key) {
+                Some((json, version)) => {
+                    self.stats.hits.incr();
+                    self.decode(key, json, *version).map(Some)
+                }
+                None => {
+                    self.stats.misses.incr();
+                    Ok(None)
+                }
+            })
+            .collect()
+    }
+
+    async fn set(&self, _key: &K, _entry: Entry<V>) -> Result<bool> {
+        Err(Error::unsupported(&self.name, "set"))
+    }
+
+    async fn invalidate(&self, _key: &K, _version: Option<Version>) -> Result<()> {
+        Err(Error::unsupported(&self.name, "invalidate"))
+    }
+
+    async fn clear(&self) -> Result<()> {
+        Err(Error::unsupported(&self.name, "clear"))
+    }
+
+    async fn write(&self, key: &K, value: Arc<V>) -> Result<Version> {
+        let json = serde_json::to_string(&*value)
+            .map_err(|e| Error::InvalidInput(format!("value does not serialize: {e}")))?;
+        let key = key.storage_key();
+        let version: i64 = self
+            .run(|| {
+                sqlx::query_scalar(AssertSqlSafe(self.sql.write.as_str()))
+                    .bind(key.as_ref())
+                    .bind(&json)
+                    .fetch_one(&self.pool)
+            })
+            .await?;
+        Ok(u64::try_from(version).unwrap_or(0))
+    }
+
+    fn stats(&self) -> TierStats {
+        let s = &self.stats;
+        TierStats::new(self.name.clone(), s.hits.get(), s.misses.get())
+            .with_errors(s.errors.get())
+            .with_housekeeping(0, s.corrupt.get(), 0)
+    }
+}
+
+/// Configures a [`PostgresTier`]; see [`PostgresTier::builder`].
+#[must_use]
+pub struct PostgresTierBuilder<K, V> {
+    url: Option<String>,
+    options: Option<PgConnectOptions>,
+    schema: String,
+    table: String,
+    max_connections: u32,
+    acquire_timeout: Duration,
+    statement_timeout: Duration,
+    name: String,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> Default for PostgresTierBuilder<K, V> {
+    fn default() -> Self {
+        PostgresTierBuilder {
+            url: None,
+            options: None,
+            schema: DEFAULT_SCHEMA.to_owned(),
+            table: DEFAULT_TABLE.to_owned(),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            name: DEFAULT_NAME.to_owned(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for PostgresTierBuilder<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let server = match (&self.options, &self.url) {
+            (Some(o), _) => format!("{:?}", Redacted(o)),
+            (None, Some(url)) => url
+                .parse::<PgConnectOptions>()
+                .map(|o| format!("{:?}", Redacted(&o)))
+                .unwrap_or_else(|_| "<invalid url>".to_owned()),
+            (None, None) => "<from PG* environment>".to_owned(),
+        };
+        f.debug_struct("PostgresTierBuilder")
+            .field("server", &server)
+            .field("schema", &self.schema)
+            .field("table", &self.table)
+            .field("max_connections", &self.max_connections)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
+    PostgresTierBuilder<K, V>
+{
+    /// The server, as a URL: `postgres://user[:password]@host[:port]/database[?sslmode=...]`.
+    /// Without a URL or [`connect_options`](Self::connect_options), the libpq `PG*` environment
+    /// variables apply.
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = Some(url.into());
+        self
+    }
+
+    /// The server, as sqlx connect options (instead of a URL).
+    pub fn connect_options(mut self, options: PgConnectOptions) -> Self {
+        self.options = Some(options);
+        self
+    }
+
+    /// The schema of the table, created if missing. Defaults to [`DEFAULT_SCHEMA`].
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = schema.into();
+        self
+    }
+
+    /// The table. Defaults to [`DEFAULT_TABLE`].
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// Pool size. Defaults to [`DEFAULT_MAX_CONNECTIONS`].
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n;
+        self
+    }
+
+    /// Time limit for getting a pooled connection. Defaults to [`DEFAULT_ACQUIRE_TIMEOUT`].
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Time limit of one statement. Defaults to [`DEFAULT_STATEMENT_TIMEOUT`].
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+
+    /// The tier's name in stats and errors. Defaults to [`DEFAULT_NAME`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Builds the tier. Nothing connects until the first call.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a URL that does not parse (the message never repeats it), a schema
+    /// or table name outside `[a-z_][a-z0-9_]*` (63 characters for a schema, 40 for a table,
+    /// whose bookkeeping table adds a prefix), a pool of zero connections, or a zero time limit.
+    pub fn build(self) -> Result<PostgresTier<K, V>> {
+        let options = match (self.options, &self.url) {
+            (Some(o), _) => o,
+            (None, Some(url)) => url.parse::<PgConnectOptions>().map_err(|_| {
+                Error::Config(
+                    "the PostgreSQL URL does not parse; expected postgres://user@host:port/database"
+                        .into(),
+                )
+            })?,
+            (None, None) => PgConnectOptions::new(),
+        };
+        if !valid_identifier(&self.schema, 63) {
+            return Err(Error::Config(format!(
+                "schema `{}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
+                self.schema
+            )));
+        }
+        if !valid_identifier(&self.table, 40) {
+            return Err(Error::Config(format!(
+                "table `{}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 40 characters)",
+                self.table
+            )));
+        }
+        if self.max_connections == 0 {
+            return Err(Error::Config("max_connections must be at least 1".into()));
+        }
+        if self.acquire_timeout.is_zero() || self.statement_timeout.is_zero() {
+            return Err(Error::Config(
+                "acquire_timeout and statement_timeout must be positive".into(),
+            ));
+        }
+        let options = options
+            .options([(
+                "statement_timeout",
+                format!("{}ms", self.statement_timeout.as_millis()),
+            )])
+            .application_name("tiercache");
+        let pool = PgPoolOptions::new()
+            .max_connections(self.max_connections)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy_with(options.clone());
+        let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
+        let sql = Statements {
+            get: format!("SELECT value::text, version FROM {qualified} WHERE key = $1"),
+            get_many: format!(
+                "SELECT key, value::text, version FROM {qualified} WHERE key = ANY($1)"
+            ),
+            write: format!(
+                "INSERT INTO {qualified} AS t (key, value, version) VALUES ($1, $2::jsonb, 1) \
+                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
+                 version = t.version + 1, updated_at = now() RETURNING version"
+            ),
+        };
+        Ok(PostgresTier {
+            pool,
+            options,
+            schema: self.schema,
+            table: self.table,
+            sql,
+            name: self.name,
+            statement_timeout: self.statement_timeout,
+            migrated: OnceCell::new(),
+            down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stats: Stats::default(),
+            _types: PhantomData,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Tier = PostgresTier<String, serde_json::Value>;
+
+    #[tokio::test]
+    async fn debug_never_shows_the_password() {
+        let url = "postgres://app:s3cret-sentinel@db.internal:5433/app?sslmode=require";
+        let builder = Tier::builder().url(url);
+        let printed = format!("{builder:?}");
+        assert!(!printed.contains("s3cret-sentinel"), "{printed}");
+        let tier = builder.build().unwrap();
+        let printed = format!("{tier:?}");
+        assert!(!printed.contains("s3cret-sentinel"), "{printed}");
+        assert!(printed.contains("app@db.internal:5433/app"), "{printed}");
+    }
+
+    #[test]
+    fn bad_configuration_is_rejected() {
+        let b = Tier::builder;
+        let err = b()
+            .url("postgres://x:s3cret-sentinel@h:notaport/d")
+            .build()
+            .unwrap_err();
+        assert!(!err.to_string().contains("s3cret-sentinel"), "{err}");
+        assert!(b().schema("Public").build().is_err());
+        assert!(b().schema("a;drop").build().is_err());
+        assert!(b().table("t\"x").build().is_err());
+        assert!(b().table("t".repeat(41)).build().is_err());
+        assert!(b().max_connections(0).build().is_err());
+        assert!(b().statement_timeout(Duration::ZERO).build().is_err());
+    }
+
+    #[test]
+    fn identifiers() {
+        assert!(valid_identifier("tiercache_entries", 63));
+        assert!(valid_identifier("_x1", 63));
+        assert!(!valid_identifier("1x", 63));
+        assert!(!valid_identifier("", 63));
+        assert!(!valid_identifier("a-b", 63));
+    }
+}

@@ -1,1 +1,727 @@
-//! Work in progress (this session).
+//! The Redis tier of tiercache: shared by every service instance, 30-minute TTL by default.
+//!
+//! * **Connections**: the `redis` crate on tokio through a [`ConnectionManager`] that reconnects
+//!   by itself, created on first use: a service starts while Redis is down, and while it is
+//!   unreachable every call fails fast with a transient [`Error::Unavailable`]. `rediss://`
+//!   URLs use TLS (the system's OpenSSL); `redis://user:password@host` authenticates (ACL
+//!   users too). The password is never printed: `Debug` shows the address and user only.
+//! * **Keys**: the prefix (default `tiercache:`) followed by the key, percent-encoded
+//!   ([`keys`]): one-to-one, and free of `:` and glob characters. No command is ever built from
+//!   a key as a pattern; [`clear`](CacheTier::clear) scans for this tier's prefix only.
+//! * **Values**: a versioned [`envelope`] (format, flags, source version, JSON
+//!   payload, lz4-compressed above 1 KiB by default), written by Lua scripts that refuse an
+//!   older version and honour tombstones ([`scripts`]), with a TTL per entry (with jitter).
+//! * **Reads**: one script runs MGET and PTTL atomically, so an entry comes back with its
+//!   remaining time to live (the chain caps back-fills with it). Bytes that do not decode are a
+//!   miss: the key is deleted and counted in [`TierStats::corrupt`].
+//!
+//! ```no_run
+//! # async fn demo() -> tiercache_core::Result<()> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use tiercache_core::{CacheTier, Entry};
+//! use tiercache_redis::RedisTier;
+//!
+//! let redis = RedisTier::<String, String>::builder()
+//!     .url("redis://127.0.0.1:6379/")
+//!     .prefix("myapp:config:")
+//!     .ttl(Duration::from_secs(1800))
+//!     .build()?; // does not connect yet
+//! redis.set(&"alice".into(), Entry::new(Arc::new("dark".into()), 3)).await?;
+//! let entry = redis.get(&"alice".into()).await?.expect("stored");
+//! assert_eq!(entry.version, 3);
+//! # Ok(()) }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod envelope;
+pub mod keys;
+pub mod scripts;
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ConnectionAddr, RedisError, Value as RedisValue};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tiercache_core::{
+    CacheTier, Clock, Counter, Entry, Error, Result, StorageKey, TierStats, Timestamp, Version,
+};
+
+use crate::envelope::Stored;
+use crate::scripts::Scripts;
+
+pub use crate::keys::{decode_key, encode_key};
+
+/// Default server.
+pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379/";
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "tiercache:";
+/// Default time to live of an entry (the seed design's `REDIS_CACHE_TTL`, 30 minutes).
+pub const DEFAULT_TTL: Duration = Duration::from_secs(1800);
+/// Default jitter: TTLs are shortened by up to 10%, so entries filled together do not expire
+/// together.
+pub const DEFAULT_JITTER: f64 = 0.1;
+/// Default time limit of one command's response.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
+/// Default time limit of one connection attempt.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default size above which payloads are compressed.
+pub const DEFAULT_COMPRESS_ABOVE: Option<usize> = Some(1024);
+/// Default tier name.
+pub const DEFAULT_NAME: &str = "redis";
+/// Keys per script call in `get_many` (Lua's `unpack` has a limit).
+const BATCH: usize = 1000;
+/// After a connection failure, calls fail at once for this long instead of waiting on a
+/// reconnection each.
+const FAIL_FAST_FOR: Duration = Duration::from_millis(200);
+
+/// The Redis tier. See the [crate docs](crate).
+pub struct RedisTier<K, V> {
+    client: Client,
+    manager: OnceLock<ConnectionManager>,
+    scripts: Scripts,
+    config: Config,
+    clock: Clock,
+    connected: AtomicBool,
+    /// Nanoseconds since `epoch` until which calls fail fast (0: not failing).
+    down_until: AtomicU64,
+    epoch: Instant,
+    stats: Stats,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+#[derive(Clone)]
+struct Config {
+    name: String,
+    prefix: String,
+    ttl: Duration,
+    tombstone_ttl: Duration,
+    jitter: f64,
+    timeout: Duration,
+    connect_timeout: Duration,
+    compress_above: Option<usize>,
+}
+
+#[derive(Default)]
+struct Stats {
+    hits: Counter,
+    misses: Counter,
+    errors: Counter,
+    corrupt: Counter,
+    rejected: Counter,
+}
+
+/// The address part of a connection, for `Debug` and logs: never the password.
+struct Redacted<'a>(&'a Client);
+
+impl fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let info = self.0.get_connection_info();
+        let (scheme, address) = match info.addr() {
+            ConnectionAddr::Tcp(host, port) => ("redis", format!("{host}:{port}")),
+            ConnectionAddr::TcpTls { host, port, .. } => ("rediss", format!("{host}:{port}")),
+            ConnectionAddr::Unix(path) => ("unix", path.display().to_string()),
+            _ => ("redis", "?".to_owned()),
+        };
+        let settings = info.redis_settings();
+        let user = settings
+            .username()
+            .map(|u| format!("{u}@"))
+            .unwrap_or_default();
+        let password = if settings.password().is_some() {
+            " (password set)"
+        } else {
+            ""
+        };
+        write!(f, "{scheme}://{user}{address}/{}{password}", settings.db())
+    }
+}
+
+impl<K, V> fmt::Debug for RedisTier<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisTier")
+            .field("server", &Redacted(&self.client))
+            .field("name", &self.config.name)
+            .field("prefix", &self.config.prefix)
+            .field("ttl", &self.config.ttl)
+            .field("timeout", &self.config.timeout)
+            .field("connected", &self.connected.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Maps a redis error onto the core's: timeouts and connection trouble are transient.
+fn map_error(tier: &str, error: RedisError) -> Error {
+    if error.is_timeout() {
+        Error::Timeout {
+            tier: tier.to_owned(),
+            after: Duration::ZERO,
+        }
+    } else if error.is_io_error() || error.is_connection_refusal() || error.is_connection_dropped()
+    {
+        Error::unavailable(tier, error)
+    } else {
+        Error::backend(tier, error)
+    }
+}
+
+/// Whether an error says the connection, not the command, failed.
+fn is_connection_error(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+}
+
+/// Why a call could not be made at all.
+#[derive(Debug, thiserror::Error)]
+#[error("Redis was unreachable moments ago; not retrying yet")]
+struct FailingFast;
+
+/// A value that does not serialize.
+#[derive(Debug, thiserror::Error)]
+#[error("value does not serialize: {0}")]
+struct Unserializable(String);
+
+/// A stored payload that does not deserialize.
+#[derive(Debug, thiserror::Error)]
+#[error("stored value does not decode: {0}")]
+struct Undecodable(String);
+
+impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> RedisTier<K, V> {
+    /// Starts configuring a tier.
+    pub fn builder() -> RedisTierBuilder<K, V> {
+        RedisTierBuilder::default()
+    }
+
+    /// The Redis key of `key`.
+    #[must_use]
+    pub fn redis_key(&self, key: &K) -> String {
+        let mut out = self.config.prefix.clone();
+        out.push_str(&encode_key(&key.storage_key()));
+        out
+    }
+
+    /// The key prefix.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.config.prefix
+    }
+
+    /// Whether the last command reached Redis.
+    #[must_use]
+    pub fn is_connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Sends a PING.
+    pub async fn ping(&self) -> Result<()> {
+        let pong: String = self
+            .run(|mut con| async move { redis::cmd("PING").query_async(&mut con).await })
+            .await?;
+        debug_assert_eq!(pong, "PONG");
+        Ok(())
+    }
+
+    /// The connection manager, created on first use (it needs a running tokio runtime).
+    fn manager(&self) -> Result<ConnectionManager> {
+        if let Some(m) = self.manager.get() {
+            return Ok(m.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.config.timeout))
+            .set_connection_timeout(Some(self.config.connect_timeout))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| map_error(&self.config.name, e))?;
+        Ok(self.manager.get_or_init(|| manager).clone())
+    }
+
+    /// Runs one command or script, failing fast while Redis is known to be unreachable, and
+    /// keeps the connection state and error count.
+    async fn run<T, F, Fut>(&self, call: F) -> Result<T>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        if now < self.down_until.load(Ordering::Relaxed) {
+            self.stats.errors.incr();
+            return Err(Error::unavailable(&self.config.name, FailingFast));
+        }
+        let manager = self.manager()?;
+        match call(manager).await {
+            Ok(value) => {
+                self.connected.store(true, Ordering::Relaxed);
+                self.down_until.store(0, Ordering::Relaxed);
+                Ok(value)
+            }
+            Err(error) => {
+                self.stats.errors.incr();
+                if is_connection_error(&error) {
+                    self.connected.store(false, Ordering::Relaxed);
+                    if !error.is_timeout() {
+                        let until = self.epoch.elapsed() + FAIL_FAST_FOR;
+                        self.down_until.store(
+                            u64::try_from(until.as_nanos()).unwrap_or(u64::MAX),
+                            Ordering::Relaxed,
+                        );
+                    }
+                }
+                let mapped = match map_error(&self.config.name, error) {
+                    Error::Timeout { tier, .. } => Error::Timeout {
+                        tier,
+                        after: self.config.timeout,
+                    },
+                    other => other,
+                };
+                tracing::debug!(tier = %self.config.name, error = %mapped, "redis call failed");
+                Err(mapped)
+            }
+        }
+    }
+
+    fn ttl_for(&self, entry: &Entry<V>, now: Timestamp) -> Duration {
+        let ttl = if self.config.jitter > 0.0 {
+            self.config
+                .ttl
+                .mul_f64(1.0 - self.config.jitter * fastrand::f64())
+        } else {
+            self.config.ttl
+        };
+        entry.capped_expiry(now, ttl).saturating_since(now)
+    }
+
+    /// Turns one stored value and its PTTL into an entry; deletes and counts undecodable ones.
+    async fn decode_one(
+        &self,
+        redis_key: &str,
+        raw: RedisValue,
+        pttl: RedisValue,
+        now: Timestamp,
+    ) -> Option<Entry<V>> {
+        let bytes = match raw {
+            RedisValue::BulkString(bytes) => bytes,
+            _ => return None,
+        };
+        let expires_at = match pttl {
+            RedisValue::Int(ms) if ms > 0 => {
+                Some(now + Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
+            }
+            _ => None,
+        };
+        let decoded = envelope::decode(&bytes)
+            .map_err(|e| e.to_string())
+            .and_then(|stored| match stored {
+                Stored::Tombstone { .. } => Ok(None),
+                Stored::Absent { version } => Ok(Some(Entry {
+                    value: None,
+                    version,
+                    expires_at,
+                })),
+                Stored::Value { version, payload } => serde_json::from_slice::<V>(&payload)
+                    .map(|v| {
+                        Some(Entry {
+                            value: Some(Arc::new(v)),
+                            version,
+                            expires_at,
+                        })
+                    })
+                    .map_err(|e| Undecodable(e.to_string()).to_string()),
+            });
+        match decoded {
+            Ok(entry) => entry,
+            Err(reason) => {
+                self.stats.corrupt.incr();
+                tracing::debug!(tier = %self.config.name, %reason, "undecodable entry deleted");
+                let script = &self.scripts.delete_if_same;
+                let _ = self
+                    .run(|mut con| async move {
+                        script
+                            .key(redis_key)
+                            .arg(bytes)
+                            .invoke_async::<i64>(&mut con)
+                            .await
+                    })
+                    .await;
+                None
+            }
+        }
+    }
+
+    /// Reads `redis_keys` with their PTTLs in one script call.
+    async fn read(&self, redis_keys: &[String]) -> Result<Vec<Option<Entry<V>>>> {
+        let script = &self.scripts.get;
+        let flat: Vec<RedisValue> = self
+            .run(|mut con| async move {
+                let mut invocation = script.prepare_invoke();
+                for key in redis_keys {
+                    invocation.key(key);
+                }
+                invocation.invoke_async(&mut con).await
+            })
+            .await?;
+        if flat.len() != 2 * redis_keys.len() {
+            return Err(Error::backend(
+                &self.config.name,
+                Undecodable(format!(
+                    "read script answered {} values for {} keys",
+                    flat.len(),
+                    redis_keys.len()
+                )),
+            ));
+        }
+        let now = self.clock.now();
+        let mut out = Vec::with_capacity(redis_keys.len());
+        let mut values = flat.into_iter();
+        for key in redis_keys {
+            let raw = values.next().unwrap_or(RedisValue::Nil);
+            let pttl = values.next().unwrap_or(RedisValue::Nil);
+            let entry = self.decode_one(key, raw, pttl, now).await;
+            if entry.is_some() {
+                self.stats.hits.incr();
+            } else {
+                self.stats.misses.incr();
+            }
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl<K, V> CacheTier<K, V> for RedisTier<K, V>
+where
+    K: StorageKey,
+    V: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        let mut found = self.read(&[self.redis_key(key)]).await?;
+        Ok(found.pop().flatten())
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        let mut out = Vec::with_capacity(keys.len());
+        for chunk in keys.chunks(BATCH) {
+            let redis_keys: Vec<String> = chunk.iter().map(|k| self.redis_key(k)).collect();
+            out.extend(self.read(&redis_keys).await?);
+        }
+        Ok(out)
+    }
+
+    async fn set(&self, key: &K, entry: Entry<V>) -> Result<bool> {
+        let now = self.clock.now();
+        let ttl = self.ttl_for(&entry, now);
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        if ttl_ms == 0 {
+            return Ok(false);
+        }
+        let bytes = match &entry.value {
+            Some(value) => {
+                let payload = serde_json::to_vec(&**value)
+                    .map_err(|e| Error::InvalidInput(Unserializable(e.to_string()).to_string()))?;
+                envelope::encode_value(entry.version, &payload, self.config.compress_above)
+            }
+            None => envelope::encode_absent(entry.version),
+        };
+        let redis_key = self.redis_key(key);
+        let script = &self.scripts.set;
+        let stored: i64 = self
+            .run(|mut con| async move {
+                script
+                    .key(redis_key)
+                    .arg(bytes)
+                    .arg(entry.version)
+                    .arg(ttl_ms)
+                    .invoke_async(&mut con)
+                    .await
+            })
+            .await?;
+        if stored == 0 {
+            self.stats.rejected.incr();
+        }
+        Ok(stored == 1)
+    }
+
+    async fn invalidate(&self, key: &K, version: Option<Version>) -> Result<()> {
+        let redis_key = self.redis_key(key);
+        let version = version.map(|v| v.to_string()).unwrap_or_default();
+        let ttl_ms = u64::try_from(self.config.tombstone_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let script = &self.scripts.invalidate;
+        let _: i64 = self
+            .run(|mut con| async move {
+                script
+                    .key(redis_key)
+                    .arg(version)
+                    .arg(ttl_ms)
+                    .invoke_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn clear(&self) -> Result<()> {
+        let pattern = format!("{}*", keys::glob_escape(&self.config.prefix));
+        let prefix_len = self.config.prefix.len();
+        let mut cursor: u64 = 0;
+        loop {
+            let pattern = pattern.clone();
+            let (next, found): (u64, Vec<String>) = self
+                .run(|mut con| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(500)
+                        .query_async(&mut con)
+                        .await
+                })
+                .await?;
+            // Only keys this tier wrote: the prefix, then an encoded key (which has no ':').
+            let ours: Vec<String> = found
+                .into_iter()
+                .filter(|k| {
+                    k.get(prefix_len..)
+                        .is_some_and(|rest| decode_key(rest).is_some())
+                })
+                .collect();
+            if !ours.is_empty() {
+                let _: i64 = self
+                    .run(|mut con| async move {
+                        redis::cmd("UNLINK").arg(ours).query_async(&mut con).await
+                    })
+                    .await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    fn stats(&self) -> TierStats {
+        let s = &self.stats;
+        TierStats::new(self.config.name.clone(), s.hits.get(), s.misses.get())
+            .with_errors(s.errors.get())
+            .with_housekeeping(0, s.corrupt.get(), s.rejected.get())
+    }
+}
+
+/// Configures a [`RedisTier`]; see [`RedisTier::builder`].
+#[must_use]
+pub struct RedisTierBuilder<K, V> {
+    url: String,
+    config: Config,
+    tombstone_ttl: Option<Duration>,
+    clock: Clock,
+    _types: PhantomData<fn() -> (K, V)>,
+}
+
+impl<K, V> Default for RedisTierBuilder<K, V> {
+    fn default() -> Self {
+        RedisTierBuilder {
+            url: DEFAULT_URL.to_owned(),
+            config: Config {
+                name: DEFAULT_NAME.to_owned(),
+                prefix: DEFAULT_PREFIX.to_owned(),
+                ttl: DEFAULT_TTL,
+                tombstone_ttl: DEFAULT_TTL,
+                jitter: DEFAULT_JITTER,
+                timeout: DEFAULT_TIMEOUT,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                compress_above: DEFAULT_COMPRESS_ABOVE,
+            },
+            tombstone_ttl: None,
+            clock: Clock::system(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<K, V> fmt::Debug for RedisTierBuilder<K, V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let server = Client::open(self.url.as_str())
+            .map(|c| format!("{:?}", Redacted(&c)))
+            .unwrap_or_else(|_| "<invalid url>".to_owned());
+        f.debug_struct("RedisTierBuilder")
+            .field("server", &server)
+            .field("name", &self.config.name)
+            .field("prefix", &self.config.prefix)
+            .field("ttl", &self.config.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
+    RedisTierBuilder<K, V>
+{
+    /// The server: `redis://[user[:password]@]host[:port][/db]`, or `rediss://` for TLS.
+    /// Defaults to [`DEFAULT_URL`].
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.url = url.into();
+        self
+    }
+
+    /// The prefix of every key this tier writes; several caches may share one Redis with
+    /// different prefixes. Defaults to [`DEFAULT_PREFIX`].
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.config.prefix = prefix.into();
+        self
+    }
+
+    /// Time to live of a stored entry (capped by the entry's own remaining time). Defaults to
+    /// [`DEFAULT_TTL`].
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// How long an invalidation's tombstone refuses older versions. Defaults to the TTL.
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = Some(ttl);
+        self
+    }
+
+    /// Shortens each entry's TTL by a random fraction up to `jitter` (in `[0, 1)`). Defaults to
+    /// [`DEFAULT_JITTER`].
+    pub fn jitter(mut self, jitter: f64) -> Self {
+        self.config.jitter = jitter;
+        self
+    }
+
+    /// Time limit of one command's response. Defaults to [`DEFAULT_TIMEOUT`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.config.timeout = timeout;
+        self
+    }
+
+    /// Time limit of one connection attempt. Defaults to [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.config.connect_timeout = timeout;
+        self
+    }
+
+    /// Payloads longer than this many bytes are stored lz4-compressed (`None`: never).
+    /// Defaults to [`DEFAULT_COMPRESS_ABOVE`].
+    pub fn compress_above(mut self, bytes: Option<usize>) -> Self {
+        self.config.compress_above = bytes;
+        self
+    }
+
+    /// The tier's name in stats and errors. Defaults to [`DEFAULT_NAME`].
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.config.name = name.into();
+        self
+    }
+
+    /// The clock that turns a remaining TTL into an expiry. Defaults to [`Clock::system`].
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds the tier. Nothing connects until the first call.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a URL that does not parse (the message never repeats the URL), a
+    /// zero TTL or time limit, a jitter outside `[0, 1)`, or an empty prefix.
+    pub fn build(self) -> Result<RedisTier<K, V>> {
+        let client = Client::open(self.url.as_str()).map_err(|e| {
+            Error::Config(format!(
+                "the Redis URL does not parse ({:?}); expected redis://[user[:password]@]host[:port][/db] or rediss://...",
+                e.kind()
+            ))
+        })?;
+        let c = &self.config;
+        if c.ttl.is_zero() || c.timeout.is_zero() || c.connect_timeout.is_zero() {
+            return Err(Error::Config(
+                "Redis ttl, timeout and connect_timeout must be positive".into(),
+            ));
+        }
+        if self.tombstone_ttl.is_some_and(|t| t.is_zero()) {
+            return Err(Error::Config("Redis tombstone_ttl must be positive".into()));
+        }
+        if !(0.0..1.0).contains(&c.jitter) {
+            return Err(Error::Config(format!(
+                "Redis jitter must be in [0, 1), got {}",
+                c.jitter
+            )));
+        }
+        if c.prefix.is_empty() {
+            return Err(Error::Config(
+                "the Redis key prefix must not be empty (clear() removes only prefixed keys)"
+                    .into(),
+            ));
+        }
+        let mut config = self.config;
+        config.tombstone_ttl = self.tombstone_ttl.unwrap_or(config.ttl);
+        Ok(RedisTier {
+            client,
+            manager: OnceLock::new(),
+            scripts: Scripts::new(),
+            config,
+            clock: self.clock,
+            connected: AtomicBool::new(false),
+            down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+            stats: Stats::default(),
+            _types: PhantomData,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let url = "redis://app:s3cret-sentinel@cache.internal:6380/2";
+        let builder = RedisTier::<String, String>::builder().url(url);
+        let printed = format!("{builder:?}");
+        assert!(!printed.contains("s3cret-sentinel"), "{printed}");
+        let tier = builder.build().unwrap();
+        let printed = format!("{tier:?}");
+        assert!(!printed.contains("s3cret-sentinel"), "{printed}");
+        assert!(printed.contains("app@cache.internal:6380/2"), "{printed}");
+        assert!(printed.contains("password set"), "{printed}");
+    }
+
+    #[test]
+    fn bad_configuration_is_rejected_without_echoing_the_url() {
+        let b = || RedisTier::<String, String>::builder();
+        let err = b().url("http://s3cret-sentinel@x").build().unwrap_err();
+        assert!(!err.to_string().contains("s3cret-sentinel"), "{err}");
+        assert!(b().ttl(Duration::ZERO).build().is_err());
+        assert!(b().jitter(1.0).build().is_err());
+        assert!(b().prefix("").build().is_err());
+        assert!(b().tombstone_ttl(Duration::ZERO).build().is_err());
+        assert!(b().url("rediss://localhost:6380/").build().is_ok());
+    }
+
+    #[test]
+    fn redis_keys_are_prefixed_and_encoded() {
+        let tier = RedisTier::<String, String>::builder()
+            .prefix("app:")
+            .build()
+            .unwrap();
+        assert_eq!(tier.redis_key(&"a:b".to_string()), "app:a%3Ab");
+    }
+}

@@ -1,0 +1,204 @@
+//! `userconfig`: the workload simulator for the cache chain, and commands for operators.
+//!
+//! ```text
+//! userconfig simulate                 # the main job: a realistic workload, per-tier report
+//! userconfig get <user-id>            # the configuration, as JSON (version and tier on stderr)
+//! userconfig set <user-id> <json|->   # store a configuration (from the argument or stdin)
+//! userconfig invalidate <user-id>     # drop a user from every cache
+//! userconfig stats                    # the cache statistics, as JSON
+//! ```
+//!
+//! Servers come from `REDIS_URL` and `DATABASE_URL` (or `--redis-url` / `--database-url`);
+//! with neither, everything runs on the embedded default: memory over an SQLite file.
+
+#![forbid(unsafe_code)]
+
+mod simulate;
+mod workload;
+
+use std::fmt;
+use std::io::Read;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use userconfig::{UserConfig, UserConfigStorage};
+
+/// Per-user configuration over memory, Redis and a database.
+#[derive(Debug, Parser)]
+#[command(name = "userconfig", version, about)]
+struct Cli {
+    #[command(flatten)]
+    connection: Connection,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the servers are.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct Connection {
+    /// Redis URL (redis://, rediss://); defaults to $REDIS_URL; without either, no Redis tier.
+    #[arg(long, global = true, env = "REDIS_URL", hide_env_values = true)]
+    pub(crate) redis_url: Option<String>,
+    /// Database URL (postgres://..., sqlite:path); defaults to $DATABASE_URL; without either,
+    /// an SQLite file (userconfig.sqlite3; simulate uses a temporary one).
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    pub(crate) database_url: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a realistic workload against the chain and report per-tier hit rates, latencies and
+    /// database reads saved.
+    Simulate(simulate::SimulateArgs),
+    /// Print a user's configuration as JSON.
+    Get {
+        /// The user id.
+        user_id: String,
+    },
+    /// Store a user's configuration (JSON; missing fields get defaults, unknown fields are
+    /// kept).
+    Set {
+        /// The user id.
+        user_id: String,
+        /// The configuration as JSON, or `-` to read it from standard input.
+        json: String,
+    },
+    /// Remove a user from every cache tier (after a change made to the database directly).
+    Invalidate {
+        /// The user id.
+        user_id: String,
+    },
+    /// Print the cache statistics as JSON.
+    Stats,
+}
+
+/// A failure to report: its message, never a configuration value or a URL.
+#[derive(Debug)]
+pub(crate) struct Failure(String);
+
+impl Failure {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        Failure(message.into())
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<userconfig::Error> for Failure {
+    fn from(e: userconfig::Error) -> Self {
+        let mut message = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            message.push_str(": ");
+            message.push_str(&s.to_string());
+            source = s.source();
+        }
+        Failure(message)
+    }
+}
+
+impl Connection {
+    async fn storage(&self) -> Result<UserConfigStorage, Failure> {
+        let mut builder = UserConfigStorage::builder();
+        if let Some(url) = self.redis_url.as_ref().filter(|u| !u.is_empty()) {
+            builder = builder.redis_url(url.clone());
+        }
+        if let Some(url) = self.database_url.as_ref().filter(|u| !u.is_empty()) {
+            builder = builder.database_url(url.clone());
+        }
+        Ok(builder.build().await?)
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Command::Simulate(args) => {
+            let connection = Connection {
+                redis_url: cli.connection.redis_url.filter(|u| !u.is_empty()),
+                database_url: cli.connection.database_url.filter(|u| !u.is_empty()),
+            };
+            simulate::run(args, connection).await
+        }
+        Command::Get { user_id } => {
+            let storage = cli.connection.storage().await?;
+            let fetched = storage.fetch_user_config(&user_id).await?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&*fetched.config).expect("configs serialize")
+            );
+            eprintln!(
+                "version {} from {}",
+                fetched.version,
+                fetched.answered_by.as_str()
+            );
+            Ok(())
+        }
+        Command::Set { user_id, json } => {
+            let text = if json == "-" {
+                let mut buffer = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut buffer)
+                    .map_err(|e| Failure::new(format!("cannot read standard input: {e}")))?;
+                buffer
+            } else {
+                json
+            };
+            let config: UserConfig = serde_json::from_str(&text)
+                .map_err(|e| Failure::new(format!("the configuration is not valid JSON: {e}")))?;
+            let storage = cli.connection.storage().await?;
+            let version = storage.update_user_config(&user_id, &config).await?;
+            eprintln!("stored version {version}");
+            Ok(())
+        }
+        Command::Invalidate { user_id } => {
+            let storage = cli.connection.storage().await?;
+            storage.invalidate_user_config_cache(&user_id).await?;
+            eprintln!("invalidated");
+            Ok(())
+        }
+        Command::Stats => {
+            let storage = cli.connection.storage().await?;
+            if let Some(redis) = storage.redis() {
+                // Refresh the `connected` flag before reporting it.
+                let _ = redis.ping().await;
+            }
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&storage.get_cache_stats()).expect("stats serialize")
+            );
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

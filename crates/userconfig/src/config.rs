@@ -1,0 +1,479 @@
+//! The `UserConfig` model, after the original platform's JSON Schema
+//! (`shared/spec/user_config_schema/*.yaml`).
+//!
+//! * Every field has a default and every section is optional on input, as on the original
+//!   platform ("missing sections were filled with defaults").
+//! * Fields this version does not know are kept in `extra` maps at every level and written back
+//!   unchanged, so that a read-modify-write by an older service never drops a newer one's data.
+//! * `Debug` prints field names and types only for the sections; it is derived, but nothing
+//!   here is a secret. Values are never logged by the storage layer.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Fields a section (or the top level) does not know, kept as they were read.
+pub type Extra = Map<String, Value>;
+
+/// The nil UUID: the default for model profile ids ("no profile chosen").
+pub const NIL_PROFILE_ID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// A user's configuration (schema `UserConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct UserConfig {
+    /// The user's id (the only required field of the schema).
+    pub user_id: String,
+    /// Conversation summarization settings.
+    pub summarization: SummarizationConfig,
+    /// Memory retrieval settings.
+    pub memory: MemoryConfig,
+    /// Web search settings.
+    pub web_search: WebSearchConfig,
+    /// User preferences.
+    pub preferences: PreferencesConfig,
+    /// Model profile configuration.
+    pub model_profiles: ModelProfileConfig,
+    /// Response refinement settings.
+    pub refinement: RefinementConfig,
+    /// Image generation configuration.
+    pub image_generation: ImageGenerationConfig,
+    /// Fields this version does not know, kept for the round trip.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for UserConfig {
+    fn default() -> Self {
+        UserConfig {
+            user_id: String::new(),
+            summarization: SummarizationConfig::default(),
+            memory: MemoryConfig::default(),
+            web_search: WebSearchConfig::default(),
+            preferences: PreferencesConfig::default(),
+            model_profiles: ModelProfileConfig::default(),
+            refinement: RefinementConfig::default(),
+            image_generation: ImageGenerationConfig::default(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+impl UserConfig {
+    /// The default configuration of `user_id` (what an unknown user gets).
+    #[must_use]
+    pub fn default_for(user_id: impl Into<String>) -> Self {
+        UserConfig {
+            user_id: user_id.into(),
+            ..UserConfig::default()
+        }
+    }
+
+    /// Checks the ranges the schema gives; the first violation, as a message naming the field.
+    pub fn check(&self) -> Result<(), String> {
+        let img = &self.image_generation;
+        if !(128..=4096).contains(&img.max_image_size) {
+            return Err(format!(
+                "image_generation.max_image_size must be between 128 and 4096, got {}",
+                img.max_image_size
+            ));
+        }
+        if !(1..=720).contains(&img.retention_hours) {
+            return Err(format!(
+                "image_generation.retention_hours must be between 1 and 720, got {}",
+                img.retention_hours
+            ));
+        }
+        let finite = [
+            (
+                "summarization.summary_weight_coefficient",
+                self.summarization.summary_weight_coefficient,
+            ),
+            (
+                "memory.similarity_threshold",
+                self.memory.similarity_threshold,
+            ),
+            ("image_generation.guidance_scale", img.guidance_scale),
+        ];
+        for (field, value) in finite {
+            if !value.is_finite() {
+                return Err(format!("{field} must be a finite number"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Conversation summarization settings (schema `SummarizationConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SummarizationConfig {
+    /// Whether summarization is enabled.
+    pub enabled: bool,
+    /// Number of messages before a summary.
+    pub messages_before_summary: i64,
+    /// Number of summaries before consolidation.
+    pub summaries_before_consolidation: i64,
+    /// Embedding model (listed as required by the schema, without a type; a name).
+    pub embedding_model: String,
+    /// Embedding dimension.
+    pub embedding_dimension: i64,
+    /// Maximum summary levels.
+    pub max_summary_levels: i64,
+    /// Summary weight coefficient.
+    pub summary_weight_coefficient: f64,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for SummarizationConfig {
+    fn default() -> Self {
+        SummarizationConfig {
+            enabled: true,
+            messages_before_summary: 6,
+            summaries_before_consolidation: 3,
+            embedding_model: "nomic-embed-text".to_owned(),
+            embedding_dimension: 768,
+            max_summary_levels: 3,
+            summary_weight_coefficient: 0.5,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// Memory retrieval settings (schema `MemoryConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryConfig {
+    /// Whether memory retrieval is enabled.
+    pub enabled: bool,
+    /// Retrieval limit.
+    pub limit: i64,
+    /// Profile used for retrieval (listed as required by the schema, without a type; an id).
+    pub profile_id: String,
+    /// Enable cross-user retrieval.
+    pub enable_cross_user: bool,
+    /// Enable cross-conversation retrieval.
+    pub enable_cross_conversation: bool,
+    /// Similarity threshold.
+    pub similarity_threshold: f64,
+    /// Always retrieve.
+    pub always_retrieve: bool,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            enabled: true,
+            limit: 5,
+            profile_id: NIL_PROFILE_ID.to_owned(),
+            enable_cross_user: false,
+            enable_cross_conversation: true,
+            similarity_threshold: 0.7,
+            always_retrieve: false,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// Web search settings (schema `WebSearchConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WebSearchConfig {
+    /// Whether web search is enabled.
+    pub enabled: bool,
+    /// Auto-detect web search.
+    pub auto_detect: bool,
+    /// Maximum number of results.
+    pub max_results: i64,
+    /// Include results in the response.
+    pub include_results: bool,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for WebSearchConfig {
+    fn default() -> Self {
+        WebSearchConfig {
+            enabled: false,
+            auto_detect: true,
+            max_results: 5,
+            include_results: true,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// User preferences (schema `PreferencesConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreferencesConfig {
+    /// Default profile id.
+    pub default_profile_id: String,
+    /// Theme.
+    pub theme: String,
+    /// Font size.
+    pub font_size: i64,
+    /// Notifications enabled.
+    pub notifications_on: bool,
+    /// Language.
+    pub language: String,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for PreferencesConfig {
+    fn default() -> Self {
+        PreferencesConfig {
+            default_profile_id: NIL_PROFILE_ID.to_owned(),
+            theme: "system".to_owned(),
+            font_size: 14,
+            notifications_on: true,
+            language: "en".to_owned(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// Which model profile serves each task (schema `ModelProfileConfig`); ids are UUIDs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+#[allow(missing_docs)] // each field is "<task> profile id", as in the schema
+pub struct ModelProfileConfig {
+    pub primary_profile_id: String,
+    pub summarization_profile_id: String,
+    pub master_summary_profile_id: String,
+    pub brief_summary_profile_id: String,
+    pub key_points_profile_id: String,
+    pub improvement_profile_id: String,
+    pub analysis_profile_id: String,
+    pub memory_retrieval_profile_id: String,
+    pub self_critique_profile_id: String,
+    pub research_task_profile_id: String,
+    pub research_plan_profile_id: String,
+    pub research_consolidation_profile_id: String,
+    pub research_analysis_profile_id: String,
+    pub embedding_profile_id: String,
+    pub formatting_profile_id: String,
+    pub image_generation_prompt_profile_id: String,
+    pub image_generation_profile_id: String,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for ModelProfileConfig {
+    fn default() -> Self {
+        let nil = || NIL_PROFILE_ID.to_owned();
+        ModelProfileConfig {
+            primary_profile_id: nil(),
+            summarization_profile_id: nil(),
+            master_summary_profile_id: nil(),
+            brief_summary_profile_id: nil(),
+            key_points_profile_id: nil(),
+            improvement_profile_id: nil(),
+            analysis_profile_id: nil(),
+            memory_retrieval_profile_id: nil(),
+            self_critique_profile_id: nil(),
+            research_task_profile_id: nil(),
+            research_plan_profile_id: nil(),
+            research_consolidation_profile_id: nil(),
+            research_analysis_profile_id: nil(),
+            embedding_profile_id: nil(),
+            formatting_profile_id: nil(),
+            image_generation_prompt_profile_id: nil(),
+            image_generation_profile_id: nil(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// Response refinement settings (schema `RefinementConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RefinementConfig {
+    /// Enable response filtering.
+    pub enable_response_filtering: bool,
+    /// Enable response critique.
+    pub enable_response_critique: bool,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for RefinementConfig {
+    fn default() -> Self {
+        RefinementConfig {
+            enable_response_filtering: false,
+            enable_response_critique: false,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// Image generation configuration (schema `ImageGenerationConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageGenerationConfig {
+    /// Whether image generation is enabled.
+    pub enabled: bool,
+    /// Directory for file storage.
+    pub storage_directory: String,
+    /// Largest width or height of a generated image, in pixels (128 to 4096).
+    pub max_image_size: i64,
+    /// How long generated images are kept, in hours (1 to 720).
+    pub retention_hours: i64,
+    /// Refine the prompt automatically before generating.
+    pub auto_prompt_refinement: bool,
+    /// Width of the generated image.
+    pub width: i64,
+    /// Height of the generated image.
+    pub height: i64,
+    /// Number of inference steps.
+    pub inference_steps: i64,
+    /// Guidance scale.
+    pub guidance_scale: f64,
+    /// Use low memory mode.
+    pub low_memory_mode: bool,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Fields this version does not know.
+    #[serde(flatten)]
+    pub extra: Extra,
+}
+
+impl Default for ImageGenerationConfig {
+    fn default() -> Self {
+        ImageGenerationConfig {
+            enabled: false,
+            storage_directory: "images".to_owned(),
+            max_image_size: 1024,
+            retention_hours: 24,
+            auto_prompt_refinement: false,
+            width: 1024,
+            height: 1024,
+            inference_steps: 30,
+            guidance_scale: 7.5,
+            low_memory_mode: false,
+            negative_prompt: String::new(),
+            extra: Extra::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn missing_sections_and_fields_get_defaults() {
+        let c: UserConfig =
+            serde_json::from_value(json!({"user_id": "u1", "preferences": {"theme": "dark"}}))
+                .unwrap();
+        assert_eq!(c.user_id, "u1");
+        assert_eq!(c.preferences.theme, "dark");
+        assert_eq!(c.preferences.font_size, 14);
+        assert_eq!(c.summarization, SummarizationConfig::default());
+        assert!(c.extra.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_survive_a_round_trip_at_every_level() {
+        let input = json!({
+            "user_id": "u1",
+            "future_section": {"a": [1, 2, 3]},
+            "preferences": {"theme": "dark", "accent_colour": "teal"},
+            "image_generation": {"sampler": {"name": "euler", "eta": 0.1}},
+        });
+        let c: UserConfig = serde_json::from_value(input.clone()).unwrap();
+        assert_eq!(c.extra["future_section"], input["future_section"]);
+        assert_eq!(c.preferences.extra["accent_colour"], "teal");
+        let back = serde_json::to_value(&c).unwrap();
+        assert_eq!(back["future_section"], input["future_section"]);
+        assert_eq!(back["preferences"]["accent_colour"], "teal");
+        assert_eq!(back["image_generation"]["sampler"]["name"], "euler");
+        // And a second trip changes nothing.
+        let again: UserConfig = serde_json::from_value(back.clone()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn schema_ranges_are_checked() {
+        let mut c = UserConfig::default_for("u");
+        assert!(c.check().is_ok());
+        c.image_generation.max_image_size = 64;
+        assert!(c.check().unwrap_err().contains("max_image_size"));
+        c.image_generation.max_image_size = 512;
+        c.image_generation.retention_hours = 0;
+        assert!(c.check().unwrap_err().contains("retention_hours"));
+        c.image_generation.retention_hours = 1;
+        c.memory.similarity_threshold = f64::NAN;
+        assert!(c.check().unwrap_err().contains("similarity_threshold"));
+    }
+
+    #[test]
+    fn every_schema_property_is_a_field() {
+        // Field names of each section as serialized, against the schema files' properties.
+        let c = serde_json::to_value(UserConfig::default_for("u")).unwrap();
+        let schema_dir = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../../shared/spec/user_config_schema"
+        );
+        let Ok(entries) = std::fs::read_dir(schema_dir) else {
+            // The schema lives beside the project in ../shared; it is there in CI.
+            panic!("schema directory {schema_dir} is missing");
+        };
+        let mut checked = 0;
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let section = match path.file_stem().unwrap().to_str().unwrap() {
+                "user_config" => None,
+                "summarization_config" => Some("summarization"),
+                "memory_config" => Some("memory"),
+                "web_search_config" => Some("web_search"),
+                "preferences_config" => Some("preferences"),
+                "model_profile_config" => Some("model_profiles"),
+                "refinement_config" => Some("refinement"),
+                "image_generation_config" => Some("image_generation"),
+                other => panic!("unexpected schema file {other}"),
+            };
+            let object = match section {
+                Some(s) => &c[s],
+                None => &c,
+            };
+            // Property names are the two-space-indented keys under `properties:`, and the
+            // `required:` list items.
+            let mut in_props = false;
+            for line in text.lines() {
+                if line.starts_with("properties:") {
+                    in_props = true;
+                    continue;
+                }
+                if !line.starts_with(' ') {
+                    in_props = false;
+                }
+                let name = if in_props && line.starts_with("  ") && !line.starts_with("   ") {
+                    line.trim().trim_end_matches(':')
+                } else if let Some(item) = line.strip_prefix("  - ") {
+                    item.trim()
+                } else {
+                    continue;
+                };
+                assert!(
+                    object.get(name).is_some(),
+                    "{}: property `{name}` has no field",
+                    path.display()
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 60, "only {checked} properties checked");
+    }
+}

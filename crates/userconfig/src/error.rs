@@ -1,0 +1,60 @@
+//! The userconfig crate's error type.
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What can go wrong serving user configurations.
+///
+/// Input errors ([`Error::InvalidUserId`], [`Error::ConfigTooLarge`], [`Error::InvalidConfig`])
+/// are raised before any I/O. Messages never contain a configuration value.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The user id is empty, too long, or holds control characters.
+    #[error("invalid user id: {reason}")]
+    InvalidUserId {
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// The serialized configuration is over the size limit.
+    #[error("configuration is {size} bytes serialized; the limit is {limit}")]
+    ConfigTooLarge {
+        /// Its serialized size.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The configuration breaks a rule of the schema (the message names the field).
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    /// The storage was configured wrongly (a bad URL, a zero capacity).
+    #[error("invalid storage settings: {0}")]
+    Settings(String),
+    /// A cache tier or the database failed (see [`tiercache_core::Error`]).
+    #[error(transparent)]
+    Cache(#[from] tiercache_core::Error),
+}
+
+impl Error {
+    /// Whether retrying later may succeed (the database or a cache was unreachable or slow).
+    #[must_use]
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Cache(e) if e.is_transient())
+    }
+
+    /// Whether the caller's input was rejected before any I/O.
+    #[must_use]
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidUserId { .. } | Error::ConfigTooLarge { .. } | Error::InvalidConfig(_)
+        )
+    }
+
+    /// Whether stored data for the user could not be decoded (it is never replaced by
+    /// defaults: a later update would destroy the user's data).
+    #[must_use]
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, Error::Cache(e) if e.is_corrupt())
+    }
+}

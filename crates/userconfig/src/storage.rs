@@ -1,0 +1,624 @@
+//! [`UserConfigStorage`]: the seed design's API over a [`TieredCache`] of memory, optionally
+//! Redis, and a database.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tiercache_core::{CacheTier, ChainStats, Clock, Origin, TierStats, TieredCache, Version};
+use tiercache_memory::MemoryTier;
+use tiercache_postgres::PostgresTier;
+use tiercache_redis::RedisTier;
+use tiercache_sqlite::SqliteTier;
+
+use crate::config::UserConfig;
+use crate::error::{Error, Result};
+
+/// Default memory tier capacity (the seed's 500 entries).
+pub const DEFAULT_MEMORY_CAPACITY: usize = 500;
+/// Default memory tier TTL (the seed's 5 minutes).
+pub const DEFAULT_MEMORY_TTL: Duration = Duration::from_secs(300);
+/// Default Redis TTL (the seed's 30 minutes).
+pub const DEFAULT_REDIS_TTL: Duration = Duration::from_secs(1800);
+/// Default Redis key prefix.
+pub const DEFAULT_REDIS_PREFIX: &str = "userconfig:";
+/// Default largest configuration accepted, serialized (64 KiB).
+pub const DEFAULT_MAX_CONFIG_BYTES: usize = 64 * 1024;
+/// Longest user id accepted, in bytes.
+pub const MAX_USER_ID_BYTES: usize = 256;
+/// The embedded default's database file, when neither `DATABASE_URL` nor a path is given.
+pub const DEFAULT_SQLITE_PATH: &str = "userconfig.sqlite3";
+
+type Key = String;
+
+/// Which authoritative database the storage reads and writes.
+#[derive(Clone)]
+enum Database {
+    Postgres(Arc<PostgresTier<Key, UserConfig>>),
+    Sqlite(Arc<SqliteTier<Key, UserConfig>>),
+    Custom(Arc<dyn CacheTier<Key, UserConfig>>),
+}
+
+impl Database {
+    fn tier(&self) -> Arc<dyn CacheTier<Key, UserConfig>> {
+        match self {
+            Database::Postgres(t) => t.clone(),
+            Database::Sqlite(t) => t.clone(),
+            Database::Custom(t) => t.clone(),
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self {
+            Database::Postgres(_) => "postgres",
+            Database::Sqlite(_) => "sqlite",
+            Database::Custom(_) => "custom",
+        }
+    }
+}
+
+/// User configurations served from memory, then Redis (if configured), then the database.
+///
+/// The seed design's API: [`get_user_config`](Self::get_user_config) (an unknown user gets the
+/// default configuration), [`update_user_config`](Self::update_user_config) (database first,
+/// then every cache is invalidated and repopulated),
+/// [`invalidate_user_config_cache`](Self::invalidate_user_config_cache),
+/// [`clear_memory_cache`](Self::clear_memory_cache) and
+/// [`get_cache_stats`](Self::get_cache_stats).
+///
+/// ```no_run
+/// # async fn demo() -> userconfig::Result<()> {
+/// use userconfig::UserConfigStorage;
+///
+/// // REDIS_URL and DATABASE_URL if set; else memory over an embedded SQLite file.
+/// let storage = UserConfigStorage::from_env().await?;
+/// let mut config = (*storage.get_user_config("alice").await?).clone();
+/// config.preferences.theme = "dark".into();
+/// storage.update_user_config("alice", &config).await?;
+/// println!("{}", serde_json::to_string_pretty(&storage.get_cache_stats()).unwrap());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct UserConfigStorage {
+    cache: TieredCache<Key, UserConfig>,
+    memory: Arc<MemoryTier<Key, UserConfig>>,
+    redis: Option<Arc<RedisTier<Key, UserConfig>>>,
+    database: Database,
+    max_config_bytes: usize,
+}
+
+impl fmt::Debug for UserConfigStorage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UserConfigStorage")
+            .field("memory", &self.memory)
+            .field("redis", &self.redis)
+            .field("database", &self.database.backend())
+            .field("max_config_bytes", &self.max_config_bytes)
+            .finish()
+    }
+}
+
+/// Checks a user id before any I/O: not empty, at most 256 bytes, no control characters.
+pub fn check_user_id(user_id: &str) -> Result<()> {
+    let reason = if user_id.is_empty() {
+        "it is empty"
+    } else if user_id.len() > MAX_USER_ID_BYTES {
+        "it is longer than 256 bytes"
+    } else if user_id.chars().any(char::is_control) {
+        "it holds control characters"
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidUserId { reason })
+}
+
+impl UserConfigStorage {
+    /// Starts configuring a storage.
+    pub fn builder() -> UserConfigStorageBuilder {
+        UserConfigStorageBuilder::default()
+    }
+
+    /// A storage configured from the environment: `REDIS_URL` (optional: without it the chain
+    /// is memory, then the database) and `DATABASE_URL` (`postgres://…`, or `sqlite:path`;
+    /// without it, the embedded default: an SQLite file, `userconfig.sqlite3`).
+    pub async fn from_env() -> Result<Self> {
+        let non_empty = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+        let mut builder = Self::builder();
+        if let Some(url) = non_empty("REDIS_URL") {
+            builder = builder.redis_url(url);
+        }
+        if let Some(url) = non_empty("DATABASE_URL") {
+            builder = builder.database_url(url);
+        }
+        builder.build().await
+    }
+
+    /// The configuration of `user_id`; an unknown user gets the default configuration (with
+    /// its `user_id` set), not an error.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUserId`] before any I/O; a transient [`Error::Cache`] when the database
+    /// is unreachable and no cached copy is usable; a corrupt stored configuration is an error
+    /// naming the user, never replaced by defaults.
+    pub async fn get_user_config(&self, user_id: &str) -> Result<Arc<UserConfig>> {
+        check_user_id(user_id)?;
+        let found = self.cache.get(&user_id.to_owned()).await?;
+        Ok(found.unwrap_or_else(|| Arc::new(UserConfig::default_for(user_id))))
+    }
+
+    /// Like [`get_user_config`](Self::get_user_config), with the version and the tier that
+    /// answered (version 0 and [`Answer::Database`] for an unknown user's defaults).
+    pub async fn fetch_user_config(&self, user_id: &str) -> Result<FetchedConfig> {
+        check_user_id(user_id)?;
+        let fetched = self.cache.fetch(&user_id.to_owned()).await?;
+        let answered_by = match fetched.origin {
+            Origin::Tier(0) => Answer::Memory,
+            Origin::Tier(_) => Answer::Redis,
+            Origin::Stale(_) => Answer::Stale,
+            _ => Answer::Database,
+        };
+        Ok(FetchedConfig {
+            config: fetched
+                .value
+                .unwrap_or_else(|| Arc::new(UserConfig::default_for(user_id))),
+            version: fetched.version,
+            answered_by,
+        })
+    }
+
+    /// The configurations of `user_ids`, in order, with one batch call per tier (for cache
+    /// warming and bulk reads). Unknown users get the default configuration.
+    pub async fn get_user_configs(&self, user_ids: &[&str]) -> Result<Vec<Arc<UserConfig>>> {
+        for id in user_ids {
+            check_user_id(id)?;
+        }
+        let keys: Vec<Key> = user_ids.iter().map(|id| (*id).to_owned()).collect();
+        let found = self.cache.get_many(&keys).await?;
+        Ok(found
+            .into_iter()
+            .zip(user_ids)
+            .map(|(c, id)| c.unwrap_or_else(|| Arc::new(UserConfig::default_for(*id))))
+            .collect())
+    }
+
+    /// Writes `config` for `user_id`: the database first, then every cache is invalidated and
+    /// repopulated. Returns the new version. A config whose `user_id` is empty gets `user_id`.
+    ///
+    /// # Errors
+    /// Input errors before any I/O: a bad user id, a `config.user_id` naming another user, a
+    /// schema range violation, a config over the size limit. If the database write fails, the
+    /// error is returned and no cache is touched.
+    pub async fn update_user_config(&self, user_id: &str, config: &UserConfig) -> Result<Version> {
+        check_user_id(user_id)?;
+        if !config.user_id.is_empty() && config.user_id != user_id {
+            return Err(Error::InvalidConfig(
+                "config.user_id names another user than the one being updated".into(),
+            ));
+        }
+        config.check().map_err(Error::InvalidConfig)?;
+        let mut stored = config.clone();
+        stored.user_id = user_id.to_owned();
+        let size = serde_json::to_vec(&stored)
+            .map_err(|e| Error::InvalidConfig(format!("does not serialize: {e}")))?
+            .len();
+        if size > self.max_config_bytes {
+            return Err(Error::ConfigTooLarge {
+                size,
+                limit: self.max_config_bytes,
+            });
+        }
+        Ok(self
+            .cache
+            .update(&user_id.to_owned(), Arc::new(stored))
+            .await?)
+    }
+
+    /// Removes `user_id` from every cache tier (for a change made to the database directly).
+    pub async fn invalidate_user_config_cache(&self, user_id: &str) -> Result<()> {
+        check_user_id(user_id)?;
+        Ok(self.cache.invalidate(&user_id.to_owned()).await?)
+    }
+
+    /// Empties the in-memory tier of this instance (for testing and debugging).
+    pub fn clear_memory_cache(&self) {
+        self.memory.remove_all();
+    }
+
+    /// The seed's statistics (`memory_cache`, `redis_cache`, `database`) plus the chain's.
+    #[must_use]
+    pub fn get_cache_stats(&self) -> CacheStats {
+        let chain = self.cache.stats();
+        let memory = self.memory.stats();
+        let redis = self.redis.as_ref().map(|r| (r.stats(), r.is_connected()));
+        let database = self.database.tier().stats();
+        CacheStats {
+            memory_cache: MemoryCacheStats {
+                enabled: true,
+                entries: memory.entries.unwrap_or(0),
+                max_size: memory.max_size.unwrap_or(0),
+                hits: memory.hits,
+                misses: memory.misses,
+                hit_rate: memory.hit_rate,
+                total_requests: memory.total_requests,
+                evictions: memory.evictions,
+            },
+            redis_cache: RedisCacheStats {
+                enabled: redis.is_some(),
+                connected: redis.as_ref().is_some_and(|(_, c)| *c),
+                stats: redis.map(|(s, _)| s),
+            },
+            database: DatabaseStats {
+                enabled: true,
+                backend: self.database.backend().to_owned(),
+                loads: chain.source_loads,
+                errors: database.errors + chain.source.errors,
+            },
+            chain,
+        }
+    }
+
+    /// The chain underneath, for callers that need versions (`fetch`) or batch reads.
+    #[must_use]
+    pub fn chain(&self) -> &TieredCache<Key, UserConfig> {
+        &self.cache
+    }
+
+    /// The Redis tier, if one is configured.
+    #[must_use]
+    pub fn redis(&self) -> Option<&Arc<RedisTier<Key, UserConfig>>> {
+        self.redis.as_ref()
+    }
+}
+
+/// Which tier answered a [`UserConfigStorage::fetch_user_config`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Answer {
+    /// This instance's memory tier.
+    Memory,
+    /// Redis.
+    Redis,
+    /// The database (or, for an unknown user, its defaults).
+    Database,
+    /// A stale cached copy, because the database failed.
+    Stale,
+}
+
+impl Answer {
+    /// The tier's name: `memory`, `redis`, `database` or `stale`.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Answer::Memory => "memory",
+            Answer::Redis => "redis",
+            Answer::Database => "database",
+            Answer::Stale => "stale",
+        }
+    }
+}
+
+/// A configuration with its version and the tier that answered.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct FetchedConfig {
+    /// The configuration (defaults for an unknown user).
+    pub config: Arc<UserConfig>,
+    /// The database's version of it (0: never written).
+    pub version: Version,
+    /// Which tier answered.
+    pub answered_by: Answer,
+}
+
+/// What [`UserConfigStorage::get_cache_stats`] returns: the seed's shape, plus the chain's view.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CacheStats {
+    /// The in-memory tier.
+    pub memory_cache: MemoryCacheStats,
+    /// The Redis tier.
+    pub redis_cache: RedisCacheStats,
+    /// The database.
+    pub database: DatabaseStats,
+    /// Every tier as the chain saw it: hits, misses, errors and timeouts per tier, source loads,
+    /// coalesced requests, stale copies served.
+    pub chain: ChainStats,
+}
+
+/// The seed's `memory_cache` block.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct MemoryCacheStats {
+    /// Always true: the memory tier is always on.
+    pub enabled: bool,
+    /// Entries held now.
+    pub entries: u64,
+    /// Capacity.
+    pub max_size: u64,
+    /// Lookups answered.
+    pub hits: u64,
+    /// Lookups not answered.
+    pub misses: u64,
+    /// `hits / total_requests`.
+    pub hit_rate: f64,
+    /// `hits + misses`.
+    pub total_requests: u64,
+    /// Entries evicted to make room.
+    pub evictions: u64,
+}
+
+/// The seed's `redis_cache` block.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct RedisCacheStats {
+    /// Whether a Redis tier is configured.
+    pub enabled: bool,
+    /// Whether its last command reached Redis.
+    pub connected: bool,
+    /// The tier's own counts (hits, misses, errors, corrupt entries deleted), if enabled.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<TierStats>,
+}
+
+/// The seed's `database` block.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct DatabaseStats {
+    /// Always true: the database is the source of truth.
+    pub enabled: bool,
+    /// `postgres`, `sqlite`, or `custom`.
+    pub backend: String,
+    /// Loads that reached the database (after coalescing).
+    pub loads: u64,
+    /// Database calls that failed.
+    pub errors: u64,
+}
+
+/// Configures a [`UserConfigStorage`]; see [`UserConfigStorage::builder`].
+#[must_use]
+pub struct UserConfigStorageBuilder {
+    memory_capacity: usize,
+    memory_ttl: Duration,
+    redis_url: Option<String>,
+    redis_tier: Option<Arc<RedisTier<Key, UserConfig>>>,
+    redis_ttl: Duration,
+    redis_prefix: String,
+    database_url: Option<String>,
+    sqlite_path: Option<PathBuf>,
+    custom_source: Option<Arc<dyn CacheTier<Key, UserConfig>>>,
+    shared_database: Option<Database>,
+    max_config_bytes: usize,
+    max_stale: Option<Duration>,
+    clock: Clock,
+}
+
+impl fmt::Debug for UserConfigStorageBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // URLs may hold passwords: say only whether they are set.
+        f.debug_struct("UserConfigStorageBuilder")
+            .field("memory_capacity", &self.memory_capacity)
+            .field("memory_ttl", &self.memory_ttl)
+            .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("redis_ttl", &self.redis_ttl)
+            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
+            .field("sqlite_path", &self.sqlite_path)
+            .field("max_config_bytes", &self.max_config_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for UserConfigStorageBuilder {
+    fn default() -> Self {
+        UserConfigStorageBuilder {
+            memory_capacity: DEFAULT_MEMORY_CAPACITY,
+            memory_ttl: DEFAULT_MEMORY_TTL,
+            redis_url: None,
+            redis_tier: None,
+            redis_ttl: DEFAULT_REDIS_TTL,
+            redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            database_url: None,
+            sqlite_path: None,
+            custom_source: None,
+            shared_database: None,
+            max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
+            max_stale: Some(tiercache_core::DEFAULT_MAX_STALE),
+            clock: Clock::system(),
+        }
+    }
+}
+
+impl UserConfigStorageBuilder {
+    /// Memory tier capacity in entries. Defaults to [`DEFAULT_MEMORY_CAPACITY`].
+    pub fn memory_capacity(mut self, capacity: usize) -> Self {
+        self.memory_capacity = capacity;
+        self
+    }
+
+    /// Memory tier TTL. Defaults to [`DEFAULT_MEMORY_TTL`].
+    pub fn memory_ttl(mut self, ttl: Duration) -> Self {
+        self.memory_ttl = ttl;
+        self
+    }
+
+    /// Adds a Redis tier at `url` (`redis://`, `rediss://` for TLS, `user:password@` for
+    /// AUTH). Without it the chain is memory, then the database.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = Some(url.into());
+        self
+    }
+
+    /// Redis TTL. Defaults to [`DEFAULT_REDIS_TTL`].
+    pub fn redis_ttl(mut self, ttl: Duration) -> Self {
+        self.redis_ttl = ttl;
+        self
+    }
+
+    /// Redis key prefix; several storages may share one Redis with different prefixes.
+    /// Defaults to [`DEFAULT_REDIS_PREFIX`].
+    pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.redis_prefix = prefix.into();
+        self
+    }
+
+    /// The database: `postgres://…` / `postgresql://…`, or `sqlite:path`. Defaults to the
+    /// embedded SQLite file [`DEFAULT_SQLITE_PATH`].
+    pub fn database_url(mut self, url: impl Into<String>) -> Self {
+        self.database_url = Some(url.into());
+        self
+    }
+
+    /// The embedded default's SQLite file (used when no database URL is given).
+    pub fn sqlite_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.sqlite_path = Some(path.into());
+        self
+    }
+
+    /// Uses a Redis tier you built yourself (its own prefix, timeouts, TLS settings) instead of
+    /// [`redis_url`](Self::redis_url).
+    pub fn redis_tier(mut self, tier: Arc<RedisTier<Key, UserConfig>>) -> Self {
+        self.redis_tier = Some(tier);
+        self
+    }
+
+    /// Uses a PostgreSQL tier you built yourself (its own schema, table, pool settings) instead
+    /// of [`database_url`](Self::database_url).
+    pub fn postgres_tier(mut self, tier: Arc<PostgresTier<Key, UserConfig>>) -> Self {
+        self.shared_database = Some(Database::Postgres(tier));
+        self
+    }
+
+    /// Uses an SQLite tier you built yourself instead of [`database_url`](Self::database_url).
+    pub fn sqlite_tier(mut self, tier: Arc<SqliteTier<Key, UserConfig>>) -> Self {
+        self.shared_database = Some(Database::Sqlite(tier));
+        self
+    }
+
+    /// Uses the same database tier (and connection pool) as `other`: several storages in one
+    /// process, standing for several service instances, share one database.
+    pub fn share_database(mut self, other: &UserConfigStorage) -> Self {
+        self.shared_database = Some(other.database.clone());
+        self
+    }
+
+    /// A source tier of your own instead of a database (tests, other stores).
+    pub fn source(mut self, source: Arc<dyn CacheTier<Key, UserConfig>>) -> Self {
+        self.custom_source = Some(source);
+        self
+    }
+
+    /// Largest configuration accepted, serialized as JSON. Defaults to
+    /// [`DEFAULT_MAX_CONFIG_BYTES`].
+    pub fn max_config_bytes(mut self, bytes: usize) -> Self {
+        self.max_config_bytes = bytes;
+        self
+    }
+
+    /// Oldest stale copy served when the database is down (`None`: never). Defaults to
+    /// [`tiercache_core::DEFAULT_MAX_STALE`].
+    pub fn max_stale(mut self, age: Option<Duration>) -> Self {
+        self.max_stale = age;
+        self
+    }
+
+    /// The clock for every tier. Defaults to [`Clock::system`].
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds the storage. Connections to Redis and PostgreSQL are made lazily: the storage
+    /// builds while they are down.
+    ///
+    /// # Errors
+    /// [`Error::Settings`] for a malformed URL or setting; [`Error::Cache`] if the embedded
+    /// SQLite file cannot be opened.
+    pub async fn build(self) -> Result<UserConfigStorage> {
+        if self.max_config_bytes == 0 {
+            return Err(Error::Settings("max_config_bytes must be positive".into()));
+        }
+        let memory = Arc::new(
+            MemoryTier::builder()
+                .capacity(self.memory_capacity)
+                .ttl(self.memory_ttl)
+                .clock(self.clock.clone())
+                .build()
+                .map_err(settings)?,
+        );
+        let redis = match (self.redis_tier, &self.redis_url) {
+            (Some(tier), _) => Some(tier),
+            (None, Some(url)) => Some(Arc::new(
+                RedisTier::builder()
+                    .url(url.clone())
+                    .prefix(self.redis_prefix.clone())
+                    .ttl(self.redis_ttl)
+                    .clock(self.clock.clone())
+                    .build()
+                    .map_err(settings)?,
+            )),
+            (None, None) => None,
+        };
+        let database = match (self.shared_database, self.custom_source, &self.database_url) {
+            (Some(database), _, _) => database,
+            (None, Some(source), _) => Database::Custom(source),
+            (None, None, Some(url))
+                if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
+            {
+                Database::Postgres(Arc::new(
+                    PostgresTier::builder()
+                        .url(url.clone())
+                        .build()
+                        .map_err(settings)?,
+                ))
+            }
+            (None, None, Some(url)) if url.starts_with("sqlite:") => {
+                let path = url
+                    .trim_start_matches("sqlite://")
+                    .trim_start_matches("sqlite:");
+                Database::Sqlite(Arc::new(SqliteTier::builder().path(path).build().await?))
+            }
+            (None, None, Some(_)) => {
+                return Err(Error::Settings(
+                    "DATABASE_URL must start with postgres://, postgresql:// or sqlite:".into(),
+                ));
+            }
+            (None, None, None) => {
+                let path = self
+                    .sqlite_path
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SQLITE_PATH));
+                Database::Sqlite(Arc::new(SqliteTier::builder().path(path).build().await?))
+            }
+        };
+        let mut chain = TieredCache::builder()
+            .shared_tier(memory.clone(), None)
+            .clock(self.clock)
+            .max_stale(self.max_stale)
+            // A missed invalidation may leave an old copy in Redis for its whole TTL.
+            .floor_ttl(self.redis_ttl.max(self.memory_ttl));
+        if let Some(redis) = &redis {
+            chain = chain.shared_tier(redis.clone(), Some(tiercache_core::DEFAULT_TIER_TIMEOUT));
+        }
+        let cache = chain
+            .shared_source(
+                database.tier(),
+                Some(tiercache_core::DEFAULT_SOURCE_TIMEOUT),
+            )
+            .build()
+            .map_err(settings)?;
+        Ok(UserConfigStorage {
+            cache,
+            memory,
+            redis,
+            database,
+            max_config_bytes: self.max_config_bytes,
+        })
+    }
+}
+
+fn settings(error: tiercache_core::Error) -> Error {
+    match error {
+        tiercache_core::Error::Config(message) => Error::Settings(message),
+        other => Error::Cache(other),
+    }
+}
