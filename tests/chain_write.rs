@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use support::{Chain, key, val};
 use tiercache_core::{CacheTier, Error, Origin, TieredCache};
-use tiercache_testkit::{FakeTier, Fault, Gate, Op};
+use tiercache_testkit::{FakeTier, Fault, Faulty, Gate, Op};
 
 #[tokio::test]
 async fn update_writes_the_source_then_repopulates_every_tier() {
@@ -133,7 +133,7 @@ async fn a_get_after_update_never_joins_an_older_load() {
 }
 
 #[tokio::test]
-async fn an_update_that_misses_a_cache_tier_raises_a_floor_against_its_old_copy() {
+async fn a_tier_that_missed_an_update_gets_it_replayed_before_it_is_read_again() {
     let c = Chain::new();
     c.db.put(key("a"), "v1".to_string());
     c.cache.get(&key("a")).await.unwrap();
@@ -146,13 +146,44 @@ async fn an_update_that_misses_a_cache_tier_raises_a_floor_against_its_old_copy(
         Some(1),
         "redis missed the update"
     );
+    assert_eq!(c.cache.stats().tiers[1].pending_repairs, 1);
 
     c.memory.remove_all();
     let got = c.cache.fetch(&key("a")).await.unwrap();
-    assert_eq!(got.version, 2, "redis's version 1 was refused");
-    assert_eq!(got.origin, Origin::Source);
-    assert_eq!(c.cache.stats().refused_stale_versions, 1);
-    assert_eq!(c.redis.version(&key("a")), Some(2), "and replaced");
+    assert_eq!((got.version, got.origin), (2, Origin::Source));
+    assert_eq!(c.cache.stats().tiers[1].pending_repairs, 0);
+    assert_eq!(
+        c.redis.version(&key("a")),
+        Some(2),
+        "replaced by the back-fill"
+    );
+}
+
+#[tokio::test]
+async fn a_floor_refuses_the_old_copy_of_a_top_tier_that_missed_an_update() {
+    let memory = Faulty::new(FakeTier::<String, String>::cache("memory").with_peek());
+    let db = FakeTier::source("db");
+    db.put(key("a"), "v1".to_string());
+    let cache = TieredCache::builder()
+        .tier(memory.clone())
+        .source(db.clone())
+        .build()
+        .unwrap();
+    cache.get(&key("a")).await.unwrap();
+    memory.faults().set_for(Op::Set, Fault::Error);
+    memory.faults().set_for(Op::Invalidate, Fault::Error);
+    cache.update(&key("a"), val("v2")).await.unwrap();
+    memory.faults().clear();
+    assert_eq!(
+        memory.get_ref().version(&key("a")),
+        Some(1),
+        "memory missed it"
+    );
+
+    // The synchronous path finds version 1; the floor refuses it.
+    let got = cache.fetch(&key("a")).await.unwrap();
+    assert_eq!((got.version, got.origin), (2, Origin::Source));
+    assert_eq!(cache.stats().refused_stale_versions, 1);
 }
 
 #[tokio::test]

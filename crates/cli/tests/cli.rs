@@ -59,7 +59,14 @@ fn simulate_reports_every_tier_and_the_reads_saved() {
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", text(&out.stderr));
-    for expected in ["memory", "database", "writes", "p99", "saved", "memory_cache"] {
+    for expected in [
+        "memory",
+        "database",
+        "writes",
+        "p99",
+        "saved",
+        "memory_cache",
+    ] {
         assert!(stdout.contains(expected), "missing {expected}: {stdout}");
     }
     let result: serde_json::Value =
@@ -84,7 +91,11 @@ fn simulate_reports_every_tier_and_the_reads_saved() {
 fn set_get_invalidate_and_stats_serve_operators() {
     let (_dir, db) = temp_db("operator");
     let set = Command::new(env!("CARGO_BIN_EXE_userconfig"))
-        .args(["set", "alice", r#"{"preferences": {"theme": "dark"}, "future": [1]}"#])
+        .args([
+            "set",
+            "alice",
+            r#"{"preferences": {"theme": "dark"}, "future": [1]}"#,
+        ])
         .env_remove("REDIS_URL")
         .env("DATABASE_URL", &db)
         .output()
@@ -118,13 +129,21 @@ fn bad_input_is_a_clear_error_and_a_failing_exit() {
     let (_dir, db) = temp_db("bad_input");
     let out = userconfig(&["get", ""], &db);
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("invalid user id"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("invalid user id"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = userconfig(&["set", "bob", "{not json"], &db);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("not valid JSON"));
     let out = userconfig(&["stats"], "mysql://s3cret-sentinel@db/x");
     assert!(!out.status.success());
-    assert!(!text(&out.stderr).contains("s3cret-sentinel"), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stderr).contains("s3cret-sentinel"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = userconfig(&["simulate", "--users", "0", "--no-progress"], &db);
     assert!(!out.status.success());
 }

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::backplane::Backplane;
+use crate::breaker::{Breaker, BreakerPolicy, Permit};
 use crate::clock::{Clock, Timestamp};
 use crate::entry::{Entry, Version};
 use crate::error::{Error, Result};
@@ -95,27 +97,88 @@ struct Level<K, V> {
     tier: Arc<dyn CacheTier<K, V>>,
     name: String,
     timeout: Option<Duration>,
+    breaker: Breaker,
+    /// Invalidations this tier missed (it was down or skipped), replayed before it is read
+    /// again: key → the version to invalidate at (`None`: a manual invalidation).
+    repairs: Mutex<HashMap<K, Option<Version>>>,
+    repairs_len: AtomicUsize,
     hits: Counter,
     misses: Counter,
     errors: Counter,
     timeouts: Counter,
+    skipped: Counter,
 }
 
 impl<K: Key, V: Value> Level<K, V> {
-    fn new(tier: Arc<dyn CacheTier<K, V>>, timeout: Option<Duration>) -> Self {
+    fn new(
+        tier: Arc<dyn CacheTier<K, V>>,
+        timeout: Option<Duration>,
+        breaker: BreakerPolicy,
+    ) -> Self {
         Level {
             name: tier.name().to_owned(),
             tier,
             timeout,
+            breaker: Breaker::new(breaker),
+            repairs: Mutex::new(HashMap::new()),
+            repairs_len: AtomicUsize::new(0),
             hits: Counter::default(),
             misses: Counter::default(),
             errors: Counter::default(),
             timeouts: Counter::default(),
+            skipped: Counter::default(),
         }
     }
 
-    /// Runs one call to the tier under its time limit; counts and traces a failure.
+    /// Remembers that this tier missed an invalidation of `key` at `version`.
+    fn remember(&self, key: &K, version: Option<Version>) {
+        let mut repairs = self.repairs.lock().unwrap_or_else(PoisonError::into_inner);
+        let slot = repairs.entry(key.clone()).or_insert(version);
+        *slot = match (*slot, version) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+        self.repairs_len.store(repairs.len(), Ordering::Release);
+    }
+
+    /// Replays the invalidations this tier missed. On a failure the rest stay for next time
+    /// and the tier must not be read now.
+    async fn repair(&self) -> Result<()> {
+        if self.repairs_len.load(Ordering::Acquire) == 0 {
+            return Ok(());
+        }
+        let pending: Vec<(K, Option<Version>)> = {
+            let mut repairs = self.repairs.lock().unwrap_or_else(PoisonError::into_inner);
+            self.repairs_len.store(0, Ordering::Release);
+            repairs.drain().collect()
+        };
+        let mut pending = pending.into_iter();
+        while let Some((key, version)) = pending.next() {
+            if let Err(error) = self
+                .call("invalidate", self.tier.invalidate(&key, version))
+                .await
+            {
+                self.remember(&key, version);
+                for (key, version) in pending {
+                    self.remember(&key, version);
+                }
+                return Err(error);
+            }
+        }
+        tracing::debug!(tier = %self.name, "missed invalidations replayed");
+        Ok(())
+    }
+
+    /// Runs one call to the tier under its time limit and its breaker; counts and traces a
+    /// failure. While the breaker is open the call is skipped with [`Error::CircuitOpen`].
     async fn call<T>(&self, op: &'static str, fut: impl Future<Output = Result<T>>) -> Result<T> {
+        let permit = self.breaker.permit();
+        if permit == Permit::Skip {
+            self.skipped.incr();
+            return Err(Error::CircuitOpen {
+                tier: self.name.clone(),
+            });
+        }
         let result = match self.timeout {
             Some(limit) => match tokio::time::timeout(limit, fut).await {
                 Ok(result) => result,
@@ -126,6 +189,10 @@ impl<K: Key, V: Value> Level<K, V> {
             },
             None => fut.await,
         };
+        self.breaker.record(
+            permit,
+            result.as_ref().err().is_none_or(|e| !e.is_transient()),
+        );
         if let Err(error) = &result {
             self.errors.incr();
             if error.is_timeout() {
@@ -144,6 +211,10 @@ impl<K: Key, V: Value> Level<K, V> {
             misses,
             errors: self.errors.get(),
             timeouts: self.timeouts.get(),
+            skipped: self.skipped.get(),
+            breaker_open: self.breaker.is_open(),
+            breaker_opened: self.breaker.opened.get(),
+            pending_repairs: self.repairs_len.load(Ordering::Relaxed) as u64,
             hit_rate: hit_rate(hits, misses),
             tier: self.tier.stats(),
         }
@@ -196,6 +267,7 @@ impl<K: Key> Floors<K> {
 /// The chain's policy knobs; see the builder's setters for their meaning and defaults.
 #[derive(Debug, Clone)]
 struct Policy {
+    breaker: BreakerPolicy,
     negative_ttl: Option<Duration>,
     max_stale: Option<Duration>,
     floor_ttl: Duration,
@@ -211,6 +283,8 @@ struct ChainCounters {
     coalesced: Counter,
     updates: Counter,
     refused: Counter,
+    backplane_errors: Counter,
+    remote_invalidations: Counter,
 }
 
 struct Inner<K, V> {
@@ -220,6 +294,7 @@ struct Inner<K, V> {
     policy: Policy,
     flights: Flights<K, Result<Fetched<V>>>,
     floors: Floors<K>,
+    backplane: Option<Arc<dyn Backplane<K>>>,
     /// Bumped by every manual invalidation and clear. A load that sees it change skips its
     /// back-fill, so that it cannot put back what was just invalidated.
     epoch: AtomicU64,
@@ -365,6 +440,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let inner = &*self.inner;
         let epoch = inner.epoch.load(Ordering::SeqCst);
         for (i, level) in inner.tiers.iter().enumerate().skip(start) {
+            if level.repair().await.is_err() {
+                continue;
+            }
             match level.call("get", level.tier.get(key)).await {
                 Ok(Some(entry)) if inner.floors.allows(key, entry.version, &inner.clock) => {
                     tracing::trace!(tier = %level.name, "hit");
@@ -465,6 +543,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             if pending.is_empty() {
                 break;
             }
+            if level.repair().await.is_err() {
+                continue;
+            }
             let batch: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
             let Ok(found) = level.call("get_many", level.tier.get_many(&batch)).await else {
                 continue;
@@ -551,36 +632,42 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         inner.flights.forget(key);
         let entry = Entry::new(value, version);
         let previous = version.checked_sub(1);
-        let mut all_ok = true;
-        for level in inner.tiers.iter().rev() {
-            if let Some(previous) = previous {
-                let invalidated = level
+        let mut missed = vec![false; inner.tiers.len()];
+        for (i, level) in inner.tiers.iter().enumerate().rev() {
+            missed[i] = level.repair().await.is_err();
+            if let (Some(previous), false) = (previous, missed[i]) {
+                missed[i] = level
                     .call("invalidate", level.tier.invalidate(key, Some(previous)))
-                    .await;
-                all_ok &= invalidated.is_ok();
+                    .await
+                    .is_err();
             }
         }
-        for level in inner.tiers.iter().rev() {
-            all_ok &= level
-                .call("set", level.tier.set(key, entry.clone()))
-                .await
-                .is_ok();
+        for (i, level) in inner.tiers.iter().enumerate().rev() {
+            let stored = level.call("set", level.tier.set(key, entry.clone())).await;
+            // A tier whose invalidation failed but whose set succeeded holds the new version;
+            // one whose invalidation succeeded holds at worst a tombstone against older ones.
+            missed[i] &= stored.is_err();
         }
-        if !all_ok {
+        if missed.iter().any(|m| *m) {
             tracing::warn!(
                 version,
                 "update could not reach every cache tier; raising a floor"
             );
+            for (level, _) in inner.tiers.iter().zip(&missed).filter(|(_, m)| **m) {
+                level.remember(key, previous);
+            }
             // A stale copy may be served up to max-stale past its expiry: outlive that too.
             let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);
             inner.floors.raise(key, version, inner.clock.now(), life);
         }
+        self.publish(key, Some(version)).await;
         Ok(version)
     }
 
     /// Removes `key` from every cache tier, for a change made behind the chain's back (writes
     /// through [`update`](TieredCache::update) need no invalidation). Loads already running in
-    /// this chain skip their back-fill; the next read asks the source. Every tier is tried; the
+    /// this chain skip their back-fill; the next read asks the source. A tier that cannot be
+    /// reached gets the invalidation replayed before it is read again. Every tier is tried; the
     /// first failure is returned.
     pub async fn invalidate(&self, key: &K) -> Result<()> {
         let inner = &*self.inner;
@@ -588,14 +675,59 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         inner.flights.forget(key);
         let mut first_error = None;
         for level in &inner.tiers {
-            if let Err(e) = level
-                .call("invalidate", level.tier.invalidate(key, None))
-                .await
-            {
+            let result = match level.repair().await {
+                Ok(()) => {
+                    level
+                        .call("invalidate", level.tier.invalidate(key, None))
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                level.remember(key, None);
                 first_error.get_or_insert(e);
             }
         }
+        self.publish(key, None).await;
         first_error.map_or(Ok(()), Err)
+    }
+
+    async fn publish(&self, key: &K, version: Option<Version>) {
+        if let Some(backplane) = &self.inner.backplane {
+            if let Err(error) = backplane.publish(key, version).await {
+                self.inner.counters.backplane_errors.incr();
+                tracing::warn!(%error, "could not publish an invalidation");
+            }
+        }
+    }
+
+    /// Applies another instance's invalidation (from a [`Backplane`]): the top tier drops its
+    /// copy of `key` older than `version` and refuses such copies afterwards (`None`: drops
+    /// whatever it holds, and loads running now skip their back-fill).
+    pub async fn apply_remote_invalidation(&self, key: &K, version: Option<Version>) {
+        let inner = &*self.inner;
+        inner.counters.remote_invalidations.incr();
+        if version.is_none() {
+            inner.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        inner.flights.forget(key);
+        if let Some(top) = inner.tiers.first() {
+            let below = version.map(|v| v.saturating_sub(1));
+            let _ = top
+                .call("invalidate", top.tier.invalidate(key, below))
+                .await;
+        }
+    }
+
+    /// Empties the top (in-process) tier, for when this instance may have missed invalidations
+    /// (its backplane subscription dropped). Loads running now skip their back-fill.
+    pub async fn flush_local(&self) {
+        let inner = &*self.inner;
+        inner.epoch.fetch_add(1, Ordering::SeqCst);
+        if let Some(top) = inner.tiers.first() {
+            let _ = top.call("clear", top.tier.clear()).await;
+        }
+        tracing::info!("top tier flushed: invalidations may have been missed");
     }
 
     /// Empties every cache tier (never the source). Every tier is tried; the first failure is
@@ -669,6 +801,8 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             coalesced: c.coalesced.get(),
             updates: c.updates.get(),
             refused_stale_versions: c.refused.get(),
+            backplane_errors: c.backplane_errors.get(),
+            remote_invalidations: c.remote_invalidations.get(),
         }
     }
 }
@@ -694,6 +828,7 @@ type TierAndLimit<K, V> = (Arc<dyn CacheTier<K, V>>, Option<Duration>);
 pub struct TieredCacheBuilder<K, V> {
     tiers: Vec<TierAndLimit<K, V>>,
     source: Option<TierAndLimit<K, V>>,
+    backplane: Option<Arc<dyn Backplane<K>>>,
     clock: Clock,
     policy: Policy,
 }
@@ -710,8 +845,10 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
         TieredCacheBuilder {
             tiers: Vec::new(),
             source: None,
+            backplane: None,
             clock: Clock::system(),
             policy: Policy {
+                breaker: BreakerPolicy::default(),
                 negative_ttl: Some(DEFAULT_NEGATIVE_TTL),
                 max_stale: Some(DEFAULT_MAX_STALE),
                 floor_ttl: DEFAULT_FLOOR_TTL,
@@ -775,6 +912,21 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
         self
     }
 
+    /// Publishes every update and invalidation to the other instances through `backplane`.
+    /// Apply theirs with [`TieredCache::apply_remote_invalidation`].
+    pub fn backplane(mut self, backplane: Arc<dyn Backplane<K>>) -> Self {
+        self.backplane = Some(backplane);
+        self
+    }
+
+    /// When each level's circuit breaker opens (consecutive transient failures) and how long it
+    /// skips the tier before probing it. Defaults to [`BreakerPolicy::default`]: 3 failures,
+    /// 250 ms.
+    pub fn breaker(mut self, policy: BreakerPolicy) -> Self {
+        self.policy.breaker = policy;
+        self
+    }
+
     /// Time to live of a cached "not found" (`None`: do not cache it). Defaults to
     /// [`DEFAULT_NEGATIVE_TTL`].
     pub fn negative_ttl(mut self, ttl: Option<Duration>) -> Self {
@@ -824,13 +976,14 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
                 tiers: self
                     .tiers
                     .into_iter()
-                    .map(|(tier, timeout)| Level::new(tier, timeout))
+                    .map(|(tier, timeout)| Level::new(tier, timeout, self.policy.breaker))
                     .collect(),
-                source: Level::new(source, source_timeout),
+                source: Level::new(source, source_timeout, self.policy.breaker),
                 clock: self.clock,
                 policy: self.policy,
                 flights: Flights::new(),
                 floors: Floors::new(),
+                backplane: self.backplane,
                 epoch: AtomicU64::new(0),
                 counters: ChainCounters::default(),
             }),

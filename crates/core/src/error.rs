@@ -36,6 +36,13 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The tier's circuit breaker is open: it failed repeatedly and is skipped until a probe
+    /// succeeds.
+    #[error("tier `{tier}` is skipped: its circuit breaker is open")]
+    CircuitOpen {
+        /// The tier's name.
+        tier: String,
+    },
     /// A tier's backend refused or failed the call for a reason retrying will not fix.
     #[error("tier `{tier}` failed")]
     Backend {
@@ -123,7 +130,7 @@ impl Error {
     #[must_use]
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Timeout { .. } | Error::Unavailable { .. } => true,
+            Error::Timeout { .. } | Error::Unavailable { .. } | Error::CircuitOpen { .. } => true,
             Error::SourceUnavailable { source } => source.is_transient(),
             _ => false,
         }
@@ -159,6 +166,7 @@ impl Error {
             | Error::Unavailable { tier, .. }
             | Error::Backend { tier, .. }
             | Error::Corrupt { tier, .. }
+            | Error::CircuitOpen { tier }
             | Error::Unsupported { tier, .. } => Some(tier),
             Error::SourceUnavailable { source } => source.tier(),
             Error::Config(_) | Error::InvalidInput(_) => None,

@@ -42,6 +42,8 @@
 
 #![forbid(unsafe_code)]
 
+mod backplane;
+mod breaker;
 mod chain;
 mod clock;
 mod entry;
@@ -51,6 +53,8 @@ mod key;
 mod stats;
 mod tier;
 
+pub use backplane::Backplane;
+pub use breaker::{BreakerPolicy, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD};
 pub use chain::{
     DEFAULT_FLOOR_TTL, DEFAULT_MAX_STALE, DEFAULT_NEGATIVE_TTL, DEFAULT_SOURCE_TIMEOUT,
     DEFAULT_TIER_TIMEOUT, Fetched, Origin, TieredCache, TieredCacheBuilder,

@@ -100,6 +100,14 @@ pub struct ChainTierStats {
     pub errors: u64,
     /// Of `errors`, those that were timeouts.
     pub timeouts: u64,
+    /// Calls not made because the tier's circuit breaker was open.
+    pub skipped: u64,
+    /// Whether the breaker is open now.
+    pub breaker_open: bool,
+    /// How many times the breaker opened.
+    pub breaker_opened: u64,
+    /// Invalidations this tier missed, waiting to be replayed before it is read again.
+    pub pending_repairs: u64,
     /// `hits / (hits + misses)`.
     pub hit_rate: f64,
     /// What the tier reports about itself.
@@ -134,6 +142,10 @@ pub struct ChainStats {
     /// Hits refused because they were older than a version this chain wrote (a tier that missed
     /// an invalidation).
     pub refused_stale_versions: u64,
+    /// Invalidations that could not be handed to the backplane.
+    pub backplane_errors: u64,
+    /// Invalidations received from other instances.
+    pub remote_invalidations: u64,
     /// `sum(tiers[i].hits) / requests`: the share of requests the caches answered.
     pub cache_hit_rate: f64,
 }

@@ -190,6 +190,13 @@ impl<K: Key, V: Value> FakeTier<K, V> {
         self.configure(|i| i.clock = clock)
     }
 
+    /// Uses `faults` as the fault switch (for example one made by
+    /// [`FaultSwitch::with_seed`]).
+    #[must_use]
+    pub fn with_faults(self, faults: FaultSwitch) -> Self {
+        self.configure(|i| i.faults = faults)
+    }
+
     /// Answers the synchronous `peek` path, like an in-process tier.
     #[must_use]
     pub fn with_peek(self) -> Self {

@@ -32,6 +32,9 @@ pub enum Fault {
     Error,
     /// Waits this long, then runs normally.
     Delay(Duration),
+    /// Waits a random time up to this long (drawn from the switch's seeded generator), then
+    /// runs normally: with tokio's paused clock, a reproducible interleaving per seed.
+    Jitter(Duration),
     /// Never answers (until the caller's time limit gives up on it).
     Hang,
     /// Runs, then holds its answer until the gate opens: a slow reader or writer whose work is
@@ -44,6 +47,7 @@ impl fmt::Debug for Fault {
         match self {
             Fault::Error => f.write_str("Error"),
             Fault::Delay(d) => f.debug_tuple("Delay").field(d).finish(),
+            Fault::Jitter(d) => f.debug_tuple("Jitter").field(d).finish(),
             Fault::Hang => f.write_str("Hang"),
             Fault::Hold(_) => f.write_str("Hold"),
         }
@@ -123,9 +127,16 @@ impl Gate {
 
 /// A switch of faults for one tier, all operations or one at a time. Cheap to clone; clones
 /// share the switch.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FaultSwitch {
     faults: Arc<Mutex<HashMap<Option<Op>, Fault>>>,
+    rng: Arc<Mutex<fastrand::Rng>>,
+}
+
+impl Default for FaultSwitch {
+    fn default() -> Self {
+        Self::with_seed(0)
+    }
 }
 
 impl fmt::Debug for FaultSwitch {
@@ -140,6 +151,15 @@ impl FaultSwitch {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A switch whose [`Fault::Jitter`] delays are drawn from `seed`.
+    #[must_use]
+    pub fn with_seed(seed: u64) -> Self {
+        FaultSwitch {
+            faults: Arc::default(),
+            rng: Arc::new(Mutex::new(fastrand::Rng::with_seed(seed))),
+        }
     }
 
     /// Turns `fault` on for every operation.
@@ -188,6 +208,15 @@ impl FaultSwitch {
                 tokio::time::sleep(d).await;
                 call.await
             }
+            Some(Fault::Jitter(max)) => {
+                let fraction = self
+                    .rng
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .f64();
+                tokio::time::sleep(max.mul_f64(fraction)).await;
+                call.await
+            }
             Some(Fault::Hang) => std::future::pending().await,
             Some(Fault::Hold(gate)) => {
                 let result = call.await;
@@ -223,10 +252,12 @@ pub struct Faulty<T> {
 impl<T> Faulty<T> {
     /// Wraps `inner` with a switch that has no fault on.
     pub fn new(inner: T) -> Self {
-        Faulty {
-            inner,
-            faults: FaultSwitch::new(),
-        }
+        Self::with_switch(inner, FaultSwitch::new())
+    }
+
+    /// Wraps `inner` with `faults` (for example one made by [`FaultSwitch::with_seed`]).
+    pub fn with_switch(inner: T, faults: FaultSwitch) -> Self {
+        Faulty { inner, faults }
     }
 
     /// The switch.

@@ -5,6 +5,8 @@
 //! * [`Faulty`]: wraps any tier (a real one too) with a [`FaultSwitch`]: [`Fault::Error`],
 //!   [`Fault::Delay`], [`Fault::Hang`], or [`Fault::Hold`] at a [`Gate`] you open when the test is
 //!   ready, for all operations or one ([`Op`]).
+//! * [`BackplaneHub`]: an in-process backplane joining several chain instances, with random
+//!   delivery delays and lost messages on demand.
 //! * [`ManualClock`]: time that moves only when the test says, so TTL tests never sleep.
 //! * [`env`](mod@env): where the test servers are (`REDIS_URL`, `DATABASE_URL`), unique names that keep
 //!   parallel tests apart, and the message a test gives when a server is unreachable.
@@ -55,6 +57,7 @@
 
 #![forbid(unsafe_code)]
 
+mod backplane;
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod env;
@@ -65,6 +68,7 @@ pub mod postgres_env;
 #[cfg(feature = "redis")]
 pub mod redis_env;
 
+pub use backplane::{BackplaneHandle, BackplaneHub};
 pub use fake::{Calls, DEFAULT_FAKE_TTL, FakeTier};
 pub use fault::{Fault, FaultSwitch, Faulty, Gate, InjectedFault, Op};
 pub use tiercache_core::{Clock, ManualClock, MockCacheTier};

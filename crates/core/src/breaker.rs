@@ -1,0 +1,176 @@
+//! A circuit breaker per level of the chain: after a run of transient failures the level is
+//! skipped for a cool-down, then one call probes it; a success closes the breaker.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::stats::Counter;
+
+/// Default consecutive transient failures that open a breaker.
+pub const DEFAULT_BREAKER_THRESHOLD: u32 = 3;
+/// Default time an open breaker skips its tier before letting one call probe it.
+pub const DEFAULT_BREAKER_COOLDOWN: Duration = Duration::from_millis(250);
+
+/// When a level's breaker opens and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerPolicy {
+    /// Consecutive transient failures (timeouts, unreachable) that open the breaker; 0 never
+    /// opens it.
+    pub threshold: u32,
+    /// How long an open breaker skips the tier before one call probes it.
+    pub cooldown: Duration,
+}
+
+impl Default for BreakerPolicy {
+    fn default() -> Self {
+        BreakerPolicy {
+            threshold: DEFAULT_BREAKER_THRESHOLD,
+            cooldown: DEFAULT_BREAKER_COOLDOWN,
+        }
+    }
+}
+
+impl BreakerPolicy {
+    /// A breaker that never opens.
+    #[must_use]
+    pub fn never() -> Self {
+        BreakerPolicy {
+            threshold: 0,
+            cooldown: Duration::ZERO,
+        }
+    }
+}
+
+/// What the breaker lets a call do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Permit {
+    /// Closed: go ahead.
+    Go,
+    /// Open, cool-down over: this call probes the tier.
+    Probe,
+    /// Open: skip the tier.
+    Skip,
+}
+
+/// The state is a few atomics, so that a closed breaker costs one load per call.
+pub(crate) struct Breaker {
+    policy: BreakerPolicy,
+    failures: AtomicU32,
+    /// Nanoseconds since `epoch` until which the breaker skips calls.
+    open_until: AtomicU64,
+    probing: AtomicBool,
+    epoch: Instant,
+    pub(crate) opened: Counter,
+}
+
+impl Breaker {
+    pub(crate) fn new(policy: BreakerPolicy) -> Self {
+        Breaker {
+            policy,
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+            epoch: Instant::now(),
+            opened: Counter::default(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn tripped(&self) -> bool {
+        self.policy.threshold > 0 && self.failures.load(Ordering::Acquire) >= self.policy.threshold
+    }
+
+    /// Whether the breaker is open (skipping or probing).
+    pub(crate) fn is_open(&self) -> bool {
+        self.tripped()
+    }
+
+    pub(crate) fn permit(&self) -> Permit {
+        if !self.tripped() {
+            return Permit::Go;
+        }
+        if self.now() < self.open_until.load(Ordering::Acquire) {
+            return Permit::Skip;
+        }
+        // One probe at a time; the others keep skipping until it answers.
+        match self
+            .probing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => Permit::Probe,
+            Err(_) => Permit::Skip,
+        }
+    }
+
+    /// Records a call's outcome: `healthy` is a success or a failure that says nothing about
+    /// the tier's reachability (corrupt data, an unsupported operation).
+    pub(crate) fn record(&self, permit: Permit, healthy: bool) {
+        if healthy {
+            let was = self.failures.swap(0, Ordering::AcqRel);
+            if self.policy.threshold > 0 && was >= self.policy.threshold {
+                tracing::info!("tier answers again; breaker closed");
+            }
+        } else {
+            let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+            if self.policy.threshold > 0
+                && (failures == self.policy.threshold || permit == Permit::Probe)
+            {
+                let until =
+                    self.now() + u64::try_from(self.policy.cooldown.as_nanos()).unwrap_or(0);
+                self.open_until.store(until, Ordering::Release);
+                if failures == self.policy.threshold {
+                    self.opened.incr();
+                    tracing::warn!(failures, "tier keeps failing; breaker opened");
+                }
+            }
+        }
+        if permit == Permit::Probe {
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opens_after_the_threshold_and_probes_after_the_cooldown() {
+        let b = Breaker::new(BreakerPolicy {
+            threshold: 2,
+            cooldown: Duration::from_millis(30),
+        });
+        assert_eq!(b.permit(), Permit::Go);
+        b.record(Permit::Go, false);
+        assert_eq!(b.permit(), Permit::Go);
+        b.record(Permit::Go, false);
+        assert!(b.is_open());
+        assert_eq!(b.permit(), Permit::Skip);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.permit(), Permit::Probe);
+        assert_eq!(b.permit(), Permit::Skip, "one probe at a time");
+        // A failed probe opens it for another cool-down.
+        b.record(Permit::Probe, false);
+        assert_eq!(b.permit(), Permit::Skip);
+        std::thread::sleep(Duration::from_millis(40));
+        assert_eq!(b.permit(), Permit::Probe);
+        b.record(Permit::Probe, true);
+        assert!(!b.is_open());
+        assert_eq!(b.permit(), Permit::Go);
+        assert_eq!(b.opened.get(), 1);
+    }
+
+    #[test]
+    fn a_zero_threshold_never_opens() {
+        let b = Breaker::new(BreakerPolicy::never());
+        for _ in 0..10 {
+            b.record(Permit::Go, false);
+        }
+        assert_eq!(b.permit(), Permit::Go);
+    }
+}

@@ -1,0 +1,195 @@
+//! Circuit breakers, replayed invalidations and the backplane, on fakes.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{Key, Val, key, val};
+use tiercache_core::{BreakerPolicy, CacheTier, Error, Origin, TieredCache};
+use tiercache_memory::MemoryTier;
+use tiercache_testkit::{BackplaneHub, FakeTier, Fault};
+
+fn breaker() -> BreakerPolicy {
+    BreakerPolicy {
+        threshold: 2,
+        cooldown: Duration::from_millis(50),
+    }
+}
+
+fn chain(redis: &FakeTier<Key, Val>, db: &FakeTier<Key, Val>) -> TieredCache<Key, Val> {
+    TieredCache::builder()
+        .tier(MemoryTier::new())
+        .tier_with_timeout(redis.clone(), Some(Duration::from_millis(20)))
+        .source(db.clone())
+        .breaker(breaker())
+        .build()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn an_open_breaker_stops_paying_the_timeout_until_a_probe_succeeds() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    for k in 0..10 {
+        db.put(key(&format!("k{k}")), "v".to_string());
+    }
+    let cache = chain(&redis, &db);
+    redis.faults().set(Fault::Hang);
+    for k in 0..10 {
+        // Every read still answers, from the database.
+        let got = cache.fetch(&key(&format!("k{k}"))).await.unwrap();
+        assert_eq!(got.origin, Origin::Source);
+    }
+    let s = cache.stats();
+    let redis_stats = &s.tiers[1];
+    assert!(redis_stats.breaker_open);
+    assert_eq!(redis_stats.breaker_opened, 1);
+    assert_eq!(redis_stats.timeouts, 2, "only until the breaker opened");
+    assert!(
+        redis_stats.skipped >= 15,
+        "the rest skipped: {redis_stats:?}"
+    );
+    assert_eq!(s.failed, 0);
+
+    // Redis answers again: after the cool-down one call probes it, and it is used again.
+    redis.faults().clear();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    cache.clear_tier(0).await.unwrap();
+    assert_eq!(
+        cache.fetch(&key("k0")).await.unwrap().origin,
+        Origin::Source,
+        "the probe read found nothing in redis and filled it"
+    );
+    assert!(!cache.stats().tiers[1].breaker_open);
+    cache.clear_tier(0).await.unwrap();
+    assert_eq!(
+        cache.fetch(&key("k0")).await.unwrap().origin,
+        Origin::Tier(1),
+        "redis answers again"
+    );
+}
+
+#[tokio::test]
+async fn an_unreachable_source_fails_fast_once_its_breaker_opens() {
+    let db = FakeTier::<Key, Val>::source("db");
+    db.faults().set(Fault::Hang);
+    let cache = TieredCache::builder()
+        .tier(MemoryTier::new())
+        .source_with_timeout(db.clone(), Some(Duration::from_millis(20)))
+        .breaker(breaker())
+        .build()
+        .unwrap();
+    for i in 0..5 {
+        let err = cache.get(&key(&format!("k{i}"))).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        assert!(matches!(err, Error::SourceUnavailable { .. }));
+    }
+    let s = cache.stats();
+    assert_eq!(s.source.timeouts, 2);
+    assert!(s.source.skipped >= 3);
+    assert_eq!(s.failed, 5);
+}
+
+#[tokio::test]
+async fn invalidations_missed_while_a_tier_was_down_are_replayed_when_it_returns() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let a = chain(&redis, &db);
+    a.update(&key("x"), val("v1")).await.unwrap();
+    redis.faults().set(Fault::Error);
+    a.update(&key("x"), val("v2")).await.unwrap();
+    a.invalidate(&key("y")).await.unwrap_err();
+    assert_eq!(redis.version(&key("x")), Some(1), "redis kept the old copy");
+    assert_eq!(a.stats().tiers[1].pending_repairs, 2);
+
+    // Another instance sharing redis would read version 1; the writer repairs redis first.
+    redis.faults().clear();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    a.clear_tier(0).await.unwrap();
+    assert_eq!(a.fetch(&key("x")).await.unwrap().version, 2);
+    assert_eq!(a.stats().tiers[1].pending_repairs, 0);
+    let b = chain(&redis, &db);
+    assert_eq!(b.fetch(&key("x")).await.unwrap().version, 2);
+}
+
+#[tokio::test]
+async fn the_backplane_evicts_older_copies_from_other_instances() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let hub = BackplaneHub::new(7);
+    let mut instances = Vec::new();
+    let mut memories = Vec::new();
+    for _ in 0..3 {
+        let memory = Arc::new(MemoryTier::<Key, Val>::new());
+        let handle = hub.handle();
+        let c = TieredCache::builder()
+            .shared_tier(memory.clone(), None)
+            .tier(redis.clone())
+            .source(db.clone())
+            .backplane(Arc::new(handle.clone()))
+            .build()
+            .unwrap();
+        handle.attach(c.clone());
+        instances.push(c);
+        memories.push(memory);
+    }
+    instances[0].update(&key("k"), val("v1")).await.unwrap();
+    for c in &instances {
+        assert_eq!(c.fetch(&key("k")).await.unwrap().version, 1);
+    }
+    instances[0].update(&key("k"), val("v2")).await.unwrap();
+    for (i, c) in instances.iter().enumerate() {
+        let got = c.fetch(&key("k")).await.unwrap();
+        assert_eq!(got.version, 2, "instance {i}");
+    }
+    assert_eq!(hub.delivered(), 4, "two updates, two other instances each");
+    assert_eq!(instances[1].stats().remote_invalidations, 2);
+
+    // A late message never evicts a newer entry.
+    instances[2]
+        .apply_remote_invalidation(&key("k"), Some(1))
+        .await;
+    assert_eq!(
+        instances[2].fetch(&key("k")).await.unwrap().origin,
+        Origin::Tier(0)
+    );
+    // A manual invalidation reaches the others too.
+    instances[1].invalidate(&key("k")).await.unwrap();
+    assert!(memories[2].get(&key("k")).await.unwrap().is_none());
+
+    // Messages lost: an instance that knows it may have missed some flushes its memory.
+    assert_eq!(instances[2].fetch(&key("k")).await.unwrap().version, 2);
+    hub.set_dropping(true);
+    instances[0].update(&key("k"), val("v3")).await.unwrap();
+    assert_eq!(instances[2].fetch(&key("k")).await.unwrap().version, 2);
+    instances[2].flush_local().await;
+    assert_eq!(instances[2].fetch(&key("k")).await.unwrap().version, 3);
+}
+
+#[tokio::test]
+async fn errors_that_say_nothing_about_reachability_do_not_open_the_breaker() {
+    let mut corrupt = tiercache_testkit::MockCacheTier::<Key, Val>::new();
+    corrupt.expect_name().return_const("redis".to_string());
+    corrupt
+        .expect_peek()
+        .returning(|_| tiercache_core::Peek::Unsupported);
+    corrupt
+        .expect_get()
+        .returning(|_| Err(Error::corrupt("redis", std::fmt::Error)));
+    corrupt.expect_set().returning(|_, _| Ok(true));
+    corrupt
+        .expect_stats()
+        .returning(|| tiercache_core::TierStats::new("redis", 0, 0));
+    let db = FakeTier::source("db");
+    db.put(key("k"), "v".to_string());
+    let cache = TieredCache::builder()
+        .tier(corrupt)
+        .source(db)
+        .breaker(breaker())
+        .build()
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(cache.fetch(&key("k")).await.unwrap().origin, Origin::Source);
+    }
+    let s = cache.stats();
+    assert_eq!(s.tiers[0].errors, 5);
+    assert_eq!((s.tiers[0].breaker_opened, s.tiers[0].skipped), (0, 0));
+}
