@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use tiercache_core::{CacheTier, ManualClock, Origin, TieredCache, Timestamp};
+use tiercache_core::{BreakerPolicy, CacheTier, ManualClock, Origin, TieredCache, Timestamp};
 use tiercache_memory::MemoryTier;
 use tiercache_testkit::{FakeTier, Fault, FaultSwitch, Faulty};
 
@@ -90,6 +90,8 @@ fn world(order: &[usize]) -> World {
     let db = FakeTier::source("db").with_clock(manual.clock());
     let mut builder = TieredCache::builder()
         .clock(manual.clock())
+        // Breakers run on real time and are tested in resilience.rs; here every call is made.
+        .breaker(BreakerPolicy::never())
         .max_stale(Some(Duration::from_secs(300)))
         .negative_ttl(Some(Duration::from_secs(60)))
         .floor_ttl(MAX_TTL);
