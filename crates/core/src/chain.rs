@@ -337,6 +337,28 @@ pub struct TieredCache<K, V> {
     inner: Arc<Inner<K, V>>,
 }
 
+/// A handle to a [`TieredCache`] that does not keep it alive (for background tasks such as a
+/// backplane subscriber, which must stop when the chain is dropped).
+pub struct WeakTieredCache<K, V> {
+    inner: std::sync::Weak<Inner<K, V>>,
+}
+
+impl<K, V> Clone for WeakTieredCache<K, V> {
+    fn clone(&self) -> Self {
+        WeakTieredCache {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K, V> WeakTieredCache<K, V> {
+    /// The chain, if it is still alive.
+    #[must_use]
+    pub fn upgrade(&self) -> Option<TieredCache<K, V>> {
+        self.inner.upgrade().map(|inner| TieredCache { inner })
+    }
+}
+
 impl<K, V> Clone for TieredCache<K, V> {
     fn clone(&self) -> Self {
         TieredCache {
@@ -357,6 +379,14 @@ impl<K: Key, V: Value> fmt::Debug for TieredCache<K, V> {
 }
 
 impl<K: Key, V: Value> TieredCache<K, V> {
+    /// A handle that does not keep the chain alive.
+    #[must_use]
+    pub fn downgrade(&self) -> WeakTieredCache<K, V> {
+        WeakTieredCache {
+            inner: Arc::downgrade(&self.inner),
+        }
+    }
+
     /// Starts a chain: add cache tiers top first, then the source.
     pub fn builder() -> TieredCacheBuilder<K, V> {
         TieredCacheBuilder::new()

@@ -15,15 +15,24 @@ use crate::tier::Key;
 /// use tiercache_core::StorageKey;
 /// assert_eq!("alice".to_string().storage_key(), "alice");
 /// assert_eq!(42u64.storage_key(), "42");
+/// assert_eq!(u64::from_storage_key("42"), Some(42));
+/// assert_eq!(u64::from_storage_key("042"), None);
 /// ```
 pub trait StorageKey: Key {
     /// The key as text.
     fn storage_key(&self) -> Cow<'_, str>;
+
+    /// The key whose text is `text`, if any (for messages between instances that name keys).
+    fn from_storage_key(text: &str) -> Option<Self>;
 }
 
 impl StorageKey for String {
     fn storage_key(&self) -> Cow<'_, str> {
         Cow::Borrowed(self)
+    }
+
+    fn from_storage_key(text: &str) -> Option<Self> {
+        Some(text.to_owned())
     }
 }
 
@@ -31,17 +40,19 @@ impl StorageKey for Arc<str> {
     fn storage_key(&self) -> Cow<'_, str> {
         Cow::Borrowed(self)
     }
+
+    fn from_storage_key(text: &str) -> Option<Self> {
+        Some(Arc::from(text))
+    }
 }
 
 impl StorageKey for Box<str> {
     fn storage_key(&self) -> Cow<'_, str> {
         Cow::Borrowed(self)
     }
-}
 
-impl StorageKey for &'static str {
-    fn storage_key(&self) -> Cow<'_, str> {
-        Cow::Borrowed(self)
+    fn from_storage_key(text: &str) -> Option<Self> {
+        Some(Box::from(text))
     }
 }
 
@@ -50,6 +61,12 @@ macro_rules! integer_keys {
         impl StorageKey for $t {
             fn storage_key(&self) -> Cow<'_, str> {
                 Cow::Owned(self.to_string())
+            }
+
+            fn from_storage_key(text: &str) -> Option<Self> {
+                let parsed: $t = text.parse().ok()?;
+                // Only the canonical text ("7", not "+7" or "07") names a key.
+                (parsed.to_string() == text).then_some(parsed)
             }
         }
     )*};

@@ -7,6 +7,8 @@
 //!   ready, for all operations or one ([`Op`]).
 //! * [`BackplaneHub`]: an in-process backplane joining several chain instances, with random
 //!   delivery delays and lost messages on demand.
+//! * `FaultProxy` (feature `proxy`): a TCP proxy between a client and a real server whose mode
+//!   switches between pass, latency, blackhole, reset and close-after-N-bytes.
 //! * [`ManualClock`]: time that moves only when the test says, so TTL tests never sleep.
 //! * [`env`](mod@env): where the test servers are (`REDIS_URL`, `DATABASE_URL`), unique names that keep
 //!   parallel tests apart, and the message a test gives when a server is unreachable.
@@ -65,10 +67,14 @@ mod fake;
 mod fault;
 #[cfg(feature = "postgres")]
 pub mod postgres_env;
+#[cfg(feature = "proxy")]
+mod proxy;
 #[cfg(feature = "redis")]
 pub mod redis_env;
 
 pub use backplane::{BackplaneHandle, BackplaneHub};
 pub use fake::{Calls, DEFAULT_FAKE_TTL, FakeTier};
 pub use fault::{Fault, FaultSwitch, Faulty, Gate, InjectedFault, Op};
+#[cfg(feature = "proxy")]
+pub use proxy::{FaultProxy, ProxyMode};
 pub use tiercache_core::{Clock, ManualClock, MockCacheTier};

@@ -35,6 +35,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backplane;
 pub mod envelope;
 pub mod keys;
 pub mod scripts;
@@ -57,6 +58,7 @@ use tiercache_core::{
 use crate::envelope::Stored;
 use crate::scripts::Scripts;
 
+pub use crate::backplane::{BackplaneStats, RedisBackplane};
 pub use crate::keys::{decode_key, encode_key};
 
 /// Default server.
@@ -207,6 +209,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         let mut out = self.config.prefix.clone();
         out.push_str(&encode_key(&key.storage_key()));
         out
+    }
+
+    /// The redis client (to open a [`RedisBackplane`] on the same server and settings).
+    #[must_use]
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// The key prefix.

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use tiercache_core::{CacheTier, ChainStats, Clock, Origin, TierStats, TieredCache, Version};
 use tiercache_memory::MemoryTier;
 use tiercache_postgres::PostgresTier;
-use tiercache_redis::RedisTier;
+use tiercache_redis::{BackplaneStats, RedisBackplane, RedisTier};
 use tiercache_sqlite::SqliteTier;
 
 use crate::config::UserConfig;
@@ -85,6 +85,7 @@ pub struct UserConfigStorage {
     cache: TieredCache<Key, UserConfig>,
     memory: Arc<MemoryTier<Key, UserConfig>>,
     redis: Option<Arc<RedisTier<Key, UserConfig>>>,
+    backplane: Option<RedisBackplane>,
     database: Database,
     max_config_bytes: usize,
 }
@@ -94,6 +95,7 @@ impl fmt::Debug for UserConfigStorage {
         f.debug_struct("UserConfigStorage")
             .field("memory", &self.memory)
             .field("redis", &self.redis)
+            .field("backplane", &self.backplane)
             .field("database", &self.database.backend())
             .field("max_config_bytes", &self.max_config_bytes)
             .finish()
@@ -249,6 +251,7 @@ impl UserConfigStorage {
                 connected: redis.as_ref().is_some_and(|(_, c)| *c),
                 stats: redis.map(|(s, _)| s),
             },
+            backplane: self.backplane.as_ref().map(RedisBackplane::stats),
             database: DatabaseStats {
                 enabled: true,
                 backend: self.database.backend().to_owned(),
@@ -263,6 +266,12 @@ impl UserConfigStorage {
     #[must_use]
     pub fn chain(&self) -> &TieredCache<Key, UserConfig> {
         &self.cache
+    }
+
+    /// The backplane, if Redis is configured and the backplane is on.
+    #[must_use]
+    pub fn backplane(&self) -> Option<&RedisBackplane> {
+        self.backplane.as_ref()
     }
 
     /// The Redis tier, if one is configured.
@@ -320,6 +329,8 @@ pub struct CacheStats {
     pub memory_cache: MemoryCacheStats,
     /// The Redis tier.
     pub redis_cache: RedisCacheStats,
+    /// Cross-instance invalidation over Redis pub/sub, if on.
+    pub backplane: Option<BackplaneStats>,
     /// The database.
     pub database: DatabaseStats,
     /// Every tier as the chain saw it: hits, misses, errors and timeouts per tier, source loads,
@@ -385,6 +396,7 @@ pub struct UserConfigStorageBuilder {
     redis_tier: Option<Arc<RedisTier<Key, UserConfig>>>,
     redis_ttl: Duration,
     redis_prefix: String,
+    backplane: bool,
     database_url: Option<String>,
     sqlite_path: Option<PathBuf>,
     custom_source: Option<Arc<dyn CacheTier<Key, UserConfig>>>,
@@ -418,6 +430,7 @@ impl Default for UserConfigStorageBuilder {
             redis_tier: None,
             redis_ttl: DEFAULT_REDIS_TTL,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            backplane: true,
             database_url: None,
             sqlite_path: None,
             custom_source: None,
@@ -459,6 +472,14 @@ impl UserConfigStorageBuilder {
     /// Defaults to [`DEFAULT_REDIS_PREFIX`].
     pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.redis_prefix = prefix.into();
+        self
+    }
+
+    /// Whether instances sharing Redis evict each other's memory copies after an update or an
+    /// invalidation, through Redis pub/sub (on the channel `<redis prefix>invalidations`).
+    /// Without Redis it does nothing. Defaults to `true`.
+    pub fn backplane(mut self, on: bool) -> Self {
+        self.backplane = on;
         self
     }
 
@@ -590,6 +611,16 @@ impl UserConfigStorageBuilder {
                 Database::Sqlite(Arc::new(SqliteTier::builder().path(path).build().await?))
             }
         };
+        let backplane = match (&redis, self.backplane) {
+            (Some(redis), true) => Some(
+                RedisBackplane::with_client(
+                    redis.client().clone(),
+                    format!("{}invalidations", redis.prefix()),
+                )
+                .map_err(settings)?,
+            ),
+            _ => None,
+        };
         let mut chain = TieredCache::builder()
             .shared_tier(memory.clone(), None)
             .clock(self.clock)
@@ -599,6 +630,9 @@ impl UserConfigStorageBuilder {
         if let Some(redis) = &redis {
             chain = chain.shared_tier(redis.clone(), Some(tiercache_core::DEFAULT_TIER_TIMEOUT));
         }
+        if let Some(backplane) = &backplane {
+            chain = chain.backplane(Arc::new(backplane.clone()));
+        }
         let cache = chain
             .shared_source(
                 database.tier(),
@@ -606,10 +640,14 @@ impl UserConfigStorageBuilder {
             )
             .build()
             .map_err(settings)?;
+        if let Some(backplane) = &backplane {
+            backplane.attach(&cache);
+        }
         Ok(UserConfigStorage {
             cache,
             memory,
             redis,
+            backplane,
             database,
             max_config_bytes: self.max_config_bytes,
         })

@@ -1,0 +1,471 @@
+//! [`RedisBackplane`]: cross-instance invalidation over Redis pub/sub (the seed's "distributed
+//! memory cache").
+//!
+//! * After an update, the chain publishes `key` and the new version; after a manual
+//!   invalidation, `key` alone. Fills are never published.
+//! * Each instance subscribes to the channel and applies the others' messages to its top tier
+//!   ([`TieredCache::apply_remote_invalidation`]): copies older than the version are dropped and
+//!   refused afterwards, so a late message never evicts a newer entry. Its own messages are
+//!   ignored (each carries the sender's random instance id).
+//! * **Missed messages**: while the subscription is down, messages are lost. When it comes back
+//!   (or at a health check that finds it dead: a PING every second that must answer within the
+//!   command time limit), the instance flushes its top tier ([`TieredCache::flush_local`])
+//!   before applying anything else: whatever it held might have been invalidated meanwhile.
+//! * A publish that fails is kept (the latest version per key, up to 10,000 keys) and retried
+//!   every 100 ms; if more keys pile up than that, the next successful publish is a "flush
+//!   everything" message.
+//!
+//! Wire format (UTF-8): `tc1 <instance id, hex> <version | - | *> <percent-encoded key>`, where
+//! `-` is a manual invalidation and `*` (with an empty key) asks every instance to flush.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use redis::Client;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tiercache_core::{
+    Backplane, Counter, Error, Result, StorageKey, TieredCache, Value, Version, WeakTieredCache,
+};
+use tokio::task::JoinHandle;
+
+use crate::keys::{decode_key, encode_key};
+use crate::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_URL, Redacted};
+
+/// Default channel.
+pub const DEFAULT_CHANNEL: &str = "tiercache:invalidations";
+/// How often the subscription is checked with a PING.
+pub const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// How often failed publishes are retried.
+const RETRY_EVERY: Duration = Duration::from_millis(100);
+/// Failed publishes kept for retry before falling back to "flush everything".
+const MAX_PENDING: usize = 10_000;
+
+/// What a message asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Notice {
+    /// Drop copies of the key older than the version (`None`: whatever is held).
+    Key(String, Option<Version>),
+    /// Drop everything (the sender lost messages).
+    Flush,
+}
+
+fn encode_message(instance: u64, notice: &Notice) -> String {
+    match notice {
+        Notice::Key(key, Some(v)) => format!("tc1 {instance:x} {v} {}", encode_key(key)),
+        Notice::Key(key, None) => format!("tc1 {instance:x} - {}", encode_key(key)),
+        Notice::Flush => format!("tc1 {instance:x} * "),
+    }
+}
+
+fn decode_message(text: &str) -> Option<(u64, Notice)> {
+    let mut parts = text.splitn(4, ' ');
+    if parts.next()? != "tc1" {
+        return None;
+    }
+    let instance = u64::from_str_radix(parts.next()?, 16).ok()?;
+    let version = parts.next()?;
+    let key = parts.next()?;
+    let notice = match version {
+        "*" => Notice::Flush,
+        "-" => Notice::Key(decode_key(key)?, None),
+        v => Notice::Key(decode_key(key)?, Some(v.parse().ok()?)),
+    };
+    Some((instance, notice))
+}
+
+struct Inner {
+    client: Client,
+    channel: String,
+    instance: u64,
+    timeout: Duration,
+    connect_timeout: Duration,
+    publisher: OnceLock<ConnectionManager>,
+    pending: Mutex<HashMap<String, Option<Version>>>,
+    overflowed: AtomicBool,
+    subscribed: AtomicBool,
+    task: Mutex<Option<JoinHandle<()>>>,
+    published: Counter,
+    received: Counter,
+    publish_errors: Counter,
+    gaps: Counter,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+/// Cross-instance invalidation over Redis pub/sub. Cheap to clone; clones share the
+/// connections. See the [module docs](self).
+///
+/// ```no_run
+/// # async fn demo() -> tiercache_core::Result<()> {
+/// use std::sync::Arc;
+/// use tiercache_core::TieredCache;
+/// use tiercache_memory::MemoryTier;
+/// use tiercache_redis::{RedisBackplane, RedisTier};
+/// # let source = tiercache_redis::RedisTier::<String, String>::builder().build()?;
+///
+/// let backplane = RedisBackplane::new("redis://127.0.0.1:6379/", "myapp:invalidations")?;
+/// let cache = TieredCache::builder()
+///     .tier(MemoryTier::<String, String>::new())
+///     .tier(RedisTier::builder().build()?)
+///     .source(source)
+///     .backplane(Arc::new(backplane.clone()))
+///     .build()?;
+/// backplane.attach(&cache); // starts listening to the other instances
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisBackplane {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for RedisBackplane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisBackplane")
+            .field("server", &Redacted(&self.inner.client))
+            .field("channel", &self.inner.channel)
+            .field("instance", &format_args!("{:x}", self.inner.instance))
+            .field("subscribed", &self.is_subscribed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts of a backplane's traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct BackplaneStats {
+    /// Messages sent.
+    pub published: u64,
+    /// Messages from other instances applied.
+    pub received: u64,
+    /// Publishes that failed (and were kept for retry).
+    pub publish_errors: u64,
+    /// Times the subscription was found lost and the top tier flushed.
+    pub gaps: u64,
+    /// Whether the subscription is up now.
+    pub subscribed: bool,
+}
+
+impl RedisBackplane {
+    /// A backplane on the Redis at `url` (same forms as [`RedisTierBuilder::url`]
+    /// (crate::RedisTierBuilder::url)), publishing and listening on `channel`. Nothing
+    /// connects until the first publish or [`attach`](Self::attach).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a URL that does not parse or an empty channel.
+    pub fn new(url: &str, channel: impl Into<String>) -> Result<Self> {
+        Self::with_client(
+            Client::open(url).map_err(|e| {
+                Error::Config(format!("the Redis URL does not parse ({:?})", e.kind()))
+            })?,
+            channel,
+        )
+    }
+
+    /// A backplane over an already configured client (TLS certificates, for instance).
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an empty channel.
+    pub fn with_client(client: Client, channel: impl Into<String>) -> Result<Self> {
+        let channel = channel.into();
+        if channel.is_empty() {
+            return Err(Error::Config(
+                "the backplane channel must not be empty".into(),
+            ));
+        }
+        Ok(RedisBackplane {
+            inner: Arc::new(Inner {
+                client,
+                channel,
+                instance: fastrand::u64(..),
+                timeout: DEFAULT_TIMEOUT,
+                connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                publisher: OnceLock::new(),
+                pending: Mutex::new(HashMap::new()),
+                overflowed: AtomicBool::new(false),
+                subscribed: AtomicBool::new(false),
+                task: Mutex::new(None),
+                published: Counter::default(),
+                received: Counter::default(),
+                publish_errors: Counter::default(),
+                gaps: Counter::default(),
+            }),
+        })
+    }
+
+    /// A backplane on the local default server and channel.
+    ///
+    /// # Errors
+    /// Never, in practice (the defaults are valid).
+    pub fn local() -> Result<Self> {
+        Self::new(DEFAULT_URL, DEFAULT_CHANNEL)
+    }
+
+    /// Whether the subscription is up.
+    #[must_use]
+    pub fn is_subscribed(&self) -> bool {
+        self.inner.subscribed.load(Ordering::Relaxed)
+    }
+
+    /// Counts of the traffic so far.
+    #[must_use]
+    pub fn stats(&self) -> BackplaneStats {
+        let i = &self.inner;
+        BackplaneStats {
+            published: i.published.get(),
+            received: i.received.get(),
+            publish_errors: i.publish_errors.get(),
+            gaps: i.gaps.get(),
+            subscribed: self.is_subscribed(),
+        }
+    }
+
+    /// Starts applying the other instances' messages to `chain` (in a task on the current
+    /// tokio runtime). The task ends when the chain is dropped.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn attach<K, V>(&self, chain: &TieredCache<K, V>)
+    where
+        K: StorageKey,
+        V: Value,
+    {
+        let task = tokio::spawn(listen(Arc::downgrade(&self.inner), chain.downgrade()));
+        if let Some(old) = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .replace(task)
+        {
+            old.abort();
+        }
+    }
+
+    fn publisher(&self) -> Result<ConnectionManager> {
+        if let Some(m) = self.inner.publisher.get() {
+            return Ok(m.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.inner.timeout))
+            .set_connection_timeout(Some(self.inner.connect_timeout))
+            .set_number_of_retries(1);
+        let manager = ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
+            .map_err(|e| Error::unavailable("backplane", e))?;
+        Ok(self.inner.publisher.get_or_init(|| manager).clone())
+    }
+
+    async fn send(&self, notice: &Notice) -> Result<()> {
+        let mut con = self.publisher()?;
+        let message = encode_message(self.inner.instance, notice);
+        let _: i64 = redis::cmd("PUBLISH")
+            .arg(&self.inner.channel)
+            .arg(message)
+            .query_async(&mut con)
+            .await
+            .map_err(|e| Error::unavailable("backplane", e))?;
+        self.inner.published.incr();
+        Ok(())
+    }
+
+    /// Sends what failed before; stops at the first failure.
+    async fn retry_pending(&self) -> Result<()> {
+        if self.inner.overflowed.load(Ordering::Acquire) {
+            self.send(&Notice::Flush).await?;
+            self.inner.overflowed.store(false, Ordering::Release);
+        }
+        let pending: Vec<(String, Option<Version>)> = {
+            let mut map = self
+                .inner
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            map.drain().collect()
+        };
+        let mut pending = pending.into_iter();
+        while let Some((key, version)) = pending.next() {
+            if let Err(e) = self.send(&Notice::Key(key.clone(), version)).await {
+                self.keep(key, version);
+                for (key, version) in pending {
+                    self.keep(key, version);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    fn keep(&self, key: String, version: Option<Version>) {
+        let mut map = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= MAX_PENDING && !map.contains_key(&key) {
+            self.inner.overflowed.store(true, Ordering::Release);
+            map.clear();
+            return;
+        }
+        let slot = map.entry(key).or_insert(version);
+        *slot = match (*slot, version) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+}
+
+#[async_trait]
+impl<K: StorageKey> Backplane<K> for RedisBackplane {
+    async fn publish(&self, key: &K, version: Option<Version>) -> Result<()> {
+        let text = key.storage_key().into_owned();
+        let has_pending = self.inner.overflowed.load(Ordering::Acquire)
+            || !self
+                .inner
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty();
+        let result = if has_pending {
+            self.keep(text, version);
+            self.retry_pending().await
+        } else {
+            match self.send(&Notice::Key(text.clone(), version)).await {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    self.keep(text, version);
+                    Err(e)
+                }
+            }
+        };
+        if result.is_err() {
+            self.inner.publish_errors.incr();
+        }
+        result
+    }
+}
+
+/// The subscriber: (re)subscribes, applies messages, checks the subscription, retries failed
+/// publishes, and flushes the top tier after every gap.
+async fn listen<K: StorageKey, V: Value>(
+    backplane: std::sync::Weak<Inner>,
+    chain: WeakTieredCache<K, V>,
+) {
+    let mut first = true;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let Some(inner) = backplane.upgrade() else {
+            return;
+        };
+        let this = RedisBackplane { inner };
+        let connected = tokio::time::timeout(this.inner.connect_timeout, async {
+            let mut pubsub = this.inner.client.get_async_pubsub().await?;
+            pubsub.subscribe(&this.inner.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        })
+        .await;
+        let pubsub = match connected {
+            Ok(Ok(pubsub)) => pubsub,
+            _ => {
+                drop(this);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(50);
+        this.inner.subscribed.store(true, Ordering::Relaxed);
+        if !first {
+            // Messages sent while the subscription was down are lost.
+            this.inner.gaps.incr();
+            let Some(chain) = chain.upgrade() else { return };
+            chain.flush_local().await;
+        }
+        first = false;
+        let (mut sink, mut stream) = pubsub.split();
+        let mut health = tokio::time::interval(HEALTH_CHECK_EVERY);
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        let instance = this.inner.instance;
+        loop {
+            tokio::select! {
+                message = stream.next() => {
+                    let Some(message) = message else { break };
+                    let Some((sender, notice)) =
+                        std::str::from_utf8(message.get_payload_bytes()).ok().and_then(decode_message)
+                    else {
+                        tracing::debug!("backplane message not understood; ignored");
+                        continue;
+                    };
+                    if sender == instance {
+                        continue;
+                    }
+                    let Some(chain) = chain.upgrade() else { return };
+                    this.inner.received.incr();
+                    match notice {
+                        Notice::Flush => chain.flush_local().await,
+                        Notice::Key(text, version) => {
+                            if let Some(key) = K::from_storage_key(&text) {
+                                chain.apply_remote_invalidation(&key, version).await;
+                            }
+                        }
+                    }
+                }
+                _ = health.tick() => {
+                    if chain.upgrade().is_none() {
+                        return;
+                    }
+                    let alive = tokio::time::timeout(
+                        this.inner.timeout.max(Duration::from_millis(200)),
+                        sink.ping::<redis::Value>(),
+                    )
+                    .await;
+                    if !matches!(alive, Ok(Ok(_))) {
+                        tracing::warn!("backplane subscription unresponsive; reconnecting");
+                        break;
+                    }
+                }
+                _ = retry.tick() => {
+                    let _ = this.retry_pending().await;
+                }
+            }
+        }
+        this.inner.subscribed.store(false, Ordering::Relaxed);
+        tracing::warn!("backplane subscription lost");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        for notice in [
+            Notice::Key("a b:c".into(), Some(42)),
+            Notice::Key("ünï".into(), None),
+            Notice::Key(String::new(), Some(1)),
+            Notice::Flush,
+        ] {
+            let text = encode_message(0xabc, &notice);
+            assert_eq!(decode_message(&text), Some((0xabc, notice)), "{text}");
+        }
+        assert_eq!(decode_message("tc2 1 2 x"), None);
+        assert_eq!(decode_message("tc1 zz 2 x"), None);
+        assert_eq!(decode_message("tc1 1 two x"), None);
+        assert_eq!(decode_message("tc1 1 2 a:b"), None, "not an encoded key");
+    }
+}
