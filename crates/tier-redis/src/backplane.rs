@@ -162,9 +162,9 @@ pub struct BackplaneStats {
 }
 
 impl RedisBackplane {
-    /// A backplane on the Redis at `url` (same forms as [`RedisTierBuilder::url`]
-    /// (crate::RedisTierBuilder::url)), publishing and listening on `channel`. Nothing
-    /// connects until the first publish or [`attach`](Self::attach).
+    /// A backplane on the Redis at `url` (same forms as
+    /// [`RedisTierBuilder::url`](crate::RedisTierBuilder::url)), publishing and listening on
+    /// `channel`. Nothing connects until the first publish or [`attach`](Self::attach).
     ///
     /// # Errors
     /// [`Error::Config`] for a URL that does not parse or an empty channel.
