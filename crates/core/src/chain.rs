@@ -18,8 +18,8 @@ use crate::tier::{CacheTier, Key, Peek, Value};
 
 /// Default time limit of a call to a cache tier.
 pub const DEFAULT_TIER_TIMEOUT: Duration = Duration::from_millis(250);
-/// Default time limit of a call to the source.
-pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time limit of a call to the source: a read that cannot be answered fails within it.
+pub const DEFAULT_SOURCE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Default time to live of a cached "not found".
 pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
 /// Default oldest stale copy served when the source fails.
@@ -747,6 +747,20 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 .call("invalidate", top.tier.invalidate(key, below))
                 .await;
         }
+    }
+
+    /// Replays the invalidations cache tiers missed while they were unreachable (each tier's
+    /// are replayed anyway before it is next read; call this periodically so that other
+    /// instances sharing the tier never read what this one could not invalidate). Returns the
+    /// first failure; what failed stays for next time.
+    pub async fn repair(&self) -> Result<()> {
+        let mut first_error = None;
+        for level in &self.inner.tiers {
+            if let Err(e) = level.repair().await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Empties the top (in-process) tier, for when this instance may have missed invalidations

@@ -10,7 +10,7 @@
 //!   statement that upserts and increments the version atomically and returns it.
 //! * The pool connects lazily: [`PostgresTierBuilder::build`] needs no running server, and the
 //!   migrations run on first use (retried on later calls if they failed). Acquire (1 s) and
-//!   statement (2 s) time limits are short by default; a server that refuses connections is a
+//!   statement (1.5 s) time limits are short by default; a server that refuses connections is a
 //!   transient [`Error::Unavailable`] whose source says so, not a bare pool time-out.
 //! * TLS comes from the URL: `?sslmode=require`, `verify-ca` or `verify-full` (with
 //!   `sslrootcert=/path/ca.pem`), through the system's OpenSSL.
@@ -61,8 +61,9 @@ pub const DEFAULT_TABLE: &str = "tiercache_entries";
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
 /// Default time limit for getting a connection from the pool.
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Default time limit of one statement (set on each connection as `statement_timeout`).
-pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default time limit of one statement (set on each connection as `statement_timeout`); below
+/// the chain's default source time limit, so that the server cancels a slow statement itself.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Default tier name.
 pub const DEFAULT_NAME: &str = "postgres";
 /// After the server was found unreachable, calls fail at once for this long.

@@ -13,7 +13,8 @@
 //!   before applying anything else: whatever it held might have been invalidated meanwhile.
 //! * A publish that fails is kept (the latest version per key, up to 10,000 keys) and retried
 //!   every 100 ms; if more keys pile up than that, the next successful publish is a "flush
-//!   everything" message.
+//!   everything" message. On the same tick the subscriber asks the chain to replay the
+//!   invalidations its shared tiers missed ([`TieredCache::repair`]).
 //!
 //! Wire format (UTF-8): `tc1 <instance id, hex> <version | - | *> <percent-encoded key>`, where
 //! `-` is a manual invalidation and `*` (with an empty key) asks every instance to flush.
@@ -440,6 +441,10 @@ async fn listen<K: StorageKey, V: Value>(
                 }
                 _ = retry.tick() => {
                     let _ = this.retry_pending().await;
+                    // Replay the invalidations the shared tiers missed while unreachable, so
+                    // that other instances never read what this one could not invalidate.
+                    let Some(chain) = chain.upgrade() else { return };
+                    let _ = chain.repair().await;
                 }
             }
         }
