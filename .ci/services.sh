@@ -32,6 +32,10 @@ ensure_build_deps() {
     echo "installing libssl-dev and pkg-config (for native-tls)"
     apt_install libssl-dev pkg-config
   fi
+  if ! command -v openssl >/dev/null 2>&1; then
+    echo "installing openssl (the TLS test makes its certificates with it)"
+    apt_install openssl
+  fi
 }
 
 ensure_redis() {

@@ -192,6 +192,18 @@ struct FailingFast;
 #[error("value does not serialize: {0}")]
 struct Unserializable(String);
 
+/// Where and why JSON did not decode, without quoting the data (it may be a user's
+/// configuration): "data error at line 1 column 31".
+fn json_error(e: &serde_json::Error) -> String {
+    let kind = match e.classify() {
+        serde_json::error::Category::Io => "io",
+        serde_json::error::Category::Syntax => "syntax",
+        serde_json::error::Category::Data => "data",
+        serde_json::error::Category::Eof => "unexpected end",
+    };
+    format!("{kind} error at line {} column {}", e.line(), e.column())
+}
+
 /// A stored payload that does not deserialize.
 #[derive(Debug, thiserror::Error)]
 #[error("stored value does not decode: {0}")]
@@ -344,7 +356,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
                             expires_at,
                         })
                     })
-                    .map_err(|e| Undecodable(e.to_string()).to_string()),
+                    .map_err(|e| Undecodable(json_error(&e)).to_string()),
             });
         match decoded {
             Ok(entry) => entry,
@@ -536,6 +548,7 @@ where
 #[must_use]
 pub struct RedisTierBuilder<K, V> {
     url: String,
+    root_certificate: Option<Vec<u8>>,
     config: Config,
     tombstone_ttl: Option<Duration>,
     clock: Clock,
@@ -546,6 +559,7 @@ impl<K, V> Default for RedisTierBuilder<K, V> {
     fn default() -> Self {
         RedisTierBuilder {
             url: DEFAULT_URL.to_owned(),
+            root_certificate: None,
             config: Config {
                 name: DEFAULT_NAME.to_owned(),
                 prefix: DEFAULT_PREFIX.to_owned(),
@@ -584,6 +598,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     /// Defaults to [`DEFAULT_URL`].
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = url.into();
+        self
+    }
+
+    /// For `rediss://`: trust only this CA certificate (PEM) instead of the system's trust
+    /// store (a private CA). Hostnames are still verified.
+    pub fn root_certificate(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.root_certificate = Some(pem.into());
         self
     }
 
@@ -651,12 +672,23 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     /// [`Error::Config`] for a URL that does not parse (the message never repeats the URL), a
     /// zero TTL or time limit, a jitter outside `[0, 1)`, or an empty prefix.
     pub fn build(self) -> Result<RedisTier<K, V>> {
-        let client = Client::open(self.url.as_str()).map_err(|e| {
+        let bad_url = |e: RedisError| {
             Error::Config(format!(
                 "the Redis URL does not parse ({:?}); expected redis://[user[:password]@]host[:port][/db] or rediss://...",
                 e.kind()
             ))
-        })?;
+        };
+        let client = match self.root_certificate {
+            Some(pem) => Client::build_with_tls(
+                self.url.as_str(),
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem),
+                },
+            )
+            .map_err(bad_url)?,
+            None => Client::open(self.url.as_str()).map_err(bad_url)?,
+        };
         let c = &self.config;
         if c.ttl.is_zero() || c.timeout.is_zero() || c.connect_timeout.is_zero() {
             return Err(Error::Config(

@@ -187,7 +187,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
                 &self.name,
                 Undecodable {
                     key: key.to_owned(),
-                    reason: e.to_string(),
+                    // Where and why, never the data (it may be a user's configuration).
+                    reason: format!(
+                        "{:?} error at line {} column {}",
+                        e.classify(),
+                        e.line(),
+                        e.column()
+                    ),
                 },
             )
         })?;

@@ -5,8 +5,8 @@
 //!   platform ("missing sections were filled with defaults").
 //! * Fields this version does not know are kept in `extra` maps at every level and written back
 //!   unchanged, so that a read-modify-write by an older service never drops a newer one's data.
-//! * `Debug` prints field names and types only for the sections; it is derived, but nothing
-//!   here is a secret. Values are never logged by the storage layer.
+//! * `UserConfig`'s `Debug` shows the user id only, never a value, and the storage layer never
+//!   logs a value.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -18,7 +18,10 @@ pub type Extra = Map<String, Value>;
 pub const NIL_PROFILE_ID: &str = "00000000-0000-0000-0000-000000000000";
 
 /// A user's configuration (schema `UserConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `Debug` shows the user id and the unknown fields' names, never a value: configurations may
+/// hold private data and must not reach logs. Print a section to see its values.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct UserConfig {
     /// The user's id (the only required field of the schema).
@@ -55,6 +58,15 @@ impl Default for UserConfig {
             image_generation: ImageGenerationConfig::default(),
             extra: Extra::new(),
         }
+    }
+}
+
+impl std::fmt::Debug for UserConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UserConfig")
+            .field("user_id", &self.user_id)
+            .field("unknown_fields", &self.extra.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
     }
 }
 
@@ -401,6 +413,20 @@ mod tests {
         // And a second trip changes nothing.
         let again: UserConfig = serde_json::from_value(back.clone()).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn debug_shows_no_value() {
+        let mut c = UserConfig::default_for("u1");
+        c.preferences.theme = "private-theme".into();
+        c.extra
+            .insert("voice".into(), json!({"secret": "private-extra"}));
+        let printed = format!("{c:?}");
+        assert!(
+            printed.contains("u1") && printed.contains("voice"),
+            "{printed}"
+        );
+        assert!(!printed.contains("private"), "{printed}");
     }
 
     #[test]

@@ -309,7 +309,7 @@ impl Answer {
     }
 }
 
-/// A configuration with its version and the tier that answered.
+/// A configuration with its version and the tier that answered. (`Debug` shows no value.)
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct FetchedConfig {
