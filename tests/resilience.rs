@@ -145,7 +145,7 @@ async fn the_backplane_evicts_older_copies_from_other_instances() {
 
     // A late message never evicts a newer entry.
     instances[2]
-        .apply_remote_invalidation(&key("k"), Some(1))
+        .apply_remote_invalidation(&key("k"), Some(1), None)
         .await;
     assert_eq!(
         instances[2].fetch(&key("k")).await.unwrap().origin,

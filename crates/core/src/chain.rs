@@ -294,7 +294,7 @@ struct Inner<K, V> {
     policy: Policy,
     flights: Flights<K, Result<Fetched<V>>>,
     floors: Floors<K>,
-    backplane: Option<Arc<dyn Backplane<K>>>,
+    backplane: Option<Arc<dyn Backplane<K, V>>>,
     /// Bumped by every manual invalidation and clear. A load that sees it change skips its
     /// back-fill, so that it cannot put back what was just invalidated.
     epoch: AtomicU64,
@@ -660,7 +660,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         inner.counters.updates.incr();
         // No request that starts after this returns may join a load that began before it.
         inner.flights.forget(key);
-        let entry = Entry::new(value, version);
+        let entry = Entry::new(Arc::clone(&value), version);
         let previous = version.checked_sub(1);
         let mut missed = vec![false; inner.tiers.len()];
         for (i, level) in inner.tiers.iter().enumerate().rev() {
@@ -690,7 +690,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);
             inner.floors.raise(key, version, inner.clock.now(), life);
         }
-        self.publish(key, Some(version)).await;
+        self.publish(key, Some(version), Some(value)).await;
         Ok(version)
     }
 
@@ -718,35 +718,56 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 first_error.get_or_insert(e);
             }
         }
-        self.publish(key, None).await;
+        self.publish(key, None, None).await;
         first_error.map_or(Ok(()), Err)
     }
 
-    async fn publish(&self, key: &K, version: Option<Version>) {
+    async fn publish(&self, key: &K, version: Option<Version>, value: Option<Arc<V>>) {
         if let Some(backplane) = &self.inner.backplane {
-            if let Err(error) = backplane.publish(key, version).await {
+            if let Err(error) = backplane.publish(key, version, value).await {
                 self.inner.counters.backplane_errors.incr();
                 tracing::warn!(%error, "could not publish an invalidation");
             }
         }
     }
 
-    /// Applies another instance's invalidation (from a [`Backplane`]): the top tier drops its
-    /// copy of `key` older than `version` and refuses such copies afterwards (`None`: drops
-    /// whatever it holds, and loads running now skip their back-fill).
-    pub async fn apply_remote_invalidation(&self, key: &K, version: Option<Version>) {
+    /// Applies another instance's update or invalidation (from a [`Backplane`]) to the top
+    /// tier. With a `value` (the value at `version`) and a copy of `key` held, the copy is
+    /// replaced by the new version, so that a hot key stays hot; otherwise copies older than
+    /// `version` are dropped and refused afterwards (`None`: whatever is held is dropped, and
+    /// loads running now skip their back-fill). The tier's version rules make a late message
+    /// harmless: it never replaces or evicts a newer entry.
+    pub async fn apply_remote_invalidation(
+        &self,
+        key: &K,
+        version: Option<Version>,
+        value: Option<Arc<V>>,
+    ) {
         let inner = &*self.inner;
         inner.counters.remote_invalidations.incr();
         if version.is_none() {
             inner.epoch.fetch_add(1, Ordering::SeqCst);
         }
         inner.flights.forget(key);
-        if let Some(top) = inner.tiers.first() {
-            let below = version.map(|v| v.saturating_sub(1));
-            let _ = top
-                .call("invalidate", top.tier.invalidate(key, below))
-                .await;
+        let Some(top) = inner.tiers.first() else {
+            return;
+        };
+        if let (Some(version), Some(value)) = (version, value) {
+            let held = matches!(
+                top.tier.get_stale(key, Duration::MAX).await,
+                Ok(Some(entry)) if entry.version < version
+            );
+            if held {
+                let _ = top
+                    .call("set", top.tier.set(key, Entry::new(value, version)))
+                    .await;
+                return;
+            }
         }
+        let below = version.map(|v| v.saturating_sub(1));
+        let _ = top
+            .call("invalidate", top.tier.invalidate(key, below))
+            .await;
     }
 
     /// Replays the invalidations cache tiers missed while they were unreachable (each tier's
@@ -872,7 +893,7 @@ type TierAndLimit<K, V> = (Arc<dyn CacheTier<K, V>>, Option<Duration>);
 pub struct TieredCacheBuilder<K, V> {
     tiers: Vec<TierAndLimit<K, V>>,
     source: Option<TierAndLimit<K, V>>,
-    backplane: Option<Arc<dyn Backplane<K>>>,
+    backplane: Option<Arc<dyn Backplane<K, V>>>,
     clock: Clock,
     policy: Policy,
 }
@@ -958,7 +979,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
 
     /// Publishes every update and invalidation to the other instances through `backplane`.
     /// Apply theirs with [`TieredCache::apply_remote_invalidation`].
-    pub fn backplane(mut self, backplane: Arc<dyn Backplane<K>>) -> Self {
+    pub fn backplane(mut self, backplane: Arc<dyn Backplane<K, V>>) -> Self {
         self.backplane = Some(backplane);
         self
     }

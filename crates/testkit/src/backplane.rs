@@ -159,8 +159,13 @@ impl<K: Key, V: Value> BackplaneHandle<K, V> {
 }
 
 #[async_trait]
-impl<K: Key, V: Value> Backplane<K> for BackplaneHandle<K, V> {
-    async fn publish(&self, key: &K, version: Option<Version>) -> Result<()> {
+impl<K: Key, V: Value> Backplane<K, V> for BackplaneHandle<K, V> {
+    async fn publish(
+        &self,
+        key: &K,
+        version: Option<Version>,
+        value: Option<Arc<V>>,
+    ) -> Result<()> {
         if self.hub.dropping.load(Ordering::Relaxed) {
             return Ok(());
         }
@@ -184,7 +189,9 @@ impl<K: Key, V: Value> Backplane<K> for BackplaneHandle<K, V> {
             };
             self.hub.delivered.fetch_add(1, Ordering::Relaxed);
             if max.is_zero() {
-                chain.apply_remote_invalidation(key, version).await;
+                chain
+                    .apply_remote_invalidation(key, version, value.clone())
+                    .await;
             } else {
                 let delay = max.mul_f64(
                     self.hub
@@ -193,10 +200,10 @@ impl<K: Key, V: Value> Backplane<K> for BackplaneHandle<K, V> {
                         .unwrap_or_else(PoisonError::into_inner)
                         .f64(),
                 );
-                let key = key.clone();
+                let (key, value) = (key.clone(), value.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    chain.apply_remote_invalidation(&key, version).await;
+                    chain.apply_remote_invalidation(&key, version, value).await;
                 });
             }
         }

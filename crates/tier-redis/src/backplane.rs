@@ -1,12 +1,15 @@
 //! [`RedisBackplane`]: cross-instance invalidation over Redis pub/sub (the seed's "distributed
 //! memory cache").
 //!
-//! * After an update, the chain publishes `key` and the new version; after a manual
-//!   invalidation, `key` alone. Fills are never published.
+//! * After an update, the chain publishes `key`, the new version and the new value (as JSON,
+//!   when it serializes to at most 16 KiB: [`RedisBackplane::set_carry_values_up_to`]); after a
+//!   manual invalidation, `key` alone. Fills are never published.
 //! * Each instance subscribes to the channel and applies the others' messages to its top tier
-//!   ([`TieredCache::apply_remote_invalidation`]): copies older than the version are dropped and
-//!   refused afterwards, so a late message never evicts a newer entry. Its own messages are
-//!   ignored (each carries the sender's random instance id).
+//!   ([`TieredCache::apply_remote_invalidation`]): a copy it holds is replaced by the new
+//!   version when the value came along (no Redis round trip on the next read), else copies
+//!   older than the version are dropped and refused afterwards. A late message never evicts
+//!   or replaces a newer entry. Its own messages are ignored (each carries the sender's random
+//!   instance id).
 //! * **Missed messages**: while the subscription is down, messages are lost. When it comes back
 //!   (or at a health check that finds it dead: a PING every second that must answer within the
 //!   command time limit), the instance flushes its top tier ([`TieredCache::flush_local`])
@@ -16,8 +19,9 @@
 //!   everything" message. On the same tick the subscriber asks the chain to replay the
 //!   invalidations its shared tiers missed ([`TieredCache::repair`]).
 //!
-//! Wire format (UTF-8): `tc1 <instance id, hex> <version | - | *> <percent-encoded key>`, where
-//! `-` is a manual invalidation and `*` (with an empty key) asks every instance to flush.
+//! Wire format (UTF-8): `tc1 <instance id, hex> <version | - | *> <percent-encoded key>
+//! [<value as JSON>]`, where `-` is a manual invalidation and `*` (with an empty key) asks every
+//! instance to flush.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,6 +33,8 @@ use async_trait::async_trait;
 use futures_util::StreamExt;
 use redis::Client;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tiercache_core::{
     Backplane, Counter, Error, Result, StorageKey, TieredCache, Value, Version, WeakTieredCache,
 };
@@ -46,35 +52,47 @@ const RETRY_EVERY: Duration = Duration::from_millis(100);
 /// Failed publishes kept for retry before falling back to "flush everything".
 const MAX_PENDING: usize = 10_000;
 
+/// Default largest value carried in an update message.
+pub const DEFAULT_CARRY_VALUES_UP_TO: usize = 16 * 1024;
+
 /// What a message asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Notice {
-    /// Drop copies of the key older than the version (`None`: whatever is held).
-    Key(String, Option<Version>),
+    /// Drop copies of the key older than the version (`None`: whatever is held), or replace a
+    /// held copy with the value (JSON) at that version.
+    Key(String, Option<Version>, Option<String>),
     /// Drop everything (the sender lost messages).
     Flush,
 }
 
 fn encode_message(instance: u64, notice: &Notice) -> String {
     match notice {
-        Notice::Key(key, Some(v)) => format!("tc1 {instance:x} {v} {}", encode_key(key)),
-        Notice::Key(key, None) => format!("tc1 {instance:x} - {}", encode_key(key)),
+        Notice::Key(key, version, value) => {
+            let version = version.map_or_else(|| "-".to_owned(), |v| v.to_string());
+            let mut text = format!("tc1 {instance:x} {version} {}", encode_key(key));
+            if let Some(json) = value {
+                text.push(' ');
+                text.push_str(json);
+            }
+            text
+        }
         Notice::Flush => format!("tc1 {instance:x} * "),
     }
 }
 
 fn decode_message(text: &str) -> Option<(u64, Notice)> {
-    let mut parts = text.splitn(4, ' ');
+    let mut parts = text.splitn(5, ' ');
     if parts.next()? != "tc1" {
         return None;
     }
     let instance = u64::from_str_radix(parts.next()?, 16).ok()?;
     let version = parts.next()?;
     let key = parts.next()?;
+    let value = parts.next().map(str::to_owned);
     let notice = match version {
         "*" => Notice::Flush,
-        "-" => Notice::Key(decode_key(key)?, None),
-        v => Notice::Key(decode_key(key)?, Some(v.parse().ok()?)),
+        "-" => Notice::Key(decode_key(key)?, None, None),
+        v => Notice::Key(decode_key(key)?, Some(v.parse().ok()?), value),
     };
     Some((instance, notice))
 }
@@ -85,6 +103,7 @@ struct Inner {
     instance: u64,
     timeout: Duration,
     connect_timeout: Duration,
+    carry_values_up_to: std::sync::atomic::AtomicUsize,
     publisher: OnceLock<ConnectionManager>,
     pending: Mutex<HashMap<String, Option<Version>>>,
     overflowed: AtomicBool,
@@ -196,6 +215,7 @@ impl RedisBackplane {
                 instance: fastrand::u64(..),
                 timeout: DEFAULT_TIMEOUT,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+                carry_values_up_to: std::sync::atomic::AtomicUsize::new(DEFAULT_CARRY_VALUES_UP_TO),
                 publisher: OnceLock::new(),
                 pending: Mutex::new(HashMap::new()),
                 overflowed: AtomicBool::new(false),
@@ -215,6 +235,15 @@ impl RedisBackplane {
     /// Never, in practice (the defaults are valid).
     pub fn local() -> Result<Self> {
         Self::new(DEFAULT_URL, DEFAULT_CHANNEL)
+    }
+
+    /// Update messages carry the new value when it serializes to at most `bytes` (0: never),
+    /// so that instances holding the key replace it without a Redis round trip. Defaults to
+    /// [`DEFAULT_CARRY_VALUES_UP_TO`]. Applies to every clone of this backplane.
+    pub fn set_carry_values_up_to(&self, bytes: usize) {
+        self.inner
+            .carry_values_up_to
+            .store(bytes, Ordering::Relaxed);
     }
 
     /// Whether the subscription is up.
@@ -244,7 +273,7 @@ impl RedisBackplane {
     pub fn attach<K, V>(&self, chain: &TieredCache<K, V>)
     where
         K: StorageKey,
-        V: Value,
+        V: Value + DeserializeOwned,
     {
         let task = tokio::spawn(listen(Arc::downgrade(&self.inner), chain.downgrade()));
         if let Some(old) = self
@@ -300,7 +329,7 @@ impl RedisBackplane {
         };
         let mut pending = pending.into_iter();
         while let Some((key, version)) = pending.next() {
-            if let Err(e) = self.send(&Notice::Key(key.clone(), version)).await {
+            if let Err(e) = self.send(&Notice::Key(key.clone(), version, None)).await {
                 self.keep(key, version);
                 for (key, version) in pending {
                     self.keep(key, version);
@@ -331,9 +360,19 @@ impl RedisBackplane {
 }
 
 #[async_trait]
-impl<K: StorageKey> Backplane<K> for RedisBackplane {
-    async fn publish(&self, key: &K, version: Option<Version>) -> Result<()> {
+impl<K: StorageKey, V: Serialize + Send + Sync + 'static> Backplane<K, V> for RedisBackplane {
+    async fn publish(
+        &self,
+        key: &K,
+        version: Option<Version>,
+        value: Option<Arc<V>>,
+    ) -> Result<()> {
         let text = key.storage_key().into_owned();
+        let limit = self.inner.carry_values_up_to.load(Ordering::Relaxed);
+        let json = value
+            .filter(|_| limit > 0)
+            .and_then(|v| serde_json::to_string(&*v).ok())
+            .filter(|json| json.len() <= limit);
         let has_pending = self.inner.overflowed.load(Ordering::Acquire)
             || !self
                 .inner
@@ -345,7 +384,7 @@ impl<K: StorageKey> Backplane<K> for RedisBackplane {
             self.keep(text, version);
             self.retry_pending().await
         } else {
-            match self.send(&Notice::Key(text.clone(), version)).await {
+            match self.send(&Notice::Key(text.clone(), version, json)).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
                     self.keep(text, version);
@@ -362,10 +401,12 @@ impl<K: StorageKey> Backplane<K> for RedisBackplane {
 
 /// The subscriber: (re)subscribes, applies messages, checks the subscription, retries failed
 /// publishes, and flushes the top tier after every gap.
-async fn listen<K: StorageKey, V: Value>(
+async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
     backplane: std::sync::Weak<Inner>,
     chain: WeakTieredCache<K, V>,
 ) {
+    // Retries and repairs run beside the subscription, so that they never delay a message.
+    let _upkeep = AbortOnDrop(tokio::spawn(upkeep(backplane.clone(), chain.clone())));
     let mut first = true;
     let mut backoff = Duration::from_millis(50);
     loop {
@@ -397,59 +438,96 @@ async fn listen<K: StorageKey, V: Value>(
             chain.flush_local().await;
         }
         first = false;
-        let (mut sink, mut stream) = pubsub.split();
-        let mut health = tokio::time::interval(HEALTH_CHECK_EVERY);
-        let mut retry = tokio::time::interval(RETRY_EVERY);
+        let (sink, mut stream) = pubsub.split();
+        // The health check pings from its own task and says when the subscription is dead.
+        let (dead, mut died) = tokio::sync::oneshot::channel::<()>();
+        let checker = AbortOnDrop(tokio::spawn(health_check(
+            sink,
+            this.inner.timeout.max(Duration::from_millis(200)),
+            dead,
+        )));
         let instance = this.inner.instance;
         loop {
-            tokio::select! {
-                message = stream.next() => {
-                    let Some(message) = message else { break };
-                    let Some((sender, notice)) =
-                        std::str::from_utf8(message.get_payload_bytes()).ok().and_then(decode_message)
-                    else {
-                        tracing::debug!("backplane message not understood; ignored");
-                        continue;
-                    };
-                    if sender == instance {
-                        continue;
+            let message = tokio::select! {
+                message = stream.next() => message,
+                _ = &mut died => None,
+            };
+            let Some(message) = message else { break };
+            let Some((sender, notice)) = std::str::from_utf8(message.get_payload_bytes())
+                .ok()
+                .and_then(decode_message)
+            else {
+                tracing::debug!("backplane message not understood; ignored");
+                continue;
+            };
+            if sender == instance {
+                continue;
+            }
+            let Some(chain) = chain.upgrade() else { return };
+            this.inner.received.incr();
+            match notice {
+                Notice::Flush => chain.flush_local().await,
+                Notice::Key(text, version, json) => {
+                    // A value that does not decode only costs the shortcut: evict.
+                    let value = json
+                        .and_then(|j| serde_json::from_str::<V>(&j).ok())
+                        .map(Arc::new);
+                    if let Some(key) = K::from_storage_key(&text) {
+                        chain.apply_remote_invalidation(&key, version, value).await;
                     }
-                    let Some(chain) = chain.upgrade() else { return };
-                    this.inner.received.incr();
-                    match notice {
-                        Notice::Flush => chain.flush_local().await,
-                        Notice::Key(text, version) => {
-                            if let Some(key) = K::from_storage_key(&text) {
-                                chain.apply_remote_invalidation(&key, version).await;
-                            }
-                        }
-                    }
-                }
-                _ = health.tick() => {
-                    if chain.upgrade().is_none() {
-                        return;
-                    }
-                    let alive = tokio::time::timeout(
-                        this.inner.timeout.max(Duration::from_millis(200)),
-                        sink.ping::<redis::Value>(),
-                    )
-                    .await;
-                    if !matches!(alive, Ok(Ok(_))) {
-                        tracing::warn!("backplane subscription unresponsive; reconnecting");
-                        break;
-                    }
-                }
-                _ = retry.tick() => {
-                    let _ = this.retry_pending().await;
-                    // Replay the invalidations the shared tiers missed while unreachable, so
-                    // that other instances never read what this one could not invalidate.
-                    let Some(chain) = chain.upgrade() else { return };
-                    let _ = chain.repair().await;
                 }
             }
         }
+        drop(checker);
         this.inner.subscribed.store(false, Ordering::Relaxed);
         tracing::warn!("backplane subscription lost");
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// PINGs the subscription every [`HEALTH_CHECK_EVERY`]; reports it dead when a PING fails or
+/// does not answer within `limit`.
+async fn health_check(
+    mut sink: redis::aio::PubSubSink,
+    limit: Duration,
+    dead: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut every = tokio::time::interval(HEALTH_CHECK_EVERY);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let alive = tokio::time::timeout(limit, sink.ping::<redis::Value>()).await;
+        if !matches!(alive, Ok(Ok(_))) {
+            tracing::warn!("backplane subscription unresponsive; reconnecting");
+            let _ = dead.send(());
+            return;
+        }
+    }
+}
+
+/// Every [`RETRY_EVERY`]: resends failed publishes, and replays the invalidations the chain's
+/// shared tiers missed while unreachable, so that other instances never read what this one
+/// could not invalidate. Ends with the backplane or the chain.
+async fn upkeep<K: StorageKey, V: Value>(
+    backplane: std::sync::Weak<Inner>,
+    chain: WeakTieredCache<K, V>,
+) {
+    let mut every = tokio::time::interval(RETRY_EVERY);
+    loop {
+        every.tick().await;
+        let (Some(inner), Some(chain)) = (backplane.upgrade(), chain.upgrade()) else {
+            return;
+        };
+        let _ = RedisBackplane { inner }.retry_pending().await;
+        let _ = chain.repair().await;
     }
 }
 
@@ -460,9 +538,10 @@ mod tests {
     #[test]
     fn messages_round_trip() {
         for notice in [
-            Notice::Key("a b:c".into(), Some(42)),
-            Notice::Key("ünï".into(), None),
-            Notice::Key(String::new(), Some(1)),
+            Notice::Key("a b:c".into(), Some(42), None),
+            Notice::Key("k".into(), Some(7), Some("{\"a\": \"x y z\"}".into())),
+            Notice::Key("ünï".into(), None, None),
+            Notice::Key(String::new(), Some(1), None),
             Notice::Flush,
         ] {
             let text = encode_message(0xabc, &notice);

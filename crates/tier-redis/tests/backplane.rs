@@ -97,7 +97,7 @@ async fn an_update_evicts_older_copies_from_every_other_instance() {
         .await
         .unwrap();
     for i in &all[1..] {
-        // Evicted: the copy is gone (or a tombstone refuses it), the next read finds v2.
+        // The message carried the value: the held copy was replaced, no Redis round trip.
         for _ in 0..500 {
             if memory_version(i, "a").await != Some(1) {
                 break;
@@ -105,15 +105,26 @@ async fn an_update_evicts_older_copies_from_every_other_instance() {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let got = i.cache.fetch(&k("a")).await.unwrap();
-        assert_eq!((got.version, got.origin), (2, Origin::Tier(1)));
+        assert_eq!((got.version, got.origin), (2, Origin::Tier(0)));
     }
     assert_eq!(all[0].backplane.stats().received, 0, "own messages ignored");
     assert_eq!(all[0].backplane.stats().published, 2);
     wait_until("delivered", || all[1].backplane.stats().received >= 2).await;
 
+    // Without the value (too large to carry), a held copy is evicted and re-read from Redis.
+    all[0].backplane.set_carry_values_up_to(0);
+    all[0]
+        .cache
+        .update(&k("a"), Arc::new("v3".into()))
+        .await
+        .unwrap();
+    wait_until("delivered", || all[1].backplane.stats().received >= 3).await;
+    let got = all[1].cache.fetch(&k("a")).await.unwrap();
+    assert_eq!((got.version, got.origin), (3, Origin::Tier(1)));
+
     // A manual invalidation reaches the others too.
     all[2].cache.invalidate(&k("a")).await.unwrap();
-    wait_until("delivered", || all[1].backplane.stats().received >= 3).await;
+    wait_until("delivered", || all[1].backplane.stats().received >= 4).await;
     assert_eq!(memory_version(&all[1], "a").await, None);
 }
 

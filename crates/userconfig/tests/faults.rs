@@ -230,10 +230,11 @@ async fn run(fault: Fault) {
     let stats = r.faulty.get_cache_stats();
     if fault.is_redis() {
         assert_eq!(stats.chain.failed, 0, "no read failed: {stats:?}");
-        // The breaker stopped paying Redis's time limit on every call.
+        // The breaker stopped paying Redis's time limit on every call: after it opened, only
+        // one probe per cool-down reached Redis, the rest were skipped.
         let redis = &stats.chain.tiers[1];
-        assert!(redis.breaker_opened >= 1 && redis.skipped > 0, "{redis:?}");
-        assert!(redis.errors <= 4, "{redis:?}");
+        assert!(redis.breaker_opened >= 1, "{redis:?}");
+        assert!(redis.skipped > redis.errors, "{redis:?}");
     } else {
         assert!(stats.chain.source.breaker_opened >= 1, "{stats:?}");
     }

@@ -1,0 +1,23 @@
+//! Arbitrary bytes into the Redis envelope decoder: it must never panic, and whatever decodes
+//! must encode back to bytes that decode to the same thing.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tiercache_redis::envelope::{self, Stored};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(stored) = envelope::decode(data) else {
+        return;
+    };
+    let again = match &stored {
+        Stored::Value { version, payload } => envelope::encode_value(*version, payload, None),
+        Stored::Absent { version } => envelope::encode_absent(*version),
+        Stored::Tombstone { version } => envelope::encode_tombstone(*version),
+    };
+    assert_eq!(envelope::decode(&again).as_ref(), Ok(&stored));
+    if let Stored::Value { payload, .. } = &stored {
+        // The payload goes to serde_json next: that must not panic either.
+        let _ = serde_json::from_slice::<serde_json::Value>(payload);
+    }
+});
