@@ -138,7 +138,8 @@ async fn an_update_reaches_every_tier_and_other_instances_via_redis() {
     assert_eq!(in_redis.version, 2);
     let in_db = s.postgres.get(&"bob".into()).await.unwrap().unwrap();
     assert_eq!(in_db.value.unwrap().preferences.theme, "v2");
-    // The backplane evicts instance b's copy within milliseconds; it then reads v2 from Redis.
+    // The backplane replaces instance b's copy within milliseconds (the update's message
+    // carries the value), so b serves v2 from its own memory.
     let mut got = b.fetch_user_config("bob").await.unwrap();
     for _ in 0..500 {
         if got.version == 2 {
