@@ -154,7 +154,7 @@ async fn an_update_reaches_every_tier_and_other_instances_via_redis() {
             got.answered_by,
             got.config.preferences.theme.as_str()
         ),
-        (2, Answer::Redis, "v2")
+        (2, Answer::Memory, "v2")
     );
     assert!(b.get_cache_stats().backplane.unwrap().received >= 1);
     s.cleanup().await;
