@@ -1,15 +1,46 @@
 //! The contract every authoritative source tier passes (PostgreSQL, SQLite, yours).
 //!
-//! Each check takes a fresh, empty tier; [`run_all`] runs them all, asking `make` for a new
-//! tier before each.
+//! A source tier stores [`ContractValue`]s under `String` keys and must:
 //!
-//! ```no_run
-//! # async fn demo() {
+//! * answer a key never written with `Ok(None)` ([`missing_key_is_none`]);
+//! * number each key's writes 1, 2, ... and return the number from `write`; answer `get` with
+//!   the latest value and version and no expiry ([`writes_number_versions`]);
+//! * answer `get_many` in the order asked, with misses and repeated keys
+//!   ([`get_many_keeps_order`]);
+//! * give 50 concurrent writes to one key the versions 1 to 50, each exactly once
+//!   ([`concurrent_writes_get_distinct_versions`]);
+//! * refuse `set`, `invalidate` and `clear` with `Error::Unsupported`
+//!   ([`cache_operations_are_unsupported`]);
+//! * keep keys with any characters apart and return values equal to those written
+//!   ([`keys_and_values_round_trip`]);
+//! * count its lookups in `stats()` ([`stats_count_lookups`]).
+//!
+//! Each check takes a fresh, empty tier. [`run_all`] runs them all, asking `make` for a new
+//! tier before each:
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
 //! use std::sync::Arc;
 //! use tiercache_testkit::{FakeTier, contract};
 //!
 //! contract::run_all(|| async { Arc::new(FakeTier::source("db")) }).await;
 //! # }
+//! ```
+//!
+//! For a failure report that names the broken rule, call the checks from one test each:
+//!
+//! ```no_run
+//! # async fn my_tier() -> tiercache_testkit::FakeTier<String, tiercache_testkit::contract::ContractValue> {
+//! #     tiercache_testkit::FakeTier::source("db")
+//! # }
+//! use std::sync::Arc;
+//! use tiercache_testkit::contract;
+//!
+//! #[tokio::test]
+//! async fn concurrent_writes_get_distinct_versions() {
+//!     contract::concurrent_writes_get_distinct_versions(Arc::new(my_tier().await)).await;
+//! }
 //! ```
 
 use std::collections::BTreeMap;
@@ -141,6 +172,18 @@ pub async fn keys_and_values_round_trip<T: CacheTier<String, ContractValue>>(tie
     }
 }
 
+/// `stats()` counts lookups: a fresh tier asked for one missing and one present key reports one
+/// miss and one hit, under its own name.
+pub async fn stats_count_lookups<T: CacheTier<String, ContractValue>>(tier: &T) {
+    tier.write(&key("here"), value(1)).await.unwrap();
+    assert!(tier.get(&key("absent")).await.unwrap().is_none());
+    assert!(tier.get(&key("here")).await.unwrap().is_some());
+    let stats = tier.stats();
+    assert_eq!((stats.hits, stats.misses), (1, 1), "{stats:?}");
+    assert_eq!(stats.total_requests, 2);
+    assert_eq!(stats.name, tier.name());
+}
+
 /// Runs every check, each on a new tier from `make`.
 pub async fn run_all<T, F, Fut>(mut make: F)
 where
@@ -154,6 +197,7 @@ where
     concurrent_writes_get_distinct_versions(make().await).await;
     cache_operations_are_unsupported(&*make().await).await;
     keys_and_values_round_trip(&*make().await).await;
+    stats_count_lookups(&*make().await).await;
 }
 
 #[cfg(test)]

@@ -6,8 +6,17 @@
 //! migrations, reads by primary key, `get_many` in one query (`json_each`), and writes by one
 //! statement that upserts and increments the version atomically and returns it. The file is
 //! opened in WAL mode with a busy timeout, so several pools in one process (several simulated
-//! service instances) can share it. A row that does not decode is [`Error::Corrupt`] naming the
-//! key.
+//! service instances) can share it, and several of them may open a new file at once (a
+//! migrator that loses the race to apply a migration runs again and finds it applied). A row
+//! that does not decode is [`Error::Corrupt`] naming the key.
+//!
+//! * [`SqliteTierBuilder::build`] is `async`: it opens (or creates, with its directory) the file
+//!   and runs the migrations before it returns.
+//! * [`IN_MEMORY`] (`":memory:"`) keeps the database in one connection that is never closed:
+//!   it lives as long as the tier, and statements run one at a time.
+//! * Errors: a lock still held after the busy timeout is a transient [`Error::Timeout`]; I/O
+//!   failures and a pool that stays busy are a transient [`Error::Unavailable`]; anything else
+//!   is [`Error::Backend`]. Messages never contain a value.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -35,13 +44,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::migrate::{Migration, Migrator};
+use sqlx::migrate::{MigrateError, Migration, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr};
 use tiercache_core::{CacheTier, Counter, Entry, Error, Result, StorageKey, TierStats, Version};
 
+/// Default database file (relative to the working directory).
+pub const DEFAULT_PATH: &str = "tiercache.sqlite3";
 /// Default table.
 pub const DEFAULT_TABLE: &str = "tiercache_entries";
 /// Default pool size.
@@ -53,6 +64,10 @@ pub const DEFAULT_NAME: &str = "sqlite";
 /// The path that keeps the database in memory (one connection, gone when the tier is).
 pub const IN_MEMORY: &str = ":memory:";
 
+/// How many times [`SqliteTier::migrate`] runs the migrator when another one applied the same
+/// migration first.
+const MIGRATION_ATTEMPTS: u32 = 3;
+
 static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
 
 /// The SQLite tier. See the [crate docs](crate).
@@ -62,6 +77,7 @@ pub struct SqliteTier<K, V> {
     table: String,
     sql: Statements,
     name: String,
+    busy_timeout: Duration,
     stats: Stats,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -100,30 +116,44 @@ pub struct Undecodable {
     pub reason: String,
 }
 
-/// Maps a sqlx error onto the core's: I/O, a busy pool and a locked database are transient.
-fn map_error(tier: &str, error: sqlx::Error) -> Error {
-    match &error {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+/// `SQLITE_BUSY`: another connection held the lock for the whole busy timeout.
+const SQLITE_BUSY: u32 = 5;
+/// `SQLITE_LOCKED`: a conflict within this connection's shared cache.
+const SQLITE_LOCKED: u32 = 6;
+
+/// Maps a sqlx error onto the core's: a lock still held after the busy timeout is a timeout;
+/// I/O, a busy pool and other lock conflicts are transient; the rest is a backend error.
+fn map_error(tier: &str, busy_timeout: Duration, error: sqlx::Error) -> Error {
+    let code = match &error {
+        sqlx::Error::Database(db) => db.code().and_then(|c| c.parse::<u32>().ok()),
+        _ => None,
+    };
+    match (&error, code) {
+        (_, Some(SQLITE_BUSY)) => Error::Timeout {
+            tier: tier.to_owned(),
+            after: busy_timeout,
+        },
+        // The extended codes of BUSY and LOCKED (BUSY_SNAPSHOT, LOCKED_SHAREDCACHE, ...).
+        (_, Some(c)) if matches!(c & 0xFF, SQLITE_BUSY | SQLITE_LOCKED) => {
             Error::unavailable(tier, error)
         }
-        // SQLITE_BUSY (5) and SQLITE_LOCKED (6), with their extended codes.
-        sqlx::Error::Database(db)
-            if db
-                .code()
-                .and_then(|c| c.parse::<u32>().ok())
-                .is_some_and(|c| matches!(c & 0xFF, 5 | 6)) =>
-        {
-            Error::unavailable(tier, error)
-        }
+        (
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed,
+            _,
+        ) => Error::unavailable(tier, error),
         _ => Error::backend(tier, error),
     }
 }
 
+/// Whether `name` is a plain identifier: `^[a-z_][a-z0-9_]{0,62}$`.
 fn valid_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 40
+        && name.len() <= 63
 }
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> SqliteTier<K, V> {
@@ -150,6 +180,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
         &self.path
     }
 
+    /// Creates the table if it is missing.
+    ///
+    /// sqlx's migration lock does nothing on SQLite, so tiers opening one new file at the same
+    /// time may both try to apply a migration. Each migration and its bookkeeping row commit
+    /// together, so the loser's bookkeeping insert fails on the primary key and its
+    /// transaction rolls back; it then runs again and finds the migration applied.
     async fn migrate(&self) -> Result<()> {
         let table = self.quoted_table();
         let migrations: Vec<Migration> = EMBEDDED
@@ -167,15 +203,29 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
         let mut migrator = Migrator::with_migrations(migrations);
         migrator
             .dangerous_set_table_name(Cow::Owned(format!("_tiercache_migrations_{}", self.table)));
-        migrator.run(&self.pool).await.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(inner) => map_error(&self.name, inner),
-            other => Error::backend(&self.name, other),
-        })
+        let mut attempt = 1;
+        loop {
+            match migrator.run(&self.pool).await {
+                Ok(()) => return Ok(()),
+                Err(MigrateError::Execute(sqlx::Error::Database(db)))
+                    if db.is_unique_violation() && attempt < MIGRATION_ATTEMPTS =>
+                {
+                    tracing::debug!(tier = %self.name, attempt, "lost a migration race; rerunning");
+                    attempt += 1;
+                }
+                Err(MigrateError::Execute(inner)) => return Err(self.map(inner)),
+                Err(other) => return Err(Error::backend(&self.name, other)),
+            }
+        }
+    }
+
+    fn map(&self, error: sqlx::Error) -> Error {
+        map_error(&self.name, self.busy_timeout, error)
     }
 
     fn failed(&self, error: sqlx::Error) -> Error {
         self.stats.errors.incr();
-        let error = map_error(&self.name, error);
+        let error = self.map(error);
         tracing::debug!(tier = %self.name, %error, "database call failed");
         error
     }
@@ -236,6 +286,9 @@ where
     }
 
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let texts: Vec<String> = keys.iter().map(|k| k.storage_key().into_owned()).collect();
         let list = serde_json::to_string(&texts).expect("strings serialize");
         let rows = sqlx::query(AssertSqlSafe(self.sql.get_many.as_str()))
@@ -311,7 +364,7 @@ pub struct SqliteTierBuilder<K, V> {
 impl<K, V> Default for SqliteTierBuilder<K, V> {
     fn default() -> Self {
         SqliteTierBuilder {
-            path: PathBuf::from("tiercache.sqlite3"),
+            path: PathBuf::from(DEFAULT_PATH),
             table: DEFAULT_TABLE.to_owned(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
@@ -333,14 +386,15 @@ impl<K, V> fmt::Debug for SqliteTierBuilder<K, V> {
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     SqliteTierBuilder<K, V>
 {
-    /// The database file, created if missing, or [`IN_MEMORY`]. Defaults to
-    /// `tiercache.sqlite3` in the working directory.
+    /// The database file, created (with its directory) if missing, or [`IN_MEMORY`]. Defaults
+    /// to [`DEFAULT_PATH`] in the working directory.
     pub fn path(mut self, path: impl Into<PathBuf>) -> Self {
         self.path = path.into();
         self
     }
 
-    /// The table. Defaults to [`DEFAULT_TABLE`].
+    /// The table, a plain identifier (`^[a-z_][a-z0-9_]{0,62}$`). Defaults to
+    /// [`DEFAULT_TABLE`].
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -369,20 +423,32 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     /// Opens (or creates) the database and runs the migrations.
     ///
     /// # Errors
-    /// [`Error::Config`] for a table name outside `[a-z_][a-z0-9_]*` (at most 40 characters)
-    /// or a pool of zero connections; [`Error::Unavailable`] / [`Error::Backend`] if the file
-    /// cannot be opened or migrated.
+    /// [`Error::Config`] for a table name that is not a plain identifier
+    /// (`^[a-z_][a-z0-9_]{0,62}$`), a pool of zero connections, a zero busy timeout or an empty
+    /// path; [`Error::Unavailable`], [`Error::Timeout`] or [`Error::Backend`] if the file cannot
+    /// be created, opened or migrated.
     pub async fn build(self) -> Result<SqliteTier<K, V>> {
         if !valid_identifier(&self.table) {
             return Err(Error::Config(format!(
-                "table `{}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 40 characters)",
+                "table `{}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
                 self.table
             )));
         }
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));
         }
+        if self.busy_timeout.is_zero() {
+            return Err(Error::Config("busy_timeout must be positive".into()));
+        }
+        if self.path.as_os_str().is_empty() {
+            return Err(Error::Config("the SQLite path is empty".into()));
+        }
         let in_memory = self.path.as_os_str() == IN_MEMORY;
+        if !in_memory {
+            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::backend(&self.name, e))?;
+            }
+        }
         let options = SqliteConnectOptions::new()
             .busy_timeout(self.busy_timeout)
             .foreign_keys(false);
@@ -409,7 +475,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         let pool = pool_options
             .connect_with(options)
             .await
-            .map_err(|e| map_error(&self.name, e))?;
+            .map_err(|e| map_error(&self.name, self.busy_timeout, e))?;
         let t = format!("\"{}\"", self.table);
         let tier = SqliteTier {
             pool,
@@ -430,10 +496,111 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             },
             table: self.table,
             name: self.name,
+            busy_timeout: self.busy_timeout,
             stats: Stats::default(),
             _types: PhantomData,
         };
         tier.migrate().await?;
         Ok(tier)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Connection;
+
+    type Tier = SqliteTier<String, serde_json::Value>;
+
+    #[test]
+    fn identifiers() {
+        assert!(valid_identifier("tiercache_entries"));
+        assert!(valid_identifier("_x1"));
+        assert!(valid_identifier(&"t".repeat(63)));
+        assert!(!valid_identifier(&"t".repeat(64)));
+        assert!(!valid_identifier("1x"));
+        assert!(!valid_identifier(""));
+        assert!(!valid_identifier("a-b"));
+        assert!(!valid_identifier("Upper"));
+        assert!(!valid_identifier("t\"; drop table x; --"));
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let busy = Duration::from_millis(300);
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(
+            map_error("sqlite", busy, sqlx::Error::Io(refused)),
+            Error::Unavailable { .. }
+        ));
+        let timed_out = map_error("sqlite", busy, sqlx::Error::PoolTimedOut);
+        assert!(timed_out.is_transient() && !timed_out.is_timeout());
+        let other = map_error("sqlite", busy, sqlx::Error::RowNotFound);
+        assert!(matches!(other, Error::Backend { .. }) && !other.is_transient());
+    }
+
+    #[tokio::test]
+    async fn a_lock_held_past_the_busy_timeout_is_a_timeout() {
+        let dir = std::env::temp_dir().join(format!(
+            "tiercache_sqlite_unit_{}_{}",
+            std::process::id(),
+            line!()
+        ));
+        let file = dir.join("busy.sqlite3");
+        let busy = Duration::from_millis(100);
+        let t = Tier::builder()
+            .path(&file)
+            .busy_timeout(busy)
+            .build()
+            .await
+            .unwrap();
+        let other = Tier::builder().path(&file).build().await.unwrap();
+        let mut conn = other.pool().acquire().await.unwrap();
+        let tx = conn.begin_with("BEGIN IMMEDIATE").await.unwrap();
+        let err = t
+            .write(&"k".into(), Arc::new(serde_json::json!(1)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::Timeout { after, .. } if after == busy),
+            "{err:?}"
+        );
+        assert_eq!(t.stats().errors, 1);
+        tx.rollback().await.unwrap();
+        drop(conn);
+        assert_eq!(
+            t.write(&"k".into(), Arc::new(serde_json::json!(2)))
+                .await
+                .unwrap(),
+            1
+        );
+        drop((t, other));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn bad_configuration_is_rejected() {
+        let b = || Tier::builder().path(IN_MEMORY);
+        for bad in [
+            b().table("Bad-Name"),
+            b().table("t".repeat(64)),
+            b().max_connections(0),
+            b().busy_timeout(Duration::ZERO),
+            b().path(""),
+        ] {
+            let err = bad.build().await.unwrap_err();
+            assert!(matches!(err, Error::Config(_)), "{err:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn debug_shows_where_not_what() {
+        let t = Tier::builder().path(IN_MEMORY).build().await.unwrap();
+        t.write(&"k".into(), Arc::new(serde_json::json!("secret-config-value")))
+            .await
+            .unwrap();
+        let printed = format!("{t:?} {:?}", Tier::builder());
+        assert!(printed.contains(":memory:"), "{printed}");
+        assert!(!printed.contains("secret-config-value"), "{printed}");
     }
 }

@@ -1,7 +1,7 @@
-//! The SQLite tier: the shared source contract on files and in memory, plus its own cases.
+//! The SQLite tier's own cases (the shared contract is in `contract.rs`).
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use sqlx::AssertSqlSafe;
 use tiercache_core::CacheTier;
@@ -29,32 +29,6 @@ impl Drop for TempDir {
 }
 
 #[tokio::test]
-async fn the_contract_holds_on_files() {
-    let dir = TempDir::new("sqlite_contract");
-    let n = Arc::new(Mutex::new(0));
-    contract::run_all(|| {
-        let (path, n) = (dir.0.clone(), n.clone());
-        async move {
-            let file = {
-                let mut n = n.lock().unwrap();
-                *n += 1;
-                path.join(format!("db{n}.sqlite3"))
-            };
-            Arc::new(Tier::builder().path(file).build().await.unwrap())
-        }
-    })
-    .await;
-}
-
-#[tokio::test]
-async fn the_contract_holds_in_memory() {
-    contract::run_all(|| async {
-        Arc::new(Tier::builder().path(IN_MEMORY).build().await.unwrap())
-    })
-    .await;
-}
-
-#[tokio::test]
 async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
     let t = Tier::builder().path(IN_MEMORY).build().await.unwrap();
     t.write(&"alice".into(), contract::value(1)).await.unwrap();
@@ -68,7 +42,19 @@ async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
     let err = t.get(&"alice".into()).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
     let source = std::error::Error::source(&err).unwrap().to_string();
-    assert!(source.contains("`alice`"), "{source}");
+    assert!(
+        source.starts_with("stored value for key `alice` does not decode: "),
+        "{source}"
+    );
+    let err = t
+        .get_many(&["bob".into(), "alice".into()])
+        .await
+        .unwrap_err();
+    assert!(err.is_corrupt(), "{err:?}");
+    assert_eq!(t.stats().corrupt, 2);
+    // A write replaces the bad row and numbers on from it.
+    assert_eq!(t.write(&"alice".into(), contract::value(2)).await.unwrap(), 2);
+    assert_eq!(t.get(&"alice".into()).await.unwrap().unwrap().version, 2);
 }
 
 #[tokio::test]
@@ -105,4 +91,47 @@ async fn bad_settings_are_rejected() {
         other.write(&"k".into(), contract::value(1)).await.unwrap(),
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn instances_may_open_a_new_file_at_the_same_time() {
+    let dir = TempDir::new("sqlite_concurrent_open");
+    // A directory that does not exist yet is created.
+    let file = Arc::new(dir.0.join("nested").join("shared.sqlite3"));
+    let opens: Vec<_> = (0..8)
+        .map(|_| {
+            let file = Arc::clone(&file);
+            tokio::spawn(async move { Tier::builder().path(&*file).build().await })
+        })
+        .collect();
+    let mut tiers = Vec::new();
+    for open in opens {
+        tiers.push(open.await.unwrap().expect("concurrent open"));
+    }
+    for (i, t) in tiers.iter().enumerate() {
+        assert_eq!(
+            t.write(&"k".into(), contract::value(i as i64)).await.unwrap(),
+            i as u64 + 1
+        );
+    }
+}
+
+#[tokio::test]
+async fn tables_in_one_file_are_separate_stores() {
+    let dir = TempDir::new("sqlite_tables");
+    let file = dir.0.join("tables.sqlite3");
+    let a = Tier::builder().path(&file).build().await.unwrap();
+    let b = Tier::builder()
+        .path(&file)
+        .table("other_entries")
+        .name("other")
+        .build()
+        .await
+        .unwrap();
+    assert_eq!(a.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
+    assert_eq!(a.write(&"k".into(), contract::value(2)).await.unwrap(), 2);
+    assert!(b.get(&"k".into()).await.unwrap().is_none());
+    assert_eq!(b.write(&"k".into(), contract::value(3)).await.unwrap(), 1);
+    assert_eq!(b.name(), "other");
+    assert_eq!(a.get(&"k".into()).await.unwrap().unwrap().version, 2);
 }
