@@ -3,17 +3,27 @@
 //! * One table (default `public.tiercache_entries`): `key text primary key`, `value jsonb`,
 //!   `version bigint`, `updated_at timestamptz`, created by embedded migrations
 //!   (`sqlx::migrate!`). The schema and the table name are configurable: the migrations' SQL
-//!   names the table as `{table}`, replaced at run time by the validated, schema-qualified
-//!   name, and each table keeps its own migration bookkeeping
-//!   (`<schema>._tiercache_migrations_<table>`), so several tables can live in one schema.
+//!   names the table as `{table}`, replaced at run time by the validated, quoted,
+//!   schema-qualified name, and each table keeps its own migration bookkeeping
+//!   (`<schema>._tiercache_migrations_<table>`, shortened with a hash when that would exceed
+//!   PostgreSQL's 63-byte identifiers), so several tables can live in one schema. Names must be
+//!   plain identifiers: `^[a-z_][a-z0-9_]{0,62}$`.
 //! * Reads: one prepared primary-key `SELECT`; `get_many` one `= ANY($1)` query. Writes: one
 //!   statement that upserts and increments the version atomically and returns it.
 //! * The pool connects lazily: [`PostgresTierBuilder::build`] needs no running server, and the
-//!   migrations run on first use (retried on later calls if they failed). Acquire (1 s) and
-//!   statement (1.5 s) time limits are short by default; a server that refuses connections is a
-//!   transient [`Error::Unavailable`] whose source says so, not a bare pool time-out.
-//! * TLS comes from the URL: `?sslmode=require`, `verify-ca` or `verify-full` (with
-//!   `sslrootcert=/path/ca.pem`), through the system's OpenSSL.
+//!   migrations run on first use (once; retried on later calls if they failed), or when you
+//!   call [`PostgresTier::migrate`]. The schema is created if it is missing.
+//! * Acquire (1 s) and statement (1.5 s) time limits are short by default, below the chain's
+//!   2 s source time limit, so that the tier's own error (and its fail-fast) is what the chain
+//!   sees, not its own time-out.
+//! * Errors: a server that refuses or drops connections, I/O failures and a pool that stays
+//!   busy are a transient [`Error::Unavailable`] (its source says which); a statement cancelled
+//!   by `statement_timeout` (SQLSTATE 57014) is [`Error::Timeout`]; the rest is
+//!   [`Error::Backend`]. After a connection failure, calls fail at once for 250 ms instead of
+//!   each waiting out the acquire time limit.
+//! * TLS comes from the URL: `?sslmode=verify-full&sslrootcert=/path/ca.pem` checks the
+//!   server's certificate and host name (use it across any untrusted network); `require`
+//!   encrypts without checking; through the system's OpenSSL.
 //! * The password never appears in `Debug` output, errors or logs.
 //!
 //! A row whose JSON does not decode into `V` is [`Error::Corrupt`] naming the key, never a
@@ -59,7 +69,9 @@ pub const DEFAULT_SCHEMA: &str = "public";
 pub const DEFAULT_TABLE: &str = "tiercache_entries";
 /// Default pool size.
 pub const DEFAULT_MAX_CONNECTIONS: u32 = 10;
-/// Default time limit for getting a connection from the pool.
+/// Default time limit for getting a connection from the pool, connecting included (sqlx keeps
+/// retrying a refused connection until then). Below the chain's 2 s source time limit, so
+/// that an unreachable server is reported as [`Error::Unavailable`] by the tier.
 pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Default time limit of one statement (set on each connection as `statement_timeout`); below
 /// the chain's default source time limit, so that the server cancels a slow statement itself.
@@ -177,12 +189,31 @@ fn map_error(tier: &str, error: sqlx::Error) -> Error {
     }
 }
 
-/// Whether `name` is a safe identifier: `[a-z_][a-z0-9_]*`, at most `max` characters.
-fn valid_identifier(name: &str, max: usize) -> bool {
+/// Whether `name` is a plain identifier: `^[a-z_][a-z0-9_]{0,62}$` (PostgreSQL truncates
+/// longer names to 63 bytes).
+fn valid_identifier(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= max
+        && name.len() <= MAX_IDENTIFIER
+}
+
+/// PostgreSQL's longest identifier, in bytes.
+const MAX_IDENTIFIER: usize = 63;
+
+/// The table that records which migrations `table` has had: `_tiercache_migrations_<table>`,
+/// or, when that is longer than an identifier may be, the first 24 characters of the table and
+/// a hash of the whole name (stable across releases: FNV-1a).
+fn bookkeeping_table(table: &str) -> String {
+    const PREFIX: &str = "_tiercache_migrations_";
+    if PREFIX.len() + table.len() <= MAX_IDENTIFIER {
+        return format!("{PREFIX}{table}");
+    }
+    let hash = table.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    // The table is ASCII (validated), so slicing at 24 is on a character boundary.
+    format!("{PREFIX}{}_{hash:016x}", &table[..24])
 }
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> PostgresTier<K, V> {
@@ -204,8 +235,15 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         format!("\"{}\".\"{}\"", self.schema, self.table)
     }
 
-    /// Creates the schema and the table if they are missing (idempotent; concurrent callers are
-    /// serialized by an advisory lock).
+    /// Creates the schema and the table if they are missing, and applies any migration the
+    /// table has not had. Idempotent; concurrent callers, in this process or others, are
+    /// serialized by sqlx's advisory lock. Calls run this once by themselves before their
+    /// first statement, so calling it is optional: it reports problems (permissions, say)
+    /// at start-up rather than on the first request.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the server cannot be reached, [`Error::Backend`] if a
+    /// migration fails or was changed after it was applied.
     pub async fn migrate(&self) -> Result<()> {
         let table = self.qualified_table();
         let migrations: Vec<Migration> = EMBEDDED
@@ -224,8 +262,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         let mut migrator = Migrator::with_migrations(migrations);
         migrator.create_schema(Cow::Owned(self.schema.clone()));
         migrator.dangerous_set_table_name(Cow::Owned(format!(
-            "{}._tiercache_migrations_{}",
-            self.schema, self.table
+            "\"{}\".\"{}\"",
+            self.schema,
+            bookkeeping_table(&self.table)
         )));
         migrator.run(&self.pool).await.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(inner) => map_error(&self.name, inner),
@@ -370,6 +409,9 @@ where
     }
 
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let texts: Vec<String> = keys.iter().map(|k| k.storage_key().into_owned()).collect();
         let rows = self
             .run(|| {
@@ -487,27 +529,31 @@ impl<K, V> fmt::Debug for PostgresTierBuilder<K, V> {
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     PostgresTierBuilder<K, V>
 {
-    /// The server, as a URL: `postgres://user[:password]@host[:port]/database[?sslmode=...]`.
-    /// Without a URL or [`connect_options`](Self::connect_options), the libpq `PG*` environment
-    /// variables apply.
+    /// The server, as a URL: `postgres://user[:password]@host[:port]/database[?sslmode=...]`;
+    /// use `sslmode=verify-full` (with `sslrootcert=...` for a private CA) to check the
+    /// server's certificate. The URL is never logged, and the password never appears in
+    /// `Debug` output. Without a URL or [`connect_options`](Self::connect_options), the libpq
+    /// `PG*` environment variables apply.
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = Some(url.into());
         self
     }
 
-    /// The server, as sqlx connect options (instead of a URL).
+    /// The server, as sqlx connect options (instead of a URL; takes precedence over one).
     pub fn connect_options(mut self, options: PgConnectOptions) -> Self {
         self.options = Some(options);
         self
     }
 
-    /// The schema of the table, created if missing. Defaults to [`DEFAULT_SCHEMA`].
+    /// The schema of the table, created if missing; a plain identifier
+    /// (`^[a-z_][a-z0-9_]{0,62}$`). Defaults to [`DEFAULT_SCHEMA`].
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = schema.into();
         self
     }
 
-    /// The table. Defaults to [`DEFAULT_TABLE`].
+    /// The table, a plain identifier (`^[a-z_][a-z0-9_]{0,62}$`). Each table is a separate
+    /// store with its own migration bookkeeping. Defaults to [`DEFAULT_TABLE`].
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -525,7 +571,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
-    /// Time limit of one statement. Defaults to [`DEFAULT_STATEMENT_TIMEOUT`].
+    /// Time limit of one statement, set as `statement_timeout` on each connection; a statement
+    /// that runs longer is cancelled by the server and the call fails with [`Error::Timeout`].
+    /// Defaults to [`DEFAULT_STATEMENT_TIMEOUT`].
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout;
         self
@@ -537,12 +585,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
-    /// Builds the tier. Nothing connects until the first call.
+    /// Builds the tier. Nothing connects until the first call, so no server is needed; a Tokio
+    /// runtime is (sqlx's pool starts its maintenance task here).
     ///
     /// # Errors
     /// [`Error::Config`] for a URL that does not parse (the message never repeats it), a schema
-    /// or table name outside `[a-z_][a-z0-9_]*` (63 characters for a schema, 40 for a table,
-    /// whose bookkeeping table adds a prefix), a pool of zero connections, or a zero time limit.
+    /// or table name that is not a plain identifier (`^[a-z_][a-z0-9_]{0,62}$`), a pool of zero
+    /// connections, a zero time limit, or a call outside a Tokio runtime.
     pub fn build(self) -> Result<PostgresTier<K, V>> {
         let options = match (self.options, &self.url) {
             (Some(o), _) => o,
@@ -554,17 +603,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             })?,
             (None, None) => PgConnectOptions::new(),
         };
-        if !valid_identifier(&self.schema, 63) {
-            return Err(Error::Config(format!(
-                "schema `{}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
-                self.schema
-            )));
-        }
-        if !valid_identifier(&self.table, 40) {
-            return Err(Error::Config(format!(
-                "table `{}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 40 characters)",
-                self.table
-            )));
+        for (what, name) in [("schema", &self.schema), ("table", &self.table)] {
+            if !valid_identifier(name) {
+                return Err(Error::Config(format!(
+                    "{what} `{name}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 \
+                     characters)"
+                )));
+            }
         }
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));
@@ -572,6 +617,11 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         if self.acquire_timeout.is_zero() || self.statement_timeout.is_zero() {
             return Err(Error::Config(
                 "acquire_timeout and statement_timeout must be positive".into(),
+            ));
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "PostgresTier::builder().build() must be called inside a Tokio runtime".into(),
             ));
         }
         let options = options
@@ -629,10 +679,28 @@ mod tests {
         let printed = format!("{tier:?}");
         assert!(!printed.contains("s3cret-sentinel"), "{printed}");
         assert!(printed.contains("app@db.internal:5433/app"), "{printed}");
+        assert!(printed.contains("tiercache_entries"), "{printed}");
+
+        let options = PgConnectOptions::new()
+            .host("db.internal")
+            .username("app")
+            .password("s3cret-sentinel")
+            .database("app");
+        let builder = Tier::builder().connect_options(options).schema("cfg");
+        let printed = format!("{builder:?}");
+        let printed = format!("{printed} {:?}", builder.build().unwrap());
+        assert!(!printed.contains("s3cret-sentinel"), "{printed}");
+        assert!(printed.contains("\"cfg\""), "{printed}");
     }
 
     #[test]
-    fn bad_configuration_is_rejected() {
+    fn building_outside_a_runtime_is_an_error_not_a_panic() {
+        let err = Tier::builder().build().unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn bad_configuration_is_rejected() {
         let b = Tier::builder;
         let err = b()
             .url("postgres://x:s3cret-sentinel@h:notaport/d")
@@ -642,17 +710,55 @@ mod tests {
         assert!(b().schema("Public").build().is_err());
         assert!(b().schema("a;drop").build().is_err());
         assert!(b().table("t\"x").build().is_err());
-        assert!(b().table("t".repeat(41)).build().is_err());
+        assert!(b().table("t".repeat(64)).build().is_err());
+        assert!(b().table("t".repeat(63)).build().is_ok());
         assert!(b().max_connections(0).build().is_err());
         assert!(b().statement_timeout(Duration::ZERO).build().is_err());
+        assert!(b().acquire_timeout(Duration::ZERO).build().is_err());
+        for bad in [b().schema(""), b().table("1x"), b().max_connections(0)] {
+            assert!(matches!(bad.build(), Err(Error::Config(_))));
+        }
     }
 
     #[test]
     fn identifiers() {
-        assert!(valid_identifier("tiercache_entries", 63));
-        assert!(valid_identifier("_x1", 63));
-        assert!(!valid_identifier("1x", 63));
-        assert!(!valid_identifier("", 63));
-        assert!(!valid_identifier("a-b", 63));
+        assert!(valid_identifier("tiercache_entries"));
+        assert!(valid_identifier("_x1"));
+        assert!(valid_identifier(&"a".repeat(63)));
+        assert!(!valid_identifier(&"a".repeat(64)));
+        assert!(!valid_identifier("1x"));
+        assert!(!valid_identifier(""));
+        assert!(!valid_identifier("a-b"));
+        assert!(!valid_identifier("Public"));
+        assert!(!valid_identifier("x\"; drop table y; --"));
+    }
+
+    #[test]
+    fn bookkeeping_tables_fit_in_an_identifier_and_stay_apart() {
+        assert_eq!(
+            bookkeeping_table("tiercache_entries"),
+            "_tiercache_migrations_tiercache_entries"
+        );
+        let long_a = format!("{}a", "t".repeat(62));
+        let long_b = format!("{}b", "t".repeat(62));
+        let (a, b) = (bookkeeping_table(&long_a), bookkeeping_table(&long_b));
+        assert_ne!(a, b);
+        assert!(a.len() <= MAX_IDENTIFIER && valid_identifier(&a), "{a}");
+        assert_eq!(a, bookkeeping_table(&long_a), "stable");
+        assert_eq!(bookkeeping_table(&"t".repeat(41)).len(), 63);
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(matches!(
+            map_error("pg", sqlx::Error::Io(refused)),
+            Error::Unavailable { .. }
+        ));
+        let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
+        assert!(map_error("pg", sqlx::Error::Io(reset)).is_transient());
+        assert!(map_error("pg", sqlx::Error::PoolTimedOut).is_transient());
+        let other = map_error("pg", sqlx::Error::RowNotFound);
+        assert!(matches!(other, Error::Backend { .. }) && !other.is_transient());
     }
 }

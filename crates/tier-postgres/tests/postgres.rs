@@ -1,5 +1,5 @@
-//! The PostgreSQL tier against the real local server (`DATABASE_URL`), each test in its own
-//! schema.
+//! The PostgreSQL tier's own cases against the real local server (`DATABASE_URL`), each test
+//! in its own schema (the shared contract is in `contract.rs`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +8,7 @@ use sqlx::AssertSqlSafe;
 use tiercache_core::{CacheTier, Error};
 use tiercache_postgres::PostgresTier;
 use tiercache_testkit::contract::{self, ContractValue};
+use tiercache_testkit::env::unique_name;
 use tiercache_testkit::{env, postgres_env};
 
 type Tier = PostgresTier<String, ContractValue>;
@@ -18,25 +19,6 @@ fn tier(schema: &str) -> Tier {
         .schema(schema)
         .build()
         .unwrap()
-}
-
-#[tokio::test]
-async fn the_contract_holds() {
-    let pool = postgres_env::postgres_pool().await;
-    let schemas = Arc::new(std::sync::Mutex::new(Vec::new()));
-    contract::run_all(|| {
-        let (pool, schemas) = (pool.clone(), schemas.clone());
-        async move {
-            let schema = postgres_env::fresh_schema(&pool).await;
-            schemas.lock().unwrap().push(schema.clone());
-            Arc::new(tier(&schema))
-        }
-    })
-    .await;
-    let schemas = std::mem::take(&mut *schemas.lock().unwrap());
-    for s in schemas {
-        postgres_env::drop_schema(&pool, &s).await;
-    }
 }
 
 #[tokio::test]
@@ -55,17 +37,31 @@ async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
     let err = t.get(&"alice".into()).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
     let source = std::error::Error::source(&err).unwrap().to_string();
-    assert!(source.contains("`alice`"), "{source}");
-    let err = t.get_many(&["alice".into()]).await.unwrap_err();
+    assert!(
+        source.starts_with("stored value for key `alice` does not decode: "),
+        "{source}"
+    );
+    let err = t
+        .get_many(&["bob".into(), "alice".into()])
+        .await
+        .unwrap_err();
     assert!(err.is_corrupt());
     assert_eq!(t.stats().corrupt, 2);
+    // A write replaces the bad row and numbers on from it.
+    assert_eq!(
+        t.write(&"alice".into(), contract::value(2)).await.unwrap(),
+        2
+    );
+    assert_eq!(t.get(&"alice".into()).await.unwrap().unwrap().version, 2);
     postgres_env::drop_schema(&pool, &schema).await;
 }
 
 #[tokio::test]
 async fn a_server_that_refuses_connections_is_a_transient_unavailable_error() {
     let t: Tier = PostgresTier::builder()
-        .url("postgres://postgres@127.0.0.1:1/test")
+        .url("postgres://postgres:s3cret-sentinel@127.0.0.1:1/test")
+        // sqlx retries a refused connection until the acquire time limit: keep the test short.
+        .acquire_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
     let err = tokio::time::timeout(Duration::from_secs(10), t.get(&"a".into()))
@@ -79,6 +75,7 @@ async fn a_server_that_refuses_connections_is_a_transient_unavailable_error() {
         text.contains("refused") || text.contains("unreachable"),
         "{text}"
     );
+    assert!(!text.contains("s3cret-sentinel"), "{text}");
     // Right after, calls fail at once rather than each waiting out the pool's time limit.
     let err = t.write(&"a".into(), contract::value(1)).await.unwrap_err();
     assert!(err.is_transient());
@@ -136,5 +133,86 @@ async fn a_slow_statement_is_a_timeout() {
     tx.rollback().await.unwrap();
     // The pool is not poisoned by the cancelled statement.
     assert_eq!(t.write(&"k".into(), contract::value(3)).await.unwrap(), 2);
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn schemas_keep_tables_of_the_same_name_apart() {
+    let pool = postgres_env::postgres_pool().await;
+    let (one, two) = (
+        postgres_env::fresh_schema(&pool).await,
+        postgres_env::fresh_schema(&pool).await,
+    );
+    let (a, b) = (tier(&one), tier(&two));
+    assert_eq!(a.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
+    assert_eq!(a.write(&"k".into(), contract::value(2)).await.unwrap(), 2);
+    assert!(b.get(&"k".into()).await.unwrap().is_none());
+    assert_eq!(b.write(&"k".into(), contract::value(3)).await.unwrap(), 1);
+    assert_eq!(a.get(&"k".into()).await.unwrap().unwrap().version, 2);
+    postgres_env::drop_schema(&pool, &one).await;
+    postgres_env::drop_schema(&pool, &two).await;
+}
+
+#[tokio::test]
+async fn a_missing_schema_is_created_and_long_table_names_work() {
+    let pool = postgres_env::postgres_pool().await;
+    // Not created beforehand: the first call's migrations create it.
+    let schema = unique_name("created");
+    let long_table = format!("t{}", "x".repeat(62));
+    let t: Tier = PostgresTier::builder()
+        .url(env::database_url())
+        .schema(&schema)
+        .table(&long_table)
+        .name("long")
+        .build()
+        .unwrap();
+    assert!(t.get(&"k".into()).await.unwrap().is_none());
+    assert_eq!(t.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
+    t.migrate().await.unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT table_name::text FROM information_schema.tables \
+         WHERE table_schema = $1 ORDER BY table_name",
+    )
+    .bind(&schema)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables.len(), 2, "{tables:?}");
+    assert!(tables.contains(&long_table), "{tables:?}");
+    assert!(
+        tables
+            .iter()
+            .any(|t| t.starts_with("_tiercache_migrations_")),
+        "{tables:?}"
+    );
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn migrations_that_failed_are_retried_on_the_next_call() {
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    // A table of that name with another shape: the migration's CREATE TABLE IF NOT EXISTS
+    // skips it, so the first write fails; once it is gone, the next call migrates again.
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE \"{schema}\".tiercache_entries (key text PRIMARY KEY)"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    let t = tier(&schema);
+    let err = t.write(&"k".into(), contract::value(1)).await.unwrap_err();
+    assert!(matches!(err, Error::Backend { .. }), "{err:?}");
+    // Drop it and the bookkeeping: the tier itself has migrated once, so it only recovers
+    // through an explicit migrate().
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP TABLE \"{schema}\".tiercache_entries, \
+         \"{schema}\"._tiercache_migrations_tiercache_entries"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    t.migrate().await.unwrap();
+    assert_eq!(t.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
     postgres_env::drop_schema(&pool, &schema).await;
 }

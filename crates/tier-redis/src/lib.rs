@@ -229,6 +229,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         &self.client
     }
 
+    /// The time limit of one command.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
     /// The key prefix.
     #[must_use]
     pub fn prefix(&self) -> &str {

@@ -596,9 +596,12 @@ mod tests {
     #[tokio::test]
     async fn debug_shows_where_not_what() {
         let t = Tier::builder().path(IN_MEMORY).build().await.unwrap();
-        t.write(&"k".into(), Arc::new(serde_json::json!("secret-config-value")))
-            .await
-            .unwrap();
+        t.write(
+            &"k".into(),
+            Arc::new(serde_json::json!("secret-config-value")),
+        )
+        .await
+        .unwrap();
         let printed = format!("{t:?} {:?}", Tier::builder());
         assert!(printed.contains(":memory:"), "{printed}");
         assert!(!printed.contains("secret-config-value"), "{printed}");

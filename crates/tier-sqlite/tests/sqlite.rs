@@ -53,7 +53,10 @@ async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
     assert!(err.is_corrupt(), "{err:?}");
     assert_eq!(t.stats().corrupt, 2);
     // A write replaces the bad row and numbers on from it.
-    assert_eq!(t.write(&"alice".into(), contract::value(2)).await.unwrap(), 2);
+    assert_eq!(
+        t.write(&"alice".into(), contract::value(2)).await.unwrap(),
+        2
+    );
     assert_eq!(t.get(&"alice".into()).await.unwrap().unwrap().version, 2);
 }
 
@@ -110,7 +113,9 @@ async fn instances_may_open_a_new_file_at_the_same_time() {
     }
     for (i, t) in tiers.iter().enumerate() {
         assert_eq!(
-            t.write(&"k".into(), contract::value(i as i64)).await.unwrap(),
+            t.write(&"k".into(), contract::value(i as i64))
+                .await
+                .unwrap(),
             i as u64 + 1
         );
     }

@@ -628,7 +628,9 @@ impl UserConfigStorageBuilder {
             // A missed invalidation may leave an old copy in Redis for its whole TTL.
             .floor_ttl(self.redis_ttl.max(self.memory_ttl));
         if let Some(redis) = &redis {
-            chain = chain.shared_tier(redis.clone(), Some(tiercache_core::DEFAULT_TIER_TIMEOUT));
+            // A read pays at most the Redis tier's own time limit (50 ms by default), however
+            // Redis fails (slow, partitioned, reconnecting).
+            chain = chain.shared_tier(redis.clone(), Some(redis.timeout()));
         }
         if let Some(backplane) = &backplane {
             chain = chain.backplane(Arc::new(backplane.clone()));

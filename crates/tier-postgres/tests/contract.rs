@@ -1,0 +1,49 @@
+//! The shared source contract ([`tiercache_testkit::contract`]) on the real PostgreSQL
+//! (`DATABASE_URL`): every check in a fresh schema of its own, dropped afterwards.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tiercache_postgres::PostgresTier;
+use tiercache_testkit::contract::{self, ContractValue};
+use tiercache_testkit::{env, postgres_env};
+
+type Tier = PostgresTier<String, ContractValue>;
+
+/// Runs `check` on a tier in a new schema, then drops the schema.
+async fn in_fresh_schema<F, Fut>(check: F)
+where
+    F: FnOnce(Arc<Tier>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let tier = PostgresTier::builder()
+        .url(env::database_url())
+        .schema(&schema)
+        .build()
+        .unwrap();
+    check(Arc::new(tier)).await;
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+/// One test per check: `check_name => |tier| call`.
+macro_rules! contract_tests {
+    ($($check:ident => |$tier:ident| $call:expr;)*) => {$(
+        #[tokio::test]
+        async fn $check() {
+            in_fresh_schema(|$tier| async move { $call.await }).await;
+        }
+    )*};
+}
+
+contract_tests! {
+    missing_key_is_none => |t| contract::missing_key_is_none(&*t);
+    writes_number_versions => |t| contract::writes_number_versions(&*t);
+    get_many_keeps_order => |t| contract::get_many_keeps_order(&*t);
+    concurrent_writes_get_distinct_versions =>
+        |t| contract::concurrent_writes_get_distinct_versions(t);
+    cache_operations_are_unsupported => |t| contract::cache_operations_are_unsupported(&*t);
+    keys_and_values_round_trip => |t| contract::keys_and_values_round_trip(&*t);
+    stats_count_lookups => |t| contract::stats_count_lookups(&*t);
+}
