@@ -93,6 +93,7 @@ pub struct PostgresTier<K, V> {
     table: String,
     sql: Statements,
     name: String,
+    acquire_timeout: Duration,
     statement_timeout: Duration,
     migrated: OnceCell<()>,
     down_until: AtomicU64,
@@ -266,7 +267,18 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             self.schema,
             bookkeeping_table(&self.table)
         )));
-        migrator.run(&self.pool).await.map_err(|e| match e {
+        // A connection of its own, closed afterwards: sqlx's migrator returns early on an error
+        // without releasing its session-level advisory lock, and a connection of the tier's pool
+        // would keep holding it, blocking every later migration in the database. (A pool of one
+        // rather than a bare connection: `Migrator::run` on `&mut PgConnection` makes this
+        // future not `Send`.)
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy_with(self.options.clone());
+        let result = migrator.run(&pool).await;
+        pool.close().await;
+        result.map_err(|e| match e {
             sqlx::migrate::MigrateError::Execute(inner) => map_error(&self.name, inner),
             other => Error::backend(&self.name, other),
         })
@@ -653,6 +665,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             table: self.table,
             sql,
             name: self.name,
+            acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
             migrated: OnceCell::new(),
             down_until: AtomicU64::new(0),

@@ -1,7 +1,6 @@
 //! The PostgreSQL tier's own cases against the real local server (`DATABASE_URL`), each test
 //! in its own schema (the shared contract is in `contract.rs`).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::AssertSqlSafe;
@@ -192,27 +191,28 @@ async fn a_missing_schema_is_created_and_long_table_names_work() {
 async fn migrations_that_failed_are_retried_on_the_next_call() {
     let pool = postgres_env::postgres_pool().await;
     let schema = postgres_env::fresh_schema(&pool).await;
-    // A table of that name with another shape: the migration's CREATE TABLE IF NOT EXISTS
-    // skips it, so the first write fails; once it is gone, the next call migrates again.
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE \"{schema}\".tiercache_entries (key text PRIMARY KEY)"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
+    // A bookkeeping table of the wrong shape makes the migrations fail...
+    let bookkeeping = format!("\"{schema}\"._tiercache_migrations_tiercache_entries");
+    sqlx::query(AssertSqlSafe(format!("CREATE TABLE {bookkeeping} (x int)")))
+        .execute(&pool)
+        .await
+        .unwrap();
     let t = tier(&schema);
     let err = t.write(&"k".into(), contract::value(1)).await.unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
-    // Drop it and the bookkeeping: the tier itself has migrated once, so it only recovers
-    // through an explicit migrate().
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP TABLE \"{schema}\".tiercache_entries, \
-         \"{schema}\"._tiercache_migrations_tiercache_entries"
-    )))
-    .execute(&pool)
-    .await
-    .unwrap();
-    t.migrate().await.unwrap();
+    // Still failing, the same way: a failed run must not leave sqlx's advisory lock held on a
+    // pooled connection (the next run would wait on it until the statement time limit).
+    let again = t.get(&"k".into()).await.unwrap_err();
+    assert!(matches!(again, Error::Backend { .. }), "{again:?}");
+    let other_schema = postgres_env::fresh_schema(&pool).await;
+    tier(&other_schema).migrate().await.unwrap();
+    postgres_env::drop_schema(&pool, &other_schema).await;
+    // ...and once it is fixed, the next call migrates and goes on.
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE {bookkeeping}")))
+        .execute(&pool)
+        .await
+        .unwrap();
     assert_eq!(t.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
+    assert_eq!(t.stats().errors, 2);
     postgres_env::drop_schema(&pool, &schema).await;
 }
