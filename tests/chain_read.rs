@@ -322,3 +322,45 @@ async fn a_non_transient_source_error_is_returned_as_it_is_and_serves_no_stale_c
     let err = cache.get(&key("a")).await.unwrap_err();
     assert!(err.is_corrupt(), "{err:?}");
 }
+
+#[tokio::test]
+async fn background_back_fill_answers_first_and_fills_the_lower_tiers_after() {
+    let c = Chain::with(|b| b.background_backfill(true));
+    c.db.put(key("a"), "v".to_string());
+    let gate = tiercache_testkit::Gate::new();
+    c.redis.faults().set_for(Op::Set, Fault::Hold(gate.clone()));
+    // The answer does not wait for the held Redis write.
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!(got.origin, Origin::Source);
+    assert_eq!(c.memory_version("a").await, Some(1), "memory filled inline");
+    gate.arrived(1).await;
+    gate.open();
+    for _ in 0..100 {
+        if c.redis.version(&key("a")).is_some() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(
+        c.redis.version(&key("a")),
+        Some(1),
+        "redis filled in the background"
+    );
+}
+
+#[tokio::test]
+async fn warm_loads_keys_in_batches() {
+    let c = Chain::new();
+    for i in 0..25 {
+        c.db.put(key(&format!("u{i}")), "v".to_string());
+    }
+    let keys: Vec<_> = (0..30).map(|i| key(&format!("u{i}"))).collect();
+    assert_eq!(c.cache.warm(&keys, 10).await.unwrap(), 25);
+    assert_eq!(c.db.calls().get_many, 3);
+    assert_eq!(c.redis.calls().get_many, 3);
+    assert_eq!(c.memory_version("u7").await, Some(1));
+    assert_eq!(
+        c.cache.fetch(&key("u7")).await.unwrap().origin,
+        Origin::Tier(0)
+    );
+}

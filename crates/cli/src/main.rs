@@ -5,6 +5,7 @@
 //! userconfig get <user-id>            # the configuration, as JSON (version and tier on stderr)
 //! userconfig set <user-id> <json|->   # store a configuration (from the argument or stdin)
 //! userconfig invalidate <user-id>     # drop a user from every cache
+//! userconfig warm <ids..> [--file f]  # load users into the caches ahead of demand
 //! userconfig stats                    # the cache statistics, as JSON
 //! ```
 //!
@@ -67,6 +68,17 @@ enum Command {
     Invalidate {
         /// The user id.
         user_id: String,
+    },
+    /// Load users' configurations into the caches ahead of demand, in batches.
+    Warm {
+        /// User ids.
+        user_ids: Vec<String>,
+        /// A file of user ids, one per line, read as well.
+        #[arg(long)]
+        file: Option<std::path::PathBuf>,
+        /// Users per batch call to each tier.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
     },
     /// Print the cache statistics as JSON.
     Stats,
@@ -158,6 +170,30 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let storage = cli.connection.storage().await?;
             storage.invalidate_user_config_cache(&user_id).await?;
             eprintln!("invalidated");
+            Ok(())
+        }
+        Command::Warm {
+            mut user_ids,
+            file,
+            batch,
+        } => {
+            if let Some(path) = file {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Failure::new(format!("cannot read {}: {e}", path.display())))?;
+                user_ids.extend(
+                    text.lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(String::from),
+                );
+            }
+            let storage = cli.connection.storage().await?;
+            let ids: Vec<&str> = user_ids.iter().map(String::as_str).collect();
+            let found = storage.warm(&ids, batch).await?;
+            eprintln!(
+                "warmed {} users ({found} with a stored configuration)",
+                ids.len()
+            );
             Ok(())
         }
         Command::Stats => {

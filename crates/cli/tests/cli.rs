@@ -117,6 +117,9 @@ fn set_get_invalidate_and_stats_serve_operators() {
     assert!(text(&unknown.stderr).contains("version 0"));
 
     assert!(userconfig(&["invalidate", "alice"], &db).status.success());
+    let warm = userconfig(&["warm", "alice", "nobody", "--batch", "1"], &db);
+    assert!(warm.status.success(), "{}", text(&warm.stderr));
+    assert!(text(&warm.stderr).contains("warmed 2 users (1 with a stored configuration)"));
     let stats = userconfig(&["stats"], &db);
     let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(stats["memory_cache"]["max_size"], 500);

@@ -268,6 +268,7 @@ impl<K: Key> Floors<K> {
 #[derive(Debug, Clone)]
 struct Policy {
     breaker: BreakerPolicy,
+    background_backfill: bool,
     negative_ttl: Option<Duration>,
     max_stale: Option<Duration>,
     floor_ttl: Duration,
@@ -546,8 +547,32 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// `invalidate` bumps the epoch before it touches a tier, so a set that lands after the
     /// tier was invalidated is seen by the check that follows it, and taken back.
     async fn backfill(&self, key: &K, entry: &Entry<V>, below: usize, epoch: u64) {
+        if below == 0 {
+            return;
+        }
+        // The top tier (in-process, cheap) is always filled before the caller gets its answer.
+        self.backfill_range(key, entry, 0..1, epoch).await;
+        if below > 1 {
+            if self.inner.policy.background_backfill {
+                let (this, key, entry) = (self.clone(), key.clone(), entry.clone());
+                tokio::spawn(async move {
+                    this.backfill_range(&key, &entry, 1..below, epoch).await;
+                });
+            } else {
+                self.backfill_range(key, entry, 1..below, epoch).await;
+            }
+        }
+    }
+
+    async fn backfill_range(
+        &self,
+        key: &K,
+        entry: &Entry<V>,
+        levels: std::ops::Range<usize>,
+        epoch: u64,
+    ) {
         let current = || self.inner.epoch.load(Ordering::SeqCst) == epoch;
-        for level in &self.inner.tiers[..below] {
+        for level in &self.inner.tiers[levels] {
             if !current() {
                 tracing::trace!("invalidated during the load; back-fill skipped");
                 return;
@@ -560,6 +585,25 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 return;
             }
         }
+    }
+
+    /// Loads `keys` into the cache tiers ahead of demand, `batch` keys per
+    /// [`get_many`](TieredCache::get_many) (one batch call per tier). Returns how many keys the
+    /// source had.
+    ///
+    /// # Errors
+    /// The first batch that fails; the batches before it stay loaded.
+    pub async fn warm(&self, keys: &[K], batch: usize) -> Result<usize> {
+        let mut found = 0;
+        for chunk in keys.chunks(batch.max(1)) {
+            found += self
+                .get_many(chunk)
+                .await?
+                .iter()
+                .filter(|v| v.is_some())
+                .count();
+        }
+        Ok(found)
     }
 
     /// The values for `keys`, in order, answered tier by tier with one batch call per tier
@@ -914,6 +958,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
             clock: Clock::system(),
             policy: Policy {
                 breaker: BreakerPolicy::default(),
+                background_backfill: false,
                 negative_ttl: Some(DEFAULT_NEGATIVE_TTL),
                 max_stale: Some(DEFAULT_MAX_STALE),
                 floor_ttl: DEFAULT_FLOOR_TTL,
@@ -981,6 +1026,14 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
     /// Apply theirs with [`TieredCache::apply_remote_invalidation`].
     pub fn backplane(mut self, backplane: Arc<dyn Backplane<K, V>>) -> Self {
         self.backplane = Some(backplane);
+        self
+    }
+
+    /// Back-fills the tiers below the top one in a background task, after the caller has its
+    /// answer, so that a miss does not also wait for a Redis write. The top tier is always
+    /// filled first, inline. Defaults to `false` (every back-fill done before `get` returns).
+    pub fn background_backfill(mut self, on: bool) -> Self {
+        self.policy.background_backfill = on;
         self
     }
 

@@ -185,6 +185,17 @@ impl UserConfigStorage {
             .collect())
     }
 
+    /// Loads the configurations of `user_ids` into memory and Redis ahead of demand (the seed's
+    /// "cache warming"), `batch` users per batch call to each tier. Returns how many users have
+    /// a stored configuration.
+    pub async fn warm(&self, user_ids: &[&str], batch: usize) -> Result<usize> {
+        for id in user_ids {
+            check_user_id(id)?;
+        }
+        let keys: Vec<Key> = user_ids.iter().map(|id| (*id).to_owned()).collect();
+        Ok(self.cache.warm(&keys, batch).await?)
+    }
+
     /// Writes `config` for `user_id`: the database first, then every cache is invalidated and
     /// repopulated. Returns the new version. A config whose `user_id` is empty gets `user_id`.
     ///
@@ -403,6 +414,7 @@ pub struct UserConfigStorageBuilder {
     shared_database: Option<Database>,
     max_config_bytes: usize,
     max_stale: Option<Duration>,
+    background_backfill: bool,
     clock: Clock,
 }
 
@@ -437,6 +449,7 @@ impl Default for UserConfigStorageBuilder {
             shared_database: None,
             max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
             max_stale: Some(tiercache_core::DEFAULT_MAX_STALE),
+            background_backfill: true,
             clock: Clock::system(),
         }
     }
@@ -543,6 +556,14 @@ impl UserConfigStorageBuilder {
         self
     }
 
+    /// Whether a database read back-fills Redis after answering rather than before (the
+    /// memory tier is always filled first). Defaults to `true`: a miss does not also wait for
+    /// a Redis write.
+    pub fn background_backfill(mut self, on: bool) -> Self {
+        self.background_backfill = on;
+        self
+    }
+
     /// The clock for every tier. Defaults to [`Clock::system`].
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
@@ -625,6 +646,7 @@ impl UserConfigStorageBuilder {
             .shared_tier(memory.clone(), None)
             .clock(self.clock)
             .max_stale(self.max_stale)
+            .background_backfill(self.background_backfill)
             // A missed invalidation may leave an old copy in Redis for its whole TTL.
             .floor_ttl(self.redis_ttl.max(self.memory_ttl));
         if let Some(redis) = &redis {
