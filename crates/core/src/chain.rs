@@ -547,13 +547,31 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// `invalidate` bumps the epoch before it touches a tier, so a set that lands after the
     /// tier was invalidated is seen by the check that follows it, and taken back.
     async fn backfill(&self, key: &K, entry: &Entry<V>, below: usize, epoch: u64) {
+        self.backfill_with(
+            key,
+            entry,
+            below,
+            epoch,
+            self.inner.policy.background_backfill,
+        )
+        .await;
+    }
+
+    async fn backfill_with(
+        &self,
+        key: &K,
+        entry: &Entry<V>,
+        below: usize,
+        epoch: u64,
+        background: bool,
+    ) {
         if below == 0 {
             return;
         }
         // The top tier (in-process, cheap) is always filled before the caller gets its answer.
         self.backfill_range(key, entry, 0..1, epoch).await;
         if below > 1 {
-            if self.inner.policy.background_backfill {
+            if background {
                 let (this, key, entry) = (self.clone(), key.clone(), entry.clone());
                 tokio::spawn(async move {
                     this.backfill_range(&key, &entry, 1..below, epoch).await;
@@ -588,8 +606,8 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     }
 
     /// Loads `keys` into the cache tiers ahead of demand, `batch` keys per
-    /// [`get_many`](TieredCache::get_many) (one batch call per tier). Returns how many keys the
-    /// source had.
+    /// [`get_many`](TieredCache::get_many) (one batch call per tier), every tier filled before
+    /// it returns. Returns how many keys the source had.
     ///
     /// # Errors
     /// The first batch that fails; the batches before it stay loaded.
@@ -597,7 +615,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let mut found = 0;
         for chunk in keys.chunks(batch.max(1)) {
             found += self
-                .get_many(chunk)
+                .get_many_with(chunk, false)
                 .await?
                 .iter()
                 .filter(|v| v.is_some())
@@ -609,6 +627,11 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// The values for `keys`, in order, answered tier by tier with one batch call per tier
     /// ([`CacheTier::get_many`]). Batches are not coalesced with concurrent single gets.
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Arc<V>>>> {
+        self.get_many_with(keys, self.inner.policy.background_backfill)
+            .await
+    }
+
+    async fn get_many_with(&self, keys: &[K], background: bool) -> Result<Vec<Option<Arc<V>>>> {
         let inner = &*self.inner;
         let epoch = inner.epoch.load(Ordering::SeqCst);
         let mut answers: Vec<Option<Fetched<V>>> = vec![None; keys.len()];
@@ -629,7 +652,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 match entry {
                     Some(e) if inner.floors.allows(&keys[p], e.version, &inner.clock) => {
                         level.hits.incr();
-                        self.backfill(&keys[p], &e, i, epoch).await;
+                        self.backfill_with(&keys[p], &e, i, epoch, background).await;
                         answers[p] = Some(Fetched::from_entry(e, Origin::Tier(i)));
                     }
                     _ => {
@@ -659,14 +682,16 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                                     ..e
                                 };
                                 inner.counters.source_found.incr();
-                                self.backfill(&keys[p], &e, below, epoch).await;
+                                self.backfill_with(&keys[p], &e, below, epoch, background)
+                                    .await;
                                 answers[p] = Some(Fetched::from_entry(e, Origin::Source));
                             }
                             None => {
                                 source.misses.incr();
                                 inner.counters.not_found.incr();
                                 if let Some(absent) = &negative {
-                                    self.backfill(&keys[p], absent, below, epoch).await;
+                                    self.backfill_with(&keys[p], absent, below, epoch, background)
+                                        .await;
                                 }
                                 answers[p] =
                                     Some(Fetched::from_entry(Entry::absent(0), Origin::Source));
