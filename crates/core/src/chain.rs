@@ -13,6 +13,7 @@ use crate::clock::{Clock, Timestamp};
 use crate::entry::{Entry, Version};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
+use crate::latency::LatencyHistogram;
 use crate::stats::{ChainStats, ChainTierStats, Counter, hit_rate};
 use crate::tier::{CacheTier, Key, Peek, Value};
 
@@ -107,6 +108,9 @@ struct Level<K, V> {
     errors: Counter,
     timeouts: Counter,
     skipped: Counter,
+    latency: LatencyHistogram,
+    #[cfg(feature = "metrics")]
+    call_seconds: metrics::Histogram,
 }
 
 impl<K: Key, V: Value> Level<K, V> {
@@ -115,8 +119,11 @@ impl<K: Key, V: Value> Level<K, V> {
         timeout: Option<Duration>,
         breaker: BreakerPolicy,
     ) -> Self {
+        let name = tier.name().to_owned();
         Level {
-            name: tier.name().to_owned(),
+            #[cfg(feature = "metrics")]
+            call_seconds: metrics::histogram!("tiercache_tier_call_seconds", "tier" => name.clone()),
+            name,
             tier,
             timeout,
             breaker: Breaker::new(breaker),
@@ -127,6 +134,7 @@ impl<K: Key, V: Value> Level<K, V> {
             errors: Counter::default(),
             timeouts: Counter::default(),
             skipped: Counter::default(),
+            latency: LatencyHistogram::default(),
         }
     }
 
@@ -179,6 +187,7 @@ impl<K: Key, V: Value> Level<K, V> {
                 tier: self.name.clone(),
             });
         }
+        let started = std::time::Instant::now();
         let result = match self.timeout {
             Some(limit) => match tokio::time::timeout(limit, fut).await {
                 Ok(result) => result,
@@ -189,6 +198,10 @@ impl<K: Key, V: Value> Level<K, V> {
             },
             None => fut.await,
         };
+        let took = started.elapsed();
+        self.latency.record(took);
+        #[cfg(feature = "metrics")]
+        self.call_seconds.record(took.as_secs_f64());
         self.breaker.record(
             permit,
             result.as_ref().err().is_none_or(|e| !e.is_transient()),
@@ -215,6 +228,7 @@ impl<K: Key, V: Value> Level<K, V> {
             breaker_open: self.breaker.is_open(),
             breaker_opened: self.breaker.opened.get(),
             pending_repairs: self.repairs_len.load(Ordering::Relaxed) as u64,
+            latency: self.latency.summary(),
             hit_rate: hit_rate(hits, misses),
             tier: self.tier.stats(),
         }
@@ -425,6 +439,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         match top.tier.peek(key) {
             Peek::Hit(entry) if inner.floors.allows(key, entry.version, &inner.clock) => {
                 top.hits.incr();
+                // A span per call, at TRACE on this path (one relaxed load when not enabled).
+                let _span = tracing::trace_span!(
+                    "tiercache.get",
+                    answered_by = %top.name,
+                    outcome = "hit",
+                    version = entry.version
+                )
+                .entered();
                 Top::Hit(entry)
             }
             Peek::Hit(_) => {
@@ -443,10 +465,39 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Everything after the top tier's synchronous path, from cache tier `start` down,
     /// coalesced per key.
     async fn fetch_slow(&self, key: &K, start: usize) -> Result<Fetched<V>> {
+        use tracing::Instrument;
         let inner = &*self.inner;
-        let (result, led) = inner.flights.run(key, || self.load(key, start)).await;
+        let span = tracing::debug_span!(
+            "tiercache.get",
+            answered_by = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            version = tracing::field::Empty,
+            coalesced = tracing::field::Empty,
+        );
+        let (result, led) = inner
+            .flights
+            .run(key, || self.load(key, start))
+            .instrument(span.clone())
+            .await;
         if !led {
             inner.counters.coalesced.incr();
+        }
+        span.record("coalesced", !led);
+        match &result {
+            Ok(f) => {
+                let (tier, outcome) = match f.origin {
+                    Origin::Tier(i) => (inner.tiers[i].name.as_str(), "hit"),
+                    Origin::Source if f.is_found() => (inner.source.name.as_str(), "found"),
+                    Origin::Source => (inner.source.name.as_str(), "not_found"),
+                    Origin::Stale(i) => (inner.tiers[i].name.as_str(), "stale"),
+                };
+                span.record("answered_by", tier);
+                span.record("outcome", outcome);
+                span.record("version", f.version);
+            }
+            Err(_) => {
+                span.record("outcome", "error");
+            }
         }
         self.count(&result);
         result
@@ -721,6 +772,16 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// that fails here is counted and skipped; until the floor TTL passes, this chain then
     /// refuses to serve versions older than the one written, from any tier.
     pub async fn update(&self, key: &K, value: Arc<V>) -> Result<Version> {
+        use tracing::Instrument;
+        let span = tracing::debug_span!("tiercache.update", version = tracing::field::Empty);
+        let result = self.update_inner(key, value).instrument(span.clone()).await;
+        if let Ok(version) = &result {
+            span.record("version", version);
+        }
+        result
+    }
+
+    async fn update_inner(&self, key: &K, value: Arc<V>) -> Result<Version> {
         let inner = &*self.inner;
         let version = inner
             .source
@@ -769,6 +830,13 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// reached gets the invalidation replayed before it is read again. Every tier is tried; the
     /// first failure is returned.
     pub async fn invalidate(&self, key: &K) -> Result<()> {
+        use tracing::Instrument;
+        self.invalidate_inner(key)
+            .instrument(tracing::debug_span!("tiercache.invalidate"))
+            .await
+    }
+
+    async fn invalidate_inner(&self, key: &K) -> Result<()> {
         let inner = &*self.inner;
         inner.epoch.fetch_add(1, Ordering::SeqCst);
         inner.flights.forget(key);
@@ -903,6 +971,57 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     #[must_use]
     pub fn clock(&self) -> &Clock {
         &self.inner.clock
+    }
+
+    /// Publishes the chain's statistics through the `metrics` facade (feature `metrics`):
+    /// counters `tiercache_requests_total{tier, outcome}` (outcome `hit`, `found`,
+    /// `not_found`, `stale`, `failed`), `tiercache_tier_errors_total{tier}`,
+    /// `tiercache_tier_timeouts_total{tier}`, `tiercache_tier_skipped_total{tier}`,
+    /// `tiercache_source_loads_total`, `tiercache_coalesced_total`, `tiercache_updates_total`,
+    /// `tiercache_remote_invalidations_total`; gauges `tiercache_breaker_open{tier}` (0 or 1)
+    /// and `tiercache_tier_latency_seconds{tier, quantile}`. Call it before each scrape; the
+    /// histogram `tiercache_tier_call_seconds{tier}` is recorded on every call as it happens
+    /// (install the recorder before building the chain).
+    ///
+    /// Counting stays in the chain's own per-thread counters, so the hot path pays nothing for
+    /// metrics.
+    #[cfg(feature = "metrics")]
+    pub fn export_metrics(&self) {
+        let s = self.stats();
+        let requests = |tier: &str, outcome: &'static str, n: u64| {
+            metrics::counter!("tiercache_requests_total", "tier" => tier.to_owned(), "outcome" => outcome)
+                .absolute(n);
+        };
+        for t in s.tiers.iter().chain(std::iter::once(&s.source)) {
+            let tier = t.name.clone();
+            metrics::counter!("tiercache_tier_errors_total", "tier" => tier.clone())
+                .absolute(t.errors);
+            metrics::counter!("tiercache_tier_timeouts_total", "tier" => tier.clone())
+                .absolute(t.timeouts);
+            metrics::counter!("tiercache_tier_skipped_total", "tier" => tier.clone())
+                .absolute(t.skipped);
+            metrics::gauge!("tiercache_breaker_open", "tier" => tier.clone())
+                .set(if t.breaker_open { 1.0 } else { 0.0 });
+            for (quantile, us) in [
+                ("0.5", t.latency.p50_us),
+                ("0.9", t.latency.p90_us),
+                ("0.99", t.latency.p99_us),
+            ] {
+                metrics::gauge!("tiercache_tier_latency_seconds", "tier" => tier.clone(), "quantile" => quantile)
+                    .set(us / 1e6);
+            }
+        }
+        for t in &s.tiers {
+            requests(&t.name, "hit", t.hits);
+        }
+        requests(&s.source.name, "found", s.source.hits);
+        requests(&s.source.name, "not_found", s.not_found);
+        requests("any", "stale", s.stale_served);
+        requests("any", "failed", s.failed);
+        metrics::counter!("tiercache_source_loads_total").absolute(s.source_loads);
+        metrics::counter!("tiercache_coalesced_total").absolute(s.coalesced);
+        metrics::counter!("tiercache_updates_total").absolute(s.updates);
+        metrics::counter!("tiercache_remote_invalidations_total").absolute(s.remote_invalidations);
     }
 
     /// Statistics of the chain and of every tier.

@@ -50,6 +50,7 @@ mod entry;
 mod error;
 mod flight;
 mod key;
+mod latency;
 mod stats;
 mod tier;
 
@@ -63,6 +64,7 @@ pub use clock::{Clock, ManualClock, TimeSource, Timestamp};
 pub use entry::{Entry, Slot, Version};
 pub use error::{BoxError, Error, Result};
 pub use key::StorageKey;
+pub use latency::LatencySummary;
 pub use stats::{ChainStats, ChainTierStats, Counter, TierStats, hit_rate};
 #[cfg(feature = "mock")]
 pub use tier::MockCacheTier;

@@ -273,6 +273,28 @@ impl UserConfigStorage {
         }
     }
 
+    /// Publishes the cache statistics through the `metrics` facade (feature `metrics`): the
+    /// chain's (see [`TieredCache::export_metrics`]) and, with a backplane, counters
+    /// `tiercache_backplane_{published,received,publish_errors,gaps}_total` and the gauge
+    /// `tiercache_backplane_subscribed`. Call it before each scrape.
+    #[cfg(feature = "metrics")]
+    pub fn export_metrics(&self) {
+        self.cache.export_metrics();
+        if let Some(b) = &self.backplane {
+            let s = b.stats();
+            metrics::counter!("tiercache_backplane_published_total").absolute(s.published);
+            metrics::counter!("tiercache_backplane_received_total").absolute(s.received);
+            metrics::counter!("tiercache_backplane_publish_errors_total")
+                .absolute(s.publish_errors);
+            metrics::counter!("tiercache_backplane_gaps_total").absolute(s.gaps);
+            metrics::gauge!("tiercache_backplane_subscribed").set(if s.subscribed {
+                1.0
+            } else {
+                0.0
+            });
+        }
+    }
+
     /// The chain underneath, for callers that need versions (`fetch`) or batch reads.
     #[must_use]
     pub fn chain(&self) -> &TieredCache<Key, UserConfig> {
