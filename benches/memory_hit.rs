@@ -1,4 +1,5 @@
-//! A memory hit through `TieredCache::get`, side by side with the raw caches it competes with,
+//! A memory hit through `TieredCache::get` and through `UserConfigStorage::get_user_config`,
+//! side by side with the raw caches they compete with,
 //! in one run: `quick_cache::sync::Cache::get`, `moka::future::Cache::get`, and an
 //! `lru::LruCache` behind a `Mutex`. 500 and 100,000 keys, every lookup a hit, on one thread
 //! and on two.
@@ -145,6 +146,26 @@ fn bench_memory_hit(c: &mut Criterion) {
             }
         });
 
+        // The userconfig facade over the same shape: memory over an in-process source.
+        let configs = FakeTier::<String, userconfig::UserConfig>::source("db");
+        for k in &keys {
+            configs.put(k.clone(), userconfig::UserConfig::default_for(k.as_str()));
+        }
+        let storage = rt
+            .block_on(
+                userconfig::UserConfigStorage::builder()
+                    .memory_capacity(room)
+                    .source(Arc::new(configs))
+                    .build(),
+            )
+            .unwrap();
+        rt.block_on(async {
+            for k in &keys {
+                storage.get_user_config(k).await.unwrap();
+            }
+        });
+        assert_eq!(storage.get_cache_stats().memory_cache.evictions, 0);
+
         let quick: quick_cache::sync::Cache<String, Val> = quick_cache::sync::Cache::new(room);
         let moka: moka::future::Cache<String, Val> = moka::future::Cache::new(room as u64);
         let lru = Mutex::new(lru::LruCache::<String, Val>::new(
@@ -182,6 +203,19 @@ fn bench_memory_hit(c: &mut Criterion) {
                             for i in 0..count {
                                 let k = &keys[((offset + i) as usize) % mask];
                                 black_box(chain.get(k).await.unwrap());
+                            }
+                        }
+                    })
+                })
+            });
+            group.bench_function(BenchmarkId::from_parameter("userconfig_get"), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |offset, count| {
+                        let (storage, keys) = (&storage, &keys);
+                        async move {
+                            for i in 0..count {
+                                let k = &keys[((offset + i) as usize) % mask];
+                                black_box(storage.get_user_config(k).await.unwrap());
                             }
                         }
                     })

@@ -86,6 +86,13 @@ impl<V> fmt::Debug for Fetched<V> {
     }
 }
 
+/// A request that [`TieredCache::peek`] could not answer: where the asynchronous path goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "hand it to TieredCache::fetch_after"]
+pub struct Miss {
+    start: usize,
+}
+
 /// The top tier's synchronous answer.
 enum Top<V> {
     Hit(Entry<V>),
@@ -429,6 +436,26 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         }
     }
 
+    /// The synchronous half of [`fetch`](TieredCache::fetch): the top tier's answer, if it
+    /// has one without I/O, else a [`Miss`] to hand to [`fetch_after`](TieredCache::fetch_after)
+    /// (the miss is already counted; do not call `fetch` for the same request).
+    ///
+    /// For callers that look keys up by a borrowed form: build the key in a reused buffer for
+    /// `peek`, and own it only on a miss.
+    #[inline]
+    pub fn peek(&self, key: &K) -> Result<Fetched<V>, Miss> {
+        match self.peek_top(key) {
+            Top::Hit(entry) => Ok(Fetched::from_entry(entry, Origin::Tier(0))),
+            Top::Continue(start) => Err(Miss { start }),
+        }
+    }
+
+    /// The asynchronous half of [`fetch`](TieredCache::fetch), after [`peek`](TieredCache::peek)
+    /// missed.
+    pub async fn fetch_after(&self, key: &K, miss: Miss) -> Result<Fetched<V>> {
+        Box::pin(self.fetch_slow(key, miss.start)).await
+    }
+
     /// Asks the top tier's synchronous path, and counts its answer.
     #[inline(always)]
     fn peek_top(&self, key: &K) -> Top<V> {
@@ -439,14 +466,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         match top.tier.peek(key) {
             Peek::Hit(entry) if inner.floors.allows(key, entry.version, &inner.clock) => {
                 top.hits.incr();
-                // A span per call, at TRACE on this path (one relaxed load when not enabled).
-                let _span = tracing::trace_span!(
-                    "tiercache.get",
-                    answered_by = %top.name,
-                    outcome = "hit",
-                    version = entry.version
-                )
-                .entered();
                 Top::Hit(entry)
             }
             Peek::Hit(_) => {
@@ -464,6 +483,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
 
     /// Everything after the top tier's synchronous path, from cache tier `start` down,
     /// coalesced per key.
+    /// Every request that gets here runs in a `tiercache.get` span recording the tier that
+    /// answered, the outcome and the version. (Hits in the top tier's synchronous path get no
+    /// span: it would cost a quarter of the hit; they are counted in the stats and metrics.)
     async fn fetch_slow(&self, key: &K, start: usize) -> Result<Fetched<V>> {
         use tracing::Instrument;
         let inner = &*self.inner;

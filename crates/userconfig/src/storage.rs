@@ -108,12 +108,41 @@ pub fn check_user_id(user_id: &str) -> Result<()> {
         "it is empty"
     } else if user_id.len() > MAX_USER_ID_BYTES {
         "it is longer than 256 bytes"
-    } else if user_id.chars().any(char::is_control) {
+    } else if has_control(user_id.as_bytes()) {
         "it holds control characters"
     } else {
         return Ok(());
     };
     Err(Error::InvalidUserId { reason })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_found_by_bytes_as_by_chars() {
+        for c in (0u32..0x3000).filter_map(char::from_u32) {
+            let s = format!("ab{c}cd");
+            assert_eq!(has_control(s.as_bytes()), c.is_control(), "{:?}", c);
+        }
+    }
+}
+
+/// Whether `bytes` (valid UTF-8) hold a control character (Unicode category Cc: U+0000 to
+/// U+001F, U+007F, U+0080 to U+009F), scanning bytes rather than decoding characters: this runs
+/// on every read.
+#[inline]
+fn has_control(bytes: &[u8]) -> bool {
+    // Almost every id is plain ASCII: one branch-free pass settles it.
+    if !bytes.iter().any(|&b| b < 0x20 || b == 0x7F || b == 0xC2) {
+        return false;
+    }
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b < 0x20
+            || b == 0x7F
+            || (b == 0xC2 && bytes.get(i + 1).is_some_and(|n| (0x80..0xA0).contains(n)))
+    })
 }
 
 impl UserConfigStorage {
@@ -145,16 +174,35 @@ impl UserConfigStorage {
     /// is unreachable and no cached copy is usable; a corrupt stored configuration is an error
     /// naming the user, never replaced by defaults.
     pub async fn get_user_config(&self, user_id: &str) -> Result<Arc<UserConfig>> {
+        let fetched = self.fetch(user_id).await?;
+        Ok(fetched
+            .value
+            .unwrap_or_else(|| Arc::new(UserConfig::default_for(user_id))))
+    }
+
+    /// The chain's answer for `user_id`. A memory hit builds the key in a per-thread buffer
+    /// instead of allocating one (the key is owned only on a miss).
+    async fn fetch(&self, user_id: &str) -> Result<tiercache_core::Fetched<UserConfig>> {
         check_user_id(user_id)?;
-        let found = self.cache.get(&user_id.to_owned()).await?;
-        Ok(found.unwrap_or_else(|| Arc::new(UserConfig::default_for(user_id))))
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        let peeked = KEY.with(|buffer| {
+            let mut key = buffer.borrow_mut();
+            key.clear();
+            key.push_str(user_id);
+            self.cache.peek(&key)
+        });
+        match peeked {
+            Ok(hit) => Ok(hit),
+            Err(miss) => Ok(self.cache.fetch_after(&user_id.to_owned(), miss).await?),
+        }
     }
 
     /// Like [`get_user_config`](Self::get_user_config), with the version and the tier that
     /// answered (version 0 and [`Answer::Database`] for an unknown user's defaults).
     pub async fn fetch_user_config(&self, user_id: &str) -> Result<FetchedConfig> {
-        check_user_id(user_id)?;
-        let fetched = self.cache.fetch(&user_id.to_owned()).await?;
+        let fetched = self.fetch(user_id).await?;
         let answered_by = match fetched.origin {
             Origin::Tier(0) => Answer::Memory,
             Origin::Tier(_) => Answer::Redis,
