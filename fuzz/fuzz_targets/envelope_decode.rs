@@ -11,8 +11,16 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let again = match &stored {
-        Stored::Value { version, payload } => envelope::encode_value(*version, payload, None),
-        Stored::Absent { version } => envelope::encode_absent(*version),
+        Stored::Value {
+            version,
+            expires_unix_ms,
+            payload,
+            codec,
+        } => envelope::encode_value(*version, *expires_unix_ms, payload, *codec, None),
+        Stored::Absent {
+            version,
+            expires_unix_ms,
+        } => envelope::encode_absent(*version, *expires_unix_ms),
         Stored::Tombstone { version } => envelope::encode_tombstone(*version),
     };
     assert_eq!(envelope::decode(&again).as_ref(), Ok(&stored));

@@ -8,11 +8,12 @@
 //! * **Keys**: the prefix (default `tiercache:`) followed by the key, percent-encoded
 //!   ([`keys`]): one-to-one, and free of `:` and glob characters. No command is ever built from
 //!   a key as a pattern; [`clear`](CacheTier::clear) scans for this tier's prefix only.
-//! * **Values**: a versioned [`envelope`] (format, flags, source version, JSON
-//!   payload, lz4-compressed above 1 KiB by default), written by Lua scripts that refuse an
+//! * **Values**: a versioned [`envelope`] (format, flags, source version, payload in
+//!   MessagePack by default or JSON, lz4-compressed above 4 KiB by default), written by Lua scripts that refuse an
 //!   older version and honour tombstones ([`scripts`]), with a TTL per entry (with jitter).
-//! * **Reads**: one script runs MGET and PTTL atomically, so an entry comes back with its
-//!   remaining time to live (the chain caps back-fills with it). Bytes that do not decode are a
+//! * **Reads**: one command, GET (or MGET for batches), as cheap for Redis as a raw GET; the
+//!   envelope records the expiry, so an entry comes back with its remaining time to live (the
+//!   chain caps back-fills with it). Bytes that do not decode are a
 //!   miss: the key is deleted and counted in [`TierStats::corrupt`].
 //!
 //! ```no_run
@@ -55,7 +56,7 @@ use tiercache_core::{
     CacheTier, Clock, Counter, Entry, Error, Result, StorageKey, TierStats, Timestamp, Version,
 };
 
-use crate::envelope::Stored;
+use crate::envelope::{Codec, Stored};
 use crate::scripts::Scripts;
 
 pub use crate::backplane::{BackplaneStats, RedisBackplane};
@@ -74,8 +75,9 @@ pub const DEFAULT_JITTER: f64 = 0.1;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(50);
 /// Default time limit of one connection attempt.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
-/// Default size above which payloads are compressed.
-pub const DEFAULT_COMPRESS_ABOVE: Option<usize> = Some(1024);
+/// Default size above which payloads are compressed: a typical `UserConfig` (2 KB) is not, a
+/// large one is.
+pub const DEFAULT_COMPRESS_ABOVE: Option<usize> = Some(4096);
 /// Default tier name.
 pub const DEFAULT_NAME: &str = "redis";
 /// Keys per script call in `get_many` (Lua's `unpack` has a limit).
@@ -109,6 +111,7 @@ struct Config {
     timeout: Duration,
     connect_timeout: Duration,
     compress_above: Option<usize>,
+    codec: Codec,
 }
 
 #[derive(Default)]
@@ -202,6 +205,34 @@ fn json_error(e: &serde_json::Error) -> String {
         serde_json::error::Category::Eof => "unexpected end",
     };
     format!("{kind} error at line {} column {}", e.line(), e.column())
+}
+
+/// `value` serialized with `codec`.
+fn encode_payload<V: Serialize>(value: &V, codec: Codec) -> std::result::Result<Vec<u8>, String> {
+    match codec {
+        Codec::MessagePack => rmp_serde::to_vec_named(value).map_err(|e| e.to_string()),
+        Codec::Json => serde_json::to_vec(value).map_err(|e| json_error(&e)),
+    }
+}
+
+/// A payload serialized with `codec`; the error says what failed, never the data.
+fn decode_payload<V: DeserializeOwned>(
+    payload: &[u8],
+    codec: Codec,
+) -> std::result::Result<V, String> {
+    match codec {
+        Codec::MessagePack => rmp_serde::from_slice(payload).map_err(|e| match e {
+            rmp_serde::decode::Error::InvalidMarkerRead(_)
+            | rmp_serde::decode::Error::InvalidDataRead(_) => "truncated MessagePack".to_owned(),
+            rmp_serde::decode::Error::TypeMismatch(_) => "MessagePack type mismatch".to_owned(),
+            rmp_serde::decode::Error::OutOfRange => "MessagePack number out of range".to_owned(),
+            rmp_serde::decode::Error::LengthMismatch(_) => "MessagePack length mismatch".to_owned(),
+            rmp_serde::decode::Error::Utf8Error(_) => "MessagePack string not UTF-8".to_owned(),
+            // serde's custom messages may quote the data: say only that the shape is wrong.
+            _ => "MessagePack data does not fit the value's type".to_owned(),
+        }),
+        Codec::Json => serde_json::from_slice(payload).map_err(|e| json_error(&e)),
+    }
 }
 
 /// A stored payload that does not deserialize.
@@ -332,37 +363,43 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         &self,
         redis_key: &str,
         raw: RedisValue,
-        pttl: RedisValue,
         now: Timestamp,
+        now_unix_ms: u64,
     ) -> Option<Entry<V>> {
         let bytes = match raw {
             RedisValue::BulkString(bytes) => bytes,
             _ => return None,
         };
-        let expires_at = match pttl {
-            RedisValue::Int(ms) if ms > 0 => {
-                Some(now + Duration::from_millis(u64::try_from(ms).unwrap_or(0)))
-            }
-            _ => None,
+        // The envelope records the expiry as wall-clock time; the chain wants it on its clock.
+        let expires_at = |unix_ms: u64| {
+            (unix_ms > 0).then(|| now + Duration::from_millis(unix_ms.saturating_sub(now_unix_ms)))
         };
         let decoded = envelope::decode(&bytes)
             .map_err(|e| e.to_string())
             .and_then(|stored| match stored {
                 Stored::Tombstone { .. } => Ok(None),
-                Stored::Absent { version } => Ok(Some(Entry {
+                Stored::Absent {
+                    version,
+                    expires_unix_ms,
+                } => Ok(Some(Entry {
                     value: None,
                     version,
-                    expires_at,
+                    expires_at: expires_at(expires_unix_ms),
                 })),
-                Stored::Value { version, payload } => serde_json::from_slice::<V>(&payload)
+                Stored::Value {
+                    version,
+                    expires_unix_ms,
+                    payload,
+                    codec,
+                } => decode_payload::<V>(&payload, codec)
                     .map(|v| {
                         Some(Entry {
                             value: Some(Arc::new(v)),
                             version,
-                            expires_at,
+                            expires_at: expires_at(expires_unix_ms),
                         })
                     })
-                    .map_err(|e| Undecodable(json_error(&e)).to_string()),
+                    .map_err(|e| Undecodable(e).to_string()),
             });
         match decoded {
             Ok(entry) => entry,
@@ -386,33 +423,35 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
 
     /// Reads `redis_keys` with their PTTLs in one script call.
     async fn read(&self, redis_keys: &[String]) -> Result<Vec<Option<Entry<V>>>> {
-        let script = &self.scripts.get;
-        let flat: Vec<RedisValue> = self
+        // One command: GET, or MGET for several keys. The envelope carries the expiry.
+        let values: Vec<RedisValue> = self
             .run(|mut con| async move {
-                let mut invocation = script.prepare_invoke();
-                for key in redis_keys {
-                    invocation.key(key);
+                if let [only] = redis_keys {
+                    let value: RedisValue =
+                        redis::cmd("GET").arg(only).query_async(&mut con).await?;
+                    Ok(vec![value])
+                } else {
+                    redis::cmd("MGET")
+                        .arg(redis_keys)
+                        .query_async(&mut con)
+                        .await
                 }
-                invocation.invoke_async(&mut con).await
             })
             .await?;
-        if flat.len() != 2 * redis_keys.len() {
+        if values.len() != redis_keys.len() {
             return Err(Error::backend(
                 &self.config.name,
                 Undecodable(format!(
-                    "read script answered {} values for {} keys",
-                    flat.len(),
+                    "Redis answered {} values for {} keys",
+                    values.len(),
                     redis_keys.len()
                 )),
             ));
         }
-        let now = self.clock.now();
+        let (now, now_unix_ms) = (self.clock.now(), unix_ms_now());
         let mut out = Vec::with_capacity(redis_keys.len());
-        let mut values = flat.into_iter();
-        for key in redis_keys {
-            let raw = values.next().unwrap_or(RedisValue::Nil);
-            let pttl = values.next().unwrap_or(RedisValue::Nil);
-            let entry = self.decode_one(key, raw, pttl, now).await;
+        for (key, raw) in redis_keys.iter().zip(values) {
+            let entry = self.decode_one(key, raw, now, now_unix_ms).await;
             if entry.is_some() {
                 self.stats.hits.incr();
             } else {
@@ -422,6 +461,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         }
         Ok(out)
     }
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 #[async_trait]
@@ -457,11 +503,17 @@ where
         }
         let bytes = match &entry.value {
             Some(value) => {
-                let payload = serde_json::to_vec(&**value)
-                    .map_err(|e| Error::InvalidInput(Unserializable(e.to_string()).to_string()))?;
-                envelope::encode_value(entry.version, &payload, self.config.compress_above)
+                let payload = encode_payload(&**value, self.config.codec)
+                    .map_err(|e| Error::InvalidInput(Unserializable(e).to_string()))?;
+                envelope::encode_value(
+                    entry.version,
+                    unix_ms_now() + ttl_ms,
+                    &payload,
+                    self.config.codec,
+                    self.config.compress_above,
+                )
             }
-            None => envelope::encode_absent(entry.version),
+            None => envelope::encode_absent(entry.version, unix_ms_now() + ttl_ms),
         };
         let redis_key = self.redis_key(key);
         let script = &self.scripts.set;
@@ -575,6 +627,7 @@ impl<K, V> Default for RedisTierBuilder<K, V> {
                 timeout: DEFAULT_TIMEOUT,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 compress_above: DEFAULT_COMPRESS_ABOVE,
+                codec: Codec::default(),
             },
             tombstone_ttl: None,
             clock: Clock::system(),
@@ -657,6 +710,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     /// Defaults to [`DEFAULT_COMPRESS_ABOVE`].
     pub fn compress_above(mut self, bytes: Option<usize>) -> Self {
         self.config.compress_above = bytes;
+        self
+    }
+
+    /// How values are serialized. Defaults to [`Codec::MessagePack`], which benches/tiers.rs
+    /// measured smaller and faster than JSON for a `UserConfig`. Reading decodes either.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.config.codec = codec;
         self
     }
 

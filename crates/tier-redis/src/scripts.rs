@@ -9,11 +9,11 @@
 use redis::Script;
 
 /// Parses the envelope header (see `envelope.rs`): the version and whether it is a tombstone,
-/// or nil for anything that is not a format-1 envelope. Versions above 2^53 lose precision in
+/// or nil for anything that is not a format-2 envelope. Versions above 2^53 lose precision in
 /// Lua's doubles; the source's versions count writes and never get there.
 const PARSE: &str = r#"
 local function parse(cur)
-  if cur and #cur >= 12 and string.sub(cur, 1, 3) == 'TC\1' then
+  if cur and #cur >= 20 and string.sub(cur, 1, 3) == 'TC\2' then
     local v = 0
     for i = 5, 12 do v = v * 256 + string.byte(cur, i) end
     return v, (string.byte(cur, 4) % 2) == 1
@@ -65,20 +65,8 @@ for i = 8, 1, -1 do
   bytes[i] = string.char(t % 256)
   t = math.floor(t / 256)
 end
-redis.call('SET', KEYS[1], 'TC\1\1' .. table.concat(bytes), 'PX', ARGV[2])
+redis.call('SET', KEYS[1], 'TC\2\1' .. table.concat(bytes) .. string.rep('\0', 8), 'PX', ARGV[2])
 return 1
-"#;
-
-/// KEYS: the keys. Returns value-or-nil and PTTL for each key, flattened, read atomically
-/// through one MGET.
-const GET: &str = r#"
-local values = redis.call('MGET', unpack(KEYS))
-local out = {}
-for i, key in ipairs(KEYS) do
-  out[2 * i - 1] = values[i]
-  out[2 * i] = redis.call('PTTL', key)
-end
-return out
 "#;
 
 /// KEYS[1]; ARGV[1]: the bytes found. Deletes the key only if it still holds them (a corrupt
@@ -94,7 +82,6 @@ return 0
 pub(crate) struct Scripts {
     pub(crate) set: Script,
     pub(crate) invalidate: Script,
-    pub(crate) get: Script,
     pub(crate) delete_if_same: Script,
 }
 
@@ -103,7 +90,6 @@ impl Scripts {
         Scripts {
             set: Script::new(&format!("{PARSE}{SET}")),
             invalidate: Script::new(&format!("{PARSE}{INVALIDATE}")),
-            get: Script::new(GET),
             delete_if_same: Script::new(DELETE_IF_SAME),
         }
     }

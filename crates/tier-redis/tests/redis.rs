@@ -232,9 +232,11 @@ async fn clear_removes_only_this_prefix() {
 #[tokio::test]
 async fn corrupt_bytes_are_a_miss_deleted_and_counted() {
     let (t, mut con) = tier("corrupt").await;
-    let mut wrong_format = envelope::encode_value(1, b"{}", None);
+    let json = envelope::Codec::Json;
+    let mut wrong_format = envelope::encode_value(1, 0, b"{}", json, None);
     wrong_format[2] = 9;
-    let mut truncated = envelope::encode_value(1, &"z".repeat(4000).into_bytes(), Some(10));
+    let mut truncated =
+        envelope::encode_value(1, 0, &"z".repeat(4000).into_bytes(), json, Some(10));
     truncated.truncate(40);
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("random", (0..64u8).map(|i| i.wrapping_mul(37)).collect()),
@@ -242,7 +244,21 @@ async fn corrupt_bytes_are_a_miss_deleted_and_counted() {
         ("format", wrong_format),
         ("truncated", truncated),
         // A valid envelope whose JSON is not a Config.
-        ("shape", envelope::encode_value(1, b"{\"theme\": 5}", None)),
+        (
+            "shape",
+            envelope::encode_value(1, 0, b"{\"theme\": 5}", json, None),
+        ),
+        // A valid envelope whose MessagePack is not a Config.
+        (
+            "msgpack",
+            envelope::encode_value(
+                1,
+                0,
+                &[0x81, 0xa5, b't', b'h', b'e', b'm', b'e', 0x05],
+                envelope::Codec::MessagePack,
+                None,
+            ),
+        ),
     ];
     for (name, bytes) in &cases {
         let key = t.redis_key(&k(name));
@@ -314,4 +330,43 @@ async fn an_unreachable_redis_fails_fast_and_transiently() {
     }
     assert!(!t.is_connected());
     assert!(t.stats().errors >= 6);
+}
+
+#[tokio::test]
+async fn both_codecs_round_trip_and_read_each_other() {
+    let (msgpack, _con) = tier("codec_mp").await;
+    let json: RedisTier<String, Config> = RedisTier::builder()
+        .url(redis_env::redis_url().await)
+        .prefix(msgpack.prefix().to_string())
+        .codec(envelope::Codec::Json)
+        .build()
+        .unwrap();
+    msgpack
+        .set(&k("a"), Entry::new(config("mp"), 1))
+        .await
+        .unwrap();
+    json.set(&k("b"), Entry::new(config("js"), 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        json.get(&k("a"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .unwrap()
+            .theme,
+        "mp"
+    );
+    assert_eq!(
+        msgpack
+            .get(&k("b"))
+            .await
+            .unwrap()
+            .unwrap()
+            .value
+            .unwrap()
+            .theme,
+        "js"
+    );
 }

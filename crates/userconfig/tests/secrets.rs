@@ -210,7 +210,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
     let _: () = redis::cmd("SET")
         .arg(format!("{prefix}bob"))
         .arg(format!(
-            "TC\u{1}\u{0}\0\0\0\0\0\0\0\u{1}{{\"theme\": {CONFIG_VALUE}}}"
+            "TC\u{2}\u{0}\0\0\0\0\0\0\0\u{1}\0\0\0\0\0\0\0\0{{\"theme\": {CONFIG_VALUE}}}"
         ))
         .query_async(&mut con)
         .await
