@@ -93,3 +93,30 @@ async fn a_failed_load_is_shared_by_every_caller() {
     assert!(cache.get(&key("hot")).await.unwrap().is_some());
     assert_eq!(db.calls().get, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_single_flight_every_caller_loads() {
+    let db = FakeTier::<Key, Val>::source("db");
+    db.put(key("hot"), "value".to_string());
+    let gate = Gate::new();
+    let held = Faulty::new(db.clone());
+    held.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+    let cache: TieredCache<Key, Val> = TieredCache::builder()
+        .tier(MemoryTier::new())
+        .source_with_timeout(held, None)
+        .single_flight(false)
+        .build()
+        .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        let cache = cache.clone();
+        tasks.push(tokio::spawn(async move { cache.get(&key("hot")).await }));
+    }
+    gate.arrived(20).await;
+    gate.open();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(db.calls().get, 20, "one load per caller");
+    assert_eq!(cache.stats().coalesced, 0);
+}

@@ -14,6 +14,7 @@
 
 #![forbid(unsafe_code)]
 
+mod plot;
 mod simulate;
 mod workload;
 

@@ -1,20 +1,37 @@
 //! `userconfig simulate`: several service instances in one process, sharing Redis and the
-//! database, under a Zipf-popular read/write workload; what each tier answered, how fast, and
-//! how many database reads the cache saved.
+//! database, under a Zipf-popular read/write workload; what each tier answered, how fast, how
+//! many database queries the cache saved, and how long other instances served a replaced
+//! version (staleness).
+//!
+//! `--compare` runs the same workload twice: as the seed design had it (no single-flight, no
+//! cross-instance invalidation) and as tiercache does, and `--out DIR` writes both results as
+//! JSON and draws the report's charts as SVG.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, RandomState};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use userconfig::{Answer, CacheStats, UserConfig, UserConfigStorage};
 
+use crate::plot;
 use crate::workload::{Latencies, Zipf};
 use crate::{Connection, Failure};
+
+/// Which design the instances follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Mode {
+    /// tiercache: single-flight, and the backplane keeping instances' memory coherent.
+    Tiercache,
+    /// The seed design: the same tiers without single-flight or cross-instance invalidation.
+    Seed,
+}
 
 /// Options of `userconfig simulate`.
 #[derive(Debug, Args)]
@@ -44,20 +61,33 @@ pub(crate) struct SimulateArgs {
     /// Memory tier capacity per instance.
     #[arg(long, default_value_t = userconfig::DEFAULT_MEMORY_CAPACITY)]
     memory_capacity: usize,
+    /// The design to run.
+    #[arg(long, value_enum, default_value_t = Mode::Tiercache)]
+    mode: Mode,
+    /// Run the seed design, then tiercache, on the same workload, and compare them.
+    #[arg(long)]
+    compare: bool,
+    /// Width of the timeline's intervals, in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    interval_ms: u64,
     /// Random seed (the run is reproducible up to the interleaving of tasks).
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Write the result as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Write the results (JSON) and the charts (SVG) into this directory.
+    #[arg(long)]
+    out: Option<PathBuf>,
     /// Do not draw a progress bar.
     #[arg(long)]
     no_progress: bool,
 }
 
-/// The machine-readable result.
+/// The machine-readable result of one run.
 #[derive(Debug, Serialize)]
 struct SimulationResult {
+    mode: Mode,
     users: usize,
     instances: usize,
     concurrency: usize,
@@ -77,10 +107,20 @@ struct SimulationResult {
     database_reads: u64,
     database_reads_without_cache: u64,
     database_reads_saved: f64,
+    /// Database queries (reads and writes) per 1,000 requests; without a cache every request
+    /// is one.
+    database_queries_per_1000_requests: f64,
+    /// Reads that returned a version older than one another instance had already written
+    /// (the update had returned before the read began).
+    stale_reads: u64,
+    /// How long after the update each stale read happened, in microseconds.
+    staleness_us: Option<Percentiles>,
+    /// Per interval: the share of reads each tier answered, and the stale reads.
+    timeline: Vec<Interval>,
     stats: Vec<CacheStats>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize)]
 struct Percentiles {
     count: usize,
     p50: f64,
@@ -90,26 +130,126 @@ struct Percentiles {
     max: f64,
 }
 
+#[derive(Debug, Clone, Default, Serialize)]
+struct Interval {
+    end_ms: u64,
+    reads: u64,
+    memory: u64,
+    redis: u64,
+    database: u64,
+    stale_reads: u64,
+}
+
+/// The latest version each user was updated to, and when the update returned, in shards so
+/// that 32 tasks do not queue on one lock.
+struct Latest {
+    shards: Vec<Mutex<HashMap<String, (u64, Instant)>>>,
+    hasher: RandomState,
+}
+
+impl Latest {
+    fn new() -> Self {
+        Latest {
+            shards: (0..16).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, user: &str) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Instant)>> {
+        let i = (self.hasher.hash_one(user) % self.shards.len() as u64) as usize;
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn updated(&self, user: &str, version: u64, at: Instant) {
+        let mut shard = self.shard(user);
+        let slot = shard.entry(user.to_owned()).or_insert((version, at));
+        if version >= slot.0 {
+            *slot = (version, at);
+        }
+    }
+
+    /// How stale a read of `version` that began at `began` and ended at `ended` was, if it
+    /// returned less than an update that had returned before it began.
+    fn staleness(
+        &self,
+        user: &str,
+        version: u64,
+        began: Instant,
+        ended: Instant,
+    ) -> Option<Duration> {
+        let shard = self.shard(user);
+        match shard.get(user) {
+            Some(&(latest, at)) if latest > version && at <= began => Some(ended - at),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Default)]
 struct TaskOutcome {
     by_tier: BTreeMap<&'static str, Latencies>,
     writes: Latencies,
+    staleness: Latencies,
+    timeline: Vec<Interval>,
 }
 
 pub(crate) async fn run(args: SimulateArgs, connection: Connection) -> Result<(), Failure> {
     check(&args)?;
-    let run_id = format!("{:x}", args.seed ^ u64::from(std::process::id()));
+    let modes = if args.compare {
+        vec![Mode::Seed, Mode::Tiercache]
+    } else {
+        vec![args.mode]
+    };
+    let mut results = Vec::new();
+    for mode in modes {
+        let result = run_mode(&args, &connection, mode).await?;
+        print_report(&result);
+        results.push(result);
+    }
+    if results.len() == 2 {
+        print_comparison(&results[0], &results[1]);
+    }
+    if let Some(path) = &args.json {
+        let text = if results.len() == 1 {
+            serde_json::to_string_pretty(&results[0])
+        } else {
+            serde_json::to_string_pretty(&results)
+        }
+        .expect("results serialize");
+        std::fs::write(path, text)
+            .map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))?;
+        eprintln!("result written to {}", path.display());
+    }
+    if let Some(dir) = &args.out {
+        write_report(dir, &results)?;
+        eprintln!("results and charts written to {}", dir.display());
+    }
+    Ok(())
+}
+
+async fn run_mode(
+    args: &SimulateArgs,
+    connection: &Connection,
+    mode: Mode,
+) -> Result<SimulationResult, Failure> {
+    let run_id = format!(
+        "{:x}",
+        args.seed ^ u64::from(std::process::id()) ^ (mode as u64) << 40
+    );
     let temp_db = connection
         .database_url
         .is_none()
         .then(|| std::env::temp_dir().join(format!("userconfig-simulate-{run_id}.sqlite3")));
-
     let mut storages = Vec::with_capacity(args.instances);
     for i in 0..args.instances {
         let mut builder = UserConfigStorage::builder()
             .memory_capacity(args.memory_capacity)
             // Simulated users live under their own Redis prefix, apart from real ones.
-            .redis_prefix(format!("userconfig-sim:{run_id}:"));
+            .redis_prefix(format!("userconfig-sim:{run_id}:"))
+            .single_flight(mode == Mode::Tiercache)
+            .backplane(mode == Mode::Tiercache);
         if let Some(url) = &connection.redis_url {
             builder = builder.redis_url(url.clone());
         }
@@ -120,7 +260,18 @@ pub(crate) async fn run(args: SimulateArgs, connection: Connection) -> Result<()
         };
         storages.push(builder.build().await?);
     }
-    let result = drive(&args, &storages, &run_id).await;
+    // Let the backplanes subscribe before the workload starts.
+    for s in &storages {
+        if let Some(b) = s.backplane() {
+            for _ in 0..200 {
+                if b.is_subscribed() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    let result = drive(args, mode, &storages, &run_id).await;
     if let Some(path) = &temp_db {
         for suffix in ["", "-wal", "-shm"] {
             let mut p = path.clone().into_os_string();
@@ -128,15 +279,7 @@ pub(crate) async fn run(args: SimulateArgs, connection: Connection) -> Result<()
             let _ = std::fs::remove_file(p);
         }
     }
-    let result = result?;
-    print_report(&result);
-    if let Some(path) = &args.json {
-        let text = serde_json::to_string_pretty(&result).expect("results serialize");
-        std::fs::write(path, text)
-            .map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))?;
-        eprintln!("result written to {}", path.display());
-    }
-    Ok(())
+    result
 }
 
 fn check(args: &SimulateArgs) -> Result<(), Failure> {
@@ -148,6 +291,8 @@ fn check(args: &SimulateArgs) -> Result<(), Failure> {
         "--write-ratio and --stored must be between 0 and 1"
     } else if !(args.zipf >= 0.0 && args.zipf.is_finite()) {
         "--zipf must be a finite number >= 0"
+    } else if args.interval_ms == 0 {
+        "--interval-ms must be at least 1"
     } else {
         return Ok(());
     };
@@ -180,8 +325,25 @@ fn progress(len: u64, message: &str, hidden: bool) -> ProgressBar {
     bar
 }
 
+fn percentiles(l: &mut Latencies) -> Option<Percentiles> {
+    let p = l.percentiles(&[50.0, 90.0, 99.0, 99.9, 100.0]);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    match p[..] {
+        [p50, p90, p99, p999, max] => Some(Percentiles {
+            count: l.len(),
+            p50: us(p50),
+            p90: us(p90),
+            p99: us(p99),
+            p999: us(p999),
+            max: us(max),
+        }),
+        _ => None,
+    }
+}
+
 async fn drive(
     args: &SimulateArgs,
+    mode: Mode,
     storages: &[UserConfigStorage],
     run_id: &str,
 ) -> Result<SimulationResult, Failure> {
@@ -219,9 +381,14 @@ async fn drive(
         .sum();
 
     let zipf = Arc::new(Zipf::new(args.users, args.zipf));
+    let latest = Arc::new(Latest::new());
     let done = Arc::new(AtomicU64::new(0));
     let tasks_total = (args.instances * args.concurrency) as u64;
-    let bar = progress(args.requests, "requests", args.no_progress);
+    let label = match mode {
+        Mode::Tiercache => "tiercache",
+        Mode::Seed => "seed",
+    };
+    let bar = progress(args.requests, label, args.no_progress);
     let ticker = {
         let (bar, done) = (bar.clone(), done.clone());
         tokio::spawn(async move {
@@ -231,6 +398,7 @@ async fn drive(
             }
         })
     };
+    let interval = Duration::from_millis(args.interval_ms);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for (i, storage) in storages.iter().enumerate() {
@@ -239,7 +407,7 @@ async fn drive(
             let share =
                 args.requests / tasks_total + u64::from(task_index < args.requests % tasks_total);
             let storage = storage.clone();
-            let (zipf, done) = (zipf.clone(), done.clone());
+            let (zipf, done, latest) = (zipf.clone(), done.clone(), latest.clone());
             let run_id = run_id.to_owned();
             let write_ratio = args.write_ratio;
             let mut rng = fastrand::Rng::with_seed(args.seed.wrapping_add(task_index));
@@ -247,20 +415,38 @@ async fn drive(
                 let mut outcome = TaskOutcome::default();
                 for step in 0..share {
                     let user = user_id(&run_id, zipf.sample(&mut rng));
-                    let start = Instant::now();
+                    let began = Instant::now();
+                    let slot =
+                        (began.duration_since(started).as_nanos() / interval.as_nanos()) as usize;
+                    if outcome.timeline.len() <= slot {
+                        outcome.timeline.resize(slot + 1, Interval::default());
+                    }
                     if rng.f64() < write_ratio {
-                        storage
+                        let version = storage
                             .update_user_config(&user, &config_for(&user, step + 1))
                             .await?;
-                        outcome.writes.record(start.elapsed());
+                        let now = Instant::now();
+                        latest.updated(&user, version, now);
+                        outcome.writes.record(now - began);
                     } else {
                         let fetched = storage.fetch_user_config(&user).await?;
-                        let took = start.elapsed();
+                        let ended = Instant::now();
                         outcome
                             .by_tier
                             .entry(fetched.answered_by.as_str())
                             .or_default()
-                            .record(took);
+                            .record(ended - began);
+                        let cell = &mut outcome.timeline[slot];
+                        cell.reads += 1;
+                        match fetched.answered_by {
+                            Answer::Memory => cell.memory += 1,
+                            Answer::Redis => cell.redis += 1,
+                            _ => cell.database += 1,
+                        }
+                        if let Some(late) = latest.staleness(&user, fetched.version, began, ended) {
+                            cell.stale_reads += 1;
+                            outcome.staleness.record(late);
+                        }
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
@@ -270,12 +456,28 @@ async fn drive(
     }
     let mut by_tier: BTreeMap<&'static str, Latencies> = BTreeMap::new();
     let mut writes = Latencies::default();
+    let mut staleness = Latencies::default();
+    let mut timeline: Vec<Interval> = Vec::new();
     for task in tasks {
         let outcome = task.await.expect("workload task panicked")?;
         for (tier, l) in outcome.by_tier {
             by_tier.entry(tier).or_default().merge(l);
         }
         writes.merge(outcome.writes);
+        staleness.merge(outcome.staleness);
+        if timeline.len() < outcome.timeline.len() {
+            timeline.resize(outcome.timeline.len(), Interval::default());
+        }
+        for (mine, theirs) in timeline.iter_mut().zip(outcome.timeline) {
+            mine.reads += theirs.reads;
+            mine.memory += theirs.memory;
+            mine.redis += theirs.redis;
+            mine.database += theirs.database;
+            mine.stale_reads += theirs.stale_reads;
+        }
+    }
+    for (i, cell) in timeline.iter_mut().enumerate() {
+        cell.end_ms = (i as u64 + 1) * args.interval_ms;
     }
     let elapsed = started.elapsed();
     ticker.abort();
@@ -298,29 +500,17 @@ async fn drive(
         }
     }
     let mut latency_us = BTreeMap::new();
-    let mut percentiles = |name: &'static str, l: &mut Latencies| {
-        let p = l.percentiles(&[50.0, 90.0, 99.0, 99.9, 100.0]);
-        if let [p50, p90, p99, p999, max] = p[..] {
-            let us = |d: Duration| d.as_secs_f64() * 1e6;
-            latency_us.insert(
-                name,
-                Percentiles {
-                    count: l.len(),
-                    p50: us(p50),
-                    p90: us(p90),
-                    p99: us(p99),
-                    p999: us(p999),
-                    max: us(max),
-                },
-            );
-        }
-    };
     for (tier, l) in &mut by_tier {
-        percentiles(tier, l);
+        if let Some(p) = percentiles(l) {
+            latency_us.insert(*tier, p);
+        }
     }
-    percentiles("writes", &mut writes);
+    if let Some(p) = percentiles(&mut writes) {
+        latency_us.insert("writes", p);
+    }
     let requests = reads + writes.len() as u64;
     Ok(SimulationResult {
+        mode,
         users: args.users,
         instances: args.instances,
         concurrency: args.concurrency,
@@ -338,13 +528,19 @@ async fn drive(
         database_reads,
         database_reads_without_cache: reads,
         database_reads_saved: 1.0 - database_reads as f64 / reads.max(1) as f64,
+        database_queries_per_1000_requests: (database_reads + writes.len() as u64) as f64 * 1000.0
+            / requests.max(1) as f64,
+        stale_reads: staleness.len() as u64,
+        staleness_us: percentiles(&mut staleness),
+        timeline,
         stats,
     })
 }
 
 fn print_report(r: &SimulationResult) {
     println!(
-        "{} instances x {} tasks, {} users (Zipf {}), {} requests ({} writes) in {:.2} s: {:.0} requests/s",
+        "[{:?}] {} instances x {} tasks, {} users (Zipf {}), {} requests ({} writes) in {:.2} s: {:.0} requests/s",
+        r.mode,
         r.instances,
         r.concurrency,
         r.users,
@@ -383,16 +579,173 @@ fn print_report(r: &SimulationResult) {
     println!("(reads: share of reads; writes: share of requests)");
     println!();
     println!(
-        "database reads: {} for {} reads; without a cache: {}; saved: {:.1}%",
+        "database reads: {} for {} reads; without a cache: {}; saved: {:.1}%; queries per 1,000 requests: {:.1} (without a cache: 1,000)",
         r.database_reads,
         r.reads,
         r.database_reads_without_cache,
-        r.database_reads_saved * 100.0
+        r.database_reads_saved * 100.0,
+        r.database_queries_per_1000_requests
     );
+    match &r.staleness_us {
+        Some(s) => println!(
+            "stale reads (a version older than an update that had returned): {} ({:.2} per 1,000 reads); \
+             time since the update: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+            r.stale_reads,
+            r.stale_reads as f64 * 1000.0 / r.reads.max(1) as f64,
+            s.p50,
+            s.p99,
+            s.max
+        ),
+        None => println!("stale reads (a version older than an update that had returned): 0"),
+    }
     println!();
     println!("stats of instance 0:");
     println!(
         "{}",
         serde_json::to_string_pretty(&r.stats[0]).expect("stats serialize")
     );
+    println!();
+}
+
+fn print_comparison(seed: &SimulationResult, ours: &SimulationResult) {
+    println!("comparison (same workload):");
+    println!(
+        "{:<34} {:>14} {:>14} {:>14}",
+        "", "no cache", "seed design", "tiercache"
+    );
+    println!(
+        "{:<34} {:>14.1} {:>14.1} {:>14.1}",
+        "database queries / 1,000 requests",
+        1000.0,
+        seed.database_queries_per_1000_requests,
+        ours.database_queries_per_1000_requests
+    );
+    println!(
+        "{:<34} {:>14} {:>14.2} {:>14.2}",
+        "stale reads / 1,000 reads",
+        "-",
+        seed.stale_reads as f64 * 1000.0 / seed.reads.max(1) as f64,
+        ours.stale_reads as f64 * 1000.0 / ours.reads.max(1) as f64
+    );
+    let max = |r: &SimulationResult| r.staleness_us.map_or(0.0, |s| s.max / 1000.0);
+    println!(
+        "{:<34} {:>14} {:>14.1} {:>14.1}",
+        "longest staleness (ms)",
+        "-",
+        max(seed),
+        max(ours)
+    );
+}
+
+fn write_report(dir: &Path, results: &[SimulationResult]) -> Result<(), Failure> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::new(format!("cannot create {}: {e}", dir.display())))?;
+    let write = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))
+    };
+    write(
+        "simulate.json",
+        serde_json::to_string_pretty(results).expect("results serialize"),
+    )?;
+    let ours = results.last().expect("at least one run");
+
+    // Hit rate per tier over time.
+    let mut series: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
+    for (name, pick) in [
+        ("memory", (|c: &Interval| c.memory) as fn(&Interval) -> u64),
+        ("redis", |c| c.redis),
+        ("database", |c| c.database),
+    ] {
+        if name == "redis" && !ours.redis {
+            continue;
+        }
+        series.push((
+            name,
+            ours.timeline
+                .iter()
+                .filter(|c| c.reads > 0)
+                .map(|c| {
+                    (
+                        c.end_ms as f64 / 1000.0,
+                        pick(c) as f64 / c.reads as f64 * 100.0,
+                    )
+                })
+                .collect(),
+        ));
+    }
+    write(
+        "hit_rate_over_time.svg",
+        plot::lines(
+            "Share of reads answered by each tier (tiercache)",
+            "seconds since start",
+            "% of reads",
+            Some(100.0),
+            &series,
+        ),
+    )?;
+
+    // Latency percentiles per tier.
+    let groups: Vec<(String, Vec<f64>)> = ours
+        .latency_us
+        .iter()
+        .map(|(tier, p)| ((*tier).to_owned(), vec![p.p50, p.p90, p.p99]))
+        .collect();
+    write(
+        "latency_percentiles.svg",
+        plot::bars(
+            "Latency per tier (tiercache)",
+            "microseconds (log scale)",
+            &["p50", "p90", "p99"],
+            &groups,
+            true,
+        ),
+    )?;
+
+    // Database queries per 1,000 requests.
+    let mut groups = vec![("no cache".to_owned(), vec![1000.0])];
+    for r in results {
+        let label = match r.mode {
+            Mode::Seed => "seed design",
+            Mode::Tiercache => "tiercache",
+        };
+        groups.push((label.to_owned(), vec![r.database_queries_per_1000_requests]));
+    }
+    write(
+        "db_queries_per_1000.svg",
+        plot::bars(
+            "Database queries per 1,000 requests",
+            "queries (log scale)",
+            &["queries"],
+            &groups,
+            true,
+        ),
+    )?;
+
+    // Cross-instance staleness.
+    let groups: Vec<(String, Vec<f64>)> = results
+        .iter()
+        .map(|r| {
+            let label = match r.mode {
+                Mode::Seed => "seed design",
+                Mode::Tiercache => "tiercache",
+            };
+            (
+                label.to_owned(),
+                vec![r.stale_reads as f64 * 1000.0 / r.reads.max(1) as f64],
+            )
+        })
+        .collect();
+    write(
+        "stale_reads_per_1000.svg",
+        plot::bars(
+            "Reads older than an update that had returned, per 1,000 reads",
+            "stale reads",
+            &["stale reads"],
+            &groups,
+            false,
+        ),
+    )?;
+    Ok(())
 }

@@ -290,6 +290,7 @@ impl<K: Key> Floors<K> {
 struct Policy {
     breaker: BreakerPolicy,
     background_backfill: bool,
+    single_flight: bool,
     negative_ttl: Option<Duration>,
     max_stale: Option<Duration>,
     floor_ttl: Duration,
@@ -496,11 +497,15 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             version = tracing::field::Empty,
             coalesced = tracing::field::Empty,
         );
-        let (result, led) = inner
-            .flights
-            .run(key, || self.load(key, start))
-            .instrument(span.clone())
-            .await;
+        let (result, led) = if inner.policy.single_flight {
+            inner
+                .flights
+                .run(key, || self.load(key, start))
+                .instrument(span.clone())
+                .await
+        } else {
+            (self.load(key, start).instrument(span.clone()).await, true)
+        };
         if !led {
             inner.counters.coalesced.incr();
         }
@@ -1125,6 +1130,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
             policy: Policy {
                 breaker: BreakerPolicy::default(),
                 background_backfill: false,
+                single_flight: true,
                 negative_ttl: Some(DEFAULT_NEGATIVE_TTL),
                 max_stale: Some(DEFAULT_MAX_STALE),
                 floor_ttl: DEFAULT_FLOOR_TTL,
@@ -1200,6 +1206,13 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
     /// filled first, inline. Defaults to `false` (every back-fill done before `get` returns).
     pub fn background_backfill(mut self, on: bool) -> Self {
         self.policy.background_backfill = on;
+        self
+    }
+
+    /// Whether concurrent misses of one key share one load (single-flight). Turning it off
+    /// exists to measure what it saves (the seed design had none). Defaults to `true`.
+    pub fn single_flight(mut self, on: bool) -> Self {
+        self.policy.single_flight = on;
         self
     }
 

@@ -485,6 +485,7 @@ pub struct UserConfigStorageBuilder {
     max_config_bytes: usize,
     max_stale: Option<Duration>,
     background_backfill: bool,
+    single_flight: bool,
     clock: Clock,
 }
 
@@ -520,6 +521,7 @@ impl Default for UserConfigStorageBuilder {
             max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
             max_stale: Some(tiercache_core::DEFAULT_MAX_STALE),
             background_backfill: true,
+            single_flight: true,
             clock: Clock::system(),
         }
     }
@@ -634,6 +636,13 @@ impl UserConfigStorageBuilder {
         self
     }
 
+    /// Whether concurrent misses of one user share one database read. Off only to measure what
+    /// it saves (`userconfig simulate --compare`). Defaults to `true`.
+    pub fn single_flight(mut self, on: bool) -> Self {
+        self.single_flight = on;
+        self
+    }
+
     /// The clock for every tier. Defaults to [`Clock::system`].
     pub fn clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
@@ -717,6 +726,7 @@ impl UserConfigStorageBuilder {
             .clock(self.clock)
             .max_stale(self.max_stale)
             .background_backfill(self.background_backfill)
+            .single_flight(self.single_flight)
             // A missed invalidation may leave an old copy in Redis for its whole TTL.
             .floor_ttl(self.redis_ttl.max(self.memory_ttl));
         if let Some(redis) = &redis {
