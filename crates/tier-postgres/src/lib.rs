@@ -15,7 +15,10 @@
 //!   call [`PostgresTier::migrate`]. The schema is created if it is missing.
 //! * Acquire (1 s) and statement (1.5 s) time limits are short by default, below the chain's
 //!   2 s source time limit, so that the tier's own error (and its fail-fast) is what the chain
-//!   sees, not its own time-out.
+//!   sees, not its own time-out. sqlx 0.9 has no time limit per connection attempt: the pool's
+//!   own attempts (retried while the server refuses) are bounded by the acquire time limit;
+//!   [`connect_timeout`](PostgresTierBuilder::connect_timeout) bounds the connections the tier
+//!   opens itself (the probe below).
 //! * Errors: a server that refuses or drops connections, I/O failures and a pool that stays
 //!   busy are a transient [`Error::Unavailable`] (its source says which); a statement cancelled
 //!   by `statement_timeout` (SQLSTATE 57014) is [`Error::Timeout`]; the rest is
@@ -27,7 +30,9 @@
 //! * The password never appears in `Debug` output, errors or logs.
 //!
 //! A row whose JSON does not decode into `V` is [`Error::Corrupt`] naming the key, never a
-//! default (a later update would destroy the user's data).
+//! default (a later update would destroy the user's data). PostgreSQL's `text` and `jsonb`
+//! cannot hold a NUL character: a key or value with one is refused before any I/O with
+//! [`Error::InvalidInput`] (the SQLite tier stores both).
 //!
 //! ```no_run
 //! # async fn demo() -> tiercache_core::Result<()> {
@@ -59,7 +64,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::migrate::{Migration, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Row, SqlSafeStr};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row, SqlSafeStr};
 use tiercache_core::{CacheTier, Counter, Entry, Error, Result, StorageKey, TierStats, Version};
 use tokio::sync::OnceCell;
 
@@ -80,8 +85,9 @@ pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_millis(1500);
 pub const DEFAULT_NAME: &str = "postgres";
 /// After the server was found unreachable, calls fail at once for this long.
 const FAIL_FAST_FOR: Duration = Duration::from_millis(250);
-/// Time limit of the direct connection attempt that explains a pool time-out.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default time limit of one connection attempt the tier makes outside its pool (the direct
+/// attempt that tells a refused or silent server from a busy pool after an acquire time-out).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
 
@@ -95,6 +101,7 @@ pub struct PostgresTier<K, V> {
     name: String,
     acquire_timeout: Duration,
     statement_timeout: Duration,
+    connect_timeout: Duration,
     migrated: OnceCell<()>,
     down_until: AtomicU64,
     epoch: Instant,
@@ -166,8 +173,8 @@ enum NoConnection {
     FailingFast,
 }
 
-/// Maps a sqlx error onto the core's.
-fn map_error(tier: &str, error: sqlx::Error) -> Error {
+/// Maps a sqlx error onto the core's; a cancelled statement ran out of `statement_timeout`.
+fn map_error(tier: &str, statement_timeout: Duration, error: sqlx::Error) -> Error {
     match &error {
         sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
             Error::unavailable(tier, error)
@@ -176,7 +183,7 @@ fn map_error(tier: &str, error: sqlx::Error) -> Error {
         sqlx::Error::Database(db) => match db.code().as_deref() {
             Some("57014") => Error::Timeout {
                 tier: tier.to_owned(),
-                after: Duration::ZERO,
+                after: statement_timeout,
             },
             Some(code)
                 if code.starts_with("08")
@@ -279,7 +286,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         let result = migrator.run(&pool).await;
         pool.close().await;
         result.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(inner) => map_error(&self.name, inner),
+            sqlx::migrate::MigrateError::Execute(inner) => self.explain(inner),
             other => Error::backend(&self.name, other),
         })
     }
@@ -315,7 +322,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
     }
 
     fn explain(&self, error: sqlx::Error) -> Error {
-        map_error(&self.name, error)
+        map_error(&self.name, self.statement_timeout, error)
     }
 
     /// A pool time-out says little: a direct connection attempt tells "the server refuses
@@ -328,9 +335,11 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                     .downcast_ref::<NoConnection>()
                     .is_some_and(|n| matches!(n, NoConnection::PoolBusy));
                 let reason = if pool_busy {
-                    match tokio::time::timeout(PROBE_TIMEOUT, self.options.connect()).await {
+                    let probe = self.options.connect();
+                    match tokio::time::timeout(self.connect_timeout, probe).await {
                         Ok(Ok(conn)) => {
-                            drop(conn);
+                            // The server answers: the pool is busy, not the server down.
+                            let _ = tokio::time::timeout(self.connect_timeout, conn.close()).await;
                             return error;
                         }
                         Ok(Err(e)) => e.to_string(),
@@ -343,10 +352,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                 self.down_until.store(until, Ordering::Relaxed);
                 Error::unavailable(&self.name, NoConnection::Unreachable(reason))
             }
-            Error::Timeout { tier, .. } => Error::Timeout {
-                tier: tier.clone(),
-                after: self.statement_timeout,
-            },
             _ => error,
         }
     }
@@ -375,6 +380,31 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
     }
 }
 
+/// PostgreSQL's `text` cannot hold a NUL character: such a key is refused before any I/O.
+fn check_key(key: &str) -> Result<()> {
+    if key.contains('\0') {
+        return Err(Error::InvalidInput(
+            "the key contains a NUL character, which PostgreSQL text cannot hold".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether serde_json's text `json` holds an escaped NUL (`\u0000`, inside a string), which
+/// `jsonb` refuses. A `\u0000` preceded by an odd number of backslashes is the escape; after an
+/// even number, the backslashes are escaped ones and the `u0000` is plain text.
+fn has_escaped_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    json.match_indices("u0000").any(|(at, _)| {
+        let backslashes = bytes[..at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        backslashes % 2 == 1
+    })
+}
+
 /// The text of an error and its sources, for a message that must stand on its own.
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
@@ -399,6 +429,7 @@ where
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         let key = key.storage_key();
+        check_key(&key)?;
         let row = self
             .run(|| {
                 sqlx::query(AssertSqlSafe(self.sql.get.as_str()))
@@ -425,6 +456,9 @@ where
             return Ok(Vec::new());
         }
         let texts: Vec<String> = keys.iter().map(|k| k.storage_key().into_owned()).collect();
+        for key in &texts {
+            check_key(key)?;
+        }
         let rows = self
             .run(|| {
                 sqlx::query(AssertSqlSafe(self.sql.get_many.as_str()))
@@ -469,7 +503,14 @@ where
     async fn write(&self, key: &K, value: Arc<V>) -> Result<Version> {
         let json = serde_json::to_string(&*value)
             .map_err(|e| Error::InvalidInput(format!("value does not serialize: {e}")))?;
+        if has_escaped_nul(&json) {
+            return Err(Error::InvalidInput(
+                "the value contains a NUL character (\\u0000), which PostgreSQL jsonb cannot hold"
+                    .into(),
+            ));
+        }
         let key = key.storage_key();
+        check_key(&key)?;
         let version: i64 = self
             .run(|| {
                 sqlx::query_scalar(AssertSqlSafe(self.sql.write.as_str()))
@@ -499,6 +540,7 @@ pub struct PostgresTierBuilder<K, V> {
     max_connections: u32,
     acquire_timeout: Duration,
     statement_timeout: Duration,
+    connect_timeout: Duration,
     name: String,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -513,6 +555,7 @@ impl<K, V> Default for PostgresTierBuilder<K, V> {
             max_connections: DEFAULT_MAX_CONNECTIONS,
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             name: DEFAULT_NAME.to_owned(),
             _types: PhantomData,
         }
@@ -534,6 +577,9 @@ impl<K, V> fmt::Debug for PostgresTierBuilder<K, V> {
             .field("schema", &self.schema)
             .field("table", &self.table)
             .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("connect_timeout", &self.connect_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -591,6 +637,17 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
+    /// Time limit of one connection attempt the tier makes outside its pool: after an acquire
+    /// time-out, a direct attempt tells a server that refuses connections or does not answer
+    /// (the call fails with [`Error::Unavailable`] saying so, and calls fail fast for a moment)
+    /// from a pool that is merely busy. sqlx 0.9 has no per-attempt limit for the pool's own
+    /// connections: those are bounded by [`acquire_timeout`](Self::acquire_timeout), within
+    /// which a refused connection is retried. Defaults to [`DEFAULT_CONNECT_TIMEOUT`].
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
     /// The tier's name in stats and errors. Defaults to [`DEFAULT_NAME`].
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -626,9 +683,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));
         }
-        if self.acquire_timeout.is_zero() || self.statement_timeout.is_zero() {
+        if self.acquire_timeout.is_zero()
+            || self.statement_timeout.is_zero()
+            || self.connect_timeout.is_zero()
+        {
             return Err(Error::Config(
-                "acquire_timeout and statement_timeout must be positive".into(),
+                "acquire_timeout, statement_timeout and connect_timeout must be positive".into(),
             ));
         }
         if tokio::runtime::Handle::try_current().is_err() {
@@ -667,6 +727,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             name: self.name,
             acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
+            connect_timeout: self.connect_timeout,
             migrated: OnceCell::new(),
             down_until: AtomicU64::new(0),
             epoch: Instant::now(),
@@ -728,6 +789,7 @@ mod tests {
         assert!(b().max_connections(0).build().is_err());
         assert!(b().statement_timeout(Duration::ZERO).build().is_err());
         assert!(b().acquire_timeout(Duration::ZERO).build().is_err());
+        assert!(b().connect_timeout(Duration::ZERO).build().is_err());
         for bad in [b().schema(""), b().table("1x"), b().max_connections(0)] {
             assert!(matches!(bad.build(), Err(Error::Config(_))));
         }
@@ -762,16 +824,28 @@ mod tests {
     }
 
     #[test]
+    fn escaped_nuls_are_found_and_only_they() {
+        let json = |s: &str| serde_json::to_string(&serde_json::json!({ "k": s })).unwrap();
+        assert!(has_escaped_nul(&json("a\0b")));
+        assert!(has_escaped_nul(&json("\\\0")));
+        assert!(!has_escaped_nul(&json("plain")));
+        // A backslash followed by the text `u0000` is not a NUL.
+        assert!(!has_escaped_nul(&json("\\u0000")));
+        assert!(!has_escaped_nul(&json("u0000")));
+        assert!(check_key("a\0b").is_err() && check_key("alice").is_ok());
+    }
+
+    #[test]
     fn errors_are_classified() {
         let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert!(matches!(
-            map_error("pg", sqlx::Error::Io(refused)),
+            map_error("pg", Duration::from_secs(2), sqlx::Error::Io(refused)),
             Error::Unavailable { .. }
         ));
         let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset");
-        assert!(map_error("pg", sqlx::Error::Io(reset)).is_transient());
-        assert!(map_error("pg", sqlx::Error::PoolTimedOut).is_transient());
-        let other = map_error("pg", sqlx::Error::RowNotFound);
+        assert!(map_error("pg", Duration::from_secs(2), sqlx::Error::Io(reset)).is_transient());
+        assert!(map_error("pg", Duration::from_secs(2), sqlx::Error::PoolTimedOut).is_transient());
+        let other = map_error("pg", Duration::from_secs(2), sqlx::Error::RowNotFound);
         assert!(matches!(other, Error::Backend { .. }) && !other.is_transient());
     }
 }

@@ -57,12 +57,12 @@ async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
 
 #[tokio::test]
 async fn a_server_that_refuses_connections_is_a_transient_unavailable_error() {
+    // Default settings: sqlx retries a refused connection until the acquire time limit (1 s),
+    // then the tier's own connection attempt finds the server refusing.
     let t: Tier = PostgresTier::builder()
         .url("postgres://postgres:s3cret-sentinel@127.0.0.1:1/test")
-        // sqlx retries a refused connection until the acquire time limit: keep the test short.
-        .acquire_timeout(Duration::from_millis(200))
         .build()
-        .unwrap();
+        .expect("building needs no server");
     let err = tokio::time::timeout(Duration::from_secs(10), t.get(&"a".into()))
         .await
         .expect("a down database must not hang a call")
@@ -128,7 +128,11 @@ async fn a_slow_statement_is_a_timeout() {
     .await
     .unwrap();
     let err = t.write(&"k".into(), contract::value(2)).await.unwrap_err();
-    assert!(err.is_timeout(), "{err:?}");
+    assert!(
+        matches!(err, Error::Timeout { after, .. } if after == Duration::from_millis(200)),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
     tx.rollback().await.unwrap();
     // The pool is not poisoned by the cancelled statement.
     assert_eq!(t.write(&"k".into(), contract::value(3)).await.unwrap(), 2);
@@ -214,5 +218,34 @@ async fn migrations_that_failed_are_retried_on_the_next_call() {
         .unwrap();
     assert_eq!(t.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
     assert_eq!(t.stats().errors, 2);
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test]
+async fn nul_characters_are_invalid_input_not_a_backend_failure() {
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let t = tier(&schema);
+    // What the tier saves callers from: jsonb refuses an escaped NUL.
+    let refused = sqlx::query("SELECT $1::jsonb")
+        .bind(r#""a\u0000b""#)
+        .execute(&pool)
+        .await;
+    assert!(refused.is_err());
+
+    let mut with_nul = (*contract::value(1)).clone();
+    with_nul.name = "a\0b".into();
+    let err = t.write(&"k".into(), with_nul.into()).await.unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
+    let err = t.get(&"a\0b".into()).await.unwrap_err();
+    assert!(err.is_invalid_input(), "{err:?}");
+    assert!(t.get(&"k".into()).await.unwrap().is_none());
+    // A backslash followed by the text `u0000` is an ordinary value.
+    let mut lookalike = (*contract::value(2)).clone();
+    lookalike.name = "a\\u0000b".into();
+    let lookalike = std::sync::Arc::new(lookalike);
+    assert_eq!(t.write(&"k".into(), lookalike.clone()).await.unwrap(), 1);
+    let got = t.get(&"k".into()).await.unwrap().unwrap();
+    assert_eq!(*got.value.unwrap(), *lookalike);
     postgres_env::drop_schema(&pool, &schema).await;
 }
