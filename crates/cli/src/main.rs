@@ -41,6 +41,16 @@ pub(crate) struct Connection {
     /// Redis URL (redis://, rediss://); defaults to $REDIS_URL; without either, no Redis tier.
     #[arg(long, global = true, env = "REDIS_URL", hide_env_values = true)]
     pub(crate) redis_url: Option<String>,
+    /// A Redis Cluster's seed nodes (comma-separated redis:// URLs), instead of --redis-url;
+    /// defaults to $REDIS_CLUSTER_NODES.
+    #[arg(
+        long,
+        global = true,
+        env = "REDIS_CLUSTER_NODES",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub(crate) redis_cluster: Vec<String>,
     /// Database URL (postgres://..., sqlite:path); defaults to $DATABASE_URL; without either,
     /// an SQLite file (userconfig.sqlite3; simulate uses a temporary one).
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
@@ -115,12 +125,37 @@ impl From<userconfig::Error> for Failure {
 }
 
 impl Connection {
-    async fn storage(&self) -> Result<UserConfigStorage, Failure> {
-        let mut builder = UserConfigStorage::builder();
-        if let Some(url) = self.redis_url.as_ref().filter(|u| !u.is_empty()) {
+    /// Empty values count as unset (`REDIS_URL= userconfig ...`).
+    fn normalized(self) -> Self {
+        Connection {
+            redis_url: self.redis_url.filter(|u| !u.is_empty()),
+            redis_cluster: self
+                .redis_cluster
+                .into_iter()
+                .map(|n| n.trim().to_owned())
+                .filter(|n| !n.is_empty())
+                .collect(),
+            database_url: self.database_url.filter(|u| !u.is_empty()),
+        }
+    }
+
+    /// Adds the Redis tier, if one is configured.
+    pub(crate) fn redis(
+        &self,
+        mut builder: userconfig::UserConfigStorageBuilder,
+    ) -> userconfig::UserConfigStorageBuilder {
+        if let Some(url) = &self.redis_url {
             builder = builder.redis_url(url.clone());
         }
-        if let Some(url) = self.database_url.as_ref().filter(|u| !u.is_empty()) {
+        if !self.redis_cluster.is_empty() {
+            builder = builder.redis_cluster(self.redis_cluster.clone());
+        }
+        builder
+    }
+
+    async fn storage(&self) -> Result<UserConfigStorage, Failure> {
+        let mut builder = self.redis(UserConfigStorage::builder());
+        if let Some(url) = &self.database_url {
             builder = builder.database_url(url.clone());
         }
         Ok(builder.build().await?)
@@ -128,16 +163,11 @@ impl Connection {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
+    let connection = cli.connection.normalized();
     match cli.command {
-        Command::Simulate(args) => {
-            let connection = Connection {
-                redis_url: cli.connection.redis_url.filter(|u| !u.is_empty()),
-                database_url: cli.connection.database_url.filter(|u| !u.is_empty()),
-            };
-            simulate::run(args, connection).await
-        }
+        Command::Simulate(args) => simulate::run(args, connection).await,
         Command::Get { user_id } => {
-            let storage = cli.connection.storage().await?;
+            let storage = connection.storage().await?;
             let fetched = storage.fetch_user_config(&user_id).await?;
             println!(
                 "{}",
@@ -162,13 +192,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             };
             let config: UserConfig = serde_json::from_str(&text)
                 .map_err(|e| Failure::new(format!("the configuration is not valid JSON: {e}")))?;
-            let storage = cli.connection.storage().await?;
+            let storage = connection.storage().await?;
             let version = storage.update_user_config(&user_id, &config).await?;
             eprintln!("stored version {version}");
             Ok(())
         }
         Command::Invalidate { user_id } => {
-            let storage = cli.connection.storage().await?;
+            let storage = connection.storage().await?;
             storage.invalidate_user_config_cache(&user_id).await?;
             eprintln!("invalidated");
             Ok(())
@@ -188,7 +218,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                         .map(String::from),
                 );
             }
-            let storage = cli.connection.storage().await?;
+            let storage = connection.storage().await?;
             let ids: Vec<&str> = user_ids.iter().map(String::as_str).collect();
             let found = storage.warm(&ids, batch).await?;
             eprintln!(
@@ -198,7 +228,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Stats => {
-            let storage = cli.connection.storage().await?;
+            let storage = connection.storage().await?;
             if let Some(redis) = storage.redis() {
                 // Refresh the `connected` flag before reporting it.
                 let _ = redis.ping().await;

@@ -250,9 +250,7 @@ async fn run_mode(
             .redis_prefix(format!("userconfig-sim:{run_id}:"))
             .single_flight(mode == Mode::Tiercache)
             .backplane(mode == Mode::Tiercache);
-        if let Some(url) = &connection.redis_url {
-            builder = builder.redis_url(url.clone());
-        }
+        builder = connection.redis(builder);
         builder = match (i, &connection.database_url, &temp_db) {
             (0, Some(url), _) => builder.database_url(url.clone()),
             (0, None, Some(path)) => builder.sqlite_path(path.clone()),

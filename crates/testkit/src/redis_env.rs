@@ -48,3 +48,221 @@ pub async fn redis_url() -> String {
 pub fn unique_prefix(tag: &str) -> String {
     format!("{}:", env::unique_name(tag))
 }
+
+/// A Redis Cluster of `redis-server` processes on loopback ports, for tests: every master owns
+/// an equal share of the 16,384 slots, no replicas, nothing kept on disk beyond a temporary
+/// directory. Dropping it kills the servers and removes the directory.
+///
+/// ```no_run
+/// # async fn demo() {
+/// use tiercache_testkit::redis_env::LocalCluster;
+///
+/// let Some(cluster) = LocalCluster::start(3).await else {
+///     return; // redis-server is not installed: start() said so loudly
+/// };
+/// let seeds: Vec<String> = cluster.nodes(); // ["redis://127.0.0.1:<port>/", ...]
+/// # let _ = seeds; }
+/// ```
+#[derive(Debug)]
+pub struct LocalCluster {
+    servers: Vec<std::process::Child>,
+    ports: Vec<u16>,
+    dir: std::path::PathBuf,
+}
+
+impl LocalCluster {
+    /// Starts `masters` servers and joins them into one cluster, waiting (up to 30 s) until
+    /// every node reports the cluster `ok` with all slots served.
+    ///
+    /// Returns `None`, after printing a loud message on standard error, only when
+    /// `redis-server` is not installed.
+    ///
+    /// # Panics
+    /// If a server does not start or the cluster does not form, with the servers' logs.
+    pub async fn start(masters: usize) -> Option<Self> {
+        use std::process::{Command, Stdio};
+        assert!(masters >= 1, "a cluster needs at least one master");
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            eprintln!(
+                "\n*** SKIPPED: redis-server is not installed, so no Redis Cluster can be built \
+                 for this test. Install it (apt-get install redis-server) to run it. ***\n"
+            );
+            return None;
+        }
+        let dir = std::env::temp_dir().join(env::unique_name("cluster"));
+        std::fs::create_dir_all(&dir).expect("a temporary directory for the cluster");
+        // Client and bus ports for every node, all free when chosen (the listeners are held
+        // until every port is picked, so no two coincide).
+        let listeners: Vec<std::net::TcpListener> = (0..masters * 2)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
+            .collect();
+        let picked: Vec<u16> = listeners
+            .iter()
+            .map(|l| l.local_addr().expect("a bound port").port())
+            .collect();
+        drop(listeners);
+        let (ports, bus_ports) = picked.split_at(masters);
+        let mut cluster = LocalCluster {
+            servers: Vec::new(),
+            ports: ports.to_vec(),
+            dir,
+        };
+        for (port, bus) in ports.iter().zip(bus_ports) {
+            let (port, bus) = (port.to_string(), bus.to_string());
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port,
+                    "--cluster-port",
+                    &bus,
+                    "--bind",
+                    "127.0.0.1",
+                ])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--logfile", &format!("redis-{port}.log"), "--dir"])
+                .arg(&cluster.dir)
+                .current_dir(&cluster.dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server starts");
+            cluster.servers.push(child);
+        }
+        let mut cons = Vec::new();
+        for &port in &cluster.ports {
+            cons.push(cluster.connect(port).await);
+        }
+        // Equal slot ranges, then every node meets the first.
+        let per = 16_384 / masters;
+        for (i, con) in cons.iter_mut().enumerate() {
+            let first = i * per;
+            let last = if i + 1 == masters {
+                16_383
+            } else {
+                first + per - 1
+            };
+            cluster
+                .query::<()>(
+                    con,
+                    redis::cmd("CLUSTER")
+                        .arg("ADDSLOTSRANGE")
+                        .arg(first)
+                        .arg(last),
+                )
+                .await;
+        }
+        for con in cons.iter_mut().skip(1) {
+            cluster
+                .query::<()>(
+                    con,
+                    redis::cmd("CLUSTER")
+                        .arg("MEET")
+                        .arg("127.0.0.1")
+                        .arg(cluster.ports[0])
+                        .arg(bus_ports[0]),
+                )
+                .await;
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let mut formed = true;
+            for con in &mut cons {
+                let info: String = cluster.query(con, redis::cmd("CLUSTER").arg("INFO")).await;
+                formed &= info.contains("cluster_state:ok")
+                    && info.contains("cluster_slots_ok:16384")
+                    && info.contains(&format!("cluster_known_nodes:{masters}\r"));
+            }
+            if formed {
+                return Some(cluster);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Redis Cluster did not form within 30 s; logs:\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The seed nodes' URLs, `redis://127.0.0.1:<port>/` each.
+    #[must_use]
+    pub fn nodes(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect()
+    }
+
+    /// The masters' client ports.
+    #[must_use]
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// A connection to one node (not cluster-aware: it sees that node's keys only).
+    ///
+    /// # Panics
+    /// If the node does not answer within 10 s.
+    pub async fn connect(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .expect("a loopback URL parses");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let attempt = async {
+                let mut con = client.get_multiplexed_async_connection().await?;
+                redis::cmd("PING").query_async::<String>(&mut con).await?;
+                Ok::<_, redis::RedisError>(con)
+            };
+            match attempt.await {
+                Ok(con) => return con,
+                Err(e) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "cluster node on port {port} did not answer: {e}; logs:\n{}",
+                    self.logs()
+                ),
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(
+        &self,
+        con: &mut redis::aio::MultiplexedConnection,
+        cmd: &mut redis::Cmd,
+    ) -> T {
+        match cmd.query_async(con).await {
+            Ok(value) => value,
+            Err(e) => panic!("setting up the cluster: {e}; logs:\n{}", self.logs()),
+        }
+    }
+
+    /// The servers' log files, for a failure message.
+    fn logs(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| {
+                let log = std::fs::read_to_string(self.dir.join(format!("redis-{p}.log")))
+                    .unwrap_or_default();
+                format!("--- node {p}\n{log}")
+            })
+            .collect()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        for server in &mut self.servers {
+            let _ = server.kill();
+            let _ = server.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

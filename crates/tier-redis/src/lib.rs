@@ -15,6 +15,12 @@
 //!   envelope records the expiry, so an entry comes back with its remaining time to live (the
 //!   chain caps back-fills with it). Bytes that do not decode are a
 //!   miss: the key is deleted and counted in [`TierStats::corrupt`].
+//! * **Redis Cluster** (feature `cluster`): `RedisTierBuilder::cluster(seed nodes)` talks to a
+//!   cluster instead of one server. Every script touches one key, so each runs on the key's
+//!   master; batch reads (MGET) are split by slot and reassembled in order by the client;
+//!   `clear` scans every master. The [`RedisBackplane`] works unchanged on any one node: a
+//!   cluster forwards every PUBLISH to all its nodes. Tested against a three-master cluster of
+//!   local `redis-server` processes (`tests/cluster.rs`, the same contract as one server).
 //!
 //! ```no_run
 //! # async fn demo() -> tiercache_core::Result<()> {
@@ -43,8 +49,8 @@ pub mod scripts;
 
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -89,7 +95,9 @@ const FAIL_FAST_FOR: Duration = Duration::from_millis(200);
 /// The Redis tier. See the [crate docs](crate).
 pub struct RedisTier<K, V> {
     client: Client,
-    manager: OnceLock<ConnectionManager>,
+    #[cfg(feature = "cluster")]
+    cluster: Option<redis::cluster::ClusterClient>,
+    connection: tokio::sync::OnceCell<Conn>,
     scripts: Scripts,
     config: Config,
     clock: Clock,
@@ -121,6 +129,50 @@ struct Stats {
     errors: Counter,
     corrupt: Counter,
     rejected: Counter,
+}
+
+/// The connection the tier sends commands on: one server through a reconnecting manager, or a
+/// Redis Cluster (feature `cluster`), whose connection routes each command by its keys' slots
+/// (MGET and UNLINK are split across nodes by the client).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, RedisValue> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<RedisValue>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            #[cfg(feature = "cluster")]
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
 }
 
 /// The address part of a connection, for `Debug` and logs: never the password.
@@ -287,27 +339,47 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         Ok(())
     }
 
-    /// The connection manager, created on first use (it needs a running tokio runtime).
-    fn manager(&self) -> Result<ConnectionManager> {
-        if let Some(m) = self.manager.get() {
-            return Ok(m.clone());
-        }
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(self.config.timeout))
-            .set_connection_timeout(Some(self.config.connect_timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(20))
-            .set_max_delay(Duration::from_millis(500));
-        let manager = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-            .map_err(|e| map_error(&self.config.name, e))?;
-        Ok(self.manager.get_or_init(|| manager).clone())
+    /// The connection, created on first use (it needs a running tokio runtime): for one server
+    /// a lazy reconnecting manager; for a cluster, a cluster connection (which must reach a node
+    /// to learn the slots, so it fails while the cluster is unreachable and is retried).
+    async fn connection(&self) -> Result<Conn> {
+        self.connection
+            .get_or_try_init(|| async {
+                #[cfg(feature = "cluster")]
+                if let Some(cluster) = &self.cluster {
+                    let config = redis::cluster::ClusterConfig::new()
+                        .set_response_timeout(self.config.timeout)
+                        .set_connection_timeout(self.config.connect_timeout);
+                    let connecting = cluster.get_async_connection_with_config(config);
+                    return match tokio::time::timeout(self.config.connect_timeout, connecting).await
+                    {
+                        Ok(Ok(c)) => Ok(Conn::Cluster(c)),
+                        Ok(Err(e)) => Err(map_error(&self.config.name, e)),
+                        Err(_) => Err(Error::Timeout {
+                            tier: self.config.name.clone(),
+                            after: self.config.connect_timeout,
+                        }),
+                    };
+                }
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.config.timeout))
+                    .set_connection_timeout(Some(self.config.connect_timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(20))
+                    .set_max_delay(Duration::from_millis(500));
+                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+                    .map(Conn::Single)
+                    .map_err(|e| map_error(&self.config.name, e))
+            })
+            .await
+            .cloned()
     }
 
     /// Runs one command or script, failing fast while Redis is known to be unreachable, and
     /// keeps the connection state and error count.
     async fn run<T, F, Fut>(&self, call: F) -> Result<T>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -315,8 +387,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
             self.stats.errors.incr();
             return Err(Error::unavailable(&self.config.name, FailingFast));
         }
-        let manager = self.manager()?;
-        match call(manager).await {
+        let connection = self.connection().await?;
+        match call(connection).await {
             Ok(value) => {
                 self.connected.store(true, Ordering::Relaxed);
                 self.down_until.store(0, Ordering::Relaxed);
@@ -555,21 +627,43 @@ where
     }
 
     async fn clear(&self) -> Result<()> {
+        // A cluster spreads keys over its masters: scan each one.
+        #[cfg(feature = "cluster")]
+        if self.cluster.is_some() {
+            for (host, port) in self.cluster_masters().await? {
+                self.clear_node(Some((host, port))).await?;
+            }
+            return Ok(());
+        }
+        self.clear_node(None).await
+    }
+
+    fn stats(&self) -> TierStats {
+        let s = &self.stats;
+        TierStats::new(self.config.name.clone(), s.hits.get(), s.misses.get())
+            .with_errors(s.errors.get())
+            .with_housekeeping(0, s.corrupt.get(), s.rejected.get())
+    }
+}
+
+impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> RedisTier<K, V> {
+    /// Removes this tier's keys from one server (`node`: a cluster master's address).
+    async fn clear_node(&self, node: Option<(String, u16)>) -> Result<()> {
         let pattern = format!("{}*", keys::glob_escape(&self.config.prefix));
         let prefix_len = self.config.prefix.len();
         let mut cursor: u64 = 0;
         loop {
-            let pattern = pattern.clone();
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500);
+            let node = node.clone();
             let (next, found): (u64, Vec<String>) = self
-                .run(|mut con| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(500)
-                        .query_async(&mut con)
-                        .await
+                .run(|con| async move {
+                    let value = send_to(con, scan, node).await?;
+                    redis::from_redis_value(value).map_err(Into::into)
                 })
                 .await?;
             // Only keys this tier wrote: the prefix, then an encoded key (which has no ':').
@@ -594,11 +688,61 @@ where
         }
     }
 
-    fn stats(&self) -> TierStats {
-        let s = &self.stats;
-        TierStats::new(self.config.name.clone(), s.hits.get(), s.misses.get())
-            .with_errors(s.errors.get())
-            .with_housekeeping(0, s.corrupt.get(), s.rejected.get())
+    /// The cluster's masters, from `CLUSTER SLOTS`.
+    #[cfg(feature = "cluster")]
+    async fn cluster_masters(&self) -> Result<Vec<(String, u16)>> {
+        let slots: Vec<RedisValue> = self
+            .run(|mut con| async move {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        let mut masters = Vec::new();
+        for range in slots {
+            // [start, end, [host, port, id, ...], replicas...]
+            let RedisValue::Array(fields) = range else {
+                continue;
+            };
+            let Some(RedisValue::Array(master)) = fields.get(2) else {
+                continue;
+            };
+            let host = match master.first() {
+                Some(RedisValue::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(RedisValue::SimpleString(h)) => h.clone(),
+                _ => continue,
+            };
+            let Some(RedisValue::Int(port)) = master.get(1) else {
+                continue;
+            };
+            let address = (host, u16::try_from(*port).unwrap_or(0));
+            if !masters.contains(&address) {
+                masters.push(address);
+            }
+        }
+        Ok(masters)
+    }
+}
+
+/// Sends `cmd` on `con`, to the cluster node at `node` when one is given.
+async fn send_to(
+    mut con: Conn,
+    cmd: redis::Cmd,
+    node: Option<(String, u16)>,
+) -> redis::RedisResult<RedisValue> {
+    match (&mut con, node) {
+        #[cfg(feature = "cluster")]
+        (Conn::Cluster(cluster), Some((host, port))) => {
+            use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+            cluster
+                .route_command(
+                    cmd,
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port }),
+                )
+                .await
+        }
+        _ => cmd.query_async(&mut con).await,
     }
 }
 
@@ -607,6 +751,8 @@ where
 pub struct RedisTierBuilder<K, V> {
     url: String,
     root_certificate: Option<Vec<u8>>,
+    #[cfg(feature = "cluster")]
+    cluster_nodes: Vec<String>,
     config: Config,
     tombstone_ttl: Option<Duration>,
     clock: Clock,
@@ -618,6 +764,8 @@ impl<K, V> Default for RedisTierBuilder<K, V> {
         RedisTierBuilder {
             url: DEFAULT_URL.to_owned(),
             root_certificate: None,
+            #[cfg(feature = "cluster")]
+            cluster_nodes: Vec::new(),
             config: Config {
                 name: DEFAULT_NAME.to_owned(),
                 prefix: DEFAULT_PREFIX.to_owned(),
@@ -657,6 +805,19 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     /// Defaults to [`DEFAULT_URL`].
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.url = url.into();
+        self
+    }
+
+    /// Talks to a Redis Cluster through these seed nodes (`redis://host:port/` each; the
+    /// cluster's other nodes are discovered) instead of the single server of
+    /// [`url`](Self::url). Keys are routed by slot; batch reads are split by node.
+    #[cfg(feature = "cluster")]
+    pub fn cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.cluster_nodes = nodes.into_iter().map(Into::into).collect();
         self
     }
 
@@ -755,6 +916,16 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             .map_err(bad_url)?,
             None => Client::open(self.url.as_str()).map_err(bad_url)?,
         };
+        #[cfg(feature = "cluster")]
+        let (client, cluster) = if self.cluster_nodes.is_empty() {
+            (client, None)
+        } else {
+            let cluster =
+                redis::cluster::ClusterClient::new(self.cluster_nodes.clone()).map_err(bad_url)?;
+            // The single-server client points at the first seed node (for a backplane).
+            let first = Client::open(self.cluster_nodes[0].as_str()).map_err(bad_url)?;
+            (first, Some(cluster))
+        };
         let c = &self.config;
         if c.ttl.is_zero() || c.timeout.is_zero() || c.connect_timeout.is_zero() {
             return Err(Error::Config(
@@ -780,7 +951,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         config.tombstone_ttl = self.tombstone_ttl.unwrap_or(config.ttl);
         Ok(RedisTier {
             client,
-            manager: OnceLock::new(),
+            #[cfg(feature = "cluster")]
+            cluster,
+            connection: tokio::sync::OnceCell::new(),
             scripts: Scripts::new(),
             config,
             clock: self.clock,

@@ -37,6 +37,8 @@ pub use config::{
     PreferencesConfig, RefinementConfig, SummarizationConfig, UserConfig, WebSearchConfig,
 };
 pub use error::{Error, Result};
+#[cfg(feature = "cluster")]
+pub use storage::REDIS_CLUSTER_NODES_VAR;
 pub use storage::{
     Answer, CacheStats, DEFAULT_MAX_CONFIG_BYTES, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_TTL,
     DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, DatabaseStats, FetchedConfig,

@@ -24,6 +24,10 @@ pub const DEFAULT_MEMORY_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_REDIS_TTL: Duration = Duration::from_secs(1800);
 /// Default Redis key prefix.
 pub const DEFAULT_REDIS_PREFIX: &str = "userconfig:";
+/// The variable [`UserConfigStorage::from_env`] reads a Redis Cluster's seed nodes from
+/// (comma-separated URLs; feature `cluster`).
+#[cfg(feature = "cluster")]
+pub const REDIS_CLUSTER_NODES_VAR: &str = "REDIS_CLUSTER_NODES";
 /// Default largest configuration accepted, serialized (64 KiB).
 pub const DEFAULT_MAX_CONFIG_BYTES: usize = 64 * 1024;
 /// Longest user id accepted, in bytes.
@@ -152,13 +156,24 @@ impl UserConfigStorage {
     }
 
     /// A storage configured from the environment: `REDIS_URL` (optional: without it the chain
-    /// is memory, then the database) and `DATABASE_URL` (`postgres://…`, or `sqlite:path`;
+    /// is memory, then the database), or with feature `cluster` `REDIS_CLUSTER_NODES` (a Redis
+    /// Cluster's seed node URLs, comma-separated), and `DATABASE_URL` (`postgres://…`, or `sqlite:path`;
     /// without it, the embedded default: an SQLite file, `userconfig.sqlite3`).
     pub async fn from_env() -> Result<Self> {
         let non_empty = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut builder = Self::builder();
         if let Some(url) = non_empty("REDIS_URL") {
             builder = builder.redis_url(url);
+        }
+        #[cfg(feature = "cluster")]
+        if let Some(nodes) = non_empty(REDIS_CLUSTER_NODES_VAR) {
+            builder = builder.redis_cluster(
+                nodes
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned),
+            );
         }
         if let Some(url) = non_empty("DATABASE_URL") {
             builder = builder.database_url(url);
@@ -477,6 +492,8 @@ pub struct UserConfigStorageBuilder {
     redis_tier: Option<Arc<RedisTier<Key, UserConfig>>>,
     redis_ttl: Duration,
     redis_prefix: String,
+    #[cfg(feature = "cluster")]
+    redis_cluster: Vec<String>,
     backplane: bool,
     database_url: Option<String>,
     sqlite_path: Option<PathBuf>,
@@ -496,6 +513,7 @@ impl fmt::Debug for UserConfigStorageBuilder {
             .field("memory_capacity", &self.memory_capacity)
             .field("memory_ttl", &self.memory_ttl)
             .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
+            .field("redis_cluster_nodes", &self.redis_cluster_len())
             .field("redis_ttl", &self.redis_ttl)
             .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
             .field("sqlite_path", &self.sqlite_path)
@@ -513,6 +531,8 @@ impl Default for UserConfigStorageBuilder {
             redis_tier: None,
             redis_ttl: DEFAULT_REDIS_TTL,
             redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
+            #[cfg(feature = "cluster")]
+            redis_cluster: Vec::new(),
             backplane: true,
             database_url: None,
             sqlite_path: None,
@@ -545,6 +565,27 @@ impl UserConfigStorageBuilder {
     pub fn redis_url(mut self, url: impl Into<String>) -> Self {
         self.redis_url = Some(url.into());
         self
+    }
+
+    /// Adds a Redis tier on a Redis Cluster reached through these seed nodes
+    /// (`redis://host:port/` each; the others are discovered), instead of one server
+    /// (feature `cluster`). The backplane subscribes on the first seed node: a cluster
+    /// forwards every PUBLISH to all its nodes.
+    #[cfg(feature = "cluster")]
+    pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.redis_cluster = nodes.into_iter().map(Into::into).collect();
+        self
+    }
+
+    fn redis_cluster_len(&self) -> usize {
+        #[cfg(feature = "cluster")]
+        return self.redis_cluster.len();
+        #[cfg(not(feature = "cluster"))]
+        0
     }
 
     /// Redis TTL. Defaults to [`DEFAULT_REDIS_TTL`].
@@ -667,18 +708,29 @@ impl UserConfigStorageBuilder {
                 .build()
                 .map_err(settings)?,
         );
+        let cluster = self.redis_cluster_len() > 0;
+        if cluster && self.redis_url.is_some() {
+            return Err(Error::Settings(
+                "give either one Redis server or a Redis Cluster's nodes, not both".into(),
+            ));
+        }
         let redis = match (self.redis_tier, &self.redis_url) {
             (Some(tier), _) => Some(tier),
-            (None, Some(url)) => Some(Arc::new(
-                RedisTier::builder()
-                    .url(url.clone())
+            (None, url) if url.is_some() || cluster => {
+                let mut tier = RedisTier::builder()
                     .prefix(self.redis_prefix.clone())
                     .ttl(self.redis_ttl)
-                    .clock(self.clock.clone())
-                    .build()
-                    .map_err(settings)?,
-            )),
-            (None, None) => None,
+                    .clock(self.clock.clone());
+                if let Some(url) = url {
+                    tier = tier.url(url.clone());
+                }
+                #[cfg(feature = "cluster")]
+                if cluster {
+                    tier = tier.cluster(self.redis_cluster.clone());
+                }
+                Some(Arc::new(tier.build().map_err(settings)?))
+            }
+            (None, _) => None,
         };
         let database = match (self.shared_database, self.custom_source, &self.database_url) {
             (Some(database), _, _) => database,

@@ -1,0 +1,127 @@
+//! The Redis tier against a three-master Redis Cluster that this test builds from
+//! `redis-server` processes on loopback ports: the whole contract of `contract/`, then the
+//! facts only a cluster can show (keys spread over the masters, batch reads and `clear` reach
+//! every one of them). Skipped, loudly, only where `redis-server` is not installed.
+
+#![cfg(feature = "cluster")]
+
+mod contract;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use contract::{Config, Setup, config, k};
+use tiercache_core::{CacheTier, Entry, Origin, TieredCache};
+use tiercache_memory::MemoryTier;
+use tiercache_redis::{RedisBackplane, RedisTier};
+use tiercache_testkit::FakeTier;
+use tiercache_testkit::redis_env::{self, LocalCluster};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contract_holds_on_a_three_master_cluster() {
+    let Some(cluster) = LocalCluster::start(3).await else {
+        return;
+    };
+    let setup = Setup::Cluster {
+        nodes: cluster.nodes(),
+    };
+    contract::run_all(&setup).await;
+
+    // Keys land on every master; one get_many reads them all back in order; clear empties
+    // every master of this tier's keys.
+    let tier: RedisTier<String, Config> = setup
+        .builder(&redis_env::unique_prefix("spread"))
+        .build()
+        .unwrap();
+    let keys: Vec<String> = (0..300).map(|i| k(&format!("user-{i}"))).collect();
+    for (i, key) in keys.iter().enumerate() {
+        assert!(
+            tier.set(key, Entry::new(config(key), i as u64 + 1))
+                .await
+                .unwrap()
+        );
+    }
+    let mut per_master = Vec::new();
+    for &port in cluster.ports() {
+        per_master.push(count_ours(&cluster, port, tier.prefix()).await);
+    }
+    assert_eq!(
+        per_master.iter().sum::<usize>(),
+        keys.len(),
+        "{per_master:?}"
+    );
+    assert!(per_master.iter().all(|&n| n > 50), "{per_master:?}");
+    let got = tier.get_many(&keys).await.unwrap();
+    let versions: Vec<u64> = got.iter().map(|e| e.as_ref().unwrap().version).collect();
+    assert_eq!(versions, (1..=300).collect::<Vec<u64>>());
+
+    tier.clear().await.unwrap();
+    for &port in cluster.ports() {
+        assert_eq!(count_ours(&cluster, port, tier.prefix()).await, 0, "{port}");
+    }
+    assert!(
+        tier.get_many(&keys)
+            .await
+            .unwrap()
+            .iter()
+            .all(Option::is_none)
+    );
+
+    backplane_reaches_instances_on_other_nodes(&cluster, &setup).await;
+}
+
+/// Two instances share the cluster tier; their backplanes subscribe on different nodes (a
+/// cluster forwards PUBLISH to every node): an update on one replaces the other's memory copy.
+async fn backplane_reaches_instances_on_other_nodes(cluster: &LocalCluster, setup: &Setup) {
+    let prefix = redis_env::unique_prefix("cluster_bp");
+    let redis: Arc<RedisTier<String, Config>> = Arc::new(setup.builder(&prefix).build().unwrap());
+    let db = FakeTier::source("db");
+    let nodes = cluster.nodes();
+    let mut instances = Vec::new();
+    for node in [&nodes[0], &nodes[2]] {
+        let memory = Arc::new(MemoryTier::new());
+        let backplane = RedisBackplane::new(node, format!("{prefix}invalidations")).unwrap();
+        let cache = TieredCache::builder()
+            .shared_tier(memory.clone(), None)
+            .shared_tier(redis.clone(), Some(Duration::from_secs(2)))
+            .source(db.clone())
+            .backplane(Arc::new(backplane.clone()))
+            .build()
+            .unwrap();
+        backplane.attach(&cache);
+        instances.push((cache, memory, backplane));
+    }
+    for (_, _, backplane) in &instances {
+        wait_until(|| backplane.is_subscribed()).await;
+    }
+    let (writer, reader) = (&instances[0].0, &instances[1]);
+    writer.update(&k("a"), config("v1")).await.unwrap();
+    assert_eq!(reader.0.fetch(&k("a")).await.unwrap().version, 1);
+    writer.update(&k("a"), config("v2")).await.unwrap();
+    // Both updates were published (the first found no copy to replace).
+    wait_until(|| reader.2.stats().received >= 2).await;
+    let got = reader.0.fetch(&k("a")).await.unwrap();
+    assert_eq!((got.version, got.origin), (2, Origin::Tier(0)));
+    assert_eq!(got.value.unwrap().theme, "v2");
+}
+
+async fn wait_until(mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out");
+}
+
+/// How many keys under `prefix` one master holds.
+async fn count_ours(cluster: &LocalCluster, port: u16, prefix: &str) -> usize {
+    let mut con = cluster.connect(port).await;
+    let found: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    found.len()
+}
