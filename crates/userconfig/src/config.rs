@@ -8,7 +8,10 @@
 //! * `UserConfig`'s `Debug` shows the user id only, never a value, and the storage layer never
 //!   logs a value.
 
-use serde::{Deserialize, Serialize};
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// Fields a section (or the top level) does not know, kept as they were read.
@@ -17,11 +20,190 @@ pub type Extra = Map<String, Value>;
 /// The nil UUID: the default for model profile ids ("no profile chosen").
 pub const NIL_PROFILE_ID: &str = "00000000-0000-0000-0000-000000000000";
 
+/// `Deserialize` for a section that keeps the fields it does not know in its `extra` map.
+///
+/// What `#[serde(default)]` with a `#[serde(flatten)] extra` map would derive, without
+/// flatten's cost: a derived flatten buffers every field of the section into serde's
+/// intermediate `Content` tree before decoding it again (about half of a `UserConfig`'s decode
+/// time, measured in `benches/tiers.rs`, group `codec`). Here each known field decodes
+/// straight into its type, each unknown one into a JSON [`Value`]; a missing field takes the
+/// section's default, a repeated known field is an error (as derived).
+macro_rules! keep_unknown_fields {
+    ($ty:ident { $($field:ident),+ $(,)? }) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                #[allow(non_camel_case_types)]
+                enum Field {
+                    $($field,)+
+                    Unknown(String),
+                }
+
+                struct FieldVisitor;
+
+                impl<'de> Visitor<'de> for FieldVisitor {
+                    type Value = Field;
+
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a field name")
+                    }
+
+                    fn visit_str<E: de::Error>(self, name: &str) -> Result<Field, E> {
+                        Ok(match name {
+                            $(stringify!($field) => Field::$field,)+
+                            other => Field::Unknown(other.to_owned()),
+                        })
+                    }
+
+                    fn visit_string<E: de::Error>(self, name: String) -> Result<Field, E> {
+                        Ok(match name.as_str() {
+                            $(stringify!($field) => Field::$field,)+
+                            _ => Field::Unknown(name),
+                        })
+                    }
+
+                    fn visit_bytes<E: de::Error>(self, name: &[u8]) -> Result<Field, E> {
+                        match std::str::from_utf8(name) {
+                            Ok(name) => self.visit_str(name),
+                            Err(_) => Err(E::custom("a field name is not UTF-8")),
+                        }
+                    }
+                }
+
+                impl<'de> Deserialize<'de> for Field {
+                    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                        d.deserialize_identifier(FieldVisitor)
+                    }
+                }
+
+                struct SectionVisitor;
+
+                impl<'de> Visitor<'de> for SectionVisitor {
+                    type Value = $ty;
+
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str(concat!("a map of ", stringify!($ty), "'s fields"))
+                    }
+
+                    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<$ty, A::Error> {
+                        $(let mut $field = None;)+
+                        let mut extra = Extra::new();
+                        while let Some(key) = map.next_key::<Field>()? {
+                            match key {
+                                $(Field::$field => {
+                                    if $field.is_some() {
+                                        return Err(de::Error::duplicate_field(stringify!($field)));
+                                    }
+                                    $field = Some(map.next_value()?);
+                                })+
+                                Field::Unknown(name) => {
+                                    let value: Value = map.next_value()?;
+                                    extra.insert(name, value);
+                                }
+                            }
+                        }
+                        // Built only if a field is missing (stored configurations have all).
+                        let mut defaults: Option<$ty> = None;
+                        Ok($ty {
+                            $($field: match $field {
+                                Some(value) => value,
+                                None => std::mem::take(
+                                    &mut defaults.get_or_insert_with(<$ty>::default).$field,
+                                ),
+                            },)+
+                            extra,
+                        })
+                    }
+                }
+
+                deserializer.deserialize_map(SectionVisitor)
+            }
+        }
+    };
+}
+
+keep_unknown_fields!(UserConfig {
+    user_id,
+    summarization,
+    memory,
+    web_search,
+    preferences,
+    model_profiles,
+    refinement,
+    image_generation
+});
+keep_unknown_fields!(SummarizationConfig {
+    enabled,
+    messages_before_summary,
+    summaries_before_consolidation,
+    embedding_model,
+    embedding_dimension,
+    max_summary_levels,
+    summary_weight_coefficient
+});
+keep_unknown_fields!(MemoryConfig {
+    enabled,
+    limit,
+    profile_id,
+    enable_cross_user,
+    enable_cross_conversation,
+    similarity_threshold,
+    always_retrieve
+});
+keep_unknown_fields!(WebSearchConfig {
+    enabled,
+    auto_detect,
+    max_results,
+    include_results
+});
+keep_unknown_fields!(PreferencesConfig {
+    default_profile_id,
+    theme,
+    font_size,
+    notifications_on,
+    language
+});
+keep_unknown_fields!(ModelProfileConfig {
+    primary_profile_id,
+    summarization_profile_id,
+    master_summary_profile_id,
+    brief_summary_profile_id,
+    key_points_profile_id,
+    improvement_profile_id,
+    analysis_profile_id,
+    memory_retrieval_profile_id,
+    self_critique_profile_id,
+    research_task_profile_id,
+    research_plan_profile_id,
+    research_consolidation_profile_id,
+    research_analysis_profile_id,
+    embedding_profile_id,
+    formatting_profile_id,
+    image_generation_prompt_profile_id,
+    image_generation_profile_id
+});
+keep_unknown_fields!(RefinementConfig {
+    enable_response_filtering,
+    enable_response_critique
+});
+keep_unknown_fields!(ImageGenerationConfig {
+    enabled,
+    storage_directory,
+    max_image_size,
+    retention_hours,
+    auto_prompt_refinement,
+    width,
+    height,
+    inference_steps,
+    guidance_scale,
+    low_memory_mode,
+    negative_prompt
+});
+
 /// A user's configuration (schema `UserConfig`).
 ///
 /// `Debug` shows the user id and the unknown fields' names, never a value: configurations may
 /// hold private data and must not reach logs. Print a section to see its values.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize)]
 #[serde(default)]
 pub struct UserConfig {
     /// The user's id (the only required field of the schema).
@@ -116,7 +298,7 @@ impl UserConfig {
 }
 
 /// Conversation summarization settings (schema `SummarizationConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(default)]
 pub struct SummarizationConfig {
     /// Whether summarization is enabled.
@@ -154,7 +336,7 @@ impl Default for SummarizationConfig {
 }
 
 /// Memory retrieval settings (schema `MemoryConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(default)]
 pub struct MemoryConfig {
     /// Whether memory retrieval is enabled.
@@ -192,7 +374,7 @@ impl Default for MemoryConfig {
 }
 
 /// Web search settings (schema `WebSearchConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(default)]
 pub struct WebSearchConfig {
     /// Whether web search is enabled.
@@ -221,7 +403,7 @@ impl Default for WebSearchConfig {
 }
 
 /// User preferences (schema `PreferencesConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(default)]
 pub struct PreferencesConfig {
     /// Default profile id.
@@ -253,7 +435,7 @@ impl Default for PreferencesConfig {
 }
 
 /// Which model profile serves each task (schema `ModelProfileConfig`); ids are UUIDs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(default)]
 #[allow(missing_docs)] // each field is "<task> profile id", as in the schema
 pub struct ModelProfileConfig {
@@ -306,7 +488,7 @@ impl Default for ModelProfileConfig {
 }
 
 /// Response refinement settings (schema `RefinementConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(default)]
 pub struct RefinementConfig {
     /// Enable response filtering.
@@ -329,7 +511,7 @@ impl Default for RefinementConfig {
 }
 
 /// Image generation configuration (schema `ImageGenerationConfig`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(default)]
 pub struct ImageGenerationConfig {
     /// Whether image generation is enabled.
@@ -413,6 +595,74 @@ mod tests {
         // And a second trip changes nothing.
         let again: UserConfig = serde_json::from_value(back.clone()).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn repeated_fields_and_wrong_shapes_are_errors() {
+        let repeated = r#"{"user_id": "u1", "preferences": {"theme": "a", "theme": "b"}}"#;
+        let err = serde_json::from_str::<UserConfig>(repeated).unwrap_err();
+        assert!(err.to_string().contains("duplicate field `theme`"), "{err}");
+        assert!(serde_json::from_str::<UserConfig>("[1, 2]").is_err());
+        assert!(serde_json::from_str::<UserConfig>(r#"{"memory": 5}"#).is_err());
+        assert!(serde_json::from_str::<UserConfig>(r#"{"memory": {"limit": "x"}}"#).is_err());
+        // A repeated unknown field: the last one wins, as in a JSON object.
+        let c: UserConfig = serde_json::from_str(r#"{"x": 1, "x": 2}"#).unwrap();
+        assert_eq!(c.extra["x"], 2);
+    }
+
+    proptest::proptest! {
+        /// Any configuration, with unknown fields of any JSON shape at every level, survives
+        /// JSON and MessagePack (with field names, as the Redis tier stores it) unchanged.
+        #[test]
+        fn configurations_with_unknown_fields_round_trip(
+            theme in "[a-z]{0,12}",
+            limit in proptest::prelude::any::<i64>(),
+            threshold in -1.0e6f64..1.0e6,
+            unknown in proptest::collection::vec(("[a-z_]{1,8}", 0u8..8, unknown_value()), 0..6),
+        ) {
+            let mut c = UserConfig::default_for("u1");
+            c.preferences.theme = theme;
+            c.memory.limit = limit;
+            c.memory.similarity_threshold = threshold;
+            for (name, level, value) in unknown {
+                let name = format!("zz_{name}"); // never a known field's name
+                let extra = match level {
+                    0 => &mut c.extra,
+                    1 => &mut c.summarization.extra,
+                    2 => &mut c.memory.extra,
+                    3 => &mut c.web_search.extra,
+                    4 => &mut c.preferences.extra,
+                    5 => &mut c.model_profiles.extra,
+                    6 => &mut c.refinement.extra,
+                    _ => &mut c.image_generation.extra,
+                };
+                extra.insert(name, value);
+            }
+            let json: UserConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+            proptest::prop_assert_eq!(&json, &c);
+            let bytes = rmp_serde::to_vec_named(&c).unwrap();
+            let msgpack: UserConfig = rmp_serde::from_slice(&bytes).unwrap();
+            proptest::prop_assert_eq!(&msgpack, &c);
+            let value: UserConfig = serde_json::from_value(serde_json::to_value(&c).unwrap()).unwrap();
+            proptest::prop_assert_eq!(&value, &c);
+        }
+    }
+
+    fn unknown_value() -> impl proptest::strategy::Strategy<Value = Value> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            "[ -~]{0,10}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                proptest::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
     }
 
     #[test]
