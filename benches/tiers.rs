@@ -1,10 +1,13 @@
 //! The tiers below memory, each beside the raw client doing the same work, in one run:
 //!
-//! * `redis_hit`: `RedisTier::get` (script, envelope, JSON decode of a `UserConfig`) against a
-//!   raw redis-rs multiplexed `GET` of the same bytes; one task, and 32 concurrent tasks.
+//! * `redis_hit`: `RedisTier::get` (one GET, envelope, MessagePack decode of a `UserConfig`)
+//!   against a raw redis-rs multiplexed `GET` of the same bytes, and against that GET followed
+//!   by the envelope and MessagePack decoding; one task, and 32 concurrent tasks.
 //! * `full_miss`: `UserConfigStorage::get_user_config` missing memory and Redis and loading from
-//!   PostgreSQL (with its background back-fill) against a raw `GET` (a miss) plus a raw sqlx
-//!   primary-key `SELECT`.
+//!   PostgreSQL (with its background back-fill; and again with each call's fill drained,
+//!   untimed, before the next call) against a raw `GET` (a miss) plus a raw sqlx primary-key
+//!   `SELECT` and the JSON decode, on a pool of the tier's size with sqlx's defaults and
+//!   without its ping before each acquire.
 //! * `get_many`: 100 keys in one batch against 100 single gets, at the Redis and at the
 //!   PostgreSQL tier.
 //! * `codec`: the Redis payload codec, JSON against MessagePack, for a stored `UserConfig`.
@@ -23,6 +26,7 @@ use sqlx::AssertSqlSafe;
 use tiercache_core::{CacheTier, Entry};
 use tiercache_postgres::PostgresTier;
 use tiercache_redis::RedisTier;
+use tiercache_redis::envelope::{self, Stored};
 use tiercache_testkit::{env, postgres_env, redis_env};
 use userconfig::{UserConfig, UserConfigStorage};
 
@@ -137,6 +141,30 @@ fn bench_tiers(c: &mut Criterion) {
                 })
             })
         });
+        // The same GET, then the decoding any reader of a `UserConfig` must do: what the
+        // tier costs beyond the intrinsic work is the difference to this row.
+        let (raw, keys) = (raw.clone(), redis_keys.clone());
+        group.bench_function(BenchmarkId::new("raw_redis_get_and_decode", tasks), |b| {
+            b.iter_custom(|iters| {
+                let (raw, keys) = (raw.clone(), keys.clone());
+                concurrently(&rt, tasks, iters, move |i| {
+                    let (mut raw, keys) = (raw.clone(), keys.clone());
+                    async move {
+                        let k = &keys[(i as usize) % USERS];
+                        let bytes: Option<Vec<u8>> = redis::cmd("GET")
+                            .arg(k)
+                            .query_async(&mut raw)
+                            .await
+                            .unwrap();
+                        let Ok(Stored::Value { payload, .. }) = envelope::decode(&bytes.unwrap())
+                        else {
+                            panic!("a stored value");
+                        };
+                        black_box(rmp_serde::from_slice::<UserConfig>(&payload).unwrap());
+                    }
+                })
+            })
+        });
     }
     group.finish();
 
@@ -162,7 +190,7 @@ fn bench_tiers(c: &mut Criterion) {
             .await
             .unwrap()
     });
-    let select = format!(
+    let select: String = format!(
         "SELECT value::text, version FROM {} WHERE key = $1",
         postgres.qualified_table()
     );
@@ -183,10 +211,51 @@ fn bench_tiers(c: &mut Criterion) {
             })
         });
     }
+    // The caller's critical path alone: each call timed by itself, and the background Redis
+    // fill it started drained (untimed) before the next one, so that it cannot queue in front
+    // of the next call's GET on the shared connection.
     {
-        let (raw, pool, keys, next) = (raw.clone(), pool.clone(), users.clone(), next.clone());
-        let select = Arc::new(select);
-        group.bench_function("raw_get_then_select", |b| {
+        let (storage, keys, next) = (storage.clone(), users.clone(), next.clone());
+        group.bench_function("tiercache_get_user_config_fills_drained", |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let redis_calls = || storage.chain().stats().tiers[1].latency.count;
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let k = &keys[next.fetch_add(1, Ordering::Relaxed) % USERS];
+                        let before = redis_calls();
+                        let start = Instant::now();
+                        black_box(storage.get_user_config(k).await.unwrap());
+                        total += start.elapsed();
+                        // One GET (a miss) and one fill.
+                        while redis_calls() < before + 2 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    total
+                })
+            })
+        });
+    }
+    // The raw side on two pools of the tier's size: sqlx's defaults (which ping a connection
+    // before handing it out, a round trip), and without that ping, as the tier's pool runs.
+    let raw_pools = rt.block_on(async {
+        let options = |ping: bool| {
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(tiercache_postgres::DEFAULT_MAX_CONNECTIONS)
+                .test_before_acquire(ping)
+                .connect_lazy(&env::database_url())
+                .unwrap()
+        };
+        [
+            ("raw_get_then_select", options(true)),
+            ("raw_get_then_select_no_ping", options(false)),
+        ]
+    });
+    for (name, pool) in raw_pools {
+        let (raw, keys, next) = (raw.clone(), users.clone(), next.clone());
+        let select = Arc::new(select.clone());
+        group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let (raw, pool, keys, next, select) = (
                     raw.clone(),

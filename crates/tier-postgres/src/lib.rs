@@ -102,6 +102,7 @@ pub struct PostgresTier<K, V> {
     acquire_timeout: Duration,
     statement_timeout: Duration,
     connect_timeout: Duration,
+    max_connections: u32,
     migrated: OnceCell<()>,
     down_until: AtomicU64,
     epoch: Instant,
@@ -194,6 +195,18 @@ fn map_error(tier: &str, statement_timeout: Duration, error: sqlx::Error) -> Err
             _ => Error::backend(tier, error),
         },
         _ => Error::backend(tier, error),
+    }
+}
+
+/// Whether `error` says the connection it ran on is dead (not that the server refuses new
+/// ones): I/O failures, and the server ending the session (SQLSTATE class 08, 57P01-57P03).
+fn broken_connection(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
     }
 }
 
@@ -297,9 +310,14 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
 
     /// Migrates once, then runs `call`; fails fast while the server is known to be down, and
     /// explains a pool time-out.
-    async fn run<T, F, Fut>(&self, call: F) -> Result<T>
+    /// Runs `call` (after the migrations), failing fast while the server is known to be
+    /// unreachable. A read (`retry_broken`) that fails on a pooled connection that turned out
+    /// dead (the server restarted, or dropped it while idle) is run again on another, up to
+    /// once per pooled connection: the pool does not test connections before handing them out
+    /// (that costs a round trip per call), so a read finds a dead one this way instead.
+    async fn run<T, F, Fut>(&self, retry_broken: bool, call: F) -> Result<T>
     where
-        F: FnOnce() -> Fut,
+        F: Fn() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
     {
         if self.now_nanos() < self.down_until.load(Ordering::Relaxed) {
@@ -307,7 +325,20 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             return Err(Error::unavailable(&self.name, NoConnection::FailingFast));
         }
         let result = match self.migrated.get_or_try_init(|| self.migrate()).await {
-            Ok(()) => call().await.map_err(|e| self.explain(e)),
+            Ok(()) => {
+                let mut result = call().await;
+                let mut retries = if retry_broken {
+                    self.max_connections
+                } else {
+                    0
+                };
+                while retries > 0 && result.as_ref().is_err_and(broken_connection) {
+                    tracing::debug!(tier = %self.name, "a pooled connection was dead; read retried");
+                    retries -= 1;
+                    result = call().await;
+                }
+                result.map_err(|e| self.explain(e))
+            }
             Err(e) => Err(e),
         };
         let result = match result {
@@ -319,6 +350,26 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             tracing::debug!(tier = %self.name, %error, "database call failed");
         }
         result
+    }
+
+    /// A pooled connection that answers a ping: for writes, which are not retried (a write
+    /// that failed on a dead connection may or may not have been applied). Dead ones are taken
+    /// out of the pool, up to once per pooled connection.
+    async fn live_connection(
+        &self,
+    ) -> std::result::Result<sqlx::pool::PoolConnection<sqlx::Postgres>, sqlx::Error> {
+        let mut left = self.max_connections;
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            match conn.ping().await {
+                Ok(()) => return Ok(conn),
+                Err(e) if left > 0 && broken_connection(&e) => {
+                    left -= 1;
+                    drop(conn.detach());
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn explain(&self, error: sqlx::Error) -> Error {
@@ -431,7 +482,7 @@ where
         let key = key.storage_key();
         check_key(&key)?;
         let row = self
-            .run(|| {
+            .run(true, || {
                 sqlx::query(AssertSqlSafe(self.sql.get.as_str()))
                     .bind(key.as_ref())
                     .fetch_optional(&self.pool)
@@ -460,7 +511,7 @@ where
             check_key(key)?;
         }
         let rows = self
-            .run(|| {
+            .run(true, || {
                 sqlx::query(AssertSqlSafe(self.sql.get_many.as_str()))
                     .bind(&texts)
                     .fetch_all(&self.pool)
@@ -512,11 +563,13 @@ where
         let key = key.storage_key();
         check_key(&key)?;
         let version: i64 = self
-            .run(|| {
+            .run(false, || async {
+                let mut conn = self.live_connection().await?;
                 sqlx::query_scalar(AssertSqlSafe(self.sql.write.as_str()))
                     .bind(key.as_ref())
                     .bind(&json)
-                    .fetch_one(&self.pool)
+                    .fetch_one(&mut *conn)
+                    .await
             })
             .await?;
         Ok(u64::try_from(version).unwrap_or(0))
@@ -705,6 +758,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
+            // No ping before each call (a round trip, a fifth of a read): reads retry on a
+            // connection found dead, writes ping their own (`live_connection`).
+            .test_before_acquire(false)
             .connect_lazy_with(options.clone());
         let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
         let sql = Statements {
@@ -728,6 +784,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
             connect_timeout: self.connect_timeout,
+            max_connections: self.max_connections,
             migrated: OnceCell::new(),
             down_until: AtomicU64::new(0),
             epoch: Instant::now(),

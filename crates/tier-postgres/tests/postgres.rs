@@ -249,3 +249,53 @@ async fn nul_characters_are_invalid_input_not_a_backend_failure() {
     assert_eq!(*got.value.unwrap(), *lookalike);
     postgres_env::drop_schema(&pool, &schema).await;
 }
+
+/// Ends every server session whose last statement named `schema` (this test's tier's only),
+/// and returns how many it ended.
+async fn terminate_sessions_on(pool: &sqlx::PgPool, schema: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'tiercache' AND strpos(query, $1) > 0 \
+         AND pid <> pg_backend_pid()) AS ended",
+    )
+    .bind(schema)
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn connections_the_server_ended_are_replaced_without_failing_a_call() {
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let t = tier(&schema);
+    t.write(&"k".into(), contract::value(1)).await.unwrap();
+    // Several pooled connections, each of which has run a statement on this schema.
+    let keys: Vec<String> = (0..4).map(|i| format!("k{i}")).collect();
+    for _ in 0..3 {
+        let reads = tokio::join!(
+            t.get(&keys[0]),
+            t.get(&keys[1]),
+            t.get(&keys[2]),
+            t.get(&keys[3])
+        );
+        for read in [reads.0, reads.1, reads.2, reads.3] {
+            read.unwrap();
+        }
+    }
+    // The server ends them all while they sit idle in the pool (a restart, an idle-session
+    // killer): the next read and the next write get through on fresh connections.
+    let ended = terminate_sessions_on(&pool, &schema).await;
+    assert!(ended >= 2, "ended {ended} sessions");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(t.get(&"k".into()).await.unwrap().unwrap().version, 1);
+    assert!(terminate_sessions_on(&pool, &schema).await >= 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = t.get_many(&["k".into(), "nope".into()]).await.unwrap();
+    assert!(got[0].is_some() && got[1].is_none());
+    assert!(terminate_sessions_on(&pool, &schema).await >= 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(t.write(&"k".into(), contract::value(2)).await.unwrap(), 2);
+    assert_eq!(t.stats().errors, 0);
+    postgres_env::drop_schema(&pool, &schema).await;
+}
