@@ -124,6 +124,16 @@ pub fn check_user_id(user_id: &str) -> Result<()> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// The word-at-a-time pre-check says "maybe" for every string with a control character
+        /// (and exactly for the bytes it names), whatever its length and where the byte is.
+        #[test]
+        fn the_word_check_finds_every_suspicious_byte(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            let expected = bytes.iter().any(|&b| b < 0x20 || b == 0x7F || b == 0xC2);
+            proptest::prop_assert_eq!(maybe_control(&bytes), expected);
+        }
+    }
+
     #[test]
     fn control_characters_are_found_by_bytes_as_by_chars() {
         for c in (0u32..0x3000).filter_map(char::from_u32) {
@@ -138,8 +148,9 @@ mod tests {
 /// on every read.
 #[inline]
 fn has_control(bytes: &[u8]) -> bool {
-    // Almost every id is plain ASCII: one branch-free pass settles it.
-    if !bytes.iter().any(|&b| b < 0x20 || b == 0x7F || b == 0xC2) {
+    // Almost every id holds no byte that could start a control character: a check of eight
+    // bytes at a time settles it (the exact scan below runs only when one might).
+    if !maybe_control(bytes) {
         return false;
     }
     bytes.iter().enumerate().any(|(i, &b)| {
@@ -147,6 +158,28 @@ fn has_control(bytes: &[u8]) -> bool {
             || b == 0x7F
             || (b == 0xC2 && bytes.get(i + 1).is_some_and(|n| (0x80..0xA0).contains(n)))
     })
+}
+
+/// Whether `bytes` holds a byte below 0x20, 0x7F or 0xC2 (the lead byte of U+0080 to U+00BF),
+/// eight bytes at a time: no false answer either way.
+#[inline]
+fn maybe_control(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // Whether a byte of `x` is zero, and whether one is below `n` (for `n` <= 0x80).
+    let zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH != 0;
+    let word = |x: u64| below(x, 0x20) || zero(x ^ (ONES * 0x7F)) || zero(x ^ (ONES * 0xC2));
+    let load = |chunk: &[u8]| {
+        let mut eight = [0u8; 8];
+        eight.copy_from_slice(chunk);
+        u64::from_ne_bytes(eight)
+    };
+    if bytes.len() < 8 {
+        return bytes.iter().any(|&b| b < 0x20 || b == 0x7F || b == 0xC2);
+    }
+    // Whole words, then the last eight bytes (overlapping the words already seen).
+    bytes.chunks_exact(8).any(|chunk| word(load(chunk))) || word(load(&bytes[bytes.len() - 8..]))
 }
 
 impl UserConfigStorage {
@@ -210,8 +243,17 @@ impl UserConfigStorage {
         });
         match peeked {
             Ok(hit) => Ok(hit),
-            Err(miss) => Ok(self.cache.fetch_after(&user_id.to_owned(), miss).await?),
+            // Boxed, so that the future of a hit stays small (it is built on every call).
+            Err(miss) => Box::pin(self.fetch_miss(user_id, miss)).await,
         }
+    }
+
+    async fn fetch_miss(
+        &self,
+        user_id: &str,
+        miss: tiercache_core::Miss,
+    ) -> Result<tiercache_core::Fetched<UserConfig>> {
+        Ok(self.cache.fetch_after(&user_id.to_owned(), miss).await?)
     }
 
     /// Like [`get_user_config`](Self::get_user_config), with the version and the tier that
