@@ -73,6 +73,12 @@ where
     })
 }
 
+/// A raw multiplexed `GET` of a key that must be there.
+async fn raw_get(con: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<u8> {
+    let bytes: Option<Vec<u8>> = redis::cmd("GET").arg(key).query_async(con).await.unwrap();
+    bytes.expect("the key is stored")
+}
+
 fn bench_tiers(c: &mut Criterion) {
     let rt = multi_thread();
     let users: Arc<Vec<String>> = Arc::new((0..USERS).map(|i| format!("user-{i:06}")).collect());
@@ -130,13 +136,7 @@ fn bench_tiers(c: &mut Criterion) {
                 concurrently(&rt, tasks, iters, move |i| {
                     let (mut raw, keys) = (raw.clone(), keys.clone());
                     async move {
-                        let k = &keys[(i as usize) % USERS];
-                        let bytes: Option<Vec<u8>> = redis::cmd("GET")
-                            .arg(k)
-                            .query_async(&mut raw)
-                            .await
-                            .unwrap();
-                        black_box(bytes.unwrap());
+                        black_box(raw_get(&mut raw, &keys[(i as usize) % USERS]).await);
                     }
                 })
             })
@@ -150,14 +150,8 @@ fn bench_tiers(c: &mut Criterion) {
                 concurrently(&rt, tasks, iters, move |i| {
                     let (mut raw, keys) = (raw.clone(), keys.clone());
                     async move {
-                        let k = &keys[(i as usize) % USERS];
-                        let bytes: Option<Vec<u8>> = redis::cmd("GET")
-                            .arg(k)
-                            .query_async(&mut raw)
-                            .await
-                            .unwrap();
-                        let Ok(Stored::Value { payload, .. }) = envelope::decode(&bytes.unwrap())
-                        else {
+                        let bytes = raw_get(&mut raw, &keys[(i as usize) % USERS]).await;
+                        let Ok(Stored::Value { payload, .. }) = envelope::decode(&bytes) else {
                             panic!("a stored value");
                         };
                         black_box(rmp_serde::from_slice::<UserConfig>(&payload).unwrap());
