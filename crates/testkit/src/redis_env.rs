@@ -125,6 +125,8 @@ impl LocalCluster {
                     "127.0.0.1",
                 ])
                 .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
+                // A stopped node's slots fail; the others keep serving theirs.
+                .args(["--cluster-require-full-coverage", "no"])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--logfile", &format!("redis-{port}.log"), "--dir"])
@@ -205,6 +207,17 @@ impl LocalCluster {
     #[must_use]
     pub fn ports(&self) -> &[u16] {
         &self.ports
+    }
+
+    /// Kills the server of master `index` (its slots stop being served; the other masters
+    /// go on, since the cluster does not require full coverage).
+    ///
+    /// # Panics
+    /// If there is no master `index`.
+    pub fn kill(&mut self, index: usize) {
+        let server = &mut self.servers[index];
+        let _ = server.kill();
+        let _ = server.wait();
     }
 
     /// A connection to one node (not cluster-aware: it sees that node's keys only).

@@ -18,6 +18,8 @@
 //!   every 100 ms; if more keys pile up than that, the next successful publish is a "flush
 //!   everything" message. On the same tick the subscriber asks the chain to replay the
 //!   invalidations its shared tiers missed ([`TieredCache::repair`]).
+//! * **Several servers** ([`RedisBackplane::with_clients`], a Redis Cluster's nodes): the
+//!   subscription and the publisher each use one, and move to the next when theirs fails.
 //!
 //! Wire format (UTF-8): `tc1 <instance id, hex> <version | - | *> <percent-encoded key>
 //! [<value as JSON>]`, where `-` is a manual invalidation and `*` (with an empty key) asks every
@@ -25,8 +27,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -98,13 +100,19 @@ fn decode_message(text: &str) -> Option<(u64, Notice)> {
 }
 
 struct Inner {
-    client: Client,
+    /// The servers, in order of preference: one, or a cluster's nodes (a cluster forwards every
+    /// PUBLISH to all its nodes, so any one of them will do). A connection that fails moves on
+    /// to the next.
+    clients: Vec<Client>,
+    /// Which of `clients` the subscriber uses (modulo their number).
+    subscribe_to: AtomicUsize,
+    /// Which of `clients` the publisher uses, and its connection once made.
+    publisher: Mutex<(usize, Option<ConnectionManager>)>,
     channel: String,
     instance: u64,
     timeout: Duration,
     connect_timeout: Duration,
-    carry_values_up_to: std::sync::atomic::AtomicUsize,
-    publisher: OnceLock<ConnectionManager>,
+    carry_values_up_to: AtomicUsize,
     pending: Mutex<HashMap<String, Option<Version>>>,
     overflowed: AtomicBool,
     subscribed: AtomicBool,
@@ -157,7 +165,8 @@ pub struct RedisBackplane {
 impl fmt::Debug for RedisBackplane {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackplane")
-            .field("server", &Redacted(&self.inner.client))
+            .field("server", &Redacted(&self.inner.clients[0]))
+            .field("servers", &self.inner.clients.len())
             .field("channel", &self.inner.channel)
             .field("instance", &format_args!("{:x}", self.inner.instance))
             .field("subscribed", &self.is_subscribed())
@@ -202,21 +211,37 @@ impl RedisBackplane {
     /// # Errors
     /// [`Error::Config`] for an empty channel.
     pub fn with_client(client: Client, channel: impl Into<String>) -> Result<Self> {
+        Self::with_clients(vec![client], channel)
+    }
+
+    /// A backplane over any of several servers: a Redis Cluster's nodes (a cluster forwards
+    /// every PUBLISH to all of its nodes). The subscription and the publisher each use one
+    /// node at a time, the first to begin with, and move on to the next when theirs fails, so
+    /// that a node that dies for good (or a master replaced after a failover) does not cut the
+    /// instance off. Moving to another node is a gap like any other: the top tier is flushed.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for an empty channel or no client.
+    pub fn with_clients(clients: Vec<Client>, channel: impl Into<String>) -> Result<Self> {
         let channel = channel.into();
         if channel.is_empty() {
             return Err(Error::Config(
                 "the backplane channel must not be empty".into(),
             ));
         }
+        if clients.is_empty() {
+            return Err(Error::Config("the backplane needs a Redis server".into()));
+        }
         Ok(RedisBackplane {
             inner: Arc::new(Inner {
-                client,
+                clients,
+                subscribe_to: AtomicUsize::new(0),
+                publisher: Mutex::new((0, None)),
                 channel,
                 instance: fastrand::u64(..),
                 timeout: DEFAULT_TIMEOUT,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-                carry_values_up_to: std::sync::atomic::AtomicUsize::new(DEFAULT_CARRY_VALUES_UP_TO),
-                publisher: OnceLock::new(),
+                carry_values_up_to: AtomicUsize::new(DEFAULT_CARRY_VALUES_UP_TO),
                 pending: Mutex::new(HashMap::new()),
                 overflowed: AtomicBool::new(false),
                 subscribed: AtomicBool::new(false),
@@ -287,28 +312,50 @@ impl RedisBackplane {
         }
     }
 
-    fn publisher(&self) -> Result<ConnectionManager> {
-        if let Some(m) = self.inner.publisher.get() {
-            return Ok(m.clone());
+    /// The publisher's connection (made on first use) and which server it is on.
+    fn publisher(&self) -> Result<(usize, ConnectionManager)> {
+        let mut publisher = self
+            .inner
+            .publisher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let server = publisher.0;
+        if let Some(m) = &publisher.1 {
+            return Ok((server, m.clone()));
         }
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.inner.timeout))
             .set_connection_timeout(Some(self.inner.connect_timeout))
             .set_number_of_retries(1);
-        let manager = ConnectionManager::new_lazy_with_config(self.inner.client.clone(), config)
+        let client = self.inner.clients[server % self.inner.clients.len()].clone();
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
             .map_err(|e| Error::unavailable("backplane", e))?;
-        Ok(self.inner.publisher.get_or_init(|| manager).clone())
+        publisher.1 = Some(manager.clone());
+        Ok((server, manager))
     }
 
     async fn send(&self, notice: &Notice) -> Result<()> {
-        let mut con = self.publisher()?;
+        let (server, mut con) = self.publisher()?;
         let message = encode_message(self.inner.instance, notice);
-        let _: i64 = redis::cmd("PUBLISH")
+        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
             .arg(&self.inner.channel)
             .arg(message)
             .query_async(&mut con)
-            .await
-            .map_err(|e| Error::unavailable("backplane", e))?;
+            .await;
+        if let Err(e) = sent {
+            // The next attempt (the retry tick's) goes to the next server, if there is one.
+            if self.inner.clients.len() > 1 {
+                let mut publisher = self
+                    .inner
+                    .publisher
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if publisher.0 == server {
+                    *publisher = (server + 1, None);
+                }
+            }
+            return Err(Error::unavailable("backplane", e));
+        }
         self.inner.published.incr();
         Ok(())
     }
@@ -414,8 +461,10 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
             return;
         };
         let this = RedisBackplane { inner };
+        let servers = this.inner.clients.len();
+        let server = this.inner.subscribe_to.load(Ordering::Relaxed) % servers;
         let connected = tokio::time::timeout(this.inner.connect_timeout, async {
-            let mut pubsub = this.inner.client.get_async_pubsub().await?;
+            let mut pubsub = this.inner.clients[server].get_async_pubsub().await?;
             pubsub.subscribe(&this.inner.channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })
@@ -423,7 +472,14 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
         let pubsub = match connected {
             Ok(Ok(pubsub)) => pubsub,
             _ => {
+                // Try the next server; the backoff grows once every server has failed.
+                this.inner
+                    .subscribe_to
+                    .store((server + 1) % servers, Ordering::Relaxed);
                 drop(this);
+                if server + 1 < servers {
+                    continue;
+                }
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -480,7 +536,7 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
         }
         drop(checker);
         this.inner.subscribed.store(false, Ordering::Relaxed);
-        tracing::warn!("backplane subscription lost");
+        tracing::warn!(server, "backplane subscription lost");
     }
 }
 

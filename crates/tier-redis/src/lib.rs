@@ -18,8 +18,9 @@
 //! * **Redis Cluster** (feature `cluster`): `RedisTierBuilder::cluster(seed nodes)` talks to a
 //!   cluster instead of one server. Every script touches one key, so each runs on the key's
 //!   master; batch reads (MGET) are split by slot and reassembled in order by the client;
-//!   `clear` scans every master. The [`RedisBackplane`] works unchanged on any one node: a
-//!   cluster forwards every PUBLISH to all its nodes. Tested against a three-master cluster of
+//!   `clear` scans every master. A [`RedisBackplane`] over
+//!   [`RedisTier::backplane_clients`] listens and publishes on one node at a time (a cluster
+//!   forwards every PUBLISH to all its nodes) and moves to another when that one fails. Tested against a three-master cluster of
 //!   local `redis-server` processes (`tests/cluster.rs`, the same contract as one server).
 //!
 //! ```no_run
@@ -95,6 +96,7 @@ const FAIL_FAST_FOR: Duration = Duration::from_millis(200);
 /// The Redis tier. See the [crate docs](crate).
 pub struct RedisTier<K, V> {
     client: Client,
+    seeds: Vec<Client>,
     #[cfg(feature = "cluster")]
     cluster: Option<redis::cluster::ClusterClient>,
     connection: tokio::sync::OnceCell<Conn>,
@@ -306,10 +308,18 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         out
     }
 
-    /// The redis client (to open a [`RedisBackplane`] on the same server and settings).
+    /// The redis client (to open a [`RedisBackplane`] on the same server and settings); for a
+    /// cluster, its first seed node.
     #[must_use]
     pub fn client(&self) -> &Client {
         &self.client
+    }
+
+    /// The clients a [`RedisBackplane`] on this tier's Redis should use
+    /// ([`RedisBackplane::with_clients`]): the server, or every seed node of the cluster.
+    #[must_use]
+    pub fn backplane_clients(&self) -> Vec<Client> {
+        self.seeds.clone()
     }
 
     /// The time limit of one command.
@@ -917,15 +927,21 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             None => Client::open(self.url.as_str()).map_err(bad_url)?,
         };
         #[cfg(feature = "cluster")]
-        let (client, cluster) = if self.cluster_nodes.is_empty() {
-            (client, None)
+        let (client, cluster, seeds) = if self.cluster_nodes.is_empty() {
+            (client.clone(), None, vec![client])
         } else {
             let cluster =
                 redis::cluster::ClusterClient::new(self.cluster_nodes.clone()).map_err(bad_url)?;
-            // The single-server client points at the first seed node (for a backplane).
-            let first = Client::open(self.cluster_nodes[0].as_str()).map_err(bad_url)?;
-            (first, Some(cluster))
+            // A client per seed node, for a backplane (any node will do for pub/sub).
+            let seeds = self
+                .cluster_nodes
+                .iter()
+                .map(|node| Client::open(node.as_str()).map_err(bad_url))
+                .collect::<Result<Vec<_>>>()?;
+            (seeds[0].clone(), Some(cluster), seeds)
         };
+        #[cfg(not(feature = "cluster"))]
+        let seeds = vec![client.clone()];
         let c = &self.config;
         if c.ttl.is_zero() || c.timeout.is_zero() || c.connect_timeout.is_zero() {
             return Err(Error::Config(
@@ -951,6 +967,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         config.tombstone_ttl = self.tombstone_ttl.unwrap_or(config.ttl);
         Ok(RedisTier {
             client,
+            seeds,
             #[cfg(feature = "cluster")]
             cluster,
             connection: tokio::sync::OnceCell::new(),

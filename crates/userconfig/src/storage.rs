@@ -611,8 +611,8 @@ impl UserConfigStorageBuilder {
 
     /// Adds a Redis tier on a Redis Cluster reached through these seed nodes
     /// (`redis://host:port/` each; the others are discovered), instead of one server
-    /// (feature `cluster`). The backplane subscribes on the first seed node: a cluster
-    /// forwards every PUBLISH to all its nodes.
+    /// (feature `cluster`). The backplane listens and publishes on one seed node at a time (a
+    /// cluster forwards every PUBLISH to all its nodes) and moves to the next when it fails.
     #[cfg(feature = "cluster")]
     pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
     where
@@ -807,8 +807,8 @@ impl UserConfigStorageBuilder {
         };
         let backplane = match (&redis, self.backplane) {
             (Some(redis), true) => Some(
-                RedisBackplane::with_client(
-                    redis.client().clone(),
+                RedisBackplane::with_clients(
+                    redis.backplane_clients(),
                     format!("{}invalidations", redis.prefix()),
                 )
                 .map_err(settings)?,
