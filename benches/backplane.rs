@@ -8,9 +8,9 @@
 //! cargo bench --bench backplane -- 1000    # rounds
 //! ```
 //!
-//! Each other instance polls its cache (yielding between reads) from the moment the update
-//! returns; a round's latency is the slowest instance's. Both libraries are measured the same
-//! way, alternately, so the machine's noise falls on both.
+//! Each other instance polls its cache (yielding to the OS and to tokio between reads) from the
+//! moment the update returns; a round's latency is the slowest instance's. Both libraries are
+//! measured the same way, alternately, so the machine's noise falls on both.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,6 +38,15 @@ fn percentiles(mut samples: Vec<Duration>) -> String {
     )
 }
 
+/// Between two polls: the thread's time slice to the OS, then the task's turn to tokio. Three
+/// pollers spinning on tokio's two workers alone would keep both cores busy on a two-core
+/// machine, and `redis-server` (which must run to deliver the message) would wait for one for
+/// up to a scheduler time slice: that put 1-5 ms rounds into 1-2% of either library's samples.
+async fn yield_now() {
+    std::thread::yield_now();
+    tokio::task::yield_now().await;
+}
+
 async fn tiercache_round(
     instances: &[TieredCache<String, String>],
     key: &String,
@@ -57,7 +66,7 @@ async fn tiercache_round(
         let key = key.clone();
         waits.push(tokio::spawn(async move {
             while i.fetch(&key).await.unwrap().version < version {
-                tokio::task::yield_now().await;
+                yield_now().await;
             }
             returned.elapsed()
         }));
@@ -84,7 +93,7 @@ async fn multi_tier_round(instances: &[Arc<CacheManager>], key: &str, round: u64
         let (i, key, value) = (Arc::clone(i), key.to_owned(), value.clone());
         waits.push(tokio::spawn(async move {
             while i.get(&key).await.unwrap().as_ref() != Some(&value) {
-                tokio::task::yield_now().await;
+                yield_now().await;
             }
             returned.elapsed()
         }));
