@@ -333,7 +333,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                     0
                 };
                 while retries > 0 && result.as_ref().is_err_and(broken_connection) {
-                    tracing::debug!(tier = %self.name, "a pooled connection was dead; read retried");
+                    tracing::debug!(tier = %self.name, "pooled connection dead; read retried");
                     retries -= 1;
                     result = call().await;
                 }

@@ -9,18 +9,19 @@
 //!   ([`keys`]): one-to-one, and free of `:` and glob characters. No command is ever built from
 //!   a key as a pattern; [`clear`](CacheTier::clear) scans for this tier's prefix only.
 //! * **Values**: a versioned [`envelope`] (format, flags, source version, payload in
-//!   MessagePack by default or JSON, lz4-compressed above 4 KiB by default), written by Lua scripts that refuse an
-//!   older version and honour tombstones ([`scripts`]), with a TTL per entry (with jitter).
+//!   MessagePack by default or JSON, lz4-compressed above 4 KiB by default), written by Lua
+//!   scripts that refuse an older version and honour tombstones ([`scripts`]), with a TTL per
+//!   entry (with jitter).
 //! * **Reads**: one command, GET (or MGET for batches), as cheap for Redis as a raw GET; the
 //!   envelope records the expiry, so an entry comes back with its remaining time to live (the
-//!   chain caps back-fills with it). Bytes that do not decode are a
-//!   miss: the key is deleted and counted in [`TierStats::corrupt`].
+//!   chain caps back-fills with it). Bytes that do not decode are a miss: the key is deleted
+//!   and counted in [`TierStats::corrupt`].
 //! * **Redis Cluster** (feature `cluster`): `RedisTierBuilder::cluster(seed nodes)` talks to a
 //!   cluster instead of one server. Every script touches one key, so each runs on the key's
 //!   master; batch reads (MGET) are split by slot and reassembled in order by the client;
-//!   `clear` scans every master. A [`RedisBackplane`] over
-//!   [`RedisTier::backplane_clients`] listens and publishes on one node at a time (a cluster
-//!   forwards every PUBLISH to all its nodes) and moves to another when that one fails. Tested against a three-master cluster of
+//!   `clear` scans every master. A [`RedisBackplane`] over [`RedisTier::backplane_clients`]
+//!   listens and publishes on one node at a time (a cluster forwards every PUBLISH to all its
+//!   nodes) and moves to another when that one fails. Tested against a three-master cluster of
 //!   local `redis-server` processes (`tests/cluster.rs`, the same contract as one server).
 //!
 //! ```no_run

@@ -190,8 +190,8 @@ impl UserConfigStorage {
 
     /// A storage configured from the environment: `REDIS_URL` (optional: without it the chain
     /// is memory, then the database), or with feature `cluster` `REDIS_CLUSTER_NODES` (a Redis
-    /// Cluster's seed node URLs, comma-separated), and `DATABASE_URL` (`postgres://…`, or `sqlite:path`;
-    /// without it, the embedded default: an SQLite file, `userconfig.sqlite3`).
+    /// Cluster's seed node URLs, comma-separated), and `DATABASE_URL` (`postgres://…`, or
+    /// `sqlite:path`; without it, the embedded default: an SQLite file, `userconfig.sqlite3`).
     pub async fn from_env() -> Result<Self> {
         let non_empty = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
         let mut builder = Self::builder();
