@@ -80,27 +80,15 @@ async fn backplane_reaches_instances_on_other_nodes(cluster: &LocalCluster, setu
     let nodes = cluster.nodes();
     let mut instances = Vec::new();
     for node in [&nodes[0], &nodes[2]] {
-        let memory = Arc::new(MemoryTier::new());
         let backplane = RedisBackplane::new(node, format!("{prefix}invalidations")).unwrap();
-        let cache = TieredCache::builder()
-            .shared_tier(memory.clone(), None)
-            .shared_tier(redis.clone(), Some(Duration::from_secs(2)))
-            .source(db.clone())
-            .backplane(Arc::new(backplane.clone()))
-            .build()
-            .unwrap();
-        backplane.attach(&cache);
-        instances.push((cache, memory, backplane));
-    }
-    for (_, _, backplane) in &instances {
-        wait_until(|| backplane.is_subscribed()).await;
+        instances.push(instance(&redis, &db, backplane, Duration::from_secs(2)).await);
     }
     let (writer, reader) = (&instances[0].0, &instances[1]);
     writer.update(&k("a"), config("v1")).await.unwrap();
     assert_eq!(reader.0.fetch(&k("a")).await.unwrap().version, 1);
     writer.update(&k("a"), config("v2")).await.unwrap();
     // Both updates were published (the first found no copy to replace).
-    wait_until(|| reader.2.stats().received >= 2).await;
+    wait_until(|| reader.1.stats().received >= 2).await;
     let got = reader.0.fetch(&k("a")).await.unwrap();
     assert_eq!((got.version, got.origin), (2, Origin::Tier(0)));
     assert_eq!(got.value.unwrap().theme, "v2");
@@ -125,41 +113,49 @@ async fn backplanes_move_to_another_node_when_theirs_dies(
     };
     let mut instances = Vec::new();
     for _ in 0..2 {
-        let memory = Arc::new(MemoryTier::new());
         let backplane =
             RedisBackplane::with_clients(clients(), format!("{prefix}invalidations")).unwrap();
-        let cache = TieredCache::builder()
-            .shared_tier(memory.clone(), None)
-            .shared_tier(redis.clone(), Some(Duration::from_millis(300)))
-            .source(db.clone())
-            .backplane(Arc::new(backplane.clone()))
-            .build()
-            .unwrap();
-        backplane.attach(&cache);
-        instances.push((cache, memory, backplane));
-    }
-    for (_, _, backplane) in &instances {
-        wait_until(|| backplane.is_subscribed()).await;
+        instances.push(instance(&redis, &db, backplane, Duration::from_millis(300)).await);
     }
     cluster.kill(2);
     // Both notice (the health check's PING, or the connection closing) and move to node 0.
-    for (_, _, backplane) in &instances {
+    for (_, backplane) in &instances {
         wait_until(|| backplane.stats().gaps >= 1 && backplane.is_subscribed()).await;
     }
     let (writer, reader) = (&instances[0], &instances[1]);
     // The reader holds a copy; the writer's update must replace it. (The Redis steps of the
     // update may fail for a key whose slot was on node 2: the chain skips them.)
     writer.0.update(&k("b"), config("v1")).await.unwrap();
-    wait_until(|| reader.2.stats().received >= 1).await;
+    wait_until(|| reader.1.stats().received >= 1).await;
     assert_eq!(reader.0.fetch(&k("b")).await.unwrap().version, 1);
     writer.0.update(&k("b"), config("v2")).await.unwrap();
-    wait_until(|| reader.2.stats().received >= 2).await;
+    wait_until(|| reader.1.stats().received >= 2).await;
     let got = reader.0.fetch(&k("b")).await.unwrap();
     assert_eq!((got.version, got.origin), (2, Origin::Tier(0)));
     // The writer's first publish went to node 2, failed, and was retried on node 0.
-    let sent = writer.2.stats();
+    let sent = writer.1.stats();
     assert!(sent.publish_errors >= 1, "{sent:?}");
     assert_eq!(sent.published, 2);
+}
+
+/// A service instance: its own memory tier over the shared Redis tier (under `limit`) and
+/// source, with `backplane` attached and subscribed.
+async fn instance(
+    redis: &Arc<RedisTier<String, Config>>,
+    db: &FakeTier<String, Config>,
+    backplane: RedisBackplane,
+    limit: Duration,
+) -> (TieredCache<String, Config>, RedisBackplane) {
+    let cache = TieredCache::builder()
+        .tier(MemoryTier::new())
+        .shared_tier(redis.clone(), Some(limit))
+        .source(db.clone())
+        .backplane(Arc::new(backplane.clone()))
+        .build()
+        .unwrap();
+    backplane.attach(&cache);
+    wait_until(|| backplane.is_subscribed()).await;
+    (cache, backplane)
 }
 
 async fn wait_until(mut done: impl FnMut() -> bool) {
