@@ -380,25 +380,13 @@ pub async fn both_codecs_round_trip_and_read_each_other(s: &Setup) {
     json.set(&k("b"), Entry::new(config("js"), 1))
         .await
         .unwrap();
-    assert_eq!(
-        json.get(&k("a"))
-            .await
-            .unwrap()
-            .unwrap()
-            .value
-            .unwrap()
-            .theme,
-        "mp"
-    );
-    assert_eq!(
-        msgpack
-            .get(&k("b"))
-            .await
-            .unwrap()
-            .unwrap()
-            .value
-            .unwrap()
-            .theme,
-        "js"
-    );
+    // Each reads what the other wrote.
+    assert_eq!(theme(&json, "a").await, "mp");
+    assert_eq!(theme(&msgpack, "b").await, "js");
+}
+
+/// The theme of the value `tier` holds for `key`, which must be there.
+async fn theme(tier: &RedisTier<String, Config>, key: &str) -> String {
+    let entry = tier.get(&k(key)).await.unwrap().expect("stored");
+    entry.value.expect("a value").theme.clone()
 }
