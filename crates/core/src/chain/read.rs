@@ -1,0 +1,389 @@
+//! The read path: the top tier's synchronous hit, then the tiers below, the source, back-fill,
+//! negative entries, the fail-safe stale copy, batches and warming.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use super::{Fetched, Miss, Origin, TieredCache, Top};
+use crate::entry::Entry;
+use crate::error::{Error, Result};
+use crate::tier::{Key, Peek, Value};
+
+impl<K: Key, V: Value> TieredCache<K, V> {
+    /// The value for `key`: `Ok(None)` if the source does not have it.
+    ///
+    /// A hit in a top tier with a synchronous path ([`CacheTier::peek`]) completes without
+    /// awaiting anything.
+    #[inline]
+    pub async fn get(&self, key: &K) -> Result<Option<Arc<V>>> {
+        match self.peek_top(key) {
+            Top::Hit(entry) => Ok(entry.value),
+            // Boxed, so that the future of a hit stays a few words: it is built and moved on
+            // every call, the slow path's state machine is most of a kilobyte.
+            Top::Continue(start) => Box::pin(self.fetch_slow(key, start)).await.map(|f| f.value),
+        }
+    }
+
+    /// Like [`get`](TieredCache::get), with the version and the level that answered.
+    pub async fn fetch(&self, key: &K) -> Result<Fetched<V>> {
+        match self.peek_top(key) {
+            Top::Hit(entry) => Ok(Fetched::from_entry(entry, Origin::Tier(0))),
+            Top::Continue(start) => Box::pin(self.fetch_slow(key, start)).await,
+        }
+    }
+
+    /// The synchronous half of [`fetch`](TieredCache::fetch): the top tier's answer, if it
+    /// has one without I/O, else a [`Miss`] to hand to [`fetch_after`](TieredCache::fetch_after)
+    /// (the miss is already counted; do not call `fetch` for the same request).
+    ///
+    /// For callers that look keys up by a borrowed form: build the key in a reused buffer for
+    /// `peek`, and own it only on a miss.
+    #[inline]
+    pub fn peek(&self, key: &K) -> Result<Fetched<V>, Miss> {
+        match self.peek_top(key) {
+            Top::Hit(entry) => Ok(Fetched::from_entry(entry, Origin::Tier(0))),
+            Top::Continue(start) => Err(Miss { start }),
+        }
+    }
+
+    /// The asynchronous half of [`fetch`](TieredCache::fetch), after [`peek`](TieredCache::peek)
+    /// missed.
+    pub async fn fetch_after(&self, key: &K, miss: Miss) -> Result<Fetched<V>> {
+        Box::pin(self.fetch_slow(key, miss.start)).await
+    }
+
+    /// Asks the top tier's synchronous path, and counts its answer.
+    #[inline(always)]
+    fn peek_top(&self, key: &K) -> Top<V> {
+        let inner = &*self.inner;
+        let Some(top) = inner.tiers.first() else {
+            return Top::Continue(0);
+        };
+        match top.tier.peek(key) {
+            Peek::Hit(entry) if inner.floors.allows(key, entry.version, &inner.clock) => {
+                top.hits.incr();
+                Top::Hit(entry)
+            }
+            Peek::Hit(_) => {
+                inner.counters.refused.incr();
+                top.misses.incr();
+                Top::Continue(1)
+            }
+            Peek::Miss => {
+                top.misses.incr();
+                Top::Continue(1)
+            }
+            Peek::Unsupported => Top::Continue(0),
+        }
+    }
+
+    /// Everything after the top tier's synchronous path, from cache tier `start` down,
+    /// coalesced per key.
+    /// Every request that gets here runs in a `tiercache.get` span recording the tier that
+    /// answered, the outcome and the version. (Hits in the top tier's synchronous path get no
+    /// span: it would cost a quarter of the hit; they are counted in the stats and metrics.)
+    async fn fetch_slow(&self, key: &K, start: usize) -> Result<Fetched<V>> {
+        use tracing::Instrument;
+        let inner = &*self.inner;
+        let span = tracing::debug_span!(
+            "tiercache.get",
+            answered_by = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+            version = tracing::field::Empty,
+            coalesced = tracing::field::Empty,
+        );
+        let (result, led) = if inner.policy.single_flight {
+            inner
+                .flights
+                .run(key, || self.load(key, start))
+                .instrument(span.clone())
+                .await
+        } else {
+            (self.load(key, start).instrument(span.clone()).await, true)
+        };
+        if !led {
+            inner.counters.coalesced.incr();
+        }
+        span.record("coalesced", !led);
+        match &result {
+            Ok(f) => {
+                let (tier, outcome) = match f.origin {
+                    Origin::Tier(i) => (inner.tiers[i].name.as_str(), "hit"),
+                    Origin::Source if f.is_found() => (inner.source.name.as_str(), "found"),
+                    Origin::Source => (inner.source.name.as_str(), "not_found"),
+                    Origin::Stale(i) => (inner.tiers[i].name.as_str(), "stale"),
+                };
+                span.record("answered_by", tier);
+                span.record("outcome", outcome);
+                span.record("version", f.version);
+            }
+            Err(_) => {
+                span.record("outcome", "error");
+            }
+        }
+        self.count(&result);
+        result
+    }
+
+    /// Counts a slow-path request's outcome (the fast path counts its own hits).
+    fn count(&self, result: &Result<Fetched<V>>) {
+        let c = &self.inner.counters;
+        match result {
+            Ok(f) => match f.origin {
+                Origin::Tier(i) => self.inner.tiers[i].hits.incr(),
+                Origin::Source if f.is_found() => c.source_found.incr(),
+                Origin::Source => c.not_found.incr(),
+                Origin::Stale(_) => c.stale_served.incr(),
+            },
+            Err(_) => c.failed.incr(),
+        }
+    }
+
+    /// The miss path, run once per key however many callers wait for it.
+    async fn load(&self, key: &K, start: usize) -> Result<Fetched<V>> {
+        let inner = &*self.inner;
+        let epoch = inner.epoch.load(Ordering::SeqCst);
+        for (i, level) in inner.tiers.iter().enumerate().skip(start) {
+            if level.repair().await.is_err() {
+                continue;
+            }
+            match level.call("get", level.tier.get(key)).await {
+                Ok(Some(entry)) if inner.floors.allows(key, entry.version, &inner.clock) => {
+                    tracing::trace!(tier = %level.name, "hit");
+                    self.backfill(key, &entry, i, epoch).await;
+                    return Ok(Fetched::from_entry(entry, Origin::Tier(i)));
+                }
+                Ok(Some(_)) => {
+                    inner.counters.refused.incr();
+                    level.misses.incr();
+                }
+                Ok(None) => level.misses.incr(),
+                Err(_) => {}
+            }
+        }
+        let source = &inner.source;
+        inner.counters.source_loads.incr();
+        match source.call("get", source.tier.get(key)).await {
+            Ok(Some(entry)) => {
+                // The source's entries do not expire; each tier applies its own TTL.
+                let entry = Entry {
+                    expires_at: None,
+                    ..entry
+                };
+                self.backfill(key, &entry, inner.tiers.len(), epoch).await;
+                Ok(Fetched::from_entry(entry, Origin::Source))
+            }
+            Ok(None) => {
+                source.misses.incr();
+                if let Some(ttl) = inner.policy.negative_ttl {
+                    let absent = Entry::absent(0).expiring_at(inner.clock.now() + ttl);
+                    self.backfill(key, &absent, inner.tiers.len(), epoch).await;
+                }
+                Ok(Fetched::from_entry(Entry::absent(0), Origin::Source))
+            }
+            Err(error) => self.fail_safe(key, error).await,
+        }
+    }
+
+    /// The source failed. If the failure is transient (unreachable, slow), serve a stale copy
+    /// within the max-stale age, if any, else [`Error::SourceUnavailable`]. Other failures (a
+    /// row that does not decode, a refused query) are returned as they are: they say something
+    /// about the data, not about availability.
+    async fn fail_safe(&self, key: &K, error: Error) -> Result<Fetched<V>> {
+        let inner = &*self.inner;
+        if !error.is_transient() {
+            tracing::warn!(%error, "source failed");
+            return Err(error);
+        }
+        if let Some(max_stale) = inner.policy.max_stale {
+            for (i, level) in inner.tiers.iter().enumerate() {
+                if let Ok(Some(entry)) = level
+                    .call("get_stale", level.tier.get_stale(key, max_stale))
+                    .await
+                {
+                    if inner.floors.allows(key, entry.version, &inner.clock) {
+                        tracing::debug!(tier = %level.name, %error, "source failed; serving stale copy");
+                        return Ok(Fetched::from_entry(entry, Origin::Stale(i)));
+                    }
+                }
+            }
+        }
+        tracing::warn!(%error, "source failed and no usable cached copy");
+        Err(Error::SourceUnavailable {
+            source: Box::new(error),
+        })
+    }
+
+    /// Stores `entry` in cache tiers `0..below`, unless a manual invalidation or clear happened
+    /// since the load began at `epoch`. Failures are counted and skipped.
+    ///
+    /// `invalidate` bumps the epoch before it touches a tier, so a set that lands after the
+    /// tier was invalidated is seen by the check that follows it, and taken back.
+    async fn backfill(&self, key: &K, entry: &Entry<V>, below: usize, epoch: u64) {
+        self.backfill_with(
+            key,
+            entry,
+            below,
+            epoch,
+            self.inner.policy.background_backfill,
+        )
+        .await;
+    }
+
+    async fn backfill_with(
+        &self,
+        key: &K,
+        entry: &Entry<V>,
+        below: usize,
+        epoch: u64,
+        background: bool,
+    ) {
+        if below == 0 {
+            return;
+        }
+        // The top tier (in-process, cheap) is always filled before the caller gets its answer.
+        self.backfill_range(key, entry, 0..1, epoch).await;
+        if below > 1 {
+            if background {
+                let (this, key, entry) = (self.clone(), key.clone(), entry.clone());
+                tokio::spawn(async move {
+                    this.backfill_range(&key, &entry, 1..below, epoch).await;
+                });
+            } else {
+                self.backfill_range(key, entry, 1..below, epoch).await;
+            }
+        }
+    }
+
+    async fn backfill_range(
+        &self,
+        key: &K,
+        entry: &Entry<V>,
+        levels: std::ops::Range<usize>,
+        epoch: u64,
+    ) {
+        let current = || self.inner.epoch.load(Ordering::SeqCst) == epoch;
+        for level in &self.inner.tiers[levels] {
+            if !current() {
+                tracing::trace!("invalidated during the load; back-fill skipped");
+                return;
+            }
+            let stored = level.call("set", level.tier.set(key, entry.clone())).await;
+            if matches!(stored, Ok(true)) && !current() {
+                let _ = level
+                    .call("invalidate", level.tier.invalidate(key, None))
+                    .await;
+                return;
+            }
+        }
+    }
+
+    /// Loads `keys` into the cache tiers ahead of demand, `batch` keys per
+    /// [`get_many`](TieredCache::get_many) (one batch call per tier), every tier filled before
+    /// it returns. Returns how many keys the source had.
+    ///
+    /// # Errors
+    /// The first batch that fails; the batches before it stay loaded.
+    pub async fn warm(&self, keys: &[K], batch: usize) -> Result<usize> {
+        let mut found = 0;
+        for chunk in keys.chunks(batch.max(1)) {
+            found += self
+                .get_many_with(chunk, false)
+                .await?
+                .iter()
+                .filter(|v| v.is_some())
+                .count();
+        }
+        Ok(found)
+    }
+
+    /// The values for `keys`, in order, answered tier by tier with one batch call per tier
+    /// ([`CacheTier::get_many`]). Batches are not coalesced with concurrent single gets.
+    pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Arc<V>>>> {
+        self.get_many_with(keys, self.inner.policy.background_backfill)
+            .await
+    }
+
+    async fn get_many_with(&self, keys: &[K], background: bool) -> Result<Vec<Option<Arc<V>>>> {
+        let inner = &*self.inner;
+        let epoch = inner.epoch.load(Ordering::SeqCst);
+        let mut answers: Vec<Option<Fetched<V>>> = vec![None; keys.len()];
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        for (i, level) in inner.tiers.iter().enumerate() {
+            if pending.is_empty() {
+                break;
+            }
+            if level.repair().await.is_err() {
+                continue;
+            }
+            let batch: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
+            let Ok(found) = level.call("get_many", level.tier.get_many(&batch)).await else {
+                continue;
+            };
+            let mut still = Vec::with_capacity(pending.len());
+            for (&p, entry) in pending.iter().zip(found) {
+                match entry {
+                    Some(e) if inner.floors.allows(&keys[p], e.version, &inner.clock) => {
+                        level.hits.incr();
+                        self.backfill_with(&keys[p], &e, i, epoch, background).await;
+                        answers[p] = Some(Fetched::from_entry(e, Origin::Tier(i)));
+                    }
+                    _ => {
+                        level.misses.incr();
+                        still.push(p);
+                    }
+                }
+            }
+            pending = still;
+        }
+        if !pending.is_empty() {
+            let source = &inner.source;
+            let batch: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
+            inner.counters.source_loads.incr();
+            match source.call("get_many", source.tier.get_many(&batch)).await {
+                Ok(found) => {
+                    let negative = inner
+                        .policy
+                        .negative_ttl
+                        .map(|ttl| Entry::absent(0).expiring_at(inner.clock.now() + ttl));
+                    for (&p, entry) in pending.iter().zip(found) {
+                        let below = inner.tiers.len();
+                        match entry {
+                            Some(e) => {
+                                let e = Entry {
+                                    expires_at: None,
+                                    ..e
+                                };
+                                inner.counters.source_found.incr();
+                                self.backfill_with(&keys[p], &e, below, epoch, background)
+                                    .await;
+                                answers[p] = Some(Fetched::from_entry(e, Origin::Source));
+                            }
+                            None => {
+                                source.misses.incr();
+                                inner.counters.not_found.incr();
+                                if let Some(absent) = &negative {
+                                    self.backfill_with(&keys[p], absent, below, epoch, background)
+                                        .await;
+                                }
+                                answers[p] =
+                                    Some(Fetched::from_entry(Entry::absent(0), Origin::Source));
+                            }
+                        }
+                    }
+                }
+                Err(error) => {
+                    for &p in &pending {
+                        let result = self.fail_safe(&keys[p], error.clone()).await;
+                        self.count(&result);
+                        answers[p] = Some(result?);
+                    }
+                }
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.and_then(|f| f.value))
+            .collect())
+    }
+}
