@@ -263,6 +263,22 @@ async fn get_many_serves_stale_copies_when_the_source_fails() {
 }
 
 #[tokio::test]
+async fn get_many_counts_every_key_when_the_source_fails() {
+    let c = Chain::with(|b| b.max_stale(None));
+    c.db.put(key("a"), "v".to_string());
+    c.cache.get(&key("a")).await.unwrap(); // a in memory
+    let before = c.cache.stats();
+    c.db.faults().set_for(Op::Get, Fault::Error);
+    let keys: Vec<_> = ["a", "b", "c"].into_iter().map(key).collect();
+    let err = c.cache.get_many(&keys).await.unwrap_err();
+    assert!(err.is_transient());
+    let stats = c.cache.stats();
+    assert_eq!(stats.tiers[0].hits - before.tiers[0].hits, 1, "a: a memory hit");
+    assert_eq!(stats.failed - before.failed, 2, "b and c: failed, both counted");
+    assert_eq!(stats.requests - before.requests, 3, "every key's outcome counted");
+}
+
+#[tokio::test]
 async fn stats_add_up() {
     let c = Chain::with(|b| b.max_stale(Some(Duration::from_secs(3600))));
     c.db.put(key("a"), "v".to_string());

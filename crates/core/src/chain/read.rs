@@ -143,45 +143,75 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     async fn load(&self, key: &K, start: usize) -> Result<Fetched<V>> {
         let inner = &*self.inner;
         let epoch = inner.epoch.load(Ordering::SeqCst);
+        let background = inner.policy.background_backfill;
         for (i, level) in inner.tiers.iter().enumerate().skip(start) {
             if level.repair().await.is_err() {
                 continue;
             }
-            match level.call("get", level.tier.get(key)).await {
-                Ok(Some(entry)) if inner.floors.allows(key, entry.version, &inner.clock) => {
-                    tracing::trace!(tier = %level.name, "hit");
-                    self.backfill(key, &entry, i, epoch).await;
-                    return Ok(Fetched::from_entry(entry, Origin::Tier(i)));
-                }
-                Ok(Some(_)) => {
-                    inner.counters.refused.incr();
-                    level.misses.incr();
-                }
-                Ok(None) => level.misses.incr(),
-                Err(_) => {}
+            let Ok(found) = level.call("get", level.tier.get(key)).await else {
+                continue;
+            };
+            if let Some(entry) = self.usable(i, key, found) {
+                tracing::trace!(tier = %level.name, "hit");
+                self.backfill_with(key, &entry, i, epoch, background).await;
+                return Ok(Fetched::from_entry(entry, Origin::Tier(i)));
             }
         }
         let source = &inner.source;
         inner.counters.source_loads.incr();
         match source.call("get", source.tier.get(key)).await {
-            Ok(Some(entry)) => {
-                // The source's entries do not expire; each tier applies its own TTL.
+            Ok(found) => Ok(self.sourced(key, found, epoch, background).await),
+            Err(error) => self.fail_safe(key, error).await,
+        }
+    }
+
+    /// Cache tier `i`'s answer for `key`, if it may be served: an entry below the key's floor
+    /// is counted as refused. Anything else is counted as the tier's miss (its hits are
+    /// counted with the request's outcome).
+    fn usable(&self, i: usize, key: &K, found: Option<Entry<V>>) -> Option<Entry<V>> {
+        let inner = &*self.inner;
+        match found {
+            Some(entry) if inner.floors.allows(key, entry.version, &inner.clock) => Some(entry),
+            refused => {
+                if refused.is_some() {
+                    inner.counters.refused.incr();
+                }
+                inner.tiers[i].misses.incr();
+                None
+            }
+        }
+    }
+
+    /// The source's answer for `key`, back-filled into every cache tier: the entry without an
+    /// expiry (each tier applies its own TTL), or a "not found" cached for the negative TTL.
+    async fn sourced(
+        &self,
+        key: &K,
+        found: Option<Entry<V>>,
+        epoch: u64,
+        background: bool,
+    ) -> Fetched<V> {
+        let inner = &*self.inner;
+        let below = inner.tiers.len();
+        match found {
+            Some(entry) => {
                 let entry = Entry {
                     expires_at: None,
                     ..entry
                 };
-                self.backfill(key, &entry, inner.tiers.len(), epoch).await;
-                Ok(Fetched::from_entry(entry, Origin::Source))
+                self.backfill_with(key, &entry, below, epoch, background)
+                    .await;
+                Fetched::from_entry(entry, Origin::Source)
             }
-            Ok(None) => {
-                source.misses.incr();
+            None => {
+                inner.source.misses.incr();
                 if let Some(ttl) = inner.policy.negative_ttl {
                     let absent = Entry::absent(0).expiring_at(inner.clock.now() + ttl);
-                    self.backfill(key, &absent, inner.tiers.len(), epoch).await;
+                    self.backfill_with(key, &absent, below, epoch, background)
+                        .await;
                 }
-                Ok(Fetched::from_entry(Entry::absent(0), Origin::Source))
+                Fetched::from_entry(Entry::absent(0), Origin::Source)
             }
-            Err(error) => self.fail_safe(key, error).await,
         }
     }
 
@@ -214,22 +244,12 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         })
     }
 
-    /// Stores `entry` in cache tiers `0..below`, unless a manual invalidation or clear happened
-    /// since the load began at `epoch`. Failures are counted and skipped.
+    /// Stores `entry` in cache tiers `0..below` (below the top one in a background task if
+    /// `background`), unless a manual invalidation or clear happened since the load began at
+    /// `epoch`. Failures are counted and skipped.
     ///
     /// `invalidate` bumps the epoch before it touches a tier, so a set that lands after the
     /// tier was invalidated is seen by the check that follows it, and taken back.
-    async fn backfill(&self, key: &K, entry: &Entry<V>, below: usize, epoch: u64) {
-        self.backfill_with(
-            key,
-            entry,
-            below,
-            epoch,
-            self.inner.policy.background_backfill,
-        )
-        .await;
-    }
-
     async fn backfill_with(
         &self,
         key: &K,
@@ -309,6 +329,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let epoch = inner.epoch.load(Ordering::SeqCst);
         let mut answers: Vec<Option<Fetched<V>>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
+        let mut failures = Vec::new();
         for (i, level) in inner.tiers.iter().enumerate() {
             if pending.is_empty() {
                 break;
@@ -321,17 +342,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 continue;
             };
             let mut still = Vec::with_capacity(pending.len());
-            for (&p, entry) in pending.iter().zip(found) {
-                match entry {
-                    Some(e) if inner.floors.allows(&keys[p], e.version, &inner.clock) => {
-                        level.hits.incr();
-                        self.backfill_with(&keys[p], &e, i, epoch, background).await;
-                        answers[p] = Some(Fetched::from_entry(e, Origin::Tier(i)));
+            for (&p, found) in pending.iter().zip(found) {
+                match self.usable(i, &keys[p], found) {
+                    Some(entry) => {
+                        self.backfill_with(&keys[p], &entry, i, epoch, background)
+                            .await;
+                        answers[p] = Some(Fetched::from_entry(entry, Origin::Tier(i)));
                     }
-                    _ => {
-                        level.misses.incr();
-                        still.push(p);
-                    }
+                    None => still.push(p),
                 }
             }
             pending = still;
@@ -342,48 +360,33 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             inner.counters.source_loads.incr();
             match source.call("get_many", source.tier.get_many(&batch)).await {
                 Ok(found) => {
-                    let negative = inner
-                        .policy
-                        .negative_ttl
-                        .map(|ttl| Entry::absent(0).expiring_at(inner.clock.now() + ttl));
-                    for (&p, entry) in pending.iter().zip(found) {
-                        let below = inner.tiers.len();
-                        match entry {
-                            Some(e) => {
-                                let e = Entry {
-                                    expires_at: None,
-                                    ..e
-                                };
-                                inner.counters.source_found.incr();
-                                self.backfill_with(&keys[p], &e, below, epoch, background)
-                                    .await;
-                                answers[p] = Some(Fetched::from_entry(e, Origin::Source));
-                            }
-                            None => {
-                                source.misses.incr();
-                                inner.counters.not_found.incr();
-                                if let Some(absent) = &negative {
-                                    self.backfill_with(&keys[p], absent, below, epoch, background)
-                                        .await;
-                                }
-                                answers[p] =
-                                    Some(Fetched::from_entry(Entry::absent(0), Origin::Source));
-                            }
-                        }
+                    for (&p, found) in pending.iter().zip(found) {
+                        answers[p] = Some(self.sourced(&keys[p], found, epoch, background).await);
                     }
                 }
                 Err(error) => {
                     for &p in &pending {
-                        let result = self.fail_safe(&keys[p], error.clone()).await;
-                        self.count(&result);
-                        answers[p] = Some(result?);
+                        match self.fail_safe(&keys[p], error.clone()).await {
+                            Ok(stale) => answers[p] = Some(stale),
+                            Err(error) => failures.push(error),
+                        }
                     }
                 }
             }
         }
-        Ok(answers
-            .into_iter()
-            .map(|a| a.and_then(|f| f.value))
-            .collect())
+        // Every key's outcome is counted, the failed ones too, before the first failure (if
+        // any) is returned.
+        let answers: Vec<Fetched<V>> = answers.into_iter().flatten().collect();
+        for answer in &answers {
+            self.count(&Ok(answer.clone()));
+        }
+        let failed = failures.len();
+        if let Some(error) = failures.into_iter().next() {
+            for _ in 0..failed {
+                inner.counters.failed.incr();
+            }
+            return Err(error);
+        }
+        Ok(answers.into_iter().map(|f| f.value).collect())
     }
 }
