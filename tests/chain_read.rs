@@ -273,9 +273,21 @@ async fn get_many_counts_every_key_when_the_source_fails() {
     let err = c.cache.get_many(&keys).await.unwrap_err();
     assert!(err.is_transient());
     let stats = c.cache.stats();
-    assert_eq!(stats.tiers[0].hits - before.tiers[0].hits, 1, "a: a memory hit");
-    assert_eq!(stats.failed - before.failed, 2, "b and c: failed, both counted");
-    assert_eq!(stats.requests - before.requests, 3, "every key's outcome counted");
+    assert_eq!(
+        stats.tiers[0].hits - before.tiers[0].hits,
+        1,
+        "a: a memory hit"
+    );
+    assert_eq!(
+        stats.failed - before.failed,
+        2,
+        "b and c: failed, both counted"
+    );
+    assert_eq!(
+        stats.requests - before.requests,
+        3,
+        "every key's outcome counted"
+    );
 }
 
 #[tokio::test]

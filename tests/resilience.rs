@@ -70,6 +70,40 @@ async fn an_open_breaker_stops_paying_the_timeout_until_a_probe_succeeds() {
 }
 
 #[tokio::test]
+async fn a_probe_whose_caller_gives_up_does_not_keep_the_breaker_open() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    db.put(key("k"), "v".to_string());
+    let cache = chain(&redis, &db);
+    redis.faults().set(Fault::Error);
+    for _ in 0..2 {
+        cache.clear_tier(0).await.unwrap();
+        cache.fetch(&key("k")).await.unwrap();
+    }
+    assert!(cache.stats().tiers[1].breaker_open);
+    // After the cool-down the next call probes Redis, which is slow now; its caller gives up
+    // first and the probe's future is dropped half-way.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    redis.faults().set(Fault::Delay(Duration::from_secs(5)));
+    cache.clear_tier(0).await.unwrap();
+    let dropped = tokio::time::timeout(Duration::from_millis(5), cache.fetch(&key("k"))).await;
+    assert!(dropped.is_err(), "the caller gave up during the probe");
+    // Redis is healthy again: after another cool-down a probe must reach it.
+    redis.faults().clear();
+    redis
+        .set(&key("k"), tiercache_core::Entry::new(val("v"), 1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    cache.clear_tier(0).await.unwrap();
+    assert_eq!(
+        cache.fetch(&key("k")).await.unwrap().origin,
+        Origin::Tier(1),
+        "redis answers again after a dropped probe"
+    );
+    assert!(!cache.stats().tiers[1].breaker_open);
+}
+
+#[tokio::test]
 async fn an_unreachable_source_fails_fast_once_its_breaker_opens() {
     let db = FakeTier::<Key, Val>::source("db");
     db.faults().set(Fault::Hang);

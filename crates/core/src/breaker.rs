@@ -45,13 +45,45 @@ impl BreakerPolicy {
 
 /// What the breaker lets a call do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Permit {
+pub(crate) enum Access {
     /// Closed: go ahead.
     Go,
     /// Open, cool-down over: this call probes the tier.
     Probe,
     /// Open: skip the tier.
     Skip,
+}
+
+/// A call's leave to reach the tier. Hand its outcome to [`Permit::record`]. A probe dropped
+/// before it records (its caller gave up at an `.await`, or the tier panicked) gives the probe
+/// back, so that the next call after the cool-down probes again: without that, one cancelled
+/// probe would keep the breaker open until restart.
+#[must_use = "record the call's outcome"]
+pub(crate) struct Permit<'a> {
+    breaker: &'a Breaker,
+    access: Access,
+}
+
+impl Permit<'_> {
+    pub(crate) fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Records the call's outcome: `healthy` is a success or a failure that says nothing about
+    /// the tier's reachability (corrupt data, an unsupported operation).
+    pub(crate) fn record(mut self, healthy: bool) {
+        self.breaker.record(self.access, healthy);
+        // Recorded: nothing left for drop to give back.
+        self.access = Access::Go;
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if self.access == Access::Probe {
+            self.breaker.probing.store(false, Ordering::Release);
+        }
+    }
 }
 
 /// The state is a few atomics, so that a closed breaker costs one load per call.
@@ -90,26 +122,31 @@ impl Breaker {
         self.tripped()
     }
 
-    pub(crate) fn permit(&self) -> Permit {
+    pub(crate) fn permit(&self) -> Permit<'_> {
+        Permit {
+            breaker: self,
+            access: self.access(),
+        }
+    }
+
+    fn access(&self) -> Access {
         if !self.tripped() {
-            return Permit::Go;
+            return Access::Go;
         }
         if self.now() < self.open_until.load(Ordering::Acquire) {
-            return Permit::Skip;
+            return Access::Skip;
         }
         // One probe at a time; the others keep skipping until it answers.
         match self
             .probing
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         {
-            Ok(_) => Permit::Probe,
-            Err(_) => Permit::Skip,
+            Ok(_) => Access::Probe,
+            Err(_) => Access::Skip,
         }
     }
 
-    /// Records a call's outcome: `healthy` is a success or a failure that says nothing about
-    /// the tier's reachability (corrupt data, an unsupported operation).
-    pub(crate) fn record(&self, permit: Permit, healthy: bool) {
+    fn record(&self, permit: Access, healthy: bool) {
         if healthy {
             let was = self.failures.swap(0, Ordering::AcqRel);
             if self.policy.threshold > 0 && was >= self.policy.threshold {
@@ -118,7 +155,7 @@ impl Breaker {
         } else {
             let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
             if self.policy.threshold > 0
-                && (failures == self.policy.threshold || permit == Permit::Probe)
+                && (failures == self.policy.threshold || permit == Access::Probe)
             {
                 let until =
                     self.now() + u64::try_from(self.policy.cooldown.as_nanos()).unwrap_or(0);
@@ -129,7 +166,7 @@ impl Breaker {
                 }
             }
         }
-        if permit == Permit::Probe {
+        if permit == Access::Probe {
             self.probing.store(false, Ordering::Release);
         }
     }
@@ -145,32 +182,55 @@ mod tests {
             threshold: 2,
             cooldown: Duration::from_millis(30),
         });
-        assert_eq!(b.permit(), Permit::Go);
-        b.record(Permit::Go, false);
-        assert_eq!(b.permit(), Permit::Go);
-        b.record(Permit::Go, false);
+        let access = |b: &Breaker| {
+            let permit = b.permit();
+            let access = permit.access();
+            std::mem::forget(permit);
+            access
+        };
+        assert_eq!(access(&b), Access::Go);
+        b.permit().record(false);
+        assert_eq!(access(&b), Access::Go);
+        b.permit().record(false);
         assert!(b.is_open());
-        assert_eq!(b.permit(), Permit::Skip);
+        assert_eq!(access(&b), Access::Skip);
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(b.permit(), Permit::Probe);
-        assert_eq!(b.permit(), Permit::Skip, "one probe at a time");
+        let probe = b.permit();
+        assert_eq!(probe.access(), Access::Probe);
+        assert_eq!(access(&b), Access::Skip, "one probe at a time");
         // A failed probe opens it for another cool-down.
-        b.record(Permit::Probe, false);
-        assert_eq!(b.permit(), Permit::Skip);
+        probe.record(false);
+        assert_eq!(access(&b), Access::Skip);
         std::thread::sleep(Duration::from_millis(40));
-        assert_eq!(b.permit(), Permit::Probe);
-        b.record(Permit::Probe, true);
+        let probe = b.permit();
+        assert_eq!(probe.access(), Access::Probe);
+        probe.record(true);
         assert!(!b.is_open());
-        assert_eq!(b.permit(), Permit::Go);
+        assert_eq!(access(&b), Access::Go);
         assert_eq!(b.opened.get(), 1);
+    }
+
+    #[test]
+    fn a_dropped_probe_gives_the_probe_back() {
+        let b = Breaker::new(BreakerPolicy {
+            threshold: 1,
+            cooldown: Duration::from_millis(10),
+        });
+        b.permit().record(false);
+        std::thread::sleep(Duration::from_millis(20));
+        let probe = b.permit();
+        assert_eq!(probe.access(), Access::Probe);
+        drop(probe);
+        assert!(b.is_open(), "a dropped probe says nothing of the tier");
+        assert_eq!(b.permit().access(), Access::Probe, "the next call probes");
     }
 
     #[test]
     fn a_zero_threshold_never_opens() {
         let b = Breaker::new(BreakerPolicy::never());
         for _ in 0..10 {
-            b.record(Permit::Go, false);
+            b.permit().record(false);
         }
-        assert_eq!(b.permit(), Permit::Go);
+        assert_eq!(b.permit().access(), Access::Go);
     }
 }

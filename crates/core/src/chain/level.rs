@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::breaker::{Breaker, BreakerPolicy, Permit};
+use crate::breaker::{Access, Breaker, BreakerPolicy};
 use crate::entry::Version;
 use crate::error::{Error, Result};
 use crate::latency::LatencyHistogram;
@@ -106,7 +106,7 @@ impl<K: Key, V: Value> Level<K, V> {
         fut: impl Future<Output = Result<T>>,
     ) -> Result<T> {
         let permit = self.breaker.permit();
-        if permit == Permit::Skip {
+        if permit.access() == Access::Skip {
             self.skipped.incr();
             return Err(Error::CircuitOpen {
                 tier: self.name.clone(),
@@ -127,10 +127,7 @@ impl<K: Key, V: Value> Level<K, V> {
         self.latency.record(took);
         #[cfg(feature = "metrics")]
         self.call_seconds.record(took.as_secs_f64());
-        self.breaker.record(
-            permit,
-            result.as_ref().err().is_none_or(|e| !e.is_transient()),
-        );
+        permit.record(result.as_ref().err().is_none_or(|e| !e.is_transient()));
         if let Err(error) = &result {
             self.errors.incr();
             if error.is_timeout() {
