@@ -6,7 +6,7 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use support::{Chain, key, val};
+use support::{Chain, Key, Val, key, val};
 use tiercache_core::{CacheTier, Error, Origin, TieredCache};
 use tiercache_testkit::{FakeTier, Fault, Faulty, Gate, Op};
 
@@ -225,6 +225,42 @@ async fn manual_invalidation_stops_a_slow_reader_putting_back_what_it_read() {
     );
     c.redis.faults().clear();
     assert_eq!(c.cache.fetch(&key("a")).await.unwrap().version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_invalidation_goes_bottom_first_so_no_reader_copies_the_old_value_up() {
+    // Memory wrapped so that its invalidation can be held at a gate: a reader runs between
+    // the memory tier's invalidation and the next tier's.
+    let memory = Faulty::new(Arc::new(tiercache_memory::MemoryTier::<Key, Val>::new()));
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let cache = TieredCache::builder()
+        .tier_with_timeout(memory.clone(), None)
+        .tier_with_timeout(redis.clone(), None)
+        .source(db.clone())
+        .build()
+        .unwrap();
+    db.put(key("a"), "v1".to_string());
+    cache.get(&key("a")).await.unwrap(); // version 1 in memory and redis
+    db.put(key("a"), "edited behind the cache's back".to_string());
+    let gate = Gate::new();
+    memory
+        .faults()
+        .set_for(Op::Invalidate, Fault::Hold(gate.clone()));
+    let invalidation = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.invalidate(&key("a")).await })
+    };
+    gate.arrived(1).await; // memory invalidated, the invalidation held there
+    memory.faults().clear();
+    let read = cache.fetch(&key("a")).await.unwrap();
+    gate.open();
+    invalidation.await.unwrap().unwrap();
+    assert_eq!(read.version, 2, "the reader got the edited version");
+    assert_eq!(
+        cache.fetch(&key("a")).await.unwrap().version,
+        2,
+        "no tier serves the version replaced behind the cache's back"
+    );
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::tier::{Key, Value};
 
 impl<K: Key, V: Value> TieredCache<K, V> {
-    /// Removes `key` from every cache tier, for a change made behind the chain's back (writes
+    /// Removes `key` from every cache tier, bottom first, for a change made behind the chain's back (writes
     /// through [`update`](TieredCache::update) need no invalidation). Loads already running in
     /// this chain skip their back-fill; the next read asks the source. A tier that cannot be
     /// reached gets the invalidation replayed before it is read again. Every tier is tried; the
@@ -29,7 +29,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         inner.epoch.fetch_add(1, Ordering::SeqCst);
         inner.flights.forget(key);
         let mut first_error = None;
-        for level in &inner.tiers {
+        // Bottom first, like an update: were the top tier emptied first, a reader could miss
+        // it, find the old copy still below and copy it back up.
+        for level in inner.tiers.iter().rev() {
             let result = match level.repair().await {
                 Ok(()) => {
                     level
