@@ -8,7 +8,7 @@ use std::time::Duration;
 use support::{Key, Val, key, val};
 use tiercache_core::{BreakerPolicy, CacheTier, Error, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{BackplaneHub, FakeTier, Fault};
+use tiercache_testkit::{BackplaneHub, FakeTier, Fault, Op};
 
 fn breaker() -> BreakerPolicy {
     BreakerPolicy {
@@ -135,14 +135,52 @@ async fn invalidations_missed_while_a_tier_was_down_are_replayed_when_it_returns
     assert_eq!(redis.version(&key("x")), Some(1), "redis kept the old copy");
     assert_eq!(a.stats().tiers[1].pending_repairs, 2);
 
-    // Another instance sharing redis would read version 1; the writer repairs redis first.
+    // Another instance sharing redis would read version 1: the writer replays what redis
+    // missed as soon as it answers again, in the background, with no read to trigger it.
     redis.faults().clear();
-    tokio::time::sleep(Duration::from_millis(60)).await;
-    a.clear_tier(0).await.unwrap();
-    assert_eq!(a.fetch(&key("x")).await.unwrap().version, 2);
+    a.flush(Duration::from_secs(2))
+        .await
+        .expect("every missed invalidation replayed");
     assert_eq!(a.stats().tiers[1].pending_repairs, 0);
+    assert_eq!(redis.version(&key("x")), None, "version 1 removed");
     let b = chain(&redis, &db);
     assert_eq!(b.fetch(&key("x")).await.unwrap().version, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_read_uses_a_tier_while_its_replay_of_that_key_is_pending() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let a = chain(&redis, &db);
+    db.put(key("x"), "v1".to_string());
+    a.fetch(&key("x")).await.unwrap(); // version 1 in memory and redis
+    db.put(key("x"), "edited behind the cache's back".to_string());
+    // The manual invalidation cannot reach redis: it is remembered for replay.
+    redis.faults().set(Fault::Error);
+    a.invalidate(&key("x")).await.unwrap_err();
+    assert_eq!(redis.version(&key("x")), Some(1), "redis kept the old copy");
+    // Redis answers again, slowly: its replay is in flight for a while.
+    redis
+        .faults()
+        .set_for(Op::Invalidate, Fault::Delay(Duration::from_millis(15)));
+    redis
+        .faults()
+        .set_for(Op::Get, Fault::Delay(Duration::ZERO));
+    redis
+        .faults()
+        .set_for(Op::Set, Fault::Delay(Duration::ZERO));
+    // Another key's read reaches redis (and, on the old code, started the replay there).
+    let other = {
+        let a = a.clone();
+        tokio::spawn(async move { a.fetch(&key("y")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let got = a.fetch(&key("x")).await.unwrap();
+    assert_eq!(
+        got.version, 2,
+        "read redis's old copy (from {:?})",
+        got.origin
+    );
+    other.await.unwrap().unwrap();
 }
 
 #[tokio::test]

@@ -26,4 +26,13 @@ pub trait Backplane<K, V>: Send + Sync {
     /// Failures are the implementation's to retry; the chain counts and traces them.
     async fn publish(&self, key: &K, version: Option<Version>, value: Option<Arc<V>>)
     -> Result<()>;
+
+    /// Sends what is still queued or waiting for a retry, for at most `within` (before a
+    /// process exits). The default has nothing queued.
+    ///
+    /// # Errors
+    /// [`Error::Unfinished`](crate::Error::Unfinished) naming how many messages are left.
+    async fn flush(&self, _within: std::time::Duration) -> Result<()> {
+        Ok(())
+    }
 }

@@ -36,6 +36,17 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The call reached the backend but its answer was lost (the connection dropped half way):
+    /// it may have taken effect. Worth retrying later; for a write, see
+    /// [`Error::outcome_unknown`].
+    #[error("tier `{tier}` lost its connection during the call")]
+    Interrupted {
+        /// The tier's name.
+        tier: String,
+        /// What the backend said.
+        #[source]
+        source: BoxError,
+    },
     /// The tier's circuit breaker is open: it failed repeatedly and is skipped until a probe
     /// succeeds.
     #[error("tier `{tier}` is skipped: its circuit breaker is open")]
@@ -82,6 +93,18 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// Background work could not finish in the time given
+    /// ([`TieredCache::flush`](crate::TieredCache::flush)): a tier that still misses
+    /// invalidations, or messages the backplane could not send.
+    #[error("`{tier}` could not be reached: {pending} {what} left undone")]
+    Unfinished {
+        /// The tier (or `backplane`, or `chain` for work in flight) that is behind.
+        tier: String,
+        /// What is left: "invalidations", "messages", "tasks".
+        what: &'static str,
+        /// How many.
+        pending: u64,
+    },
 }
 
 impl Error {
@@ -91,6 +114,17 @@ impl Error {
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
         Error::Unavailable {
+            tier: tier.into(),
+            source: Arc::new(source),
+        }
+    }
+
+    /// Wraps the failure of a call that reached the backend and lost its answer.
+    pub fn interrupted(
+        tier: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::Interrupted {
             tier: tier.into(),
             source: Arc::new(source),
         }
@@ -130,10 +164,22 @@ impl Error {
     #[must_use]
     pub fn is_transient(&self) -> bool {
         match self {
-            Error::Timeout { .. } | Error::Unavailable { .. } | Error::CircuitOpen { .. } => true,
+            Error::Timeout { .. }
+            | Error::Unavailable { .. }
+            | Error::Interrupted { .. }
+            | Error::CircuitOpen { .. } => true,
             Error::SourceUnavailable { source } => source.is_transient(),
             _ => false,
         }
+    }
+
+    /// For a failed write: whether it may have happened all the same. A call that timed out or
+    /// lost its connection half way ([`Error::Interrupted`]) may have committed; one that
+    /// could not reach the backend, that the chain skipped (an open breaker) or that the
+    /// backend refused did not.
+    #[must_use]
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Error::Timeout { .. } | Error::Interrupted { .. })
     }
 
     /// Whether the call ran out of time.
@@ -164,10 +210,12 @@ impl Error {
         match self {
             Error::Timeout { tier, .. }
             | Error::Unavailable { tier, .. }
+            | Error::Interrupted { tier, .. }
             | Error::Backend { tier, .. }
             | Error::Corrupt { tier, .. }
             | Error::CircuitOpen { tier }
-            | Error::Unsupported { tier, .. } => Some(tier),
+            | Error::Unsupported { tier, .. }
+            | Error::Unfinished { tier, .. } => Some(tier),
             Error::SourceUnavailable { source } => source.tier(),
             Error::Config(_) | Error::InvalidInput(_) => None,
         }
@@ -191,6 +239,11 @@ mod tests {
             after: Duration::from_millis(50),
         };
         assert!(slow.is_transient() && slow.is_timeout());
+        assert!(slow.outcome_unknown() && !down.outcome_unknown());
+        let cut = Error::interrupted("db", std::fmt::Error);
+        assert!(cut.outcome_unknown() && cut.is_transient());
+        assert!(!Error::CircuitOpen { tier: "db".into() }.outcome_unknown());
+        assert!(!Error::backend("db", std::fmt::Error).outcome_unknown());
 
         let wrapped = Error::SourceUnavailable {
             source: Box::new(slow.clone()),

@@ -40,6 +40,12 @@ impl<K: Key, T: Clone> Flights<K, T> {
                     .or_insert_with(|| Arc::new(OnceCell::new())),
             )
         };
+        // Removes the flight when this caller leaves it, finished or dropped at the `.await`.
+        let leave = Leave {
+            flights: self,
+            key,
+            cell: &cell,
+        };
         let mut led = false;
         let value = cell
             .get_or_init(|| {
@@ -48,7 +54,7 @@ impl<K: Key, T: Clone> Flights<K, T> {
             })
             .await
             .clone();
-        self.remove_if_same(key, &cell);
+        drop(leave);
         (value, led)
     }
 
@@ -63,18 +69,36 @@ impl<K: Key, T: Clone> Flights<K, T> {
     }
 
     /// Loads in flight now.
-    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
 
-    fn remove_if_same(&self, key: &K, cell: &Arc<OnceCell<T>>) {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if map.get(key).is_some_and(|c| Arc::ptr_eq(c, cell)) {
-            map.remove(key);
+/// A caller's place in a flight. When it leaves, the flight is removed from the map if it
+/// finished, or if no one else waits for it (its only caller was dropped before the load
+/// finished): otherwise the entry would stay until the next load of the key.
+struct Leave<'a, K: Key, T: Clone> {
+    flights: &'a Flights<K, T>,
+    key: &'a K,
+    cell: &'a Arc<OnceCell<T>>,
+}
+
+impl<K: Key, T: Clone> Drop for Leave<'_, K, T> {
+    fn drop(&mut self) {
+        let mut map = self
+            .flights
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // The map's reference and this caller's are the only ones: nobody else waits.
+        let alone = Arc::strong_count(self.cell) <= 2;
+        if (self.cell.initialized() || alone)
+            && map.get(self.key).is_some_and(|c| Arc::ptr_eq(c, self.cell))
+        {
+            map.remove(self.key);
         }
     }
 }
@@ -140,6 +164,43 @@ mod tests {
             led,
             "the follower ran the load after the leader was cancelled"
         );
+    }
+
+    #[tokio::test]
+    async fn a_flight_whose_only_caller_is_dropped_is_removed() {
+        let flights = Flights::<u32, u32>::new();
+        let dropped = tokio::time::timeout(
+            Duration::from_millis(5),
+            flights.run(&1, std::future::pending),
+        )
+        .await;
+        assert!(dropped.is_err());
+        assert_eq!(flights.len(), 0, "no flight left behind");
+    }
+
+    #[tokio::test]
+    async fn a_dropped_caller_leaves_the_flight_to_those_still_waiting() {
+        let flights = Arc::new(Flights::<u32, u32>::new());
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let waiter = {
+            let (flights, gate) = (flights.clone(), gate.clone());
+            tokio::spawn(async move {
+                flights
+                    .run(&1, || async move {
+                        gate.notified().await;
+                        7
+                    })
+                    .await
+            })
+        };
+        tokio::task::yield_now().await;
+        let dropped =
+            tokio::time::timeout(Duration::from_millis(5), flights.run(&1, || async { 9 })).await;
+        assert!(dropped.is_err(), "joined the waiter's flight and gave up");
+        assert_eq!(flights.len(), 1, "the waiter's flight stays");
+        gate.notify_one();
+        assert_eq!(waiter.await.unwrap(), (7, true));
+        assert_eq!(flights.len(), 0);
     }
 
     #[tokio::test]

@@ -149,6 +149,20 @@ pub struct ChainStats {
     pub backplane_errors: u64,
     /// Invalidations received from other instances.
     pub remote_invalidations: u64,
+    /// Back-fills skipped (or taken back) because their key was updated or invalidated in this
+    /// chain after the load that read it began.
+    #[serde(default)]
+    pub backfills_skipped: u64,
+    /// Loads running now (single-flight entries).
+    #[serde(default)]
+    pub loads_in_flight: u64,
+    /// Background tasks running now: updates and invalidations whose caller left, back-fills,
+    /// writes being settled.
+    #[serde(default)]
+    pub background_tasks: u64,
+    /// Version floors alive (left by writes that could not reach every cache tier).
+    #[serde(default)]
+    pub floors: u64,
     /// `sum(tiers[i].hits) / requests`: the share of requests the caches answered.
     pub cache_hit_rate: f64,
 }

@@ -84,6 +84,16 @@ pub trait CacheTier<K: Key, V: Value>: Send + Sync {
     /// that older versions cannot come back but the same version can be re-read.
     async fn invalidate(&self, key: &K, version: Option<Version>) -> Result<()>;
 
+    /// [`invalidate`](CacheTier::invalidate) for several keys at once (the chain replays the
+    /// invalidations a tier missed in batches). The default calls `invalidate` per key and stops
+    /// at the first failure; tiers with a round trip per call pipeline them instead.
+    async fn invalidate_many(&self, keys: &[(K, Option<Version>)]) -> Result<()> {
+        for (key, version) in keys {
+            self.invalidate(key, *version).await?;
+        }
+        Ok(())
+    }
+
     /// Removes every entry of this tier (and only this tier's).
     async fn clear(&self) -> Result<()>;
 
@@ -122,6 +132,9 @@ macro_rules! forward_tier {
             }
             async fn invalidate(&self, key: &K, version: Option<Version>) -> Result<()> {
                 (**self).invalidate(key, version).await
+            }
+            async fn invalidate_many(&self, keys: &[(K, Option<Version>)]) -> Result<()> {
+                (**self).invalidate_many(keys).await
             }
             async fn clear(&self) -> Result<()> {
                 (**self).clear().await

@@ -1,14 +1,14 @@
 //! [`TieredCacheBuilder`]: tiers, source, clock, backplane and policy knobs.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use super::floors::Floors;
-use super::level::Level;
+use super::level::{DEFAULT_MAX_PENDING_REPAIRS, Level};
+use super::marks::Marks;
 use super::{
     ChainCounters, DEFAULT_FLOOR_TTL, DEFAULT_MAX_STALE, DEFAULT_NEGATIVE_TTL,
-    DEFAULT_SOURCE_TIMEOUT, DEFAULT_TIER_TIMEOUT, Inner, Policy, TieredCache,
+    DEFAULT_SOURCE_TIMEOUT, DEFAULT_TIER_TIMEOUT, DEFAULT_WRITE_SETTLE, Inner, Policy, TieredCache,
 };
 use crate::backplane::Backplane;
 use crate::breaker::BreakerPolicy;
@@ -64,6 +64,8 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
                 negative_ttl: Some(DEFAULT_NEGATIVE_TTL),
                 max_stale: Some(DEFAULT_MAX_STALE),
                 floor_ttl: DEFAULT_FLOOR_TTL,
+                write_settle: DEFAULT_WRITE_SETTLE,
+                max_pending_repairs: DEFAULT_MAX_PENDING_REPAIRS,
             },
         }
     }
@@ -176,6 +178,24 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
         self
     }
 
+    /// How long a write whose outcome is unknown (it timed out or lost its connection, so the
+    /// source may still commit it) can take to commit after the chain gave up on it: the key
+    /// is invalidated everywhere at once, and again, at the source's version, after this long.
+    /// Set it to the longest a write can run inside the source (its own statement or lock
+    /// timeouts). Defaults to [`DEFAULT_WRITE_SETTLE`].
+    pub fn write_settle(mut self, settle: Duration) -> Self {
+        self.policy.write_settle = settle;
+        self
+    }
+
+    /// Most keys whose invalidation a cache tier may miss (it was down) before the chain gives
+    /// up replaying them one by one and clears the tier instead; until the clear succeeds no
+    /// read uses the tier. Defaults to [`DEFAULT_MAX_PENDING_REPAIRS`].
+    pub fn max_pending_repairs(mut self, max: usize) -> Self {
+        self.policy.max_pending_repairs = max;
+        self
+    }
+
     /// Builds the chain.
     ///
     /// # Errors
@@ -198,20 +218,29 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
         if self.policy.floor_ttl.is_zero() {
             return Err(Error::Config("floor_ttl must be positive".into()));
         }
+        if self.policy.max_pending_repairs == 0 {
+            return Err(Error::Config(
+                "max_pending_repairs must be at least 1".into(),
+            ));
+        }
+        let max_repairs = self.policy.max_pending_repairs;
         Ok(TieredCache {
             inner: Arc::new(Inner {
                 tiers: self
                     .tiers
                     .into_iter()
-                    .map(|(tier, timeout)| Level::new(tier, timeout, self.policy.breaker))
+                    .map(|(tier, timeout)| {
+                        Level::new(tier, timeout, self.policy.breaker, max_repairs)
+                    })
                     .collect(),
-                source: Level::new(source, source_timeout, self.policy.breaker),
+                source: Level::new(source, source_timeout, self.policy.breaker, max_repairs),
                 clock: self.clock,
                 policy: self.policy,
                 flights: Flights::new(),
                 floors: Floors::new(),
                 backplane: self.backplane,
-                epoch: AtomicU64::new(0),
+                marks: Marks::new(),
+                tasks: Arc::default(),
                 counters: ChainCounters::default(),
             }),
         })

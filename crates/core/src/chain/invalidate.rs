@@ -1,60 +1,86 @@
 //! Invalidation: manual invalidation, another instance's changes, replays of missed
-//! invalidations, flushes and clears, and the epoch that stops loads running during one from
-//! putting back what it removed.
+//! invalidations, flushes and clears. Every one marks what it changes before it touches a tier
+//! and again after (`marks.rs`), so that a load running meanwhile does not put back what it
+//! removed, and goes bottom first, so that no reader copies an old value up from a tier not yet
+//! reached.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::TieredCache;
+use super::tasks::join;
 use crate::entry::{Entry, Version};
 use crate::error::{Error, Result};
 use crate::tier::{Key, Value};
 
 impl<K: Key, V: Value> TieredCache<K, V> {
-    /// Removes `key` from every cache tier, bottom first, for a change made behind the chain's back (writes
-    /// through [`update`](TieredCache::update) need no invalidation). Loads already running in
-    /// this chain skip their back-fill; the next read asks the source. A tier that cannot be
-    /// reached gets the invalidation replayed before it is read again. Every tier is tried; the
-    /// first failure is returned.
+    /// Removes `key` from every cache tier, bottom first, for a change made behind the chain's
+    /// back (writes through [`update`](TieredCache::update) need no invalidation), and tells
+    /// the other instances. Loads already running in this chain skip their back-fill; the next
+    /// read asks the source. A tier that cannot be reached gets the invalidation replayed
+    /// before it serves the key again. Every tier is tried; the first failure is returned.
+    ///
+    /// It runs in a task of its own: a caller that gives up does not stop it half way.
     pub async fn invalidate(&self, key: &K) -> Result<()> {
         use tracing::Instrument;
-        self.invalidate_inner(key)
-            .instrument(tracing::debug_span!("tiercache.invalidate"))
-            .await
+        let (this, key) = (self.clone(), key.clone());
+        let task = self.inner.tasks.spawn(
+            async move { this.invalidate_everywhere(&key, None).await }
+                .instrument(tracing::debug_span!("tiercache.invalidate")),
+        );
+        join(task).await
     }
 
-    async fn invalidate_inner(&self, key: &K) -> Result<()> {
+    /// Drops the copies of `key` older than `below` (`None`: whatever is held) from every
+    /// cache tier, bottom first, marking the key before and after, and publishes it. Returns
+    /// the first tier's failure (the others were tried; each failure is replayed later).
+    pub(super) async fn invalidate_everywhere(
+        &self,
+        key: &K,
+        below: Option<Version>,
+    ) -> Result<()> {
         let inner = &*self.inner;
-        inner.epoch.fetch_add(1, Ordering::SeqCst);
+        inner.marks.mark(key, below);
         inner.flights.forget(key);
-        let mut first_error = None;
-        // Bottom first, like an update: were the top tier emptied first, a reader could miss
-        // it, find the old copy still below and copy it back up.
-        for level in inner.tiers.iter().rev() {
-            let result = match level.repair().await {
-                Ok(()) => {
-                    level
-                        .call("invalidate", level.tier.invalidate(key, None))
-                        .await
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                level.remember(key, None);
-                first_error.get_or_insert(e);
-            }
-        }
-        self.publish(key, None, None).await;
+        let at = below.map(|v| v.saturating_sub(1));
+        let (_, first_error) = self.invalidate_tiers(key, at).await;
+        inner.marks.mark(key, below);
+        self.publish(key, below, None).await;
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Applies another instance's update or invalidation (from a [`Backplane`]) to the top
-    /// tier. With a `value` (the value at `version`) and a copy of `key` held, the copy is
-    /// replaced by the new version, so that a hot key stays hot; otherwise copies older than
-    /// `version` are dropped and refused afterwards (`None`: whatever is held is dropped, and
-    /// loads running now skip their back-fill). The tier's version rules make a late message
-    /// harmless: it never replaces or evicts a newer entry.
+    /// Invalidates `key` at `version` (see [`CacheTier::invalidate`](crate::CacheTier::invalidate))
+    /// in every cache tier, bottom first: were the top tier emptied first, a reader could miss
+    /// it, find the old copy still below and copy it back up. A tier that fails gets the
+    /// invalidation replayed later. Returns which tiers missed it, and the first failure.
+    pub(super) async fn invalidate_tiers(
+        &self,
+        key: &K,
+        version: Option<Version>,
+    ) -> (Vec<bool>, Option<Error>) {
+        let inner = &*self.inner;
+        let mut missed = vec![false; inner.tiers.len()];
+        let mut first_error = None;
+        for (i, level) in inner.tiers.iter().enumerate().rev() {
+            let done = level
+                .call("invalidate", level.tier.invalidate(key, version))
+                .await;
+            if let Err(error) = done {
+                missed[i] = true;
+                self.remember(i, key, version);
+                first_error.get_or_insert(error);
+            }
+        }
+        (missed, first_error)
+    }
+
+    /// Applies another instance's update or invalidation (from a [`Backplane`](crate::Backplane))
+    /// to the top tier. With a `value` (the value at `version`) and a copy of `key` held, the
+    /// copy is replaced by the new version, so that a hot key stays hot; otherwise copies older
+    /// than `version` are dropped (`None`: whatever is held). Loads running now in this chain
+    /// skip their back-fill of the key. A key not held costs nothing in the tier (no tombstone
+    /// that could evict a hot entry). The tier's version rules make a late message harmless:
+    /// it never replaces or evicts a newer entry.
     pub async fn apply_remote_invalidation(
         &self,
         key: &K,
@@ -63,39 +89,48 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     ) {
         let inner = &*self.inner;
         inner.counters.remote_invalidations.incr();
-        if version.is_none() {
-            inner.epoch.fetch_add(1, Ordering::SeqCst);
-        }
+        // Marked before the tier is looked at: a load that fills the key after this either sees
+        // the mark, or filled it before the look below, which then finds it.
+        let ticket = inner.marks.mark(key, version);
         inner.flights.forget(key);
         let Some(top) = inner.tiers.first() else {
             return;
         };
-        if let (Some(version), Some(value)) = (version, value) {
-            let held = matches!(
-                top.tier.get_stale(key, Duration::MAX).await,
-                Ok(Some(entry)) if entry.version < version
-            );
-            if held {
-                let _ = top
-                    .call("set", top.tier.set(key, Entry::new(value, version)))
-                    .await;
+        let held = match top.tier.get_stale(key, Duration::MAX).await {
+            Ok(Some(entry)) => entry.version,
+            // Not held, or the tier cannot say: nothing to drop.
+            Ok(None) | Err(_) => {
+                inner.marks.mark(key, version);
                 return;
             }
+        };
+        let current = match (version, value) {
+            // A late message: what is held is as new.
+            (Some(version), _) if held >= version => true,
+            // Like any fill: a later change (a newer version's message overtaking this one)
+            // wins over it, and then the held copy is dropped below.
+            (Some(version), Some(value)) => {
+                self.fill(0, key, &Entry::new(value, version), ticket).await
+            }
+            _ => false,
+        };
+        if !current {
+            let below = version.map(|v| v.saturating_sub(1));
+            let _ = top
+                .call("invalidate", top.tier.invalidate(key, below))
+                .await;
         }
-        let below = version.map(|v| v.saturating_sub(1));
-        let _ = top
-            .call("invalidate", top.tier.invalidate(key, below))
-            .await;
+        inner.marks.mark(key, version);
     }
 
-    /// Replays the invalidations cache tiers missed while they were unreachable (each tier's
-    /// are replayed anyway before it is next read; call this periodically so that other
-    /// instances sharing the tier never read what this one could not invalidate). Returns the
-    /// first failure; what failed stays for next time.
+    /// Replays now the invalidations cache tiers missed while they were unreachable (a task of
+    /// each tier's own replays them anyway, retrying with a backoff; no read uses a tier for a
+    /// key whose replay is pending). Returns the first failure; what failed stays for the next
+    /// try.
     pub async fn repair(&self) -> Result<()> {
         let mut first_error = None;
         for level in &self.inner.tiers {
-            if let Err(e) = level.repair().await {
+            if let Err(e) = level.replay_now().await {
                 first_error.get_or_insert(e);
             }
         }
@@ -106,7 +141,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// (its backplane subscription dropped). Loads running now skip their back-fill.
     pub async fn flush_local(&self) {
         let inner = &*self.inner;
-        inner.epoch.fetch_add(1, Ordering::SeqCst);
+        inner.marks.mark_all();
         if let Some(top) = inner.tiers.first() {
             let _ = top.call("clear", top.tier.clear()).await;
         }
@@ -125,15 +160,15 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Empties cache tier `index` (0 is the top).
+    /// Empties cache tier `index` (0 is the top). Loads running now skip their back-fill.
     pub async fn clear_tier(&self, index: usize) -> Result<()> {
-        self.inner.epoch.fetch_add(1, Ordering::SeqCst);
         let level = self.inner.tiers.get(index).ok_or_else(|| {
             Error::InvalidInput(format!(
                 "no cache tier {index}; the chain has {}",
                 self.inner.tiers.len()
             ))
         })?;
+        self.inner.marks.mark_all();
         level.call("clear", level.tier.clear()).await
     }
 }

@@ -1,12 +1,23 @@
 //! One level of the chain: a tier, its time limit, its circuit breaker, the chain's counters
-//! for it, and the invalidations it missed (replayed before it is read again).
+//! for it, and the invalidations it missed.
+//!
+//! **Missed invalidations** (the tier was down, slow or skipped when an update or an
+//! invalidation reached it) are remembered per key and replayed by a task of the level's own,
+//! off the request path, in batches ([`CacheTier::invalidate_many`]), retried with a backoff
+//! until the tier takes them. Until a key's replay has succeeded no read uses this tier for
+//! that key: it could serve or copy up the version the replay is about to remove. Reads of
+//! other keys go on as usual, so the first read after an outage costs what any read costs.
+//! At most `max` keys are remembered; past that the tier is to be cleared instead (every read
+//! skips it until the clear has succeeded).
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
+use super::Inner;
 use crate::breaker::{Access, Breaker, BreakerPolicy};
 use crate::entry::Version;
 use crate::error::{Error, Result};
@@ -14,16 +25,24 @@ use crate::latency::LatencyHistogram;
 use crate::stats::{ChainTierStats, Counter, hit_rate};
 use crate::tier::{CacheTier, Key, Value};
 
+/// Default most missed invalidations a level remembers before it clears the tier instead.
+pub const DEFAULT_MAX_PENDING_REPAIRS: usize = 10_000;
+/// Keys per replay call.
+const REPLAY_BATCH: usize = 256;
+/// First and longest wait between replays that fail (with up to 50% jitter).
+const REPLAY_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(25), Duration::from_millis(200));
+
 /// One level of the chain: a tier, its time limit and the chain's counters for it.
 pub(super) struct Level<K, V> {
     pub(super) tier: Arc<dyn CacheTier<K, V>>,
     pub(super) name: String,
     pub(super) timeout: Option<Duration>,
     pub(super) breaker: Breaker,
-    /// Invalidations this tier missed (it was down or skipped), replayed before it is read
-    /// again: key → the version to invalidate at (`None`: a manual invalidation).
-    pub(super) repairs: Mutex<HashMap<K, Option<Version>>>,
-    pub(super) repairs_len: AtomicUsize,
+    pub(super) repairs: Repairs<K>,
+    /// Whether the last call failed for a transient reason: failures are logged when this
+    /// changes, not once per call.
+    failing: AtomicBool,
     pub(super) hits: Counter,
     pub(super) misses: Counter,
     pub(super) errors: Counter,
@@ -39,6 +58,7 @@ impl<K: Key, V: Value> Level<K, V> {
         tier: Arc<dyn CacheTier<K, V>>,
         timeout: Option<Duration>,
         breaker: BreakerPolicy,
+        max_repairs: usize,
     ) -> Self {
         let name = tier.name().to_owned();
         Level {
@@ -48,8 +68,8 @@ impl<K: Key, V: Value> Level<K, V> {
             tier,
             timeout,
             breaker: Breaker::new(breaker),
-            repairs: Mutex::new(HashMap::new()),
-            repairs_len: AtomicUsize::new(0),
+            repairs: Repairs::new(max_repairs),
+            failing: AtomicBool::new(false),
             hits: Counter::default(),
             misses: Counter::default(),
             errors: Counter::default(),
@@ -57,45 +77,6 @@ impl<K: Key, V: Value> Level<K, V> {
             skipped: Counter::default(),
             latency: LatencyHistogram::default(),
         }
-    }
-
-    /// Remembers that this tier missed an invalidation of `key` at `version`.
-    pub(super) fn remember(&self, key: &K, version: Option<Version>) {
-        let mut repairs = self.repairs.lock().unwrap_or_else(PoisonError::into_inner);
-        let slot = repairs.entry(key.clone()).or_insert(version);
-        *slot = match (*slot, version) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
-        };
-        self.repairs_len.store(repairs.len(), Ordering::Release);
-    }
-
-    /// Replays the invalidations this tier missed. On a failure the rest stay for next time
-    /// and the tier must not be read now.
-    pub(super) async fn repair(&self) -> Result<()> {
-        if self.repairs_len.load(Ordering::Acquire) == 0 {
-            return Ok(());
-        }
-        let pending: Vec<(K, Option<Version>)> = {
-            let mut repairs = self.repairs.lock().unwrap_or_else(PoisonError::into_inner);
-            self.repairs_len.store(0, Ordering::Release);
-            repairs.drain().collect()
-        };
-        let mut pending = pending.into_iter();
-        while let Some((key, version)) = pending.next() {
-            if let Err(error) = self
-                .call("invalidate", self.tier.invalidate(&key, version))
-                .await
-            {
-                self.remember(&key, version);
-                for (key, version) in pending {
-                    self.remember(&key, version);
-                }
-                return Err(error);
-            }
-        }
-        tracing::debug!(tier = %self.name, "missed invalidations replayed");
-        Ok(())
     }
 
     /// Runs one call to the tier under its time limit and its breaker; counts and traces a
@@ -127,7 +108,8 @@ impl<K: Key, V: Value> Level<K, V> {
         self.latency.record(took);
         #[cfg(feature = "metrics")]
         self.call_seconds.record(took.as_secs_f64());
-        permit.record(result.as_ref().err().is_none_or(|e| !e.is_transient()));
+        let transient = result.as_ref().err().is_some_and(Error::is_transient);
+        permit.record(!transient);
         if let Err(error) = &result {
             self.errors.incr();
             if error.is_timeout() {
@@ -135,6 +117,54 @@ impl<K: Key, V: Value> Level<K, V> {
             }
             tracing::debug!(tier = %self.name, op, %error, "tier call failed");
         }
+        if self.failing.load(Ordering::Relaxed) != transient
+            && self.failing.swap(transient, Ordering::Relaxed) != transient
+        {
+            match &result {
+                Err(error) => tracing::warn!(tier = %self.name, op, %error, "tier failing"),
+                Ok(_) => tracing::info!(tier = %self.name, "tier answers again"),
+            }
+        }
+        result
+    }
+
+    /// Remembers that this tier missed an invalidation of `key` at `version`, and makes sure
+    /// a task replays it.
+    pub(super) fn remember(
+        &self,
+        key: &K,
+        version: Option<Version>,
+        chain: &Weak<Inner<K, V>>,
+        index: usize,
+    ) {
+        if self.repairs.remember(key, version, &self.name) {
+            let chain = chain.clone();
+            tokio::spawn(replay(chain, index));
+        }
+    }
+
+    /// Replays what this tier missed now, inline (its replay task does it anyway); stops at
+    /// the first failure.
+    pub(super) async fn replay_now(&self) -> Result<()> {
+        while let Some(job) = self.repairs.take(false) {
+            self.run(job).await?;
+        }
+        Ok(())
+    }
+
+    /// Runs one replay job and records how it went.
+    async fn run(&self, job: Job<K>) -> Result<()> {
+        let result = match &job {
+            Job::Clear => self.call("clear", self.tier.clear()).await,
+            Job::Batch(keys) => {
+                self.call("invalidate_many", self.tier.invalidate_many(keys))
+                    .await
+            }
+        };
+        if result.is_ok() && matches!(job, Job::Clear) {
+            tracing::info!(tier = %self.name, "tier cleared: it had missed too many invalidations");
+        }
+        self.repairs.finish(job, result.is_ok());
         result
     }
 
@@ -149,10 +179,304 @@ impl<K: Key, V: Value> Level<K, V> {
             skipped: self.skipped.get(),
             breaker_open: self.breaker.is_open(),
             breaker_opened: self.breaker.opened.get(),
-            pending_repairs: self.repairs_len.load(Ordering::Relaxed) as u64,
+            pending_repairs: self.repairs.len() as u64,
             latency: self.latency.summary(),
             hit_rate: hit_rate(hits, misses),
             tier: self.tier.stats(),
         }
+    }
+}
+
+/// Replays the invalidations cache tier `index` missed, until none is left or the chain is
+/// gone. Holds the chain only while a call runs, never while it waits.
+async fn replay<K: Key, V: Value>(chain: Weak<Inner<K, V>>, index: usize) {
+    let mut failures = 0u32;
+    loop {
+        let ok = {
+            let Some(inner) = chain.upgrade() else { return };
+            let level = &inner.tiers[index];
+            let Some(job) = level.repairs.take(true) else {
+                return;
+            };
+            level.run(job).await.is_ok()
+        };
+        if ok {
+            failures = 0;
+        } else {
+            failures += 1;
+            tokio::time::sleep(backoff(failures)).await;
+        }
+    }
+}
+
+/// The wait after `failures` failed replays in a row: doubling from the first, capped, with up
+/// to 50% off at random so that instances do not retry in step.
+fn backoff(failures: u32) -> Duration {
+    let (first, longest) = REPLAY_BACKOFF;
+    let wait = first
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(longest);
+    let random = std::collections::hash_map::RandomState::new().hash_one(failures);
+    wait.mul_f64(1.0 - (random % 1000) as f64 / 2000.0)
+}
+
+/// What a replay does next.
+pub(super) enum Job<K> {
+    /// Clear the whole tier: it missed more than the bound.
+    Clear,
+    /// Invalidate these keys.
+    Batch(Vec<(K, Option<Version>)>),
+}
+
+/// The invalidations a level missed. See the [module docs](self).
+pub(super) struct Repairs<K> {
+    state: Mutex<RepairState<K>>,
+    /// Keys pending or in flight, plus one while a clear is wanted or running: 0 lets reads
+    /// skip the lock.
+    len: AtomicUsize,
+    max: usize,
+}
+
+#[derive(Default)]
+struct RepairState<K> {
+    pending: HashMap<K, Option<Version>>,
+    /// Being replayed now.
+    in_flight: HashMap<K, Option<Version>>,
+    /// The tier missed more than the bound: it is to be cleared.
+    clear_wanted: bool,
+    clearing: bool,
+    /// A replay task is running.
+    replaying: bool,
+}
+
+/// Two invalidations of one key as one: the higher version, or a manual one (`None`) if either
+/// is.
+fn merge(a: Option<Version>, b: Option<Version>) -> Option<Version> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        _ => None,
+    }
+}
+
+impl<K: Key> Repairs<K> {
+    fn new(max: usize) -> Self {
+        Repairs {
+            state: Mutex::new(RepairState {
+                pending: HashMap::new(),
+                in_flight: HashMap::new(),
+                clear_wanted: false,
+                clearing: false,
+                replaying: false,
+            }),
+            len: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RepairState<K>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish_len(&self, state: &RepairState<K>) {
+        let clear = usize::from(state.clear_wanted || state.clearing);
+        self.len.store(
+            state.pending.len() + state.in_flight.len() + clear,
+            Ordering::Release,
+        );
+    }
+
+    /// Keys waiting for a replay or being replayed (plus one while the tier is to be cleared).
+    pub(super) fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Whether a read of `key` must skip this tier: its replay is pending, or the whole tier
+    /// is to be cleared.
+    #[inline]
+    pub(super) fn blocks(&self, key: &K) -> bool {
+        self.len.load(Ordering::Acquire) != 0 && self.blocks_slow(key)
+    }
+
+    #[cold]
+    fn blocks_slow(&self, key: &K) -> bool {
+        let state = self.lock();
+        state.clear_wanted
+            || state.clearing
+            || state.pending.contains_key(key)
+            || state.in_flight.contains_key(key)
+    }
+
+    /// Records a missed invalidation; returns whether a replay task must be started.
+    fn remember(&self, key: &K, version: Option<Version>, tier: &str) -> bool {
+        let mut state = self.lock();
+        if !state.clear_wanted || state.clearing {
+            // (A clear still to come covers the key; one already running may not.)
+            let slot = state.pending.entry(key.clone()).or_insert(version);
+            *slot = merge(*slot, version);
+            if state.pending.len() + state.in_flight.len() > self.max {
+                tracing::warn!(
+                    tier,
+                    max = self.max,
+                    "too many missed invalidations; the tier will be cleared"
+                );
+                state.pending.clear();
+                state.clear_wanted = true;
+            }
+        }
+        self.publish_len(&state);
+        !std::mem::replace(&mut state.replaying, true)
+    }
+
+    /// The next replay job, or `None` when there is none (and then, if `task`, the replay
+    /// task ends).
+    fn take(&self, task: bool) -> Option<Job<K>> {
+        let mut state = self.lock();
+        let job = if state.clear_wanted && !state.clearing {
+            state.clear_wanted = false;
+            state.clearing = true;
+            // The clear covers them.
+            state.pending.clear();
+            Some(Job::Clear)
+        } else if !state.pending.is_empty() {
+            let batch: Vec<(K, Option<Version>)> = {
+                let keys: Vec<K> = state.pending.keys().take(REPLAY_BATCH).cloned().collect();
+                keys.into_iter()
+                    .map(|k| {
+                        let v = state.pending.remove(&k).expect("listed");
+                        (k, v)
+                    })
+                    .collect()
+            };
+            for (k, v) in &batch {
+                state.in_flight.insert(k.clone(), *v);
+            }
+            Some(Job::Batch(batch))
+        } else {
+            if task {
+                state.replaying = false;
+            }
+            None
+        };
+        self.publish_len(&state);
+        job
+    }
+
+    /// Records how a job went: a failed batch goes back to pending, a failed clear is wanted
+    /// again.
+    fn finish(&self, job: Job<K>, ok: bool) {
+        let mut state = self.lock();
+        match job {
+            Job::Clear => {
+                state.clearing = false;
+                state.clear_wanted |= !ok;
+            }
+            Job::Batch(keys) => {
+                for (key, version) in keys {
+                    state.in_flight.remove(&key);
+                    if !ok && !state.clear_wanted {
+                        let slot = state.pending.entry(key).or_insert(version);
+                        *slot = merge(*slot, version);
+                    }
+                }
+            }
+        }
+        self.publish_len(&state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn replay_all(repairs: &Repairs<u32>, ok: bool) -> usize {
+        let mut jobs = 0;
+        while let Some(job) = repairs.take(true) {
+            jobs += 1;
+            repairs.finish(job, ok);
+            if !ok {
+                break;
+            }
+        }
+        jobs
+    }
+
+    #[test]
+    fn a_key_is_blocked_from_remembered_until_its_replay_succeeds() {
+        let repairs = Repairs::<u32>::new(100);
+        assert!(!repairs.blocks(&1));
+        assert!(
+            repairs.remember(&1, Some(3), "t"),
+            "the first one starts a task"
+        );
+        assert!(!repairs.remember(&1, Some(5), "t"), "one task at a time");
+        assert!(repairs.blocks(&1) && !repairs.blocks(&2));
+        let Some(Job::Batch(batch)) = repairs.take(true) else {
+            panic!("a batch")
+        };
+        assert_eq!(batch, vec![(1, Some(5))], "merged to the higher version");
+        assert!(repairs.blocks(&1), "blocked while in flight");
+        repairs.finish(Job::Batch(batch), false);
+        assert!(repairs.blocks(&1), "a failed replay stays pending");
+        assert_eq!(replay_all(&repairs, true), 1);
+        assert!(!repairs.blocks(&1));
+        assert_eq!(repairs.len(), 0);
+    }
+
+    #[test]
+    fn a_manual_invalidation_wins_a_merge() {
+        let repairs = Repairs::<u32>::new(100);
+        repairs.remember(&1, Some(3), "t");
+        repairs.remember(&1, None, "t");
+        let Some(Job::Batch(batch)) = repairs.take(true) else {
+            panic!("a batch")
+        };
+        assert_eq!(batch, vec![(1, None)]);
+    }
+
+    #[test]
+    fn past_the_bound_the_tier_is_cleared_and_every_read_skips_it_until_then() {
+        let repairs = Repairs::<u32>::new(10);
+        for k in 0..11 {
+            repairs.remember(&k, Some(1), "t");
+        }
+        assert!(repairs.blocks(&999), "every key is blocked");
+        assert!(matches!(repairs.take(true), Some(Job::Clear)));
+        // A key missed while the clear runs is kept: the clear may have run before it.
+        repairs.remember(&50, Some(1), "t");
+        repairs.finish(Job::Clear, true);
+        assert!(!repairs.blocks(&999));
+        assert!(repairs.blocks(&50));
+        assert_eq!(replay_all(&repairs, true), 1);
+        assert_eq!(repairs.len(), 0);
+    }
+
+    #[test]
+    fn a_failed_clear_is_wanted_again() {
+        let repairs = Repairs::<u32>::new(1);
+        repairs.remember(&1, None, "t");
+        repairs.remember(&2, None, "t");
+        let job = repairs.take(true).unwrap();
+        repairs.finish(job, false);
+        assert!(repairs.blocks(&7));
+        assert!(matches!(repairs.take(true), Some(Job::Clear)));
+    }
+
+    #[test]
+    fn replays_go_in_batches() {
+        let repairs = Repairs::<u32>::new(100_000);
+        for k in 0..1000 {
+            repairs.remember(&k, Some(1), "t");
+        }
+        assert_eq!(
+            replay_all(&repairs, true),
+            1000_usize.div_ceil(REPLAY_BATCH)
+        );
+    }
+
+    #[test]
+    fn the_backoff_doubles_to_its_cap_with_jitter() {
+        let (first, longest) = REPLAY_BACKOFF;
+        assert!(backoff(1) <= first && backoff(1) >= first / 2);
+        assert!(backoff(30) <= longest && backoff(30) >= longest / 2);
     }
 }

@@ -1,30 +1,35 @@
 //! [`TieredCache`]: the chain of cache tiers over an authoritative source.
 //!
 //! One file per path: `read.rs` (get, fetch, batches, warming, back-fill, fail-safe),
-//! `write.rs` (update, publish), `invalidate.rs` (manual and remote invalidation, replays,
-//! flushes, clears, the epoch), `level.rs` (one tier's limit, breaker, counters, missed
-//! invalidations), `floors.rs` and `builder.rs`.
+//! `write.rs` (update, writes of unknown outcome, publish), `invalidate.rs` (manual and
+//! remote invalidation, flushes, clears), `level.rs` (one tier's limit, breaker, counters,
+//! missed invalidations and their replay), `marks.rs` (what changed since a load began),
+//! `floors.rs`, `tasks.rs` (background work) and `builder.rs`.
 
 mod builder;
 mod floors;
 mod invalidate;
 mod level;
+mod marks;
 mod read;
+mod tasks;
 mod write;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 pub use self::builder::TieredCacheBuilder;
 use self::floors::Floors;
+pub use self::level::DEFAULT_MAX_PENDING_REPAIRS;
 use self::level::Level;
+use self::marks::Marks;
+use self::tasks::Tasks;
 use crate::backplane::Backplane;
 use crate::breaker::BreakerPolicy;
 use crate::clock::Clock;
 use crate::entry::{Entry, Version};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::flight::Flights;
 use crate::stats::{ChainStats, ChainTierStats, Counter, hit_rate};
 use crate::tier::{CacheTier, Key, Value};
@@ -39,6 +44,9 @@ pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(60);
 pub const DEFAULT_MAX_STALE: Duration = Duration::from_secs(300);
 /// Default life of a version floor left by a write that could not reach every cache tier.
 pub const DEFAULT_FLOOR_TTL: Duration = Duration::from_secs(1800);
+/// Default time a write whose outcome is unknown (it timed out, or lost its connection) may
+/// still take to commit in the source after the chain gave up on it.
+pub const DEFAULT_WRITE_SETTLE: Duration = Duration::from_secs(5);
 
 /// Which level answered a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,6 +129,8 @@ struct Policy {
     negative_ttl: Option<Duration>,
     max_stale: Option<Duration>,
     floor_ttl: Duration,
+    write_settle: Duration,
+    max_pending_repairs: usize,
 }
 
 #[derive(Default)]
@@ -135,6 +145,7 @@ struct ChainCounters {
     refused: Counter,
     backplane_errors: Counter,
     remote_invalidations: Counter,
+    backfills_skipped: Counter,
 }
 
 struct Inner<K, V> {
@@ -145,9 +156,10 @@ struct Inner<K, V> {
     flights: Flights<K, Result<Fetched<V>>>,
     floors: Floors<K>,
     backplane: Option<Arc<dyn Backplane<K, V>>>,
-    /// Bumped by every manual invalidation and clear. A load that sees it change skips its
-    /// back-fill, so that it cannot put back what was just invalidated.
-    epoch: AtomicU64,
+    /// Which keys changed since a load began (see `marks.rs`).
+    marks: Marks<K>,
+    /// Background work, counted for [`TieredCache::flush`].
+    tasks: Arc<Tasks>,
     counters: ChainCounters,
 }
 
@@ -160,9 +172,14 @@ struct Inner<K, V> {
 ///   is unreachable or slow, a stale copy within the max-stale age is served, else
 ///   [`Error::SourceUnavailable`]; its other errors (corrupt data) are returned as they are.
 /// * **Write** ([`update`](TieredCache::update)): the source first (on failure nothing else is
-///   touched), then every cache tier is invalidated at the previous version and repopulated
-///   with the new one. Tombstones and version checks in the tiers keep a slow reader from
-///   back-filling an older value afterwards.
+///   touched), then every cache tier, bottom first, is invalidated at the previous version and
+///   repopulated with the new one. Tombstones and version checks in the tiers, and the chain's
+///   record of what changed since a load began, keep a slow reader from back-filling an older
+///   value afterwards.
+/// * **Cancellation**: an update or an invalidation runs in a task of its own, so a caller
+///   that gives up at any `.await` (a timeout, a dropped request) never leaves it half done;
+///   a write whose outcome is unknown (timed out, connection lost) is settled by invalidating
+///   the key everywhere now and again once the source can no longer commit it.
 ///
 /// Cheap to clone; clones share everything.
 ///
@@ -240,6 +257,56 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Starts a chain: add cache tiers top first, then the source.
     pub fn builder() -> TieredCacheBuilder<K, V> {
         TieredCacheBuilder::new()
+    }
+
+    /// Remembers that cache tier `index` missed an invalidation of `key`; a task of the level's
+    /// own replays it.
+    fn remember(&self, index: usize, key: &K, version: Option<Version>) {
+        self.inner.tiers[index].remember(key, version, &Arc::downgrade(&self.inner), index);
+    }
+
+    /// Waits, for at most `within`, for the work that outlives its callers: updates and
+    /// invalidations still running, background back-fills, the replay of invalidations the
+    /// cache tiers missed, and the messages the backplane has queued. Call it before a process
+    /// exits (a command-line tool, a service shutting down).
+    ///
+    /// # Errors
+    /// [`Error::Unfinished`] for the first tier (or the backplane, or `chain` for tasks still
+    /// running) that is still behind at the deadline, with how much is left.
+    pub async fn flush(&self, within: Duration) -> Result<()> {
+        let inner = &*self.inner;
+        let deadline = tokio::time::Instant::now() + within;
+        let tasks_done = inner.tasks.idle(deadline).await;
+        loop {
+            if inner.tiers.iter().all(|l| l.repairs.len() == 0)
+                || tokio::time::Instant::now() >= deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if let Some(backplane) = &inner.backplane {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            backplane.flush(left).await?;
+        }
+        if !tasks_done && inner.tasks.running() > 0 {
+            return Err(Error::Unfinished {
+                tier: "chain".into(),
+                what: "tasks",
+                pending: inner.tasks.running() as u64,
+            });
+        }
+        for level in &inner.tiers {
+            let pending = level.repairs.len();
+            if pending > 0 {
+                return Err(Error::Unfinished {
+                    tier: level.name.clone(),
+                    what: "invalidations",
+                    pending: pending as u64,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The cache tiers, top first.
@@ -342,6 +409,10 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             refused_stale_versions: c.refused.get(),
             backplane_errors: c.backplane_errors.get(),
             remote_invalidations: c.remote_invalidations.get(),
+            backfills_skipped: c.backfills_skipped.get(),
+            loads_in_flight: inner.flights.len() as u64,
+            background_tasks: inner.tasks.running() as u64,
+            floors: inner.floors.len() as u64,
         }
     }
 }

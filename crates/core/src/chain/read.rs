@@ -2,8 +2,8 @@
 //! negative entries, the fail-safe stale copy, batches and warming.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
+use super::marks::Ticket;
 use super::{Fetched, Miss, Origin, TieredCache, Top};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
@@ -60,13 +60,16 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             return Top::Continue(0);
         };
         match top.tier.peek(key) {
-            Peek::Hit(entry) if inner.floors.allows(key, entry.version, &inner.clock) => {
+            Peek::Hit(entry)
+                if inner.floors.allows(key, entry.version, &inner.clock)
+                    && !top.repairs.blocks(key) =>
+            {
                 top.hits.incr();
                 Top::Hit(entry)
             }
-            Peek::Hit(_) => {
-                inner.counters.refused.incr();
-                top.misses.incr();
+            Peek::Hit(entry) => {
+                // Older than a floor, or waiting for a missed invalidation's replay.
+                self.usable(0, key, Some(entry));
                 Top::Continue(1)
             }
             Peek::Miss => {
@@ -142,10 +145,12 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// The miss path, run once per key however many callers wait for it.
     async fn load(&self, key: &K, start: usize) -> Result<Fetched<V>> {
         let inner = &*self.inner;
-        let epoch = inner.epoch.load(Ordering::SeqCst);
+        let ticket = inner.marks.ticket();
         let background = inner.policy.background_backfill;
         for (i, level) in inner.tiers.iter().enumerate().skip(start) {
-            if level.repair().await.is_err() {
+            if level.repairs.blocks(key) {
+                // Its replay of an invalidation of this key is pending.
+                level.misses.incr();
                 continue;
             }
             let Ok(found) = level.call("get", level.tier.get(key)).await else {
@@ -153,27 +158,33 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             };
             if let Some(entry) = self.usable(i, key, found) {
                 tracing::trace!(tier = %level.name, "hit");
-                self.backfill_with(key, &entry, i, epoch, background).await;
+                self.backfill_with(key, &entry, i, ticket, background).await;
                 return Ok(Fetched::from_entry(entry, Origin::Tier(i)));
             }
         }
         let source = &inner.source;
         inner.counters.source_loads.incr();
         match source.call("get", source.tier.get(key)).await {
-            Ok(found) => Ok(self.sourced(key, found, epoch, background).await),
+            Ok(found) => Ok(self.sourced(key, found, ticket, background).await),
             Err(error) => self.fail_safe(key, error).await,
         }
     }
 
-    /// Cache tier `i`'s answer for `key`, if it may be served: an entry below the key's floor
-    /// is counted as refused. Anything else is counted as the tier's miss (its hits are
+    /// Cache tier `i`'s answer for `key`, if it may be served: not below the key's floor, and
+    /// no replay of a missed invalidation of it pending. An entry refused by its floor is
+    /// counted as refused; anything not served counts as the tier's miss (its hits are
     /// counted with the request's outcome).
     fn usable(&self, i: usize, key: &K, found: Option<Entry<V>>) -> Option<Entry<V>> {
         let inner = &*self.inner;
         match found {
-            Some(entry) if inner.floors.allows(key, entry.version, &inner.clock) => Some(entry),
+            Some(entry)
+                if inner.floors.allows(key, entry.version, &inner.clock)
+                    && !inner.tiers[i].repairs.blocks(key) =>
+            {
+                Some(entry)
+            }
             refused => {
-                if refused.is_some() {
+                if refused.is_some_and(|e| !inner.floors.allows(key, e.version, &inner.clock)) {
                     inner.counters.refused.incr();
                 }
                 inner.tiers[i].misses.incr();
@@ -188,7 +199,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         &self,
         key: &K,
         found: Option<Entry<V>>,
-        epoch: u64,
+        ticket: Ticket,
         background: bool,
     ) -> Fetched<V> {
         let inner = &*self.inner;
@@ -199,7 +210,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                     expires_at: None,
                     ..entry
                 };
-                self.backfill_with(key, &entry, below, epoch, background)
+                self.backfill_with(key, &entry, below, ticket, background)
                     .await;
                 Fetched::from_entry(entry, Origin::Source)
             }
@@ -207,7 +218,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 inner.source.misses.incr();
                 if let Some(ttl) = inner.policy.negative_ttl {
                     let absent = Entry::absent(0).expiring_at(inner.clock.now() + ttl);
-                    self.backfill_with(key, &absent, below, epoch, background)
+                    self.backfill_with(key, &absent, below, ticket, background)
                         .await;
                 }
                 Fetched::from_entry(Entry::absent(0), Origin::Source)
@@ -227,6 +238,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         }
         if let Some(max_stale) = inner.policy.max_stale {
             for (i, level) in inner.tiers.iter().enumerate() {
+                if level.repairs.blocks(key) {
+                    continue;
+                }
                 if let Ok(Some(entry)) = level
                     .call("get_stale", level.tier.get_stale(key, max_stale))
                     .await
@@ -245,57 +259,92 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     }
 
     /// Stores `entry` in cache tiers `0..below` (below the top one in a background task if
-    /// `background`), unless a manual invalidation or clear happened since the load began at
-    /// `epoch`. Failures are counted and skipped.
-    ///
-    /// `invalidate` bumps the epoch before it touches a tier, so a set that lands after the
-    /// tier was invalidated is seen by the check that follows it, and taken back.
-    async fn backfill_with(
+    /// `background`), unless the key changed in this chain since the load that read it began
+    /// (`ticket`). Failures are counted and skipped.
+    pub(super) async fn backfill_with(
         &self,
         key: &K,
         entry: &Entry<V>,
         below: usize,
-        epoch: u64,
+        ticket: Ticket,
         background: bool,
     ) {
         if below == 0 {
             return;
         }
+        if !self.inner.marks.admits(key, ticket, entry.version) {
+            tracing::trace!("the key changed during the load; back-fill skipped");
+            self.inner.counters.backfills_skipped.incr();
+            return;
+        }
         // The top tier (in-process, cheap) is always filled before the caller gets its answer.
-        self.backfill_range(key, entry, 0..1, epoch).await;
+        self.backfill_range(key, entry, 0..1, ticket).await;
         if below > 1 {
             if background {
                 let (this, key, entry) = (self.clone(), key.clone(), entry.clone());
-                tokio::spawn(async move {
-                    this.backfill_range(&key, &entry, 1..below, epoch).await;
+                self.inner.tasks.spawn(async move {
+                    this.backfill_range(&key, &entry, 1..below, ticket).await;
                 });
             } else {
-                self.backfill_range(key, entry, 1..below, epoch).await;
+                self.backfill_range(key, entry, 1..below, ticket).await;
             }
         }
     }
 
+    /// Fills `levels` with `entry`, top first, while nothing changes `key` (see
+    /// [`fill`](Self::fill)).
     async fn backfill_range(
         &self,
         key: &K,
         entry: &Entry<V>,
         levels: std::ops::Range<usize>,
-        epoch: u64,
+        ticket: Ticket,
     ) {
-        let current = || self.inner.epoch.load(Ordering::SeqCst) == epoch;
-        for level in &self.inner.tiers[levels] {
-            if !current() {
-                tracing::trace!("invalidated during the load; back-fill skipped");
-                return;
-            }
-            let stored = level.call("set", level.tier.set(key, entry.clone())).await;
-            if matches!(stored, Ok(true)) && !current() {
-                let _ = level
-                    .call("invalidate", level.tier.invalidate(key, None))
-                    .await;
+        for index in levels {
+            if !self.fill(index, key, entry, ticket).await {
                 return;
             }
         }
+    }
+
+    /// Stores `entry` in cache tier `index` if no change to `key` came after `ticket` and none
+    /// announced a newer version, checked before the set and again after it: a set that
+    /// landed after such a change is taken back. Whatever the tier's LRU evicted meanwhile, an
+    /// older version is not put back. Returns whether the key is still unchanged (a failed set
+    /// is counted by the level and skipped).
+    pub(super) async fn fill(
+        &self,
+        index: usize,
+        key: &K,
+        entry: &Entry<V>,
+        ticket: Ticket,
+    ) -> bool {
+        let marks = &self.inner.marks;
+        let level = &self.inner.tiers[index];
+        if !marks.admits(key, ticket, entry.version) {
+            return false;
+        }
+        // If the caller gives up between the set and the check after it, the check still runs
+        // (in a task).
+        let mut guard = FillGuard {
+            chain: self,
+            key,
+            index,
+            ticket,
+            version: entry.version,
+            armed: true,
+        };
+        let stored = level.call("set", level.tier.set(key, entry.clone())).await;
+        if matches!(stored, Ok(true)) && !marks.admits(key, ticket, entry.version) {
+            self.inner.counters.backfills_skipped.incr();
+            let _ = level
+                .call("invalidate", level.tier.invalidate(key, None))
+                .await;
+            guard.armed = false;
+            return false;
+        }
+        guard.armed = false;
+        true
     }
 
     /// Loads `keys` into the cache tiers ahead of demand, `batch` keys per
@@ -326,7 +375,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
 
     async fn get_many_with(&self, keys: &[K], background: bool) -> Result<Vec<Option<Arc<V>>>> {
         let inner = &*self.inner;
-        let epoch = inner.epoch.load(Ordering::SeqCst);
+        let ticket = inner.marks.ticket();
         let mut answers: Vec<Option<Fetched<V>>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         let mut failures = Vec::new();
@@ -334,18 +383,26 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             if pending.is_empty() {
                 break;
             }
-            if level.repair().await.is_err() {
+            // Keys waiting for a replay here skip this tier.
+            let (asked, mut still): (Vec<usize>, Vec<usize>) = pending
+                .iter()
+                .partition(|&&p| !level.repairs.blocks(&keys[p]));
+            for _ in &still {
+                level.misses.incr();
+            }
+            if asked.is_empty() {
+                pending = still;
                 continue;
             }
-            let batch: Vec<K> = pending.iter().map(|&p| keys[p].clone()).collect();
+            let batch: Vec<K> = asked.iter().map(|&p| keys[p].clone()).collect();
             let Ok(found) = level.call("get_many", level.tier.get_many(&batch)).await else {
+                pending = asked.into_iter().chain(still).collect();
                 continue;
             };
-            let mut still = Vec::with_capacity(pending.len());
-            for (&p, found) in pending.iter().zip(found) {
+            for (&p, found) in asked.iter().zip(found) {
                 match self.usable(i, &keys[p], found) {
                     Some(entry) => {
-                        self.backfill_with(&keys[p], &entry, i, epoch, background)
+                        self.backfill_with(&keys[p], &entry, i, ticket, background)
                             .await;
                         answers[p] = Some(Fetched::from_entry(entry, Origin::Tier(i)));
                     }
@@ -361,7 +418,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             match source.call("get_many", source.tier.get_many(&batch)).await {
                 Ok(found) => {
                     for (&p, found) in pending.iter().zip(found) {
-                        answers[p] = Some(self.sourced(&keys[p], found, epoch, background).await);
+                        answers[p] = Some(self.sourced(&keys[p], found, ticket, background).await);
                     }
                 }
                 Err(error) => {
@@ -388,5 +445,40 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             return Err(error);
         }
         Ok(answers.into_iter().map(|f| f.value).collect())
+    }
+}
+
+/// A back-fill's set in progress. Dropped before the check that follows the set (its caller
+/// gave up), it runs the check in a task: were the key changed meanwhile, the filled copy is
+/// taken back.
+struct FillGuard<'a, K: Key, V: Value> {
+    chain: &'a TieredCache<K, V>,
+    key: &'a K,
+    index: usize,
+    ticket: Ticket,
+    version: crate::entry::Version,
+    armed: bool,
+}
+
+impl<K: Key, V: Value> Drop for FillGuard<'_, K, V> {
+    fn drop(&mut self) {
+        if !self.armed || tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        let (chain, key, index, ticket, version) = (
+            self.chain.clone(),
+            self.key.clone(),
+            self.index,
+            self.ticket,
+            self.version,
+        );
+        self.chain.inner.tasks.spawn(async move {
+            if !chain.inner.marks.admits(&key, ticket, version) {
+                let level = &chain.inner.tiers[index];
+                let _ = level
+                    .call("invalidate", level.tier.invalidate(&key, None))
+                    .await;
+            }
+        });
     }
 }

@@ -1,0 +1,174 @@
+//! Callers that give up: a dropped `update` future, a write that times out in the chain but
+//! commits in the database afterwards, a dropped leader of a load. Whatever the caller does,
+//! no cache may keep serving the version a write replaced.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use support::{Chain, Key, Val, key, val};
+use tiercache_core::{CacheTier, Entry, Result, TierStats, TieredCache, Version};
+use tiercache_memory::MemoryTier;
+use tiercache_testkit::{FakeTier, Fault, Gate, Op};
+
+/// Waits until `done` holds, checking every millisecond of (tokio) time, for at most `within`.
+async fn eventually(within: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    while tokio::time::Instant::now() < deadline {
+        if done().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    done().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_whose_caller_is_dropped_after_the_write_still_reaches_every_cache() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    c.cache.get(&key("a")).await.unwrap(); // version 1 in memory and redis
+    // The database commits the write, then the caller's future is dropped before the chain
+    // has touched any cache.
+    let gate = Gate::new();
+    c.db.faults().set_for(Op::Write, Fault::Hold(gate.clone()));
+    let update = {
+        let cache = c.cache.clone();
+        tokio::spawn(async move { cache.update(&key("a"), val("v2")).await })
+    };
+    gate.arrived(1).await;
+    assert_eq!(c.db.version(&key("a")), Some(2), "the write committed");
+    update.abort();
+    assert!(update.await.unwrap_err().is_cancelled());
+    c.db.faults().clear();
+    gate.open();
+    let repopulated = eventually(Duration::from_secs(2), async || {
+        c.memory_version("a").await == Some(2) && c.redis.version(&key("a")) == Some(2)
+    })
+    .await;
+    assert!(
+        repopulated,
+        "memory holds {:?}, redis {:?}",
+        c.memory_version("a").await,
+        c.redis.version(&key("a"))
+    );
+    assert_eq!(c.cache.fetch(&key("a")).await.unwrap().version, 2);
+}
+
+/// A source whose writes run in a task of their own, like a statement a database server keeps
+/// executing after its client went away: a write the chain gave up on commits `delay` later.
+#[derive(Clone)]
+struct LateCommit {
+    db: FakeTier<Key, Val>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl CacheTier<Key, Val> for LateCommit {
+    fn name(&self) -> &str {
+        "late-db"
+    }
+    async fn get(&self, key: &Key) -> Result<Option<Entry<Val>>> {
+        self.db.get(key).await
+    }
+    async fn set(&self, key: &Key, entry: Entry<Val>) -> Result<bool> {
+        self.db.set(key, entry).await
+    }
+    async fn invalidate(&self, key: &Key, version: Option<Version>) -> Result<()> {
+        self.db.invalidate(key, version).await
+    }
+    async fn clear(&self) -> Result<()> {
+        self.db.clear().await
+    }
+    async fn write(&self, key: &Key, value: Arc<Val>) -> Result<Version> {
+        let (db, key, delay) = (self.db.clone(), key.clone(), self.delay);
+        let commit = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            db.write(&key, value).await
+        });
+        commit.await.expect("the commit task ran")
+    }
+    fn stats(&self) -> TierStats {
+        self.db.stats()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_that_commits_after_its_timeout_leaves_no_cache_on_the_old_version() {
+    let db = FakeTier::<Key, Val>::source("db");
+    let redis = FakeTier::<Key, Val>::cache("redis");
+    let memory = Arc::new(MemoryTier::<Key, Val>::new());
+    let cache = TieredCache::builder()
+        .shared_tier(memory.clone(), None)
+        .tier(redis.clone())
+        .source_with_timeout(
+            LateCommit {
+                db: db.clone(),
+                delay: Duration::from_millis(300),
+            },
+            Some(Duration::from_millis(100)),
+        )
+        .build()
+        .unwrap();
+    db.put(key("a"), "v1".to_string());
+    assert_eq!(cache.fetch(&key("a")).await.unwrap().version, 1);
+    let err = cache.update(&key("a"), val("v2")).await.unwrap_err();
+    assert!(err.is_timeout(), "{err:?}");
+    // A reader right after the timeout: the write has not committed yet.
+    assert_eq!(cache.fetch(&key("a")).await.unwrap().version, 1);
+    // It commits 200 ms after the chain gave up on it.
+    let committed = eventually(Duration::from_secs(1), async || {
+        db.version(&key("a")) == Some(2)
+    });
+    assert!(committed.await, "the late write committed");
+    // Within a bounded few seconds no tier serves version 1 any more.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(cache.fetch(&key("a")).await.unwrap().version, 2);
+    for (name, held) in [
+        (
+            "memory",
+            memory
+                .get_stale(&key("a"), Duration::MAX)
+                .await
+                .unwrap()
+                .map(|e| e.version),
+        ),
+        ("redis", redis.version(&key("a"))),
+    ] {
+        assert!(held.is_none_or(|v| v == 2), "{name} holds version {held:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalidation_whose_caller_is_dropped_half_way_still_reaches_every_tier() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    c.db.put(key("a"), "edited behind the cache's back".to_string());
+    // Redis is invalidated first (bottom first); the caller is dropped while it is held there.
+    let gate = Gate::new();
+    c.redis
+        .faults()
+        .set_for(Op::Invalidate, Fault::Hold(gate.clone()));
+    let invalidation = {
+        let cache = c.cache.clone();
+        tokio::spawn(async move { cache.invalidate(&key("a")).await })
+    };
+    gate.arrived(1).await;
+    invalidation.abort();
+    assert!(invalidation.await.unwrap_err().is_cancelled());
+    c.redis.faults().clear();
+    gate.open();
+    let emptied = eventually(Duration::from_secs(2), async || {
+        c.memory_version("a").await.is_none()
+    })
+    .await;
+    assert!(
+        emptied,
+        "memory still holds {:?}",
+        c.memory_version("a").await
+    );
+    assert_eq!(c.cache.fetch(&key("a")).await.unwrap().version, 2);
+}
