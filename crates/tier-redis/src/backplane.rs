@@ -10,14 +10,19 @@
 //!   older than the version are dropped and refused afterwards. A late message never evicts
 //!   or replaces a newer entry. Its own messages are ignored (each carries the sender's random
 //!   instance id).
-//! * **Missed messages**: while the subscription is down, messages are lost. When it comes back
-//!   (or at a health check that finds it dead: a PING every second that must answer within the
+//! * **Missed messages**: while the subscription is down, messages are lost. When it comes up
+//!   (the first time too: reads may have filled the top tier before the subscription existed),
+//!   or after a health check found it dead (a PING every second that must answer within the
 //!   command time limit), the instance flushes its top tier ([`TieredCache::flush_local`])
 //!   before applying anything else: whatever it held might have been invalidated meanwhile.
-//! * A publish that fails is kept (the latest version per key, up to 10,000 keys) and retried
-//!   every 100 ms; if more keys pile up than that, the next successful publish is a "flush
-//!   everything" message. On the same tick the subscriber asks the chain to replay the
-//!   invalidations its shared tiers missed ([`TieredCache::repair`]).
+//!   Reconnections wait a jittered backoff of at most a quarter second, so that instances do
+//!   not reconnect in step after a restart, and a recovered Redis is noticed quickly.
+//! * **Publishing never waits for Redis**: [`publish`](Backplane::publish) queues the message
+//!   and a task of the backplane's own sends the queue, in order, one pipeline at a time, each
+//!   bounded by the command time limit. What fails is kept (the latest version per key, up to
+//!   10,000 keys) and retried every 100 ms; if more keys pile up than that, the next
+//!   successful send is a "flush everything" message. [`flush`](Backplane::flush) waits for
+//!   the queue to empty (before a process exits).
 //! * **Several servers** ([`RedisBackplane::with_clients`], a Redis Cluster's nodes): the
 //!   subscription and the publisher each use one, and move to the next when theirs fails.
 //!
@@ -25,10 +30,10 @@
 //! [<value as JSON>]`, where `-` is a manual invalidation and `*` (with an empty key) asks every
 //! instance to flush.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -40,6 +45,7 @@ use serde::de::DeserializeOwned;
 use tiercache_core::{
     Backplane, Counter, Error, Result, StorageKey, TieredCache, Value, Version, WeakTieredCache,
 };
+
 use tokio::task::JoinHandle;
 
 use crate::keys::{decode_key, encode_key};
@@ -53,6 +59,13 @@ pub const HEALTH_CHECK_EVERY: Duration = Duration::from_secs(1);
 const RETRY_EVERY: Duration = Duration::from_millis(100);
 /// Failed publishes kept for retry before falling back to "flush everything".
 const MAX_PENDING: usize = 10_000;
+/// Messages per pipeline.
+const SEND_BATCH: usize = 256;
+/// First and longest wait before resubscribing (with up to half off at random).
+const RESUBSCRIBE_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(25), Duration::from_millis(250));
+/// How often a listener whose subscription is quiet checks that its chain is still alive.
+const ALIVE_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Default largest value carried in an update message.
 pub const DEFAULT_CARRY_VALUES_UP_TO: usize = 16 * 1024;
@@ -113,25 +126,99 @@ struct Inner {
     timeout: Duration,
     connect_timeout: Duration,
     carry_values_up_to: AtomicUsize,
-    pending: Mutex<HashMap<String, Option<Version>>>,
-    overflowed: AtomicBool,
+    /// Messages waiting to be sent.
+    outbox: Mutex<Outbox>,
+    /// Told when a message is queued (shared, so that the sender waits without holding the
+    /// backplane).
+    queued: Arc<tokio::sync::Notify>,
+    /// Told when the outbox is empty and nothing is being sent.
+    drained: tokio::sync::Notify,
     subscribed: AtomicBool,
+    /// The first subscription attempt is over (made, or failed).
+    tried: AtomicBool,
+    /// Told when it is.
+    tried_once: tokio::sync::Notify,
     task: Mutex<Option<JoinHandle<()>>>,
+    sender: Mutex<Option<JoinHandle<()>>>,
     published: Counter,
     received: Counter,
     publish_errors: Counter,
     gaps: Counter,
 }
 
+/// What the sender has to send: fresh messages in order, then retries.
+#[derive(Default)]
+struct Outbox {
+    fresh: VecDeque<Notice>,
+    /// Messages that failed, the latest version per key (their values dropped: a receiver
+    /// evicts instead of replacing).
+    retry: HashMap<String, Option<Version>>,
+    /// Too many piled up: the next send is "flush everything", and they are dropped.
+    overflowed: bool,
+    /// Messages in the send running now.
+    sending: usize,
+    /// The last send failed: the sender waits before the next.
+    failing: bool,
+}
+
+impl Outbox {
+    fn len(&self) -> usize {
+        self.fresh.len() + self.retry.len() + usize::from(self.overflowed) + self.sending
+    }
+
+    /// Keeps a message that failed (or could not be sent), coalesced per key.
+    fn keep(&mut self, notice: Notice) {
+        match notice {
+            Notice::Flush => self.overflowed = true,
+            Notice::Key(key, version, _) => {
+                if self.retry.len() >= MAX_PENDING && !self.retry.contains_key(&key) {
+                    self.overflow();
+                    return;
+                }
+                let slot = self.retry.entry(key).or_insert(version);
+                *slot = match (*slot, version) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    _ => None,
+                };
+            }
+        }
+    }
+
+    fn overflow(&mut self) {
+        self.overflowed = true;
+        self.retry.clear();
+        self.fresh.clear();
+    }
+
+    /// The next messages to send, in order: a flush if one is owed, then retries, then fresh
+    /// ones.
+    fn take(&mut self) -> Vec<Notice> {
+        let mut batch = Vec::new();
+        if std::mem::take(&mut self.overflowed) {
+            batch.push(Notice::Flush);
+        }
+        let retries: Vec<String> = self.retry.keys().take(SEND_BATCH).cloned().collect();
+        for key in retries {
+            let version = self.retry.remove(&key).expect("listed");
+            batch.push(Notice::Key(key, version, None));
+        }
+        while batch.len() < SEND_BATCH {
+            let Some(notice) = self.fresh.pop_front() else {
+                break;
+            };
+            batch.push(notice);
+        }
+        self.sending = batch.len();
+        batch
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Some(task) = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            task.abort();
+        for task in [&self.task, &self.sender] {
+            if let Some(task) = task.lock().unwrap_or_else(PoisonError::into_inner).take() {
+                task.abort();
+            }
         }
     }
 }
@@ -188,6 +275,9 @@ pub struct BackplaneStats {
     pub gaps: u64,
     /// Whether the subscription is up now.
     pub subscribed: bool,
+    /// Messages queued or waiting for a retry now.
+    #[serde(default)]
+    pub queued: u64,
 }
 
 impl RedisBackplane {
@@ -242,10 +332,14 @@ impl RedisBackplane {
                 timeout: DEFAULT_TIMEOUT,
                 connect_timeout: DEFAULT_CONNECT_TIMEOUT,
                 carry_values_up_to: AtomicUsize::new(DEFAULT_CARRY_VALUES_UP_TO),
-                pending: Mutex::new(HashMap::new()),
-                overflowed: AtomicBool::new(false),
+                outbox: Mutex::new(Outbox::default()),
+                queued: Arc::new(tokio::sync::Notify::new()),
+                drained: tokio::sync::Notify::new(),
                 subscribed: AtomicBool::new(false),
+                tried: AtomicBool::new(false),
+                tried_once: tokio::sync::Notify::new(),
                 task: Mutex::new(None),
+                sender: Mutex::new(None),
                 published: Counter::default(),
                 received: Counter::default(),
                 publish_errors: Counter::default(),
@@ -287,7 +381,15 @@ impl RedisBackplane {
             publish_errors: i.publish_errors.get(),
             gaps: i.gaps.get(),
             subscribed: self.is_subscribed(),
+            queued: self.outbox().len() as u64,
         }
+    }
+
+    fn outbox(&self) -> std::sync::MutexGuard<'_, Outbox> {
+        self.inner
+            .outbox
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts applying the other instances' messages to `chain` (in a task on the current
@@ -312,6 +414,20 @@ impl RedisBackplane {
         }
     }
 
+    /// Waits, for at most `within`, until the first subscription attempt is over: subscribed
+    /// (and the top tier flushed), or failed. A service that waits for this before it serves
+    /// fills nothing that the first subscription's flush would throw away. Returns whether
+    /// the subscription is up.
+    pub async fn first_attempt(&self, within: Duration) -> bool {
+        let tried = self.inner.tried_once.notified();
+        tokio::pin!(tried);
+        tried.as_mut().enable();
+        if !self.inner.tried.load(Ordering::Acquire) {
+            let _ = tokio::time::timeout(within, tried).await;
+        }
+        self.is_subscribed()
+    }
+
     /// The publisher's connection (made on first use) and which server it is on.
     fn publisher(&self) -> Result<(usize, ConnectionManager)> {
         let mut publisher = self
@@ -334,16 +450,26 @@ impl RedisBackplane {
         Ok((server, manager))
     }
 
-    async fn send(&self, notice: &Notice) -> Result<()> {
+    /// Sends `batch` in one pipeline, within the command time limit. On failure the next
+    /// attempt goes to the next server, if there is one.
+    async fn send(&self, batch: &[Notice]) -> Result<()> {
         let (server, mut con) = self.publisher()?;
-        let message = encode_message(self.inner.instance, notice);
-        let sent: redis::RedisResult<i64> = redis::cmd("PUBLISH")
-            .arg(&self.inner.channel)
-            .arg(message)
-            .query_async(&mut con)
-            .await;
+        let mut pipe = redis::pipe();
+        for notice in batch {
+            pipe.cmd("PUBLISH")
+                .arg(&self.inner.channel)
+                .arg(encode_message(self.inner.instance, notice))
+                .ignore();
+        }
+        let sent = tokio::time::timeout(self.inner.timeout, pipe.query_async::<()>(&mut con))
+            .await
+            .unwrap_or_else(|_| {
+                Err(redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "PUBLISH did not answer in time",
+                )))
+            });
         if let Err(e) = sent {
-            // The next attempt (the retry tick's) goes to the next server, if there is one.
             if self.inner.clients.len() > 1 {
                 let mut publisher = self
                     .inner
@@ -356,58 +482,81 @@ impl RedisBackplane {
             }
             return Err(Error::unavailable("backplane", e));
         }
-        self.inner.published.incr();
+        for _ in batch {
+            self.inner.published.incr();
+        }
         Ok(())
     }
 
-    /// Sends what failed before; stops at the first failure.
-    async fn retry_pending(&self) -> Result<()> {
-        if self.inner.overflowed.load(Ordering::Acquire) {
-            self.send(&Notice::Flush).await?;
-            self.inner.overflowed.store(false, Ordering::Release);
-        }
-        let pending: Vec<(String, Option<Version>)> = {
-            let mut map = self
-                .inner
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            map.drain().collect()
-        };
-        let mut pending = pending.into_iter();
-        while let Some((key, version)) = pending.next() {
-            if let Err(e) = self.send(&Notice::Key(key.clone(), version, None)).await {
-                self.keep(key, version);
-                for (key, version) in pending {
-                    self.keep(key, version);
-                }
-                return Err(e);
+    /// Queues a message and makes sure the sender runs.
+    fn enqueue(&self, notice: Notice) {
+        {
+            let mut outbox = self.outbox();
+            if outbox.len() >= MAX_PENDING {
+                outbox.overflow();
+            } else {
+                outbox.fresh.push_back(notice);
             }
         }
-        Ok(())
-    }
-
-    fn keep(&self, key: String, version: Option<Version>) {
-        let mut map = self
+        let mut sender = self
             .inner
-            .pending
+            .sender
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= MAX_PENDING && !map.contains_key(&key) {
-            self.inner.overflowed.store(true, Ordering::Release);
-            map.clear();
-            return;
+        if sender.as_ref().is_none_or(JoinHandle::is_finished) {
+            *sender = Some(tokio::spawn(send_queued(Arc::downgrade(&self.inner))));
         }
-        let slot = map.entry(key).or_insert(version);
-        *slot = match (*slot, version) {
-            (Some(a), Some(b)) => Some(a.max(b)),
-            _ => None,
+        drop(sender);
+        self.inner.queued.notify_one();
+    }
+}
+
+/// The sender: sends what is queued, in order, and keeps what fails for a retry every
+/// [`RETRY_EVERY`]. Logs when publishing starts failing and when it works again, not per
+/// message. Ends with the backplane.
+async fn send_queued(backplane: Weak<Inner>) {
+    loop {
+        let failed = {
+            let Some(inner) = backplane.upgrade() else {
+                return;
+            };
+            let this = RedisBackplane { inner };
+            let batch = this.outbox().take();
+            if batch.is_empty() {
+                this.inner.drained.notify_waiters();
+                // A message queued since `take` left a permit: this returns at once.
+                let queued = Arc::clone(&this.inner.queued);
+                drop(this);
+                queued.notified().await;
+                continue;
+            }
+            let result = this.send(&batch).await;
+            let mut outbox = this.outbox();
+            outbox.sending = 0;
+            let failed = result.is_err();
+            if failed {
+                this.inner.publish_errors.incr();
+                for notice in batch {
+                    outbox.keep(notice);
+                }
+            }
+            if std::mem::replace(&mut outbox.failing, failed) != failed {
+                match &result {
+                    Err(error) => tracing::warn!(%error, "backplane cannot publish; retrying"),
+                    Ok(()) => tracing::info!("backplane publishes again"),
+                }
+            }
+            failed
         };
+        if failed {
+            tokio::time::sleep(RETRY_EVERY).await;
+        }
     }
 }
 
 #[async_trait]
 impl<K: StorageKey, V: Serialize + Send + Sync + 'static> Backplane<K, V> for RedisBackplane {
+    /// Queues the message; a task of the backplane's own sends it (see the module docs).
     async fn publish(
         &self,
         key: &K,
@@ -420,93 +569,128 @@ impl<K: StorageKey, V: Serialize + Send + Sync + 'static> Backplane<K, V> for Re
             .filter(|_| limit > 0)
             .and_then(|v| serde_json::to_string(&*v).ok())
             .filter(|json| json.len() <= limit);
-        let has_pending = self.inner.overflowed.load(Ordering::Acquire)
-            || !self
-                .inner
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty();
-        let result = if has_pending {
-            self.keep(text, version);
-            self.retry_pending().await
-        } else {
-            match self.send(&Notice::Key(text.clone(), version, json)).await {
-                Ok(()) => Ok(()),
-                Err(e) => {
-                    self.keep(text, version);
-                    Err(e)
-                }
-            }
-        };
-        if result.is_err() {
-            self.inner.publish_errors.incr();
-        }
-        result
+        self.enqueue(Notice::Key(text, version, json));
+        Ok(())
+    }
+
+    async fn flush(&self, within: Duration) -> Result<()> {
+        self.flush_queue(within).await
     }
 }
 
-/// The subscriber: (re)subscribes, applies messages, checks the subscription, retries failed
-/// publishes, and flushes the top tier after every gap.
+impl RedisBackplane {
+    /// Waits, for at most `within`, until every queued message is sent (before a process
+    /// exits). The chain's [`TieredCache::flush`] calls it.
+    ///
+    /// # Errors
+    /// [`Error::Unfinished`] with how many messages are left.
+    pub async fn flush_queue(&self, within: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let drained = self.inner.drained.notified();
+            tokio::pin!(drained);
+            drained.as_mut().enable();
+            let left = self.outbox().len();
+            if left == 0 {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, drained).await.is_err() {
+                let left = self.outbox().len();
+                return if left == 0 {
+                    Ok(())
+                } else {
+                    Err(Error::Unfinished {
+                        tier: "backplane".into(),
+                        what: "messages",
+                        pending: left as u64,
+                    })
+                };
+            }
+        }
+    }
+}
+
+/// The subscriber: (re)subscribes, flushes the top tier each time it does (messages sent
+/// before were not heard), applies messages, and checks the subscription. Ends when the chain
+/// or the backplane is dropped, without waiting for a message.
 async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
-    backplane: std::sync::Weak<Inner>,
+    backplane: Weak<Inner>,
     chain: WeakTieredCache<K, V>,
 ) {
-    // Retries and repairs run beside the subscription, so that they never delay a message.
-    let _upkeep = AbortOnDrop(tokio::spawn(upkeep(backplane.clone(), chain.clone())));
     let mut first = true;
-    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u32;
     loop {
         let Some(inner) = backplane.upgrade() else {
             return;
         };
-        let this = RedisBackplane { inner };
-        let servers = this.inner.clients.len();
-        let server = this.inner.subscribe_to.load(Ordering::Relaxed) % servers;
-        let connected = tokio::time::timeout(this.inner.connect_timeout, async {
-            let mut pubsub = this.inner.clients[server].get_async_pubsub().await?;
-            pubsub.subscribe(&this.inner.channel).await?;
+        if chain.upgrade().is_none() {
+            return;
+        }
+        let servers = inner.clients.len();
+        let server = inner.subscribe_to.load(Ordering::Relaxed) % servers;
+        let connected = tokio::time::timeout(inner.connect_timeout, async {
+            let mut pubsub = inner.clients[server].get_async_pubsub().await?;
+            pubsub.subscribe(&inner.channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         })
         .await;
         let pubsub = match connected {
             Ok(Ok(pubsub)) => pubsub,
             _ => {
-                // Try the next server; the backoff grows once every server has failed.
-                this.inner
+                if !inner.tried.swap(true, Ordering::AcqRel) {
+                    inner.tried_once.notify_waiters();
+                }
+                // Try the next server; wait once every server has failed.
+                inner
                     .subscribe_to
                     .store((server + 1) % servers, Ordering::Relaxed);
-                drop(this);
+                drop(inner);
                 if server + 1 < servers {
                     continue;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                failures += 1;
+                tokio::time::sleep(resubscribe_backoff(failures)).await;
                 continue;
             }
         };
-        backoff = Duration::from_millis(50);
-        this.inner.subscribed.store(true, Ordering::Relaxed);
-        if !first {
-            // Messages sent while the subscription was down are lost.
-            this.inner.gaps.incr();
+        failures = 0;
+        inner.subscribed.store(true, Ordering::Relaxed);
+        {
+            // Messages sent while there was no subscription (before the first one too, while
+            // reads filled the top tier) were not heard.
+            if !first {
+                inner.gaps.incr();
+            }
             let Some(chain) = chain.upgrade() else { return };
             chain.flush_local().await;
         }
         first = false;
+        if !inner.tried.swap(true, Ordering::AcqRel) {
+            inner.tried_once.notify_waiters();
+        }
         let (sink, mut stream) = pubsub.split();
         // The health check pings from its own task and says when the subscription is dead.
         let (dead, mut died) = tokio::sync::oneshot::channel::<()>();
         let checker = AbortOnDrop(tokio::spawn(health_check(
             sink,
-            this.inner.timeout.max(Duration::from_millis(200)),
+            inner.timeout.max(Duration::from_millis(200)),
             dead,
         )));
-        let instance = this.inner.instance;
+        let instance = inner.instance;
+        // Only a weak handle while waiting: dropping the backplane's last user ends this task.
+        let received = Weak::clone(&backplane);
+        drop(inner);
+        let mut alive = tokio::time::interval(ALIVE_CHECK_EVERY);
         loop {
             let message = tokio::select! {
                 message = stream.next() => message,
                 _ = &mut died => None,
+                _ = alive.tick() => {
+                    if chain.upgrade().is_none() || received.upgrade().is_none() {
+                        return;
+                    }
+                    continue;
+                }
             };
             let Some(message) = message else { break };
             let Some((sender, notice)) = std::str::from_utf8(message.get_payload_bytes())
@@ -519,8 +703,10 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
             if sender == instance {
                 continue;
             }
-            let Some(chain) = chain.upgrade() else { return };
-            this.inner.received.incr();
+            let (Some(chain), Some(inner)) = (chain.upgrade(), received.upgrade()) else {
+                return;
+            };
+            inner.received.incr();
             match notice {
                 Notice::Flush => chain.flush_local().await,
                 Notice::Key(text, version, json) => {
@@ -535,9 +721,22 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
             }
         }
         drop(checker);
-        this.inner.subscribed.store(false, Ordering::Relaxed);
+        let Some(inner) = backplane.upgrade() else {
+            return;
+        };
+        inner.subscribed.store(false, Ordering::Relaxed);
         tracing::warn!(server, "backplane subscription lost");
     }
+}
+
+/// The wait before resubscribing after `failures` failed attempts in a row: doubling from the
+/// first, capped, with up to half off at random so that instances do not reconnect in step.
+fn resubscribe_backoff(failures: u32) -> Duration {
+    let (first, longest) = RESUBSCRIBE_BACKOFF;
+    let wait = first
+        .saturating_mul(1 << failures.saturating_sub(1).min(16))
+        .min(longest);
+    wait.mul_f64(1.0 - fastrand::f64() / 2.0)
 }
 
 /// Aborts a task when dropped.
@@ -566,24 +765,6 @@ async fn health_check(
             let _ = dead.send(());
             return;
         }
-    }
-}
-
-/// Every [`RETRY_EVERY`]: resends failed publishes, and replays the invalidations the chain's
-/// shared tiers missed while unreachable, so that other instances never read what this one
-/// could not invalidate. Ends with the backplane or the chain.
-async fn upkeep<K: StorageKey, V: Value>(
-    backplane: std::sync::Weak<Inner>,
-    chain: WeakTieredCache<K, V>,
-) {
-    let mut every = tokio::time::interval(RETRY_EVERY);
-    loop {
-        every.tick().await;
-        let (Some(inner), Some(chain)) = (backplane.upgrade(), chain.upgrade()) else {
-            return;
-        };
-        let _ = RedisBackplane { inner }.retry_pending().await;
-        let _ = chain.repair().await;
     }
 }
 

@@ -1,8 +1,11 @@
 //! The Redis tier of tiercache: shared by every service instance, 30-minute TTL by default.
 //!
 //! * **Connections**: the `redis` crate on tokio through a [`ConnectionManager`] that reconnects
-//!   by itself, created on first use: a service starts while Redis is down, and while it is
-//!   unreachable every call fails fast with a transient [`Error::Unavailable`]. `rediss://`
+//!   by itself. The first call starts the connection in a task of its own and waits for it at
+//!   most one command time limit: a connection that takes longer (TLS, AUTH, a far server, a
+//!   cluster's discovery) goes on in the background while calls fail fast with a transient
+//!   [`Error::Unavailable`], instead of being cancelled with each caller and started again. A
+//!   service starts while Redis is down, and while it is unreachable every call fails fast. `rediss://`
 //!   URLs use TLS (the system's OpenSSL); `redis://user:password@host` authenticates (ACL
 //!   users too). The password is never printed: `Debug` shows the address and user only.
 //! * **Keys**: the prefix (default `tiercache:`) followed by the key, percent-encoded
@@ -51,8 +54,8 @@ pub mod scripts;
 
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -100,14 +103,10 @@ pub struct RedisTier<K, V> {
     seeds: Vec<Client>,
     #[cfg(feature = "cluster")]
     cluster: Option<redis::cluster::ClusterClient>,
-    connection: tokio::sync::OnceCell<Conn>,
+    link: Arc<Link>,
     scripts: Scripts,
     config: Config,
     clock: Clock,
-    connected: AtomicBool,
-    /// Nanoseconds since `epoch` until which calls fail fast (0: not failing).
-    down_until: AtomicU64,
-    epoch: Instant,
     stats: Stats,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -123,6 +122,47 @@ struct Config {
     connect_timeout: Duration,
     compress_above: Option<usize>,
     codec: Codec,
+}
+
+/// The connection and what the tier knows of it, shared with the task that makes it.
+struct Link {
+    /// Made once, by a connecting task; it reconnects by itself afterwards.
+    conn: OnceLock<Conn>,
+    /// A connecting task is running.
+    connecting: AtomicBool,
+    /// Told when a connecting task ends, made or not.
+    done: tokio::sync::Notify,
+    connected: AtomicBool,
+    /// Nanoseconds since `epoch` until which calls fail fast (0: not failing).
+    down_until: AtomicU64,
+    epoch: Instant,
+}
+
+impl Link {
+    fn new() -> Self {
+        Link {
+            conn: OnceLock::new(),
+            connecting: AtomicBool::new(false),
+            done: tokio::sync::Notify::new(),
+            connected: AtomicBool::new(false),
+            down_until: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn failing_fast(&self) -> bool {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        now < self.down_until.load(Ordering::Relaxed)
+    }
+
+    /// Calls fail at once for [`FAIL_FAST_FOR`] from now.
+    fn fail_fast(&self) {
+        let until = self.epoch.elapsed() + FAIL_FAST_FOR;
+        self.down_until.store(
+            u64::try_from(until.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
 }
 
 #[derive(Default)]
@@ -212,7 +252,7 @@ impl<K, V> fmt::Debug for RedisTier<K, V> {
             .field("prefix", &self.config.prefix)
             .field("ttl", &self.config.ttl)
             .field("timeout", &self.config.timeout)
-            .field("connected", &self.connected.load(Ordering::Relaxed))
+            .field("connected", &self.link.connected.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
@@ -244,6 +284,11 @@ fn is_connection_error(error: &RedisError) -> bool {
 #[derive(Debug, thiserror::Error)]
 #[error("Redis was unreachable moments ago; not retrying yet")]
 struct FailingFast;
+
+/// A call made while the first connection is still being made.
+#[derive(Debug, thiserror::Error)]
+#[error("still connecting to Redis")]
+struct Connecting;
 
 /// A value that does not serialize.
 #[derive(Debug, thiserror::Error)]
@@ -329,6 +374,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         self.config.timeout
     }
 
+    /// The time limit of one connection attempt.
+    #[must_use]
+    pub fn connect_timeout(&self) -> Duration {
+        self.config.connect_timeout
+    }
+
     /// The key prefix.
     #[must_use]
     pub fn prefix(&self) -> &str {
@@ -338,7 +389,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
     /// Whether the last command reached Redis.
     #[must_use]
     pub fn is_connected(&self) -> bool {
-        self.connected.load(Ordering::Relaxed)
+        self.link.connected.load(Ordering::Relaxed)
     }
 
     /// Sends a PING.
@@ -350,40 +401,93 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         Ok(())
     }
 
-    /// The connection, created on first use (it needs a running tokio runtime): for one server
-    /// a lazy reconnecting manager; for a cluster, a cluster connection (which must reach a node
-    /// to learn the slots, so it fails while the cluster is unreachable and is retried).
+    /// Starts connecting now, in a task of its own, and waits for it for at most `within`
+    /// (a service calls this at start-up, so that its first requests find the connection
+    /// made). Returns whether it is made.
+    pub async fn connect_within(&self, within: Duration) -> bool {
+        if self.link.conn.get().is_some() {
+            return true;
+        }
+        let done = self.link.done.notified();
+        tokio::pin!(done);
+        done.as_mut().enable();
+        if !self.link.connecting.swap(true, Ordering::AcqRel) {
+            tokio::spawn(self.connect());
+        }
+        if self.link.conn.get().is_none() {
+            let _ = tokio::time::timeout(within, done).await;
+        }
+        self.link.conn.get().is_some()
+    }
+
+    /// The connection. The first call starts a task that makes it (it needs a running tokio
+    /// runtime) and waits for that task at most one command time limit: a connection that
+    /// needs longer is finished by the task, whoever gives up waiting, while calls fail with
+    /// [`Connecting`]. One server gets a reconnecting manager; a cluster, a cluster connection
+    /// (which must reach a node to learn the slots).
     async fn connection(&self) -> Result<Conn> {
-        self.connection
-            .get_or_try_init(|| async {
-                #[cfg(feature = "cluster")]
-                if let Some(cluster) = &self.cluster {
-                    let config = redis::cluster::ClusterConfig::new()
-                        .set_response_timeout(self.config.timeout)
-                        .set_connection_timeout(self.config.connect_timeout);
-                    let connecting = cluster.get_async_connection_with_config(config);
-                    return match tokio::time::timeout(self.config.connect_timeout, connecting).await
-                    {
-                        Ok(Ok(c)) => Ok(Conn::Cluster(c)),
-                        Ok(Err(e)) => Err(map_error(&self.config.name, e)),
-                        Err(_) => Err(Error::Timeout {
-                            tier: self.config.name.clone(),
-                            after: self.config.connect_timeout,
-                        }),
-                    };
-                }
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.config.timeout))
-                    .set_connection_timeout(Some(self.config.connect_timeout))
-                    .set_number_of_retries(1)
-                    .set_min_delay(Duration::from_millis(20))
-                    .set_max_delay(Duration::from_millis(500));
-                ConnectionManager::new_lazy_with_config(self.client.clone(), config)
-                    .map(Conn::Single)
-                    .map_err(|e| map_error(&self.config.name, e))
-            })
-            .await
+        if let Some(conn) = self.link.conn.get() {
+            return Ok(conn.clone());
+        }
+        self.connect_within(self.config.timeout).await;
+        self.link
+            .conn
+            .get()
             .cloned()
+            .ok_or_else(|| Error::unavailable(&self.config.name, Connecting))
+    }
+
+    /// The task that makes the connection: on success every later call uses it; on failure
+    /// calls fail fast for a moment and the next one after that tries again.
+    fn connect(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let link = Arc::clone(&self.link);
+        let (name, limit) = (self.config.name.clone(), self.config.connect_timeout);
+        let client = self.client.clone();
+        let manager = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.config.timeout))
+            .set_connection_timeout(Some(limit))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(500));
+        #[cfg(feature = "cluster")]
+        let cluster = self.cluster.clone().map(|cluster| {
+            let config = redis::cluster::ClusterConfig::new()
+                .set_response_timeout(self.config.timeout)
+                .set_connection_timeout(limit);
+            (cluster, config)
+        });
+        async move {
+            let connecting = async {
+                #[cfg(feature = "cluster")]
+                if let Some((cluster, config)) = cluster {
+                    return cluster
+                        .get_async_connection_with_config(config)
+                        .await
+                        .map(Conn::Cluster);
+                }
+                ConnectionManager::new_with_config(client, manager)
+                    .await
+                    .map(Conn::Single)
+            };
+            // Two attempts' worth: the manager retries once.
+            match tokio::time::timeout(limit * 2, connecting).await {
+                Ok(Ok(conn)) => {
+                    let _ = link.conn.set(conn);
+                    link.connected.store(true, Ordering::Relaxed);
+                    tracing::debug!(tier = %name, "connected to Redis");
+                }
+                Ok(Err(error)) => {
+                    link.fail_fast();
+                    tracing::debug!(tier = %name, error = %map_error(&name, error), "could not connect to Redis");
+                }
+                Err(_) => {
+                    link.fail_fast();
+                    tracing::debug!(tier = %name, after = ?limit * 2, "could not connect to Redis in time");
+                }
+            }
+            link.connecting.store(false, Ordering::Release);
+            link.done.notify_waiters();
+        }
     }
 
     /// Runs one command or script, failing fast while Redis is known to be unreachable, and
@@ -393,28 +497,29 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        if now < self.down_until.load(Ordering::Relaxed) {
+        if self.link.failing_fast() {
             self.stats.errors.incr();
             return Err(Error::unavailable(&self.config.name, FailingFast));
         }
-        let connection = self.connection().await?;
+        let connection = match self.connection().await {
+            Ok(connection) => connection,
+            Err(error) => {
+                self.stats.errors.incr();
+                return Err(error);
+            }
+        };
         match call(connection).await {
             Ok(value) => {
-                self.connected.store(true, Ordering::Relaxed);
-                self.down_until.store(0, Ordering::Relaxed);
+                self.link.connected.store(true, Ordering::Relaxed);
+                self.link.down_until.store(0, Ordering::Relaxed);
                 Ok(value)
             }
             Err(error) => {
                 self.stats.errors.incr();
                 if is_connection_error(&error) {
-                    self.connected.store(false, Ordering::Relaxed);
+                    self.link.connected.store(false, Ordering::Relaxed);
                     if !error.is_timeout() {
-                        let until = self.epoch.elapsed() + FAIL_FAST_FOR;
-                        self.down_until.store(
-                            u64::try_from(until.as_nanos()).unwrap_or(u64::MAX),
-                            Ordering::Relaxed,
-                        );
+                        self.link.fail_fast();
                     }
                 }
                 let mapped = match map_error(&self.config.name, error) {
@@ -635,6 +740,37 @@ where
             })
             .await?;
         Ok(())
+    }
+
+    /// One round trip for the lot: every invalidation is sent at once on the multiplexed
+    /// connection (the client pipelines them), each still its own atomic script.
+    async fn invalidate_many(&self, keys: &[(K, Option<Version>)]) -> Result<()> {
+        let ttl_ms = u64::try_from(self.config.tombstone_ttl.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let script = &self.scripts.invalidate;
+        let calls: Vec<(String, String)> = keys
+            .iter()
+            .map(|(key, version)| {
+                let version = version.map(|v| v.to_string()).unwrap_or_default();
+                (self.redis_key(key), version)
+            })
+            .collect();
+        self.run(|con| async move {
+            let sent = calls.into_iter().map(|(redis_key, version)| {
+                let mut con = con.clone();
+                async move {
+                    script
+                        .key(redis_key)
+                        .arg(version)
+                        .arg(ttl_ms)
+                        .invoke_async::<i64>(&mut con)
+                        .await
+                }
+            });
+            futures_util::future::try_join_all(sent).await.map(|_| ())
+        })
+        .await
     }
 
     async fn clear(&self) -> Result<()> {
@@ -904,7 +1040,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
-    /// Builds the tier. Nothing connects until the first call.
+    /// Builds the tier. Nothing connects until the first call (which starts the connection in
+    /// a task of its own).
     ///
     /// # Errors
     /// [`Error::Config`] for a URL that does not parse (the message never repeats the URL), a
@@ -971,13 +1108,10 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             seeds,
             #[cfg(feature = "cluster")]
             cluster,
-            connection: tokio::sync::OnceCell::new(),
+            link: Arc::new(Link::new()),
             scripts: Scripts::new(),
             config,
             clock: self.clock,
-            connected: AtomicBool::new(false),
-            down_until: AtomicU64::new(0),
-            epoch: Instant::now(),
             stats: Stats::default(),
             _types: PhantomData,
         })

@@ -16,11 +16,24 @@ struct Instance {
     cache: Chain,
     memory: Arc<MemoryTier<String, String>>,
     backplane: RedisBackplane,
+    channel: String,
 }
 
 /// Instances sharing one Redis tier, one source and one channel; `urls[i]` is where instance
 /// i's backplane connects (the server, or a proxy in front of it).
 async fn instances(tag: &str, urls: &[String]) -> (Vec<Instance>, FakeTier<String, String>) {
+    let (out, db) = instances_unwaited(tag, urls).await;
+    for i in &out {
+        wait_until("subscribed", || i.backplane.is_subscribed()).await;
+    }
+    (out, db)
+}
+
+/// Like [`instances`], without waiting for the subscriptions.
+async fn instances_unwaited(
+    tag: &str,
+    urls: &[String],
+) -> (Vec<Instance>, FakeTier<String, String>) {
     let server = redis_env::redis_url().await;
     let prefix = redis_env::unique_prefix(tag);
     let channel = format!("{prefix}invalidations");
@@ -49,10 +62,8 @@ async fn instances(tag: &str, urls: &[String]) -> (Vec<Instance>, FakeTier<Strin
             cache,
             memory,
             backplane,
+            channel: channel.clone(),
         });
-    }
-    for i in &out {
-        wait_until("subscribed", || i.backplane.is_subscribed()).await;
     }
     (out, db)
 }
@@ -200,6 +211,11 @@ async fn a_failed_publish_is_retried_until_it_gets_through() {
         .await
         .unwrap();
     all[1].cache.get(&k("a")).await.unwrap();
+    all[0]
+        .backplane
+        .flush_queue(Duration::from_secs(2))
+        .await
+        .expect("version 1's message sent");
     // Instance 0's backplane loses Redis: its update's message cannot be sent.
     proxy.set_mode(ProxyMode::Reset);
     proxy.kill_connections();
@@ -208,10 +224,104 @@ async fn a_failed_publish_is_retried_until_it_gets_through() {
         .update(&k("a"), Arc::new("v2".into()))
         .await
         .unwrap();
-    assert!(all[0].backplane.stats().publish_errors >= 1);
+    // The update did not wait for it: the message is queued and fails in the background.
+    wait_until("failed", || all[0].backplane.stats().publish_errors >= 1).await;
+    assert!(all[0].backplane.stats().queued >= 1);
+    let unsent = all[0]
+        .backplane
+        .flush_queue(Duration::from_millis(50))
+        .await;
+    assert!(
+        matches!(
+            unsent,
+            Err(tiercache_core::Error::Unfinished { pending: 1, .. })
+        ),
+        "{unsent:?}"
+    );
     proxy.set_mode(ProxyMode::Pass);
     // Retried in the background: instance 1 drops version 1.
     wait_until("retried", || all[1].backplane.stats().received >= 2).await;
     assert_ne!(memory_version(&all[1], "a").await, Some(1));
     assert_eq!(all[1].cache.fetch(&k("a")).await.unwrap().version, 2);
+    all[0]
+        .backplane
+        .flush_queue(Duration::from_secs(2))
+        .await
+        .expect("sent");
+    assert_eq!(all[0].backplane.stats().queued, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_subscription_flushes_what_was_filled_before_it() {
+    let server = env::redis_url();
+    let host = server
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let proxy = FaultProxy::start(&host).await;
+    // Instance 1's backplane cannot subscribe yet (a slow start, a far server).
+    proxy.set_mode(ProxyMode::Blackhole);
+    let urls = [server.clone(), format!("redis://{}/", proxy.addr())];
+    let (all, _db) = instances_unwaited("bp_first", &urls).await;
+    wait_until("subscribed", || all[0].backplane.is_subscribed()).await;
+    all[0]
+        .cache
+        .update(&k("a"), Arc::new("v1".into()))
+        .await
+        .unwrap();
+    all[1].cache.get(&k("a")).await.unwrap();
+    assert_eq!(memory_version(&all[1], "a").await, Some(1));
+    // Instance 0 updates before instance 1's first subscription: the message is not heard.
+    all[0]
+        .cache
+        .update(&k("a"), Arc::new("v2".into()))
+        .await
+        .unwrap();
+    all[0]
+        .backplane
+        .flush_queue(Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(memory_version(&all[1], "a").await, Some(1));
+    proxy.set_mode(ProxyMode::Pass);
+    wait_until("subscribed", || all[1].backplane.is_subscribed()).await;
+    // Flushed as the subscription came up.
+    for _ in 0..500 {
+        if memory_version(&all[1], "a").await != Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_ne!(memory_version(&all[1], "a").await, Some(1), "not flushed");
+    assert_eq!(all[1].cache.fetch(&k("a")).await.unwrap().version, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_chain_ends_its_subscription() {
+    let url = env::redis_url();
+    let (mut all, _db) = instances("bp_drop", &[url]).await;
+    let channel = all[0].channel.clone();
+    let mut raw = redis_env::redis_client()
+        .await
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let subscribers = async |raw: &mut redis::aio::MultiplexedConnection| {
+        let counts: Vec<(String, u64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(&channel)
+            .query_async(raw)
+            .await
+            .unwrap();
+        counts[0].1
+    };
+    assert_eq!(subscribers(&mut raw).await, 1);
+    drop(all.pop());
+    for _ in 0..500 {
+        if subscribers(&mut raw).await == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the listener outlived its chain");
 }

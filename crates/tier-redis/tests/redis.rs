@@ -8,6 +8,7 @@ use std::time::Duration;
 use contract::{Config, Setup, config, k};
 use tiercache_core::{CacheTier, Entry};
 use tiercache_redis::RedisTier;
+use tiercache_testkit::{FaultProxy, ProxyMode, env, redis_env};
 
 #[tokio::test]
 async fn set_get_and_remaining_ttl() {
@@ -37,6 +38,11 @@ async fn tombstones_refuse_versions_up_to_theirs() {
 #[tokio::test]
 async fn manual_invalidation_refuses_older_versions_only() {
     contract::manual_invalidation_refuses_older_versions_only(&Setup::single().await).await;
+}
+
+#[tokio::test]
+async fn invalidate_many_applies_each_rule_per_key() {
+    contract::invalidate_many_applies_each_rule_per_key(&Setup::single().await).await;
 }
 
 #[tokio::test]
@@ -90,4 +96,38 @@ async fn an_unreachable_redis_fails_fast_and_transiently() {
     }
     assert!(!t.is_connected());
     assert!(t.stats().errors >= 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_first_connection_is_finished_in_the_background() {
+    // A far server: 80 ms each way, so connecting (TCP, then the client's handshake, then the
+    // first command) takes longer than the callers wait.
+    let server = env::redis_url();
+    let host = server
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let proxy = FaultProxy::start(&host).await;
+    proxy.set_mode(ProxyMode::Latency(Duration::from_millis(80)));
+    let t: RedisTier<String, Config> = RedisTier::builder()
+        .url(format!("redis://{}/", proxy.addr()))
+        .prefix(redis_env::unique_prefix("slow_connect"))
+        .timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    // A caller that gives up after 50 ms, like a chain's time limit.
+    let first = tokio::time::timeout(Duration::from_millis(50), t.get(&k("a"))).await;
+    assert!(!matches!(first, Ok(Ok(_))), "connecting takes longer");
+    // Nobody calls meanwhile: the connection is finished all the same.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !t.is_connected() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the connection was not finished in the background"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    proxy.set_mode(ProxyMode::Pass);
+    let answered = tokio::time::timeout(Duration::from_millis(50), t.get(&k("a"))).await;
+    assert!(matches!(answered, Ok(Ok(None))), "{answered:?}");
 }

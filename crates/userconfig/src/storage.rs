@@ -841,6 +841,18 @@ impl UserConfigStorageBuilder {
         if let Some(backplane) = &backplane {
             backplane.attach(&cache);
         }
+        if let Some(redis) = &redis {
+            // Connect now rather than on the first requests, and serve once the backplane's
+            // first subscription is up (or failed): the memory tier filled before it would be
+            // flushed when it comes up. Bounded by a connection attempt.
+            let within = redis.connect_timeout();
+            let subscribed = async {
+                if let Some(backplane) = &backplane {
+                    backplane.first_attempt(within).await;
+                }
+            };
+            tokio::join!(redis.connect_within(within), subscribed);
+        }
         Ok(UserConfigStorage {
             cache,
             memory,

@@ -130,15 +130,47 @@ impl<K: Key> Marks<K> {
     /// newer version, and none without a version (a manual invalidation, a clear: whatever
     /// was read before it is suspect) came after the ticket.
     pub(super) fn admits(&self, key: &K, ticket: Ticket, version: Version) -> bool {
+        self.check(key, ticket, version) == Verdict::Admit
+    }
+
+    /// [`admits`](Self::admits), saying why not.
+    pub(super) fn check(&self, key: &K, ticket: Ticket, version: Version) -> Verdict {
         if self.cleared.load(Ordering::SeqCst) > ticket {
-            return false;
+            return Verdict::Suspect;
         }
         let shard = self.shard(key);
-        shard.horizon <= ticket
-            && shard
-                .last
-                .get(key)
-                .is_none_or(|m| m.blind_at <= ticket && version >= m.version)
+        if shard.horizon > ticket {
+            return Verdict::Suspect;
+        }
+        match shard.last.get(key) {
+            Some(m) if m.blind_at > ticket => Verdict::Suspect,
+            Some(m) if version < m.version => Verdict::Older,
+            _ => Verdict::Admit,
+        }
+    }
+}
+
+/// What the marks say of a fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Verdict {
+    /// Nothing changed that concerns it.
+    Admit,
+    /// A newer version was announced: a copy of this version or older is stale.
+    Older,
+    /// The key was invalidated (or everything cleared) since the load began: what it read is
+    /// suspect, whatever its version.
+    Suspect,
+}
+
+impl Verdict {
+    /// What a fill that landed anyway must invalidate to take itself back: copies up to its
+    /// own version (a newer one survives), or, when suspect, whatever is held (the same
+    /// version may be re-read afterwards).
+    pub(super) fn undo(self, version: Version) -> Option<Version> {
+        match self {
+            Verdict::Older => Some(version),
+            Verdict::Admit | Verdict::Suspect => None,
+        }
     }
 }
 
@@ -177,6 +209,18 @@ mod tests {
             !marks.admits(&1, own, 5),
             "a newer change wins over the update's sets"
         );
+    }
+
+    #[test]
+    fn a_refusal_says_how_to_take_a_fill_back() {
+        let marks = Marks::<u32>::new();
+        let ticket = marks.ticket();
+        marks.mark(&1, Some(5));
+        assert_eq!(marks.check(&1, ticket, 4), Verdict::Older);
+        assert_eq!(Verdict::Older.undo(4), Some(4), "newer copies survive");
+        marks.mark(&1, None);
+        assert_eq!(marks.check(&1, ticket, 5), Verdict::Suspect);
+        assert_eq!(Verdict::Suspect.undo(5), None);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use super::marks::Ticket;
+use super::marks::{Ticket, Verdict};
 use super::{Fetched, Miss, Origin, TieredCache, Top};
 use crate::entry::Entry;
 use crate::error::{Error, Result};
@@ -335,10 +335,12 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             armed: true,
         };
         let stored = level.call("set", level.tier.set(key, entry.clone())).await;
-        if matches!(stored, Ok(true)) && !marks.admits(key, ticket, entry.version) {
+        let verdict = marks.check(key, ticket, entry.version);
+        if matches!(stored, Ok(true)) && verdict != Verdict::Admit {
             self.inner.counters.backfills_skipped.incr();
+            let undo = verdict.undo(entry.version);
             let _ = level
-                .call("invalidate", level.tier.invalidate(key, None))
+                .call("invalidate", level.tier.invalidate(key, undo))
                 .await;
             guard.armed = false;
             return false;
@@ -473,10 +475,14 @@ impl<K: Key, V: Value> Drop for FillGuard<'_, K, V> {
             self.version,
         );
         self.chain.inner.tasks.spawn(async move {
-            if !chain.inner.marks.admits(&key, ticket, version) {
+            let verdict = chain.inner.marks.check(&key, ticket, version);
+            if verdict != Verdict::Admit {
                 let level = &chain.inner.tiers[index];
                 let _ = level
-                    .call("invalidate", level.tier.invalidate(&key, None))
+                    .call(
+                        "invalidate",
+                        level.tier.invalidate(&key, verdict.undo(version)),
+                    )
                     .await;
             }
         });

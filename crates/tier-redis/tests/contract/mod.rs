@@ -134,6 +134,7 @@ pub async fn run_all(s: &Setup) {
     older_versions_never_overwrite_newer_ones(s).await;
     tombstones_refuse_versions_up_to_theirs(s).await;
     manual_invalidation_refuses_older_versions_only(s).await;
+    invalidate_many_applies_each_rule_per_key(s).await;
     get_many_keeps_order_and_misses(s).await;
     clear_removes_only_this_prefix(s).await;
     corrupt_bytes_are_a_miss_deleted_and_counted(s).await;
@@ -237,6 +238,44 @@ pub async fn manual_invalidation_refuses_older_versions_only(s: &Setup) {
     // Nothing held: nothing written.
     t.invalidate(&k("c"), None).await.unwrap();
     assert!(con.get(&t.redis_key(&k("c"))).await.is_none());
+}
+
+/// The batch form the chain replays missed invalidations with: each key as `invalidate` would.
+pub async fn invalidate_many_applies_each_rule_per_key(s: &Setup) {
+    let (t, _con) = s.tier("inval_many").await;
+    for (name, version) in [("old", 1), ("new", 5), ("manual", 3)] {
+        t.set(&k(name), Entry::new(config(name), version))
+            .await
+            .unwrap();
+    }
+    let batch: Vec<(String, Option<u64>)> = (0..300)
+        .map(|i| (format!("absent{i}"), Some(1)))
+        .chain([
+            (k("old"), Some(2)),
+            (k("new"), Some(2)),
+            (k("manual"), None),
+        ])
+        .collect();
+    t.invalidate_many(&batch).await.unwrap();
+    assert!(t.get(&k("old")).await.unwrap().is_none(), "removed");
+    assert!(!t.set(&k("old"), Entry::new(config("x"), 2)).await.unwrap());
+    assert_eq!(
+        t.get(&k("new")).await.unwrap().unwrap().version,
+        5,
+        "newer kept"
+    );
+    assert!(t.get(&k("manual")).await.unwrap().is_none());
+    assert!(
+        t.set(&k("manual"), Entry::new(config("x"), 3))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !t.set(&k("absent299"), Entry::new(config("x"), 1))
+            .await
+            .unwrap()
+    );
+    t.invalidate_many(&[]).await.unwrap();
 }
 
 pub async fn get_many_keeps_order_and_misses(s: &Setup) {
