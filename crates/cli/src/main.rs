@@ -11,6 +11,10 @@
 //!
 //! Servers come from `REDIS_URL` and `DATABASE_URL` (or `--redis-url` / `--database-url`);
 //! with neither, everything runs on the embedded default: memory over an SQLite file.
+//!
+//! A command that changes something waits (`--flush-timeout-ms`, 5 s by default) for every
+//! cache to take it before it exits; if one could not (Redis unreachable), it says which and
+//! exits with code 5: the database has the change, a cache may still serve the old value.
 
 #![forbid(unsafe_code)]
 
@@ -21,6 +25,7 @@ mod workload;
 use std::fmt;
 use std::io::Read;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use userconfig::{UserConfig, UserConfigStorage};
@@ -55,6 +60,11 @@ pub(crate) struct Connection {
     /// an SQLite file (userconfig.sqlite3; simulate uses a temporary one).
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub(crate) database_url: Option<String>,
+    /// Milliseconds a command waits, before it exits, for the caches to take what it changed
+    /// (invalidations Redis missed, messages to the other instances); what is still undone
+    /// then is reported and the exit code is 5.
+    #[arg(long, global = true, default_value_t = 5000)]
+    pub(crate) flush_timeout_ms: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -95,13 +105,21 @@ enum Command {
     Stats,
 }
 
-/// A failure to report: its message, never a configuration value or a URL.
+/// A failure to report: its message, never a configuration value or a URL, and the exit code.
 #[derive(Debug)]
-pub(crate) struct Failure(String);
+pub(crate) struct Failure(String, u8);
+
+/// Exit code of a change the database took but a cache could not (it may serve the old
+/// value until its TTL).
+const EXIT_UNREACHED: u8 = 5;
 
 impl Failure {
     pub(crate) fn new(message: impl Into<String>) -> Self {
-        Failure(message.into())
+        Failure(message.into(), 1)
+    }
+
+    fn code(&self) -> ExitCode {
+        ExitCode::from(self.1)
     }
 }
 
@@ -111,16 +129,37 @@ impl fmt::Display for Failure {
     }
 }
 
+/// An error and its sources, as one line.
+fn explain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        message.push_str(": ");
+        message.push_str(&s.to_string());
+        source = s.source();
+    }
+    message
+}
+
 impl From<userconfig::Error> for Failure {
     fn from(e: userconfig::Error) -> Self {
-        let mut message = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            message.push_str(": ");
-            message.push_str(&s.to_string());
-            source = s.source();
-        }
-        Failure(message)
+        Failure(explain(&e), 1)
+    }
+}
+
+/// Waits for what `done` changed to reach every cache, within the command's flush time
+/// limit; reports what could not, with exit code 5.
+async fn finish(storage: &UserConfigStorage, done: &str, within: Duration) -> Result<(), Failure> {
+    match storage.flush(within).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(Failure(
+            format!(
+                "{done}, but not every cache took it ({}); another instance may serve the old \
+                 configuration until its cache entry expires",
+                explain(&e)
+            ),
+            EXIT_UNREACHED,
+        )),
     }
 }
 
@@ -136,6 +175,7 @@ impl Connection {
                 .filter(|n| !n.is_empty())
                 .collect(),
             database_url: self.database_url.filter(|u| !u.is_empty()),
+            flush_timeout_ms: self.flush_timeout_ms,
         }
     }
 
@@ -164,6 +204,7 @@ impl Connection {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     let connection = cli.connection.normalized();
+    let within = Duration::from_millis(connection.flush_timeout_ms);
     match cli.command {
         Command::Simulate(args) => simulate::run(args, connection).await,
         Command::Get { user_id } => {
@@ -178,6 +219,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 fetched.version,
                 fetched.answered_by.as_str()
             );
+            // Let the back-fill land; a fill that cannot is no error.
+            let _ = storage.flush(within).await;
             Ok(())
         }
         Command::Set { user_id, json } => {
@@ -195,11 +238,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let storage = connection.storage().await?;
             let version = storage.update_user_config(&user_id, &config).await?;
             eprintln!("stored version {version}");
-            Ok(())
+            finish(&storage, &format!("stored version {version}"), within).await
         }
         Command::Invalidate { user_id } => {
             let storage = connection.storage().await?;
-            storage.invalidate_user_config_cache(&user_id).await?;
+            // A tier that could not be reached gets the invalidation replayed: whether it was
+            // in the end is for `finish` to say.
+            if let Err(e) = storage.invalidate_user_config_cache(&user_id).await {
+                if !e.is_transient() {
+                    return Err(e.into());
+                }
+            }
+            finish(&storage, "invalidated what could be reached", within).await?;
             eprintln!("invalidated");
             Ok(())
         }
@@ -221,6 +271,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let storage = connection.storage().await?;
             let ids: Vec<&str> = user_ids.iter().map(String::as_str).collect();
             let found = storage.warm(&ids, batch).await?;
+            let _ = storage.flush(within).await;
             eprintln!(
                 "warmed {} users ({found} with a stored configuration)",
                 ids.len()
@@ -265,7 +316,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            e.code()
         }
     }
 }

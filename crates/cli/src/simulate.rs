@@ -371,7 +371,7 @@ async fn drive(
     bar.finish_and_clear();
     // Start from cold caches, as a fresh deployment would, and count only the run.
     for storage in storages {
-        storage.clear_memory_cache();
+        storage.clear_memory_cache().await;
     }
     let before: u64 = storages
         .iter()

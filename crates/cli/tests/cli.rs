@@ -150,3 +150,32 @@ fn bad_input_is_a_clear_error_and_a_failing_exit() {
     let out = userconfig(&["simulate", "--users", "0", "--no-progress"], &db);
     assert!(!out.status.success());
 }
+
+#[test]
+fn a_change_a_cache_could_not_take_is_reported_with_exit_code_5() {
+    let (_dir, db) = temp_db("unreached");
+    // Nothing listens on port 1: Redis is down, the database is not.
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_userconfig"))
+            .args(args)
+            .args(["--flush-timeout-ms", "300"])
+            .env("REDIS_URL", "redis://127.0.0.1:1/")
+            .env("DATABASE_URL", &db)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["set", "alice", r#"{"preferences": {"theme": "dark"}}"#][..],
+        &["invalidate", "alice"][..],
+    ] {
+        let out = run(args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {stderr}");
+        assert!(stderr.contains("`redis` could not be reached"), "{stderr}");
+        assert!(!stderr.contains("127.0.0.1:1"), "no URL: {stderr}");
+    }
+    // The database took the change all the same.
+    let get = userconfig(&["get", "alice"], &db);
+    let config: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(config["preferences"]["theme"], "dark");
+}

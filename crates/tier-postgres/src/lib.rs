@@ -243,6 +243,14 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         PostgresTierBuilder::default()
     }
 
+    /// The longest a write can still run inside PostgreSQL after it was sent: its statement
+    /// time limit. A chain over this tier waits this long (plus a margin) before it settles a
+    /// write whose outcome it could not learn (`TieredCacheBuilder::write_settle`).
+    #[must_use]
+    pub fn longest_write(&self) -> Duration {
+        self.statement_timeout
+    }
+
     /// The connection pool (for operators and tests; the tier's own statements go through it
     /// too).
     #[must_use]

@@ -162,6 +162,15 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
         SqliteTierBuilder::default()
     }
 
+    /// The longest a write can still take to commit after it was started: its busy time limit
+    /// (waiting for another connection's lock). A chain over this tier waits this long (plus a
+    /// margin) before it settles a write whose outcome it could not learn
+    /// (`TieredCacheBuilder::write_settle`).
+    #[must_use]
+    pub fn longest_write(&self) -> Duration {
+        self.busy_timeout
+    }
+
     /// The connection pool.
     #[must_use]
     pub fn pool(&self) -> &SqlitePool {

@@ -54,6 +54,16 @@ impl Database {
         }
     }
 
+    /// How long after the chain gave up on a write it may still commit, and a margin.
+    fn write_settle(&self) -> Duration {
+        let inside = match self {
+            Database::Postgres(t) => t.longest_write(),
+            Database::Sqlite(t) => t.longest_write(),
+            Database::Custom(_) => return tiercache_core::DEFAULT_WRITE_SETTLE,
+        };
+        inside + Duration::from_secs(1)
+    }
+
     fn backend(&self) -> &'static str {
         match self {
             Database::Postgres(_) => "postgres",
@@ -339,9 +349,24 @@ impl UserConfigStorage {
         Ok(self.cache.invalidate(&user_id.to_owned()).await?)
     }
 
-    /// Empties the in-memory tier of this instance (for testing and debugging).
-    pub fn clear_memory_cache(&self) {
-        self.memory.remove_all();
+    /// Empties the in-memory tier of this instance (for testing and debugging). Through the
+    /// chain: reads running now do not put back what they read before the clear.
+    pub async fn clear_memory_cache(&self) {
+        // The top tier is in-process and cannot fail.
+        let _ = self.cache.clear_tier(0).await;
+    }
+
+    /// Waits, for at most `within`, for the work that outlives the calls that started it: an
+    /// update or invalidation still running, the replay of invalidations Redis missed while it
+    /// was unreachable, and the backplane messages still queued. Call it before a process
+    /// exits (a command-line tool, a service shutting down): otherwise that work is lost with
+    /// the process, and another instance may serve a replaced configuration until its TTL.
+    ///
+    /// # Errors
+    /// [`Error::Cache`] with [`tiercache_core::Error::Unfinished`] naming the first tier (or
+    /// the backplane) still behind at the deadline, and how much is left.
+    pub async fn flush(&self, within: Duration) -> Result<()> {
+        Ok(self.cache.flush(within).await?)
     }
 
     /// The seed's statistics (`memory_cache`, `redis_cache`, `database`) plus the chain's.
@@ -350,7 +375,6 @@ impl UserConfigStorage {
         let chain = self.cache.stats();
         let memory = self.memory.stats();
         let redis = self.redis.as_ref().map(|r| (r.stats(), r.is_connected()));
-        let database = self.database.tier().stats();
         CacheStats {
             memory_cache: MemoryCacheStats {
                 enabled: true,
@@ -372,7 +396,9 @@ impl UserConfigStorage {
                 enabled: true,
                 backend: self.database.backend().to_owned(),
                 loads: chain.source_loads,
-                errors: database.errors + chain.source.errors,
+                // Every failed database call, as the chain saw it (the tier's own count is a
+                // subset of these: adding both counted each failure twice).
+                errors: chain.source.errors,
             },
             chain,
         }
@@ -822,7 +848,9 @@ impl UserConfigStorageBuilder {
             .background_backfill(self.background_backfill)
             .single_flight(self.single_flight)
             // A missed invalidation may leave an old copy in Redis for its whole TTL.
-            .floor_ttl(self.redis_ttl.max(self.memory_ttl));
+            .floor_ttl(self.redis_ttl.max(self.memory_ttl))
+            // The database's own limits may let a write commit after the chain's 2 s.
+            .write_settle(database.write_settle());
         if let Some(redis) = &redis {
             // A read pays at most the Redis tier's own time limit (50 ms by default), however
             // Redis fails (slow, partitioned, reconnecting).

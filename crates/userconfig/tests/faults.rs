@@ -150,7 +150,7 @@ async fn run(fault: Fault) {
     }
     // Arrange where each user is found: memory hits in this instance's memory, Redis hits in
     // Redis only, full misses in the database only.
-    r.faulty.clear_memory_cache();
+    r.faulty.clear_memory_cache().await;
     let redis = r.faulty.redis().unwrap();
     for op in ["get", "update"] {
         redis
@@ -244,7 +244,7 @@ async fn run(fault: Fault) {
     let took = wait_until(
         "the faulty instance answers from every tier again",
         || async {
-            r.faulty.clear_memory_cache();
+            r.faulty.clear_memory_cache().await;
             matches!(
                 r.faulty.fetch_user_config(&user("redis_hit", "get")).await,
                 Ok(f) if f.answered_by == Answer::Redis
@@ -263,7 +263,7 @@ async fn run(fault: Fault) {
         let u = user(scenario, "update");
         let expected = if fault.is_redis() { 2 } else { 1 };
         wait_until("the other instance sees the database's version", || async {
-            r.healthy.clear_memory_cache();
+            r.healthy.clear_memory_cache().await;
             r.healthy.fetch_user_config(&u).await.unwrap().version == expected
         })
         .await;

@@ -160,7 +160,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
             .theme,
         CONFIG_VALUE
     );
-    storage.clear_memory_cache();
+    storage.clear_memory_cache().await;
     assert_eq!(
         storage
             .get_user_config("alice")
@@ -215,7 +215,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
         .query_async(&mut con)
         .await
         .unwrap();
-    storage.clear_memory_cache();
+    storage.clear_memory_cache().await;
     let _ = storage.get_user_config("bob").await;
 
     let stranger: RedisTier<String, UserConfig> = RedisTier::builder()

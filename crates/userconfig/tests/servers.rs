@@ -191,7 +191,7 @@ async fn invalidation_and_memory_clear_send_reads_down() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    a.clear_memory_cache();
+    a.clear_memory_cache().await;
     assert_eq!(a.get_cache_stats().memory_cache.entries, 0);
     assert_eq!(
         a.fetch_user_config("carol").await.unwrap().answered_by,
@@ -371,7 +371,7 @@ async fn the_storage_starts_while_redis_is_down_and_serves_from_the_database() {
         .update_user_config("ivan", &themed("ivan", "x"))
         .await
         .unwrap();
-    storage.clear_memory_cache();
+    storage.clear_memory_cache().await;
     let got = storage.fetch_user_config("ivan").await.unwrap();
     assert_eq!(got.answered_by, Answer::Database);
     let stats = storage.get_cache_stats();

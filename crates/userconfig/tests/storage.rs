@@ -53,7 +53,7 @@ async fn invalidate_and_clear_memory_send_the_next_read_to_the_database() {
     s.update_user_config("bob", &UserConfig::default_for("bob"))
         .await
         .unwrap();
-    s.clear_memory_cache();
+    s.clear_memory_cache().await;
     assert_eq!(s.get_cache_stats().memory_cache.entries, 0);
     assert_eq!(
         s.fetch_user_config("bob").await.unwrap().answered_by,
@@ -137,12 +137,12 @@ async fn unknown_fields_survive_read_modify_write() {
     s.update_user_config("dave", &from_newer_service)
         .await
         .unwrap();
-    s.clear_memory_cache();
+    s.clear_memory_cache().await;
     // An older service reads, changes one known field, writes back.
     let mut c = (*s.get_user_config("dave").await.unwrap()).clone();
     c.preferences.font_size = 18;
     s.update_user_config("dave", &c).await.unwrap();
-    s.clear_memory_cache();
+    s.clear_memory_cache().await;
     let back = serde_json::to_value(&*s.get_user_config("dave").await.unwrap()).unwrap();
     assert_eq!(back["preferences"]["accent_colour"], "teal");
     assert_eq!(back["voice"]["enabled"], true);
@@ -190,11 +190,58 @@ async fn the_embedded_default_needs_no_server() {
     let mut c = UserConfig::default_for("erin");
     c.web_search.enabled = true;
     s.update_user_config("erin", &c).await.unwrap();
-    s.clear_memory_cache();
+    s.clear_memory_cache().await;
     let got = s.fetch_user_config("erin").await.unwrap();
     assert_eq!(got.answered_by, Answer::Database);
     assert!(got.config.web_search.enabled);
     assert_eq!(s.get_cache_stats().database.backend, "sqlite");
     drop(s);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clearing_memory_stops_a_read_in_flight_from_filling_it_again() {
+    use tiercache_testkit::{Fault, Gate, Op};
+    let (s, db) = storage().await;
+    db.put("alice".to_string(), UserConfig::default_for("alice"));
+    // A read loads version 1 and is held before its back-fill.
+    let gate = Gate::new();
+    db.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+    let reader = {
+        let s = s.clone();
+        tokio::spawn(async move { s.fetch_user_config("alice").await })
+    };
+    gate.arrived(1).await;
+    db.faults().clear();
+    // The database is changed behind the cache's back, and the memory cleared for it.
+    let mut edited = UserConfig::default_for("alice");
+    edited.preferences.theme = "edited".into();
+    db.put("alice".to_string(), edited);
+    s.clear_memory_cache().await;
+    gate.open();
+    assert_eq!(reader.await.unwrap().unwrap().version, 1);
+    let got = s.fetch_user_config("alice").await.unwrap();
+    assert_eq!(
+        (got.version, got.answered_by),
+        (2, Answer::Database),
+        "the read in flight did not put version 1 back"
+    );
+}
+
+#[tokio::test]
+async fn a_failed_database_call_is_counted_once() {
+    let postgres = tiercache_postgres::PostgresTier::builder()
+        .url("postgres://postgres@127.0.0.1:1/nothing")
+        .build()
+        .unwrap();
+    let s = UserConfigStorage::builder()
+        .postgres_tier(Arc::new(postgres))
+        .max_stale(None)
+        .build()
+        .await
+        .unwrap();
+    assert!(s.get_user_config("alice").await.is_err());
+    let stats = s.get_cache_stats();
+    assert_eq!(stats.database.errors, 1, "{:?}", stats.database);
+    assert_eq!(stats.chain.failed, 1);
 }

@@ -285,10 +285,13 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if let Some(backplane) = &inner.backplane {
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            backplane.flush(left).await?;
-        }
+        let sent = match &inner.backplane {
+            Some(backplane) => {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                backplane.flush(left).await
+            }
+            None => Ok(()),
+        };
         if !tasks_done && inner.tasks.running() > 0 {
             return Err(Error::Unfinished {
                 tier: "chain".into(),
@@ -296,6 +299,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 pending: inner.tasks.running() as u64,
             });
         }
+        // A tier still holding what it should have dropped matters more than a message.
         for level in &inner.tiers {
             let pending = level.repairs.len();
             if pending > 0 {
@@ -306,6 +310,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 });
             }
         }
+        sent?;
         Ok(())
     }
 
