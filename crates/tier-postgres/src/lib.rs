@@ -56,7 +56,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -105,6 +105,11 @@ pub struct PostgresTier<K, V> {
     max_connections: u32,
     migrated: OnceCell<()>,
     down_until: AtomicU64,
+    /// Nanoseconds since `epoch` until which a pool time-out is taken for a busy pool without a
+    /// probe (the last probe found the server answering).
+    busy_until: AtomicU64,
+    /// A probe connection is being made (one at a time).
+    probing: AtomicBool,
     epoch: Instant,
     stats: Stats,
     _types: PhantomData<fn() -> (K, V)>,
@@ -122,6 +127,16 @@ struct Stats {
     misses: Counter,
     errors: Counter,
     corrupt: Counter,
+    probes: Counter,
+}
+
+/// Clears the probing flag when the probe ends, finished or dropped with its caller.
+struct Probing<'a>(&'a AtomicBool);
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 /// Connection settings without the password.
@@ -384,35 +399,52 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         map_error(&self.name, self.statement_timeout, error)
     }
 
-    /// A pool time-out says little: a direct connection attempt tells "the server refuses
-    /// connections" from "the pool is busy". While the server is unreachable, calls fail fast
-    /// for a moment instead of each waiting out the acquire time limit.
+    /// A pool time-out says little: a direct connection attempt (a probe) tells "the server
+    /// refuses connections" from "the pool is busy". One probe at a time: the callers that
+    /// time out meanwhile, and those in the window after a probe found the server answering,
+    /// are told the pool is busy without opening a connection each (a busy pool's waiters would
+    /// otherwise exhaust the server's connections). While the server is unreachable, calls fail
+    /// fast for a moment instead of each waiting out the acquire time limit.
     async fn explain_core(&self, error: Error) -> Error {
-        match &error {
-            Error::Unavailable { source, .. } => {
-                let pool_busy = source
-                    .downcast_ref::<NoConnection>()
-                    .is_some_and(|n| matches!(n, NoConnection::PoolBusy));
-                let reason = if pool_busy {
-                    let probe = self.options.connect();
-                    match tokio::time::timeout(self.connect_timeout, probe).await {
-                        Ok(Ok(conn)) => {
-                            // The server answers: the pool is busy, not the server down.
-                            let _ = tokio::time::timeout(self.connect_timeout, conn.close()).await;
-                            return error;
-                        }
-                        Ok(Err(e)) => e.to_string(),
-                        Err(_) => "no answer to a connection attempt".to_owned(),
-                    }
-                } else {
-                    error_chain(&error)
-                };
-                let until = self.now_nanos() + u64::try_from(FAIL_FAST_FOR.as_nanos()).unwrap_or(0);
-                self.down_until.store(until, Ordering::Relaxed);
-                Error::unavailable(&self.name, NoConnection::Unreachable(reason))
+        let Error::Unavailable { source, .. } = &error else {
+            return error;
+        };
+        let pool_busy = source
+            .downcast_ref::<NoConnection>()
+            .is_some_and(|n| matches!(n, NoConnection::PoolBusy));
+        let reason = if pool_busy {
+            if self.now_nanos() < self.busy_until.load(Ordering::Relaxed)
+                || self.probing.swap(true, Ordering::AcqRel)
+            {
+                return error;
             }
-            _ => error,
-        }
+            let _probing = Probing(&self.probing);
+            self.stats.probes.incr();
+            let probe = self.options.connect();
+            match tokio::time::timeout(self.connect_timeout, probe).await {
+                Ok(Ok(conn)) => {
+                    // The server answers: the pool is busy, not the server down.
+                    let until =
+                        self.now_nanos() + u64::try_from(FAIL_FAST_FOR.as_nanos()).unwrap_or(0);
+                    self.busy_until.store(until, Ordering::Relaxed);
+                    let _ = tokio::time::timeout(self.connect_timeout, conn.close()).await;
+                    return error;
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer to a connection attempt".to_owned(),
+            }
+        } else {
+            error_chain(&error)
+        };
+        let until = self.now_nanos() + u64::try_from(FAIL_FAST_FOR.as_nanos()).unwrap_or(0);
+        self.down_until.store(until, Ordering::Relaxed);
+        Error::unavailable(&self.name, NoConnection::Unreachable(reason))
+    }
+
+    /// Probe connections opened so far to tell a busy pool from a server that is down.
+    #[must_use]
+    pub fn probes(&self) -> u64 {
+        self.stats.probes.get()
     }
 
     fn decode(&self, key: &str, json: &str, version: i64) -> Result<Entry<V>> {
@@ -570,16 +602,28 @@ where
         }
         let key = key.storage_key();
         check_key(&key)?;
+        // Whether the statement went out: a connection lost after that may have committed it.
+        let sent = AtomicBool::new(false);
         let version: i64 = self
             .run(false, || async {
                 let mut conn = self.live_connection().await?;
+                sent.store(true, Ordering::Relaxed);
                 sqlx::query_scalar(AssertSqlSafe(self.sql.write.as_str()))
                     .bind(key.as_ref())
                     .bind(&json)
                     .fetch_one(&mut *conn)
                     .await
             })
-            .await?;
+            .await
+            .map_err(|e| match e {
+                Error::Unavailable { source, .. } if sent.load(Ordering::Relaxed) => {
+                    Error::Interrupted {
+                        tier: self.name.clone(),
+                        source,
+                    }
+                }
+                other => other,
+            })?;
         Ok(u64::try_from(version).unwrap_or(0))
     }
 
@@ -795,6 +839,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             max_connections: self.max_connections,
             migrated: OnceCell::new(),
             down_until: AtomicU64::new(0),
+            busy_until: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
             epoch: Instant::now(),
             stats: Stats::default(),
             _types: PhantomData,

@@ -299,3 +299,93 @@ async fn connections_the_server_ended_are_replaced_without_failing_a_call() {
     assert_eq!(t.stats().errors, 0);
     postgres_env::drop_schema(&pool, &schema).await;
 }
+
+/// Holds an exclusive lock on the tier's table from a connection of its own, until dropped
+/// (the transaction rolls back): the tier's statements on it wait.
+async fn lock_table(
+    pool: &sqlx::PgPool,
+    table: &str,
+) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+    )))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_pool_is_probed_once_not_once_per_waiter() {
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let t: Tier = PostgresTier::builder()
+        .url(env::database_url())
+        .schema(&schema)
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(500))
+        .statement_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    t.migrate().await.unwrap();
+    let lock = lock_table(&pool, &t.qualified_table()).await;
+    // The pool's only connection waits on the lock; twenty callers wait for the pool.
+    let holder = tokio::spawn({
+        let t = std::sync::Arc::new(t);
+        let waiters = t.clone();
+        async move {
+            let held = tokio::spawn(async move { t.get(&"held".into()).await });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let calls: Vec<_> = (0..20)
+                .map(|i| {
+                    let t = waiters.clone();
+                    tokio::spawn(async move { t.get(&format!("k{i}")).await })
+                })
+                .collect();
+            let mut busy = 0;
+            for call in calls {
+                let err = call.await.unwrap().unwrap_err();
+                assert!(matches!(err, Error::Unavailable { .. }), "{err:?}");
+                busy += 1;
+            }
+            (held, busy, waiters.probes())
+        }
+    });
+    let (held, busy, probes) = holder.await.unwrap();
+    assert_eq!(busy, 20);
+    // One probe (two if the callers' time-outs straddle the quarter second after the first),
+    // not one per waiter.
+    assert!(probes <= 2, "{probes} probe connections for twenty waiters");
+    drop(lock);
+    held.await.unwrap().unwrap();
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_connection_dies_after_it_was_sent_is_interrupted() {
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let t = std::sync::Arc::new(tier(&schema));
+    t.migrate().await.unwrap();
+    let lock = lock_table(&pool, &t.qualified_table()).await;
+    let write = tokio::spawn({
+        let t = t.clone();
+        async move { t.write(&"k".into(), contract::value(1)).await }
+    });
+    // The write is at the server, waiting for the lock: its session ends there.
+    let mut ended = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ended = terminate_sessions_on(&pool, &schema).await;
+        if ended > 0 {
+            break;
+        }
+    }
+    assert!(ended > 0, "the write's session was found");
+    let err = write.await.unwrap().unwrap_err();
+    assert!(matches!(err, Error::Interrupted { .. }), "{err:?}");
+    assert!(err.outcome_unknown());
+    drop(lock);
+    postgres_env::drop_schema(&pool, &schema).await;
+}
