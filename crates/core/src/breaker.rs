@@ -2,7 +2,11 @@
 //! skipped for a cool-down, then one call probes it; a success closes the breaker.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock: real time in production, and paused, virtual time in tests that pause it, so
+// that a seeded race replays the same way every time.
+use tokio::time::Instant;
 
 use serde::{Deserialize, Serialize};
 

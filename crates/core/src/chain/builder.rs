@@ -66,6 +66,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
                 floor_ttl: DEFAULT_FLOOR_TTL,
                 write_settle: DEFAULT_WRITE_SETTLE,
                 max_pending_repairs: DEFAULT_MAX_PENDING_REPAIRS,
+                fill_grace: Duration::ZERO,
             },
         }
     }
@@ -224,18 +225,23 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
             ));
         }
         let max_repairs = self.policy.max_pending_repairs;
+        let mut policy = self.policy;
+        policy.fill_grace = self
+            .tiers
+            .iter()
+            .filter_map(|(_, t)| *t)
+            .max()
+            .unwrap_or_default();
         Ok(TieredCache {
             inner: Arc::new(Inner {
                 tiers: self
                     .tiers
                     .into_iter()
-                    .map(|(tier, timeout)| {
-                        Level::new(tier, timeout, self.policy.breaker, max_repairs)
-                    })
+                    .map(|(tier, timeout)| Level::new(tier, timeout, policy.breaker, max_repairs))
                     .collect(),
-                source: Level::new(source, source_timeout, self.policy.breaker, max_repairs),
+                source: Level::new(source, source_timeout, policy.breaker, max_repairs),
                 clock: self.clock,
-                policy: self.policy,
+                policy,
                 flights: Flights::new(),
                 floors: Floors::new(),
                 backplane: self.backplane,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::TieredCache;
+use super::read::Filled;
 use super::tasks::join;
 use crate::entry::{Entry, Version};
 use crate::error::{Error, Result};
@@ -34,11 +35,32 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Drops the copies of `key` older than `below` (`None`: whatever is held) from every
     /// cache tier, bottom first, marking the key before and after, and publishes it. Returns
     /// the first tier's failure (the others were tried; each failure is replayed later).
+    ///
+    /// Without a version, everything is done once more after the longest cache tier time
+    /// limit, in a task of its own: a fill already on its way to a lower tier (a load that
+    /// began before, whose set lands after the pass) is taken back by its own check, but a
+    /// reader could copy it up in between, and another instance's fill is checked by nobody
+    /// here. The second pass removes both.
     pub(super) async fn invalidate_everywhere(
         &self,
         key: &K,
         below: Option<Version>,
     ) -> Result<()> {
+        let result = self.invalidate_pass(key, below).await;
+        if below.is_none() {
+            let (chain, key) = (self.downgrade(), key.clone());
+            let grace = self.inner.policy.fill_grace;
+            self.inner.tasks.spawn(async move {
+                tokio::time::sleep(grace).await;
+                if let Some(this) = chain.upgrade() {
+                    let _ = this.invalidate_pass(&key, None).await;
+                }
+            });
+        }
+        result
+    }
+
+    async fn invalidate_pass(&self, key: &K, below: Option<Version>) -> Result<()> {
         let inner = &*self.inner;
         inner.marks.mark(key, below);
         inner.flights.forget(key);
@@ -96,10 +118,26 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let Some(top) = inner.tiers.first() else {
             return;
         };
-        let held = match top.tier.get_stale(key, Duration::MAX).await {
+        let below = version.map(|v| v.saturating_sub(1));
+        let held = match top
+            .call("get_stale", top.tier.get_stale(key, Duration::MAX))
+            .await
+        {
             Ok(Some(entry)) => entry.version,
-            // Not held, or the tier cannot say: nothing to drop.
-            Ok(None) | Err(_) => {
+            // Not held: nothing to drop.
+            Ok(None) => {
+                inner.marks.mark(key, version);
+                return;
+            }
+            // The tier cannot say: drop whatever it holds, now or when it answers again.
+            Err(_) => {
+                if top
+                    .call("invalidate", top.tier.invalidate(key, below))
+                    .await
+                    .is_err()
+                {
+                    self.remember(0, key, below);
+                }
                 inner.marks.mark(key, version);
                 return;
             }
@@ -110,15 +148,17 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             // Like any fill: a later change (a newer version's message overtaking this one)
             // wins over it, and then the held copy is dropped below.
             (Some(version), Some(value)) => {
-                self.fill(0, key, &Entry::new(value, version), ticket).await
+                self.fill(0, key, &Entry::new(value, version), ticket).await == Filled::Stored
             }
             _ => false,
         };
-        if !current {
-            let below = version.map(|v| v.saturating_sub(1));
-            let _ = top
+        if !current
+            && top
                 .call("invalidate", top.tier.invalidate(key, below))
-                .await;
+                .await
+                .is_err()
+        {
+            self.remember(0, key, below);
         }
         inner.marks.mark(key, version);
     }

@@ -131,6 +131,8 @@ struct Policy {
     floor_ttl: Duration,
     write_settle: Duration,
     max_pending_repairs: usize,
+    /// The longest cache tier time limit: how long a fill may still be on its way to a tier.
+    fill_grace: Duration,
 }
 
 #[derive(Default)]

@@ -301,7 +301,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         ticket: Ticket,
     ) {
         for index in levels {
-            if !self.fill(index, key, entry, ticket).await {
+            if self.fill(index, key, entry, ticket).await == Filled::Refused {
                 return;
             }
         }
@@ -310,19 +310,18 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Stores `entry` in cache tier `index` if no change to `key` came after `ticket` and none
     /// announced a newer version, checked before the set and again after it: a set that
     /// landed after such a change is taken back. Whatever the tier's LRU evicted meanwhile, an
-    /// older version is not put back. Returns whether the key is still unchanged (a failed set
-    /// is counted by the level and skipped).
+    /// older version is not put back. (A failed set is counted by the level.)
     pub(super) async fn fill(
         &self,
         index: usize,
         key: &K,
         entry: &Entry<V>,
         ticket: Ticket,
-    ) -> bool {
+    ) -> Filled {
         let marks = &self.inner.marks;
         let level = &self.inner.tiers[index];
         if !marks.admits(key, ticket, entry.version) {
-            return false;
+            return Filled::Refused;
         }
         // If the caller gives up between the set and the check after it, the check still runs
         // (in a task).
@@ -336,6 +335,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         };
         let stored = level.call("set", level.tier.set(key, entry.clone())).await;
         let verdict = marks.check(key, ticket, entry.version);
+        eprintln!(
+            "{:?} FILL@{:p} tier {index} v{} stored {:?} verdict {:?}",
+            tokio::time::Instant::now(),
+            Arc::as_ptr(&self.inner),
+            entry.version,
+            stored,
+            verdict
+        );
         if matches!(stored, Ok(true)) && verdict != Verdict::Admit {
             self.inner.counters.backfills_skipped.incr();
             let undo = verdict.undo(entry.version);
@@ -343,10 +350,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 .call("invalidate", level.tier.invalidate(key, undo))
                 .await;
             guard.armed = false;
-            return false;
+            return Filled::Refused;
         }
         guard.armed = false;
-        true
+        if matches!(stored, Ok(true)) {
+            Filled::Stored
+        } else {
+            Filled::NotStored
+        }
     }
 
     /// Loads `keys` into the cache tiers ahead of demand, `batch` keys per
@@ -487,4 +498,15 @@ impl<K: Key, V: Value> Drop for FillGuard<'_, K, V> {
             }
         });
     }
+}
+
+/// What became of a fill.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Filled {
+    /// The tier holds the entry.
+    Stored,
+    /// The tier failed, or kept what it held (a newer version, a tombstone).
+    NotStored,
+    /// The key changed since the load began: not stored, or taken back.
+    Refused,
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::TieredCache;
+use super::read::Filled;
 use super::tasks::join;
 use crate::entry::{Entry, Version};
 use crate::error::Result;
@@ -71,7 +72,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         for (index, _) in missed.iter().enumerate().rev().filter(|(_, m)| !**m) {
             // A set that fails leaves at worst a tombstone against older versions; one that a
             // later change overtakes (another instance's newer version) is taken back.
-            if !self.fill(index, key, &entry, ticket).await {
+            if self.fill(index, key, &entry, ticket).await == Filled::Refused {
                 break;
             }
         }
