@@ -335,14 +335,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         };
         let stored = level.call("set", level.tier.set(key, entry.clone())).await;
         let verdict = marks.check(key, ticket, entry.version);
-        eprintln!(
-            "{:?} FILL@{:p} tier {index} v{} stored {:?} verdict {:?}",
-            tokio::time::Instant::now(),
-            Arc::as_ptr(&self.inner),
-            entry.version,
-            stored,
-            verdict
-        );
         if matches!(stored, Ok(true)) && verdict != Verdict::Admit {
             self.inner.counters.backfills_skipped.incr();
             let undo = verdict.undo(entry.version);
