@@ -258,17 +258,7 @@ async fn run_mode(
         };
         storages.push(builder.build().await?);
     }
-    // Let the backplanes subscribe before the workload starts.
-    for s in &storages {
-        if let Some(b) = s.backplane() {
-            for _ in 0..200 {
-                if b.is_subscribed() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
-    }
+    // (Each build waited for its backplane's first subscription attempt.)
     let result = drive(args, mode, &storages, &run_id).await;
     if let Some(path) = &temp_db {
         for suffix in ["", "-wal", "-shm"] {

@@ -279,3 +279,121 @@ impl Drop for LocalCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A `redis-server` of a test's own, on a free port, that the test may pause (SIGSTOP: the
+/// process hangs, connections stay open) and resume, or kill. The shared server on 6379 is
+/// never touched. Stopped when dropped.
+///
+/// ```no_run
+/// # async fn demo() {
+/// use tiercache_testkit::redis_env::LocalRedis;
+///
+/// let Some(redis) = LocalRedis::start().await else {
+///     return; // redis-server is not installed: start() said so loudly
+/// };
+/// let url = redis.url();
+/// redis.pause(); // hung: every command waits
+/// redis.resume();
+/// # let _ = url; }
+/// ```
+#[derive(Debug)]
+pub struct LocalRedis {
+    server: std::process::Child,
+    port: u16,
+}
+
+impl LocalRedis {
+    /// Starts one, and waits (up to 10 s) until it answers a PING.
+    ///
+    /// Returns `None`, after printing a loud message on standard error, only when
+    /// `redis-server` is not installed (with `CI` set, that is a failure instead).
+    ///
+    /// # Panics
+    /// If the server does not start or answer.
+    pub async fn start() -> Option<Self> {
+        use std::process::{Command, Stdio};
+        if Command::new("redis-server")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_err()
+        {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is not installed, and CI is set: install it (apt-get install redis-server)"
+            );
+            eprintln!(
+                "\n*** SKIPPED: redis-server is not installed, so this test cannot start a Redis \
+                 of its own. Install it (apt-get install redis-server) to run it. ***\n"
+            );
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free loopback port")
+            .port();
+        let server = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        let redis = LocalRedis { server, port };
+        let client = redis::Client::open(redis.url()).expect("a loopback URL parses");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let ping = async {
+                let mut con = client.get_multiplexed_async_connection().await?;
+                redis::cmd("PING").query_async::<String>(&mut con).await
+            };
+            if ping.await.is_ok() {
+                return Some(redis);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the test's redis-server on port {port} did not answer within 10 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>/`.
+    #[must_use]
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Stops the process (SIGSTOP): it hangs, its connections stay open, nothing answers.
+    ///
+    /// # Panics
+    /// If `kill` cannot be run.
+    pub fn pause(&self) {
+        assert!(self.signal("-STOP"), "kill -STOP failed");
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    ///
+    /// # Panics
+    /// If `kill` cannot be run.
+    pub fn resume(&self) {
+        assert!(self.signal("-CONT"), "kill -CONT failed");
+    }
+
+    fn signal(&self, signal: &str) -> bool {
+        std::process::Command::new("kill")
+            .args([signal, &self.server.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+}
+
+impl Drop for LocalRedis {
+    fn drop(&mut self) {
+        // A paused process is killed all the same; resume it first so it exits cleanly.
+        let _ = self.signal("-CONT");
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
