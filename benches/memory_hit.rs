@@ -13,6 +13,10 @@
 //!
 //! `tiercache_chain_no_peek` is the same chain with the memory tier's synchronous `peek` path
 //! hidden, so that each hit goes through `CacheTier::get`'s boxed future: what `peek` saves.
+//!
+//! `tiercache_chain_floor_alive` is the chain while a version floor is alive (an update could
+//! not reach a tier: every hit checks the floors under a lock), and
+//! `tiercache_chain_floor_expired` the same chain once that floor has died: back to one load.
 
 use std::hint::black_box;
 use std::sync::{Arc, Barrier, Mutex};
@@ -190,6 +194,8 @@ fn bench_memory_hit(c: &mut Criterion) {
             stats.tiers[0].tier.evictions, 0,
             "memory must hold every key"
         );
+        let floored = |expire: bool| floored_chain(&rt, &keys, room, expire);
+        let (floor_alive, floor_expired) = (floored(false), floored(true));
 
         for threads in [1usize, 2] {
             let mut group = c.benchmark_group(format!("memory_hit/{n}_keys/{threads}_thread"));
@@ -237,6 +243,24 @@ fn bench_memory_hit(c: &mut Criterion) {
                     })
                 },
             );
+            for (name, chain) in [
+                ("tiercache_chain_floor_alive", &floor_alive),
+                ("tiercache_chain_floor_expired", &floor_expired),
+            ] {
+                group.bench_function(BenchmarkId::from_parameter(name), |b| {
+                    b.iter_custom(|iters| {
+                        run_threads(threads, iters, |offset, count| {
+                            let keys = &keys;
+                            async move {
+                                for i in 0..count {
+                                    let k = &keys[((offset + i) as usize) % mask];
+                                    black_box(chain.get(k).await.unwrap());
+                                }
+                            }
+                        })
+                    })
+                });
+            }
             group.bench_function(BenchmarkId::from_parameter("quick_cache"), |b| {
                 b.iter_custom(|iters| {
                     run_threads(threads, iters, |offset, count| {
@@ -279,6 +303,59 @@ fn bench_memory_hit(c: &mut Criterion) {
             group.finish();
         }
     }
+}
+
+/// The chain over a second tier that missed one update, so that a version floor was raised;
+/// with `expire`, the floor has died since (on the chain's manual clock) and one read has
+/// dropped it. Every key is in memory.
+fn floored_chain(
+    rt: &tokio::runtime::Runtime,
+    keys: &[String],
+    room: usize,
+    expire: bool,
+) -> TieredCache<String, String> {
+    use tiercache_testkit::{Fault, ManualClock};
+    let manual = ManualClock::new();
+    let memory = MemoryTier::<String, String>::builder()
+        .capacity(room)
+        .ttl(Duration::from_secs(3600))
+        .clock(manual.clock())
+        .build()
+        .unwrap();
+    let redis = FakeTier::<String, String>::cache("redis").with_clock(manual.clock());
+    let source = FakeTier::<String, String>::source("db").with_clock(manual.clock());
+    for k in keys {
+        source.put(k.clone(), "{\"theme\":\"dark\"}".to_string());
+    }
+    let chain = TieredCache::builder()
+        .tier(memory)
+        .tier(redis.clone())
+        .source(source)
+        .clock(manual.clock())
+        .max_stale(None)
+        .floor_ttl(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        redis.faults().set(Fault::Error);
+        chain
+            .update(&"floored".to_string(), Arc::new("v".to_string()))
+            .await
+            .unwrap();
+        redis.faults().clear();
+        assert_eq!(chain.stats().floors, 1);
+        if expire {
+            manual.advance(Duration::from_secs(61));
+        }
+        for _ in 0..2 {
+            // (The second round hits memory: a hit checks the floors and drops dead ones.)
+            for k in keys {
+                chain.get(k).await.unwrap().unwrap();
+            }
+        }
+        assert_eq!(chain.stats().floors, u64::from(!expire));
+    });
+    chain
 }
 
 criterion_group! {

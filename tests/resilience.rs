@@ -184,6 +184,47 @@ async fn no_read_uses_a_tier_while_its_replay_of_that_key_is_pending() {
 }
 
 #[tokio::test]
+async fn a_tier_that_missed_more_than_the_bound_is_cleared_and_skipped_until_then() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let a = TieredCache::builder()
+        .tier(MemoryTier::new())
+        .tier_with_timeout(redis.clone(), Some(Duration::from_millis(20)))
+        .source(db.clone())
+        .breaker(BreakerPolicy::never())
+        .max_pending_repairs(2)
+        .build()
+        .unwrap();
+    for k in ["x", "y", "z"] {
+        a.update(&key(k), val("v1")).await.unwrap();
+    }
+    db.put(key("other"), "v1".to_string());
+    redis
+        .set(&key("other"), tiercache_core::Entry::new(val("v1"), 1))
+        .await
+        .unwrap();
+    redis.faults().set(Fault::Error);
+    for k in ["x", "y", "z"] {
+        a.update(&key(k), val("v2")).await.unwrap();
+    }
+    // Three missed for a bound of two: the whole tier is suspect, even keys never missed.
+    assert!(a.stats().tiers[1].pending_repairs >= 1);
+    let got = a.fetch(&key("other")).await.unwrap();
+    assert_eq!(got.origin, Origin::Source, "redis skipped for every key");
+    // Back: the tier is cleared (not replayed key by key), then used again.
+    redis.faults().clear();
+    a.flush(Duration::from_secs(2)).await.unwrap();
+    assert!(redis.calls().clear >= 1, "cleared");
+    assert!(redis.version(&key("x")).is_none() && redis.version(&key("other")).is_none());
+    a.clear_tier(0).await.unwrap();
+    a.fetch(&key("other")).await.unwrap();
+    a.clear_tier(0).await.unwrap();
+    assert_eq!(
+        a.fetch(&key("other")).await.unwrap().origin,
+        Origin::Tier(1)
+    );
+}
+
+#[tokio::test]
 async fn the_backplane_evicts_older_copies_from_other_instances() {
     let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
     let hub = BackplaneHub::new(7);

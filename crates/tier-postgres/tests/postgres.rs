@@ -373,11 +373,20 @@ async fn a_write_whose_connection_dies_after_it_was_sent_is_interrupted() {
         let t = t.clone();
         async move { t.write(&"k".into(), contract::value(1)).await }
     });
-    // The write is at the server, waiting for the lock: its session ends there.
+    // The write is at the server, waiting for the lock: its session ends there (and only a
+    // session waiting on the lock, not one still connecting or being pinged).
     let mut ended = 0;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        ended = terminate_sessions_on(&pool, &schema).await;
+        ended = sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'tiercache' AND strpos(query, $1) > 0 \
+             AND wait_event_type = 'Lock') AS ended",
+        )
+        .bind(&schema)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
         if ended > 0 {
             break;
         }

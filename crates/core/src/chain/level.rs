@@ -219,6 +219,10 @@ fn backoff(failures: u32) -> Duration {
     wait.mul_f64(1.0 - fastrand::f64() / 2.0)
 }
 
+/// The maps of keys checked on every read of a tier with replays pending: a fast hash (the
+/// keys are the application's, not an attacker's choice of collisions across a network).
+type Map<K, T> = HashMap<K, T, foldhash::fast::RandomState>;
+
 /// What a replay does next.
 pub(super) enum Job<K> {
     /// Clear the whole tier: it missed more than the bound.
@@ -238,9 +242,9 @@ pub(super) struct Repairs<K> {
 
 #[derive(Default)]
 struct RepairState<K> {
-    pending: HashMap<K, Option<Version>>,
+    pending: Map<K, Option<Version>>,
     /// Being replayed now.
-    in_flight: HashMap<K, Option<Version>>,
+    in_flight: Map<K, Option<Version>>,
     /// The tier missed more than the bound: it is to be cleared.
     clear_wanted: bool,
     clearing: bool,
@@ -261,8 +265,8 @@ impl<K: Key> Repairs<K> {
     fn new(max: usize) -> Self {
         Repairs {
             state: Mutex::new(RepairState {
-                pending: HashMap::new(),
-                in_flight: HashMap::new(),
+                pending: Map::default(),
+                in_flight: Map::default(),
                 clear_wanted: false,
                 clearing: false,
                 replaying: false,

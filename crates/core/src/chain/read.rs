@@ -12,7 +12,7 @@ use crate::tier::{Key, Peek, Value};
 impl<K: Key, V: Value> TieredCache<K, V> {
     /// The value for `key`: `Ok(None)` if the source does not have it.
     ///
-    /// A hit in a top tier with a synchronous path ([`CacheTier::peek`]) completes without
+    /// A hit in a top tier with a synchronous path ([`CacheTier::peek`](crate::CacheTier::peek)) completes without
     /// awaiting anything.
     #[inline]
     pub async fn get(&self, key: &K) -> Result<Option<Arc<V>>> {
@@ -372,7 +372,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     }
 
     /// The values for `keys`, in order, answered tier by tier with one batch call per tier
-    /// ([`CacheTier::get_many`]). Batches are not coalesced with concurrent single gets.
+    /// ([`CacheTier::get_many`](crate::CacheTier::get_many)). Batches are not coalesced with concurrent single gets.
     pub async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Arc<V>>>> {
         self.get_many_with(keys, self.inner.policy.background_backfill)
             .await
