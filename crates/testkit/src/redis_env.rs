@@ -75,7 +75,7 @@ impl LocalCluster {
     /// every node reports the cluster `ok` with all slots served.
     ///
     /// Returns `None`, after printing a loud message on standard error, only when
-    /// `redis-server` is not installed.
+    /// `redis-server` is not installed (with `CI` set, that is a failure instead).
     ///
     /// # Panics
     /// If a server does not start or the cluster does not form, with the servers' logs.
@@ -89,6 +89,10 @@ impl LocalCluster {
             .status()
             .is_err()
         {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "redis-server is not installed, and CI is set: install it (apt-get install redis-server)"
+            );
             eprintln!(
                 "\n*** SKIPPED: redis-server is not installed, so no Redis Cluster can be built \
                  for this test. Install it (apt-get install redis-server) to run it. ***\n"
