@@ -114,3 +114,88 @@ async fn a_remote_update_refuses_a_slow_readers_old_version_of_a_key_not_held() 
     db.faults().clear();
     assert_eq!(cache.fetch(&key("a")).await.unwrap().version, 2);
 }
+
+/// A tier whose sets of version 1 run in a task of their own and land `delay` later, whoever
+/// waited: like a Redis command the chain gave up on that the server still runs. (Other sets
+/// land at once.)
+struct LateSet {
+    inner: Arc<MemoryTier<Key, Val>>,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl CacheTier<Key, Val> for LateSet {
+    fn name(&self) -> &str {
+        "late"
+    }
+    async fn get(&self, key: &Key) -> tiercache_core::Result<Option<Entry<Val>>> {
+        self.inner.get(key).await
+    }
+    async fn set(&self, key: &Key, entry: Entry<Val>) -> tiercache_core::Result<bool> {
+        if entry.version != 1 {
+            return self.inner.set(key, entry).await;
+        }
+        let (inner, key, delay) = (self.inner.clone(), key.clone(), self.delay);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            inner.set(&key, entry).await
+        })
+        .await
+        .expect("the set ran")
+    }
+    async fn invalidate(
+        &self,
+        key: &Key,
+        version: Option<tiercache_core::Version>,
+    ) -> tiercache_core::Result<()> {
+        self.inner.invalidate(key, version).await
+    }
+    async fn clear(&self) -> tiercache_core::Result<()> {
+        self.inner.clear().await
+    }
+    fn stats(&self) -> tiercache_core::TierStats {
+        self.inner.stats()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fill_that_timed_out_and_landed_late_is_taken_back() {
+    // The second tier holds one entry (evictions, like a Redis at maxmemory); its sets land
+    // 30 ms after they were sent, the chain gives up on them after 10 ms.
+    let lower = Arc::new(MemoryTier::builder().capacity(1).shards(1).build().unwrap());
+    let db = FakeTier::<Key, Val>::source("db");
+    let cache = TieredCache::builder()
+        .tier_with_timeout(MemoryTier::<Key, Val>::new(), None)
+        .tier_with_timeout(
+            LateSet {
+                inner: lower.clone(),
+                delay: Duration::from_millis(30),
+            },
+            Some(Duration::from_millis(10)),
+        )
+        .source(db.clone())
+        .build()
+        .unwrap();
+    db.put(key("a"), "v1".to_string());
+    // A read fills version 1 into the second tier: the set is on its way.
+    let reader = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    // Meanwhile version 2 is written, and the second tier evicts it (and its tombstone).
+    cache.update(&key("a"), val("v2")).await.unwrap();
+    lower
+        .set(&key("other"), Entry::new(val("x"), 1))
+        .await
+        .unwrap();
+    assert_eq!(held(&lower, "a").await, None, "evicted");
+    // The read's set of version 1 timed out in the chain at 10 ms, and lands at 30 ms.
+    assert_eq!(reader.await.unwrap().unwrap().version, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_ne!(
+        held(&lower, "a").await,
+        Some(1),
+        "the late fill of version 1 was taken back"
+    );
+}

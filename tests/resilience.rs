@@ -224,6 +224,32 @@ async fn a_tier_that_missed_more_than_the_bound_is_cleared_and_skipped_until_the
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_replay_whose_caller_gives_up_leaves_its_keys_to_the_replay_task() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let a = TieredCache::builder()
+        .tier(MemoryTier::new())
+        .tier_with_timeout(redis.clone(), Some(Duration::from_millis(20)))
+        .source(db.clone())
+        .breaker(BreakerPolicy::never())
+        .build()
+        .unwrap();
+    a.update(&key("x"), val("v1")).await.unwrap();
+    redis.faults().set(Fault::Error);
+    a.update(&key("x"), val("v2")).await.unwrap();
+    // Redis answers again, slowly; while the replay task waits out its back-off, a caller
+    // replays by hand and gives up half way.
+    redis.faults().set(Fault::Delay(Duration::from_millis(15)));
+    assert_eq!(a.stats().tiers[1].pending_repairs, 1);
+    let gave_up = tokio::time::timeout(Duration::from_millis(5), a.repair()).await;
+    assert!(gave_up.is_err());
+    redis.faults().clear();
+    a.flush(Duration::from_secs(2))
+        .await
+        .expect("the keys it held went back to the replay task");
+    assert_eq!(redis.version(&key("x")), None, "version 1 removed");
+}
+
 #[tokio::test]
 async fn the_backplane_evicts_older_copies_from_other_instances() {
     let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));

@@ -138,6 +138,16 @@ struct Link {
     epoch: Instant,
 }
 
+/// Ends a connecting task's turn: clears the flag and wakes the callers waiting for it.
+struct Connected<'a>(&'a Link);
+
+impl Drop for Connected<'_> {
+    fn drop(&mut self) {
+        self.0.connecting.store(false, Ordering::Release);
+        self.0.done.notify_waiters();
+    }
+}
+
 impl Link {
     fn new() -> Self {
         Link {
@@ -412,7 +422,11 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         tokio::pin!(done);
         done.as_mut().enable();
         if !self.link.connecting.swap(true, Ordering::AcqRel) {
-            tokio::spawn(self.connect());
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(self.connect())),
+                // No runtime to connect on: the next call (in one) tries.
+                Err(_) => self.link.connecting.store(false, Ordering::Release),
+            }
         }
         if self.link.conn.get().is_none() {
             let _ = tokio::time::timeout(within, done).await;
@@ -457,6 +471,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
             (cluster, config)
         });
         async move {
+            // However this task ends (its runtime shut down mid-attempt, say), the next call
+            // may start another.
+            let _done = Connected(&link);
             let connecting = async {
                 #[cfg(feature = "cluster")]
                 if let Some((cluster, config)) = cluster {
@@ -485,8 +502,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
                     tracing::debug!(tier = %name, after = ?limit * 2, "could not connect to Redis in time");
                 }
             }
-            link.connecting.store(false, Ordering::Release);
-            link.done.notify_waiters();
         }
     }
 

@@ -131,3 +131,45 @@ async fn a_slow_first_connection_is_finished_in_the_background() {
     let answered = tokio::time::timeout(Duration::from_millis(50), t.get(&k("a"))).await;
     assert!(matches!(answered, Ok(Ok(None))), "{answered:?}");
 }
+
+#[test]
+fn a_connection_cut_short_by_its_runtime_is_tried_again_on_the_next() {
+    let server = env::redis_url();
+    let host = server
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // The proxy runs on a runtime of its own, which lives through the test.
+    let proxies = runtime();
+    let proxy = proxies.block_on(FaultProxy::start(&host));
+    // Nothing answers: the connection attempt hangs.
+    proxy.set_mode(ProxyMode::Blackhole);
+    let first = runtime();
+    let t = first.block_on(async {
+        let t: RedisTier<String, Config> = RedisTier::builder()
+            .url(format!("redis://{}/", proxy.addr()))
+            .prefix(redis_env::unique_prefix("cut_connect"))
+            .build()
+            .unwrap();
+        assert!(t.get(&k("a")).await.is_err(), "still connecting");
+        t
+    });
+    // The runtime the connection was being made on goes away mid-attempt.
+    drop(first);
+    let second = runtime();
+    second.block_on(async {
+        proxy.set_mode(ProxyMode::Pass);
+        assert!(
+            t.connect_within(Duration::from_secs(5)).await,
+            "a new attempt was made"
+        );
+        assert!(t.get(&k("a")).await.unwrap().is_none());
+    });
+}

@@ -145,21 +145,28 @@ impl<K: Key, V: Value> Level<K, V> {
     /// Replays what this tier missed now, inline (its replay task does it anyway); stops at
     /// the first failure.
     pub(super) async fn replay_now(&self) -> Result<()> {
-        while let Some(job) = self.repairs.take(false) {
+        while let Next::Job(job) = self.repairs.take(false) {
             self.run(job).await?;
         }
         Ok(())
     }
 
-    /// Runs one replay job and records how it went.
+    /// Runs one replay job and records how it went. A caller that gives up part way (or a
+    /// tier that panics) gives the job back as failed: its keys stay pending, not in flight
+    /// for ever.
     async fn run(&self, job: Job<K>) -> Result<()> {
-        let result = match &job {
+        let mut running = Running {
+            repairs: &self.repairs,
+            job: Some(job),
+        };
+        let result = match running.job.as_ref().expect("just set") {
             Job::Clear => self.call("clear", self.tier.clear()).await,
             Job::Batch(keys) => {
                 self.call("invalidate_many", self.tier.invalidate_many(keys))
                     .await
             }
         };
+        let job = running.job.take().expect("still held");
         if result.is_ok() && matches!(job, Job::Clear) {
             tracing::info!(tier = %self.name, "tier cleared: it had missed too many invalidations");
         }
@@ -186,24 +193,68 @@ impl<K: Key, V: Value> Level<K, V> {
     }
 }
 
+/// A replay job being run; dropped before it was recorded (its caller gave up, the tier
+/// panicked), it is recorded as failed.
+struct Running<'a, K: Key> {
+    repairs: &'a Repairs<K>,
+    job: Option<Job<K>>,
+}
+
+impl<K: Key> Drop for Running<'_, K> {
+    fn drop(&mut self) {
+        if let Some(job) = self.job.take() {
+            self.repairs.finish(job, false);
+        }
+    }
+}
+
 /// Replays the invalidations cache tier `index` missed, until none is left or the chain is
 /// gone. Holds the chain only while a call runs, never while it waits.
 async fn replay<K: Key, V: Value>(chain: Weak<Inner<K, V>>, index: usize) {
+    // Aborted or panicked: the next missed invalidation starts a new task.
+    let mut exit = Exit {
+        chain: chain.clone(),
+        index,
+        armed: true,
+    };
     let mut failures = 0u32;
     loop {
         let ok = {
             let Some(inner) = chain.upgrade() else { return };
             let level = &inner.tiers[index];
-            let Some(job) = level.repairs.take(true) else {
-                return;
-            };
-            level.run(job).await.is_ok()
+            match level.repairs.take(true) {
+                Next::Job(job) => level.run(job).await.is_ok(),
+                // Another replay (`TieredCache::repair`) holds the rest: wait for it.
+                Next::Wait => false,
+                Next::Done => {
+                    exit.armed = false;
+                    return;
+                }
+            }
         };
         if ok {
             failures = 0;
         } else {
             failures += 1;
             tokio::time::sleep(backoff(failures)).await;
+        }
+    }
+}
+
+/// Clears the level's `replaying` flag if its replay task ends other than by finding nothing
+/// left (where `take` clears it).
+struct Exit<K: Key, V: Value> {
+    chain: Weak<Inner<K, V>>,
+    index: usize,
+    armed: bool,
+}
+
+impl<K: Key, V: Value> Drop for Exit<K, V> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Some(inner) = self.chain.upgrade() {
+                inner.tiers[self.index].repairs.lock().replaying = false;
+            }
         }
     }
 }
@@ -231,6 +282,16 @@ pub(super) enum Job<K> {
     Batch(Vec<(K, Option<Version>)>),
 }
 
+/// What [`Repairs::take`] found.
+pub(super) enum Next<K> {
+    /// A job to run.
+    Job(Job<K>),
+    /// Nothing to take now, but another replay's job is in flight and may come back.
+    Wait,
+    /// Nothing left (for the task: it ends).
+    Done,
+}
+
 /// The invalidations a level missed. See the [module docs](self).
 pub(super) struct Repairs<K> {
     state: Mutex<RepairState<K>>,
@@ -241,7 +302,7 @@ pub(super) struct Repairs<K> {
 }
 
 #[derive(Default)]
-struct RepairState<K> {
+pub(super) struct RepairState<K> {
     pending: Map<K, Option<Version>>,
     /// Being replayed now.
     in_flight: Map<K, Option<Version>>,
@@ -249,7 +310,7 @@ struct RepairState<K> {
     clear_wanted: bool,
     clearing: bool,
     /// A replay task is running.
-    replaying: bool,
+    pub(super) replaying: bool,
 }
 
 /// Two invalidations of one key as one: the higher version, or a manual one (`None`) if either
@@ -276,7 +337,7 @@ impl<K: Key> Repairs<K> {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, RepairState<K>> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, RepairState<K>> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -330,16 +391,16 @@ impl<K: Key> Repairs<K> {
         !std::mem::replace(&mut state.replaying, true)
     }
 
-    /// The next replay job, or `None` when there is none (and then, if `task`, the replay
-    /// task ends).
-    fn take(&self, task: bool) -> Option<Job<K>> {
+    /// The next replay job. When there is none, the replay task (`task`) waits while another
+    /// replay's job is in flight (it may fail and come back), and otherwise ends.
+    fn take(&self, task: bool) -> Next<K> {
         let mut state = self.lock();
-        let job = if state.clear_wanted && !state.clearing {
+        let next = if state.clear_wanted && !state.clearing {
             state.clear_wanted = false;
             state.clearing = true;
             // The clear covers them.
             state.pending.clear();
-            Some(Job::Clear)
+            Next::Job(Job::Clear)
         } else if !state.pending.is_empty() {
             let batch: Vec<(K, Option<Version>)> = {
                 let keys: Vec<K> = state.pending.keys().take(REPLAY_BATCH).cloned().collect();
@@ -353,15 +414,17 @@ impl<K: Key> Repairs<K> {
             for (k, v) in &batch {
                 state.in_flight.insert(k.clone(), *v);
             }
-            Some(Job::Batch(batch))
+            Next::Job(Job::Batch(batch))
+        } else if !state.in_flight.is_empty() || state.clearing {
+            Next::Wait
         } else {
             if task {
                 state.replaying = false;
             }
-            None
+            Next::Done
         };
         self.publish_len(&state);
-        job
+        next
     }
 
     /// Records how a job went: a failed batch goes back to pending, a failed clear is wanted
@@ -393,7 +456,7 @@ mod tests {
 
     fn replay_all(repairs: &Repairs<u32>, ok: bool) -> usize {
         let mut jobs = 0;
-        while let Some(job) = repairs.take(true) {
+        while let Next::Job(job) = repairs.take(true) {
             jobs += 1;
             repairs.finish(job, ok);
             if !ok {
@@ -413,7 +476,7 @@ mod tests {
         );
         assert!(!repairs.remember(&1, Some(5), "t"), "one task at a time");
         assert!(repairs.blocks(&1) && !repairs.blocks(&2));
-        let Some(Job::Batch(batch)) = repairs.take(true) else {
+        let Next::Job(Job::Batch(batch)) = repairs.take(true) else {
             panic!("a batch")
         };
         assert_eq!(batch, vec![(1, Some(5))], "merged to the higher version");
@@ -430,7 +493,7 @@ mod tests {
         let repairs = Repairs::<u32>::new(100);
         repairs.remember(&1, Some(3), "t");
         repairs.remember(&1, None, "t");
-        let Some(Job::Batch(batch)) = repairs.take(true) else {
+        let Next::Job(Job::Batch(batch)) = repairs.take(true) else {
             panic!("a batch")
         };
         assert_eq!(batch, vec![(1, None)]);
@@ -443,7 +506,7 @@ mod tests {
             repairs.remember(&k, Some(1), "t");
         }
         assert!(repairs.blocks(&999), "every key is blocked");
-        assert!(matches!(repairs.take(true), Some(Job::Clear)));
+        assert!(matches!(repairs.take(true), Next::Job(Job::Clear)));
         // A key missed while the clear runs is kept: the clear may have run before it.
         repairs.remember(&50, Some(1), "t");
         repairs.finish(Job::Clear, true);
@@ -458,10 +521,29 @@ mod tests {
         let repairs = Repairs::<u32>::new(1);
         repairs.remember(&1, None, "t");
         repairs.remember(&2, None, "t");
-        let job = repairs.take(true).unwrap();
+        let Next::Job(job) = repairs.take(true) else {
+            panic!("a job")
+        };
         repairs.finish(job, false);
         assert!(repairs.blocks(&7));
-        assert!(matches!(repairs.take(true), Some(Job::Clear)));
+        assert!(matches!(repairs.take(true), Next::Job(Job::Clear)));
+    }
+
+    #[test]
+    fn a_job_dropped_before_it_is_recorded_goes_back_to_pending() {
+        let repairs = Repairs::<u32>::new(100);
+        repairs.remember(&1, Some(2), "t");
+        let Next::Job(job) = repairs.take(false) else {
+            panic!("a job")
+        };
+        // Another replay (the task) finds the job in flight: it waits rather than ends.
+        assert!(matches!(repairs.take(true), Next::Wait));
+        drop(Running {
+            repairs: &repairs,
+            job: Some(job),
+        });
+        assert!(repairs.blocks(&1), "still pending");
+        assert!(matches!(repairs.take(true), Next::Job(Job::Batch(_))));
     }
 
     #[test]

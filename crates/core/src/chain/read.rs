@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::marks::{Ticket, Verdict};
 use super::{Fetched, Miss, Origin, TieredCache, Top};
-use crate::entry::Entry;
+use crate::entry::{Entry, Version};
 use crate::error::{Error, Result};
 use crate::tier::{Key, Peek, Value};
 
@@ -335,12 +335,10 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         };
         let stored = level.call("set", level.tier.set(key, entry.clone())).await;
         let verdict = marks.check(key, ticket, entry.version);
-        if matches!(stored, Ok(true)) && verdict != Verdict::Admit {
+        // A set that failed (timed out) may land all the same: take it back too.
+        if !matches!(stored, Ok(false)) && verdict != Verdict::Admit {
             self.inner.counters.backfills_skipped.incr();
-            let undo = verdict.undo(entry.version);
-            let _ = level
-                .call("invalidate", level.tier.invalidate(key, undo))
-                .await;
+            self.take_back(index, key, verdict, entry.version).await;
             guard.armed = false;
             return Filled::Refused;
         }
@@ -349,6 +347,20 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             Filled::Stored
         } else {
             Filled::NotStored
+        }
+    }
+
+    /// Takes back a fill of `version` that may have landed in tier `index` after a change the
+    /// marks judged by `verdict`; if the tier cannot be reached, it is replayed later.
+    async fn take_back(&self, index: usize, key: &K, verdict: Verdict, version: Version) {
+        let level = &self.inner.tiers[index];
+        let undo = verdict.undo(version);
+        if level
+            .call("invalidate", level.tier.invalidate(key, undo))
+            .await
+            .is_err()
+        {
+            self.remember(index, key, undo);
         }
     }
 
@@ -461,7 +473,7 @@ struct FillGuard<'a, K: Key, V: Value> {
     key: &'a K,
     index: usize,
     ticket: Ticket,
-    version: crate::entry::Version,
+    version: Version,
     armed: bool,
 }
 
@@ -480,13 +492,7 @@ impl<K: Key, V: Value> Drop for FillGuard<'_, K, V> {
         self.chain.inner.tasks.spawn(async move {
             let verdict = chain.inner.marks.check(&key, ticket, version);
             if verdict != Verdict::Admit {
-                let level = &chain.inner.tiers[index];
-                let _ = level
-                    .call(
-                        "invalidate",
-                        level.tier.invalidate(&key, verdict.undo(version)),
-                    )
-                    .await;
+                chain.take_back(index, &key, verdict, version).await;
             }
         });
     }
