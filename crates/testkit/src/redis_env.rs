@@ -12,6 +12,37 @@
 
 use crate::env;
 
+/// The `host:port` of a `redis://host:port/` URL (for a [`FaultProxy`](crate::FaultProxy) in
+/// front of it).
+#[must_use]
+pub fn host_of(url: &str) -> String {
+    url.trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Whether `redis-server` can be run. If not, says loudly on standard error that the test is
+/// skipped (`so`: what cannot be done), or, with `CI` set, fails.
+fn redis_server_installed(so: &str) -> bool {
+    let found = std::process::Command::new("redis-server")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "redis-server is not installed, and CI is set: install it (apt-get install redis-server)"
+        );
+        eprintln!(
+            "\n*** SKIPPED: redis-server is not installed, so {so}. Install it \
+             (apt-get install redis-server) to run it. ***\n"
+        );
+    }
+    found
+}
+
 /// A client for [`env::redis_url`], after a successful PING.
 ///
 /// # Panics
@@ -82,21 +113,7 @@ impl LocalCluster {
     pub async fn start(masters: usize) -> Option<Self> {
         use std::process::{Command, Stdio};
         assert!(masters >= 1, "a cluster needs at least one master");
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed, and CI is set: install it (apt-get install redis-server)"
-            );
-            eprintln!(
-                "\n*** SKIPPED: redis-server is not installed, so no Redis Cluster can be built \
-                 for this test. Install it (apt-get install redis-server) to run it. ***\n"
-            );
+        if !redis_server_installed("no Redis Cluster can be built for this test") {
             return None;
         }
         let dir = std::env::temp_dir().join(env::unique_name("cluster"));
@@ -316,21 +333,7 @@ impl LocalRedis {
     /// If the server does not start or answer.
     pub async fn start() -> Option<Self> {
         use std::process::{Command, Stdio};
-        if Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "redis-server is not installed, and CI is set: install it (apt-get install redis-server)"
-            );
-            eprintln!(
-                "\n*** SKIPPED: redis-server is not installed, so this test cannot start a Redis \
-                 of its own. Install it (apt-get install redis-server) to run it. ***\n"
-            );
+        if !redis_server_installed("this test cannot start a Redis of its own") {
             return None;
         }
         let port = std::net::TcpListener::bind("127.0.0.1:0")

@@ -142,10 +142,7 @@ async fn an_update_evicts_older_copies_from_every_other_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_subscription_flushes_memory_when_it_comes_back() {
     let server = env::redis_url();
-    let host = server
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string();
+    let host = redis_env::host_of(&server);
     let proxy = FaultProxy::start(&host).await;
     let through_proxy = format!("redis://{}/", proxy.addr());
     let (all, _db) = instances("bp_gap", &[server, through_proxy]).await;
@@ -183,10 +180,7 @@ async fn a_lost_subscription_flushes_memory_when_it_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blackholed_subscription_is_noticed_by_its_health_check() {
     let server = env::redis_url();
-    let host = server
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string();
+    let host = redis_env::host_of(&server);
     let proxy = FaultProxy::start(&host).await;
     let (all, _db) = instances("bp_health", &[format!("redis://{}/", proxy.addr())]).await;
     // The connection stays open but nothing comes back: only the PING notices.
@@ -199,10 +193,7 @@ async fn a_blackholed_subscription_is_noticed_by_its_health_check() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_publish_is_retried_until_it_gets_through() {
     let server = env::redis_url();
-    let host = server
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string();
+    let host = redis_env::host_of(&server);
     let proxy = FaultProxy::start(&host).await;
     let (all, _db) = instances("bp_retry", &[format!("redis://{}/", proxy.addr()), server]).await;
     all[0]
@@ -254,10 +245,7 @@ async fn a_failed_publish_is_retried_until_it_gets_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_subscription_flushes_what_was_filled_before_it() {
     let server = env::redis_url();
-    let host = server
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string();
+    let host = redis_env::host_of(&server);
     let proxy = FaultProxy::start(&host).await;
     // Instance 1's backplane cannot subscribe yet (a slow start, a far server).
     proxy.set_mode(ProxyMode::Blackhole);

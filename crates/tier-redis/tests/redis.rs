@@ -103,10 +103,7 @@ async fn a_slow_first_connection_is_finished_in_the_background() {
     // A far server: 80 ms each way, so connecting (TCP, then the client's handshake, then the
     // first command) takes longer than the callers wait.
     let server = env::redis_url();
-    let host = server
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string();
+    let host = redis_env::host_of(&server);
     let proxy = FaultProxy::start(&host).await;
     proxy.set_mode(ProxyMode::Latency(Duration::from_millis(80)));
     let t: RedisTier<String, Config> = RedisTier::builder()
@@ -135,10 +132,7 @@ async fn a_slow_first_connection_is_finished_in_the_background() {
 #[test]
 fn a_connection_cut_short_by_its_runtime_is_tried_again_on_the_next() {
     let server = env::redis_url();
-    let host = server
-        .trim_start_matches("redis://")
-        .trim_end_matches('/')
-        .to_string();
+    let host = redis_env::host_of(&server);
     let runtime = || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
