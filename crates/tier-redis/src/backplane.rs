@@ -706,7 +706,6 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
             let (Some(chain), Some(inner)) = (chain.upgrade(), received.upgrade()) else {
                 return;
             };
-            inner.received.incr();
             match notice {
                 Notice::Flush => chain.flush_local().await,
                 Notice::Key(text, version, json) => {
@@ -719,6 +718,8 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
                     }
                 }
             }
+            // Counted once applied: whoever sees the count sees the change.
+            inner.received.incr();
         }
         drop(checker);
         let Some(inner) = backplane.upgrade() else {
