@@ -39,9 +39,12 @@ async fn concurrent_readers_and_updaters_converge_to_the_source_version() {
         .build()
         .unwrap();
 
+    let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
     for t in 0..TASKS {
         let cache: TieredCache<u64, String> = cache.clone();
+        let (reads, writes) = (reads.clone(), writes.clone());
         tasks.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(t);
             let mut mine = [0u64; KEYS as usize];
@@ -53,8 +56,10 @@ async fn concurrent_readers_and_updaters_converge_to_the_source_version() {
                         .await
                         .unwrap();
                     mine[k as usize] = v;
+                    writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 } else {
                     let got = cache.fetch(&k).await.unwrap();
+                    reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     assert!(
                         got.version >= mine[k as usize],
                         "task {t} read version {} of key {k} after writing {}",
@@ -92,7 +97,16 @@ async fn concurrent_readers_and_updaters_converge_to_the_source_version() {
             );
         }
     }
+    // The statistics add up under concurrency: one outcome per read, one count per update,
+    // and every load either ran or joined another.
     let stats = cache.stats();
+    let (reads, writes) = (
+        reads.load(std::sync::atomic::Ordering::Relaxed),
+        writes.load(std::sync::atomic::Ordering::Relaxed),
+    );
     assert_eq!(stats.failed, 0);
-    assert!(stats.coalesced > 0 || stats.source_loads > 0);
+    // (The tasks' reads, and one per key above.)
+    assert_eq!(stats.requests, reads + KEYS, "one outcome per read");
+    assert_eq!(stats.updates, writes);
+    assert!(stats.source_loads > 0 && stats.source_loads <= reads);
 }

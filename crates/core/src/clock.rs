@@ -223,11 +223,21 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn system_clock_is_monotonic() {
+    fn system_clock_is_monotonic_and_advances() {
         let clock = Clock::system();
-        let a = clock.now();
-        let b = clock.now();
-        assert!(b >= a);
+        let start = clock.now();
+        let mut last = start;
+        for _ in 0..10_000 {
+            let now = clock.now();
+            assert!(now >= last, "went back");
+            last = now;
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        // The coarse clock ticks every few milliseconds: 30 ms of sleep shows as 20 at least.
+        assert!(
+            clock.now().saturating_since(start) >= Duration::from_millis(20),
+            "did not advance"
+        );
     }
 
     #[test]

@@ -127,11 +127,19 @@ mod tests {
                     .await
             }));
         }
-        // Let every task reach the flight, then release the one load.
-        while loads.load(Ordering::SeqCst) == 0 {
+        // Wait until every task has joined the flight (the map's reference and one per
+        // caller), then release the one load.
+        let joined = || {
+            flights
+                .map
+                .lock()
+                .unwrap()
+                .get("k")
+                .map_or(0, Arc::strong_count)
+        };
+        while joined() < 101 {
             tokio::task::yield_now().await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
         gate.notify_one();
         let mut leaders = 0;
         for t in tasks {

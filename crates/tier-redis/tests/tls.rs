@@ -121,12 +121,18 @@ async fn tls_redis() -> TlsRedis {
         .stderr(Stdio::null())
         .spawn()
         .expect("redis-server must be installed for this test");
+    let mut listening = false;
     for _ in 0..200 {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            listening = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
+    assert!(
+        listening,
+        "the TLS redis-server did not listen on {port} within 5 s"
+    );
     TlsRedis { child, dir, port }
 }
 

@@ -14,7 +14,7 @@ use tiercache_core::CacheTier;
 use tiercache_postgres::PostgresTier;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::{env, postgres_env, redis_env};
-use userconfig::{UserConfig, UserConfigStorage};
+use userconfig::{Answer, UserConfig, UserConfigStorage};
 
 const PASSWORD: &str = "s3cret-sentinel-pw-7d1e";
 const CONFIG_VALUE: &str = "sentinel-config-value-4b9c";
@@ -161,14 +161,12 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
         CONFIG_VALUE
     );
     storage.clear_memory_cache().await;
+    let from_redis = storage.fetch_user_config("alice").await.unwrap();
+    assert_eq!(from_redis.config.preferences.theme, CONFIG_VALUE);
     assert_eq!(
-        storage
-            .get_user_config("alice")
-            .await
-            .unwrap()
-            .preferences
-            .theme,
-        CONFIG_VALUE
+        from_redis.answered_by,
+        Answer::Redis,
+        "the ACL lets the tier read what it wrote"
     );
     storage.invalidate_user_config_cache("alice").await.unwrap();
     assert_eq!(
@@ -180,9 +178,22 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
             .theme,
         CONFIG_VALUE
     );
+    // The ACL is enough: no command of the tier or the backplane was refused, and the
+    // backplane both published and listened.
+    storage
+        .flush(Duration::from_secs(5))
+        .await
+        .expect("every publish went out");
+    let stats = storage.get_cache_stats();
+    let redis_stats = stats.redis_cache.stats.as_ref().expect("a Redis tier");
+    assert_eq!(
+        redis_stats.errors, 0,
+        "a command was refused: {redis_stats:?}"
+    );
+    let backplane = stats.backplane.expect("a backplane");
     assert!(
-        storage.get_cache_stats().redis_cache.connected,
-        "the ACL is enough"
+        backplane.subscribed && backplane.published >= 2 && backplane.publish_errors == 0,
+        "{backplane:?}"
     );
     redis.clear().await.unwrap();
     captured.note(format!("{:?}", storage.get_cache_stats()));
@@ -216,7 +227,18 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
         .await
         .unwrap();
     storage.clear_memory_cache().await;
-    let _ = storage.get_user_config("bob").await;
+    let corrupt_before = storage.get_cache_stats().redis_cache.stats.unwrap().corrupt;
+    let bob = storage.get_user_config("bob").await.unwrap();
+    assert_eq!(
+        *bob,
+        UserConfig::default_for("bob"),
+        "a miss, not the corrupt bytes"
+    );
+    assert_eq!(
+        storage.get_cache_stats().redis_cache.stats.unwrap().corrupt,
+        corrupt_before + 1,
+        "the corrupt entry was counted"
+    );
 
     let stranger: RedisTier<String, UserConfig> = RedisTier::builder()
         .url(format!("redis://nobody_{user}:{PASSWORD}@{redis_host}/"))
@@ -246,7 +268,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
     captured.note(chain_of(&bad_url));
 
     // Let background tasks log what they will.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = storage.flush(Duration::from_secs(2)).await;
     let text = captured.text();
     assert!(
         text.contains("TRACE") || text.contains("DEBUG"),
