@@ -83,17 +83,31 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let inner = &*self.inner;
         let mut missed = vec![false; inner.tiers.len()];
         let mut first_error = None;
-        for (i, level) in inner.tiers.iter().enumerate().rev() {
-            let done = level
-                .call("invalidate", level.tier.invalidate(key, version))
-                .await;
-            if let Err(error) = done {
+        for i in (0..inner.tiers.len()).rev() {
+            if let Err(error) = self.invalidate_at(i, key, version).await {
                 missed[i] = true;
-                self.remember(i, key, version);
                 first_error.get_or_insert(error);
             }
         }
         (missed, first_error)
+    }
+
+    /// Invalidates `key` at `version` in cache tier `index`; if the tier fails, the
+    /// invalidation is remembered and replayed later.
+    pub(super) async fn invalidate_at(
+        &self,
+        index: usize,
+        key: &K,
+        version: Option<Version>,
+    ) -> Result<()> {
+        let level = &self.inner.tiers[index];
+        let done = level
+            .call("invalidate", level.tier.invalidate(key, version))
+            .await;
+        if done.is_err() {
+            self.remember(index, key, version);
+        }
+        done
     }
 
     /// Applies another instance's update or invalidation (from a [`Backplane`](crate::Backplane))
@@ -123,42 +137,27 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             .call("get_stale", top.tier.get_stale(key, Duration::MAX))
             .await
         {
-            Ok(Some(entry)) => entry.version,
+            Ok(Some(entry)) => Some(entry.version),
             // Not held: nothing to drop.
             Ok(None) => {
                 inner.marks.mark(key, version);
                 return;
             }
-            // The tier cannot say: drop whatever it holds, now or when it answers again.
-            Err(_) => {
-                if top
-                    .call("invalidate", top.tier.invalidate(key, below))
-                    .await
-                    .is_err()
-                {
-                    self.remember(0, key, below);
-                }
-                inner.marks.mark(key, version);
-                return;
-            }
+            // The tier cannot say: drop whatever it holds (now or when it answers again).
+            Err(_) => None,
         };
-        let current = match (version, value) {
+        let current = match (held, version, value) {
             // A late message: what is held is as new.
-            (Some(version), _) if held >= version => true,
+            (Some(held), Some(version), _) if held >= version => true,
             // Like any fill: a later change (a newer version's message overtaking this one)
             // wins over it, and then the held copy is dropped below.
-            (Some(version), Some(value)) => {
+            (Some(_), Some(version), Some(value)) => {
                 self.fill(0, key, &Entry::new(value, version), ticket).await == Filled::Stored
             }
             _ => false,
         };
-        if !current
-            && top
-                .call("invalidate", top.tier.invalidate(key, below))
-                .await
-                .is_err()
-        {
-            self.remember(0, key, below);
+        if !current {
+            let _ = self.invalidate_at(0, key, below).await;
         }
         inner.marks.mark(key, version);
     }

@@ -176,21 +176,17 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// counted with the request's outcome).
     fn usable(&self, i: usize, key: &K, found: Option<Entry<V>>) -> Option<Entry<V>> {
         let inner = &*self.inner;
-        match found {
-            Some(entry)
-                if inner.floors.allows(key, entry.version, &inner.clock)
-                    && !inner.tiers[i].repairs.blocks(key) =>
-            {
-                Some(entry)
+        if let Some(entry) = found {
+            let floored = !inner.floors.allows(key, entry.version, &inner.clock);
+            if !floored && !inner.tiers[i].repairs.blocks(key) {
+                return Some(entry);
             }
-            refused => {
-                if refused.is_some_and(|e| !inner.floors.allows(key, e.version, &inner.clock)) {
-                    inner.counters.refused.incr();
-                }
-                inner.tiers[i].misses.incr();
-                None
+            if floored {
+                inner.counters.refused.incr();
             }
         }
+        inner.tiers[i].misses.incr();
+        None
     }
 
     /// The source's answer for `key`, back-filled into every cache tier: the entry without an
@@ -353,15 +349,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Takes back a fill of `version` that may have landed in tier `index` after a change the
     /// marks judged by `verdict`; if the tier cannot be reached, it is replayed later.
     async fn take_back(&self, index: usize, key: &K, verdict: Verdict, version: Version) {
-        let level = &self.inner.tiers[index];
-        let undo = verdict.undo(version);
-        if level
-            .call("invalidate", level.tier.invalidate(key, undo))
-            .await
-            .is_err()
-        {
-            self.remember(index, key, undo);
-        }
+        let _ = self.invalidate_at(index, key, verdict.undo(version)).await;
     }
 
     /// Loads `keys` into the cache tiers ahead of demand, `batch` keys per
