@@ -331,3 +331,51 @@ async fn concurrent_updates_leave_every_tier_at_the_source_version() {
     assert_eq!(c.redis.version(&key("hot")), Some(source));
     assert_eq!(c.cache.stats().updates, 400);
 }
+
+/// Found by the model test: a clear leaves no tombstones, so another instance's fill that was
+/// on its way when the clear ran (of a version a write has since replaced) landed in the
+/// emptied tier and was served until its TTL. The clear's second pass removes it.
+#[tokio::test(start_paused = true)]
+async fn a_clear_removes_another_instances_fill_that_landed_after_it() {
+    let shared = FakeTier::<Key, Val>::cache("redis");
+    let db = FakeTier::source("db");
+    db.put(key("a"), "v1".to_string());
+    let limit = Some(Duration::from_millis(50));
+    let slow = Faulty::new(shared.clone());
+    let b = TieredCache::builder()
+        .shared_tier(Arc::new(slow.clone()), limit)
+        .source(db.clone())
+        .build()
+        .unwrap();
+    let a = TieredCache::builder()
+        .shared_tier(Arc::new(shared.clone()), limit)
+        .source(db.clone())
+        .build()
+        .unwrap();
+    // B reads version 1; its fill of the shared tier takes 30 ms (within its 50 ms limit).
+    slow.faults()
+        .set_for(Op::Set, Fault::Delay(Duration::from_millis(30)));
+    let reader = tokio::spawn(async move { b.fetch(&key("a")).await.map(|f| f.version) });
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    // Meanwhile A writes version 2, then clears every tier.
+    assert_eq!(a.update(&key("a"), val("v2")).await.unwrap(), 2);
+    a.clear().await.unwrap();
+    assert_eq!(
+        reader.await.unwrap().unwrap(),
+        1,
+        "B's read began before the write"
+    );
+    assert_eq!(
+        shared.version(&key("a")),
+        Some(1),
+        "B's fill landed after the clear"
+    );
+
+    a.flush(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(
+        shared.version(&key("a")),
+        None,
+        "the second pass removed it"
+    );
+    assert_eq!(a.fetch(&key("a")).await.unwrap().version, 2);
+}

@@ -187,11 +187,11 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         tracing::info!("top tier flushed: invalidations may have been missed");
     }
 
-    /// Empties every cache tier (never the source). Every tier is tried; the first failure is
-    /// returned.
+    /// Empties every cache tier (never the source), bottom first. Every tier is tried; the
+    /// first failure is returned.
     pub async fn clear(&self) -> Result<()> {
         let mut first_error = None;
-        for i in 0..self.inner.tiers.len() {
+        for i in (0..self.inner.tiers.len()).rev() {
             if let Err(e) = self.clear_tier(i).await {
                 first_error.get_or_insert(e);
             }
@@ -200,14 +200,39 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     }
 
     /// Empties cache tier `index` (0 is the top). Loads running now skip their back-fill.
+    ///
+    /// Like a manual invalidation, it runs in a task of its own (a caller that gives up does
+    /// not stop it half way), and the tier is emptied once more after the longest cache tier
+    /// time limit: a clear leaves no tombstones, so another instance's fill that was already
+    /// on its way (of a version a write has since replaced) could land in the emptied tier;
+    /// the second pass removes it.
     pub async fn clear_tier(&self, index: usize) -> Result<()> {
-        let level = self.inner.tiers.get(index).ok_or_else(|| {
-            Error::InvalidInput(format!(
+        if index >= self.inner.tiers.len() {
+            return Err(Error::InvalidInput(format!(
                 "no cache tier {index}; the chain has {}",
                 self.inner.tiers.len()
-            ))
-        })?;
+            )));
+        }
+        let this = self.clone();
+        let task = self.inner.tasks.spawn(async move {
+            let result = this.clear_pass(index).await;
+            let (chain, grace) = (this.downgrade(), this.inner.policy.fill_grace);
+            this.inner.tasks.spawn(async move {
+                tokio::time::sleep(grace).await;
+                if let Some(this) = chain.upgrade() {
+                    if let Err(error) = this.clear_pass(index).await {
+                        tracing::debug!(%error, "the second pass of a clear failed");
+                    }
+                }
+            });
+            result
+        });
+        join(task).await
+    }
+
+    async fn clear_pass(&self, index: usize) -> Result<()> {
         self.inner.marks.mark_all();
+        let level = &self.inner.tiers[index];
         level.call("clear", level.tier.clear()).await
     }
 }
