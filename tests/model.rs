@@ -561,6 +561,19 @@ fn check(
             .iter()
             .any(|&(_, start_at, settled)| start_at <= end_at && op.start_at < settled)
     };
+    // Whether read `r` of `key` could not have joined a load of its instance that began
+    // before `seq` (another instance's change does not stop this instance's loads from being
+    // joined; only a backplane message would).
+    let no_older_load = |r: &Record, key: u8, seq: u64| {
+        records.iter().all(|g| {
+            !matches!(g.step, Step::Get(i, k) if i == r.inst && k == key)
+                || g.start >= seq
+                || match g.end {
+                    Some((end, _)) => end < r.start,
+                    None => g.start_at + LOAD_SPAN <= r.start_at,
+                }
+        })
+    };
     for r in records {
         let ctx = || format!("step {} {:?} on {}", r.index, r.step, ["A", "B"][r.inst]);
         for o in &r.outcomes {
@@ -623,7 +636,10 @@ fn check(
                 }
                 let applies = !settling
                     && !during_clear(u)
-                    && (u.inst == r.inst || (r.inst == 1 && !u.shared_invalidation_faulty));
+                    && (u.inst == r.inst
+                        || (r.inst == 1
+                            && !u.shared_invalidation_faulty
+                            && no_older_load(r, k, u.end.unwrap().0)));
                 prop_assert!(
                     !applies || got >= *v,
                     "{}: key {k} read version {got} after step {}'s update on {} returned {v}",
@@ -657,6 +673,7 @@ fn check(
                         } else {
                             r.inst == 1
                                 && after_grace
+                                && no_older_load(r, k, i.start)
                                 && matches!(i.outcomes.first(), Some(Outcome::Done))
                         };
                     prop_assert!(
