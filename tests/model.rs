@@ -54,6 +54,14 @@ const MAX_TTL: Duration = Duration::from_secs(600);
 /// The time limit of a shared-tier call: no fill lands later than this after it was sent.
 const TIER_LIMIT: Duration = Duration::from_millis(10);
 /// Longer than any fill can take (a source read, then a set within its limit).
+/// Memory's time limit in A: longer than its calls take, so that A's second passes come well
+/// after its own fills have been taken back.
+const MEMORY_LIMIT: Duration = Duration::from_millis(30);
+/// How long after a change an instance's own fills that were on their way have landed and
+/// been taken back: a set and an invalidation, each within the instance's jitter (A: 2 ms per
+/// call, B: 8 ms).
+const OWN_SETTLE: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(20)];
+/// Longer than any fill can take (a source read, then a set within its limit).
 const FILL_SLACK: Duration = Duration::from_millis(40);
 /// Longer than a load can take: memory, the shared tier, the source, and stale copies after a
 /// source failure, each within its limit.
@@ -287,7 +295,8 @@ struct World {
     /// Faults of memory, the shared tier and the source.
     faults: [Tracked; 3],
     seq: Arc<Seq>,
-    fill_grace: Duration,
+    /// Each instance's second-pass delay (its longest cache-tier limit).
+    grace: [Duration; 2],
 }
 
 fn world(case: Case) -> World {
@@ -301,7 +310,7 @@ fn world(case: Case) -> World {
     let faults: [Tracked; 3] = Default::default();
     let memory = Arc::new(
         MemoryTier::builder()
-            .capacity(3)
+            .capacity(2)
             .shards(1)
             .ttl(Duration::from_secs(300))
             .clock(clock.clone())
@@ -326,7 +335,7 @@ fn world(case: Case) -> World {
         commits: Arc::default(),
         seq: seq.clone(),
     };
-    let chain = |tiers: Vec<Arc<dyn CacheTier<u8, String>>>| {
+    let chain = |tiers: Vec<(Arc<dyn CacheTier<u8, String>>, Duration)>| {
         let mut builder = TieredCache::builder()
             .clock(clock.clone())
             // Breakers are the race harness's (race.rs); here every call is made, so that an
@@ -337,8 +346,8 @@ fn world(case: Case) -> World {
             .background_backfill(case.background)
             .write_settle(Duration::from_millis(50))
             .max_pending_repairs(2);
-        for tier in tiers {
-            builder = builder.shared_tier(tier, Some(TIER_LIMIT));
+        for (tier, limit) in tiers {
+            builder = builder.shared_tier(tier, Some(limit));
         }
         builder
             .shared_source(Arc::new(db.clone()), Some(Duration::from_millis(15)))
@@ -346,14 +355,14 @@ fn world(case: Case) -> World {
             .unwrap()
     };
     // Each instance sees the shared tier through jitter of its own: B's fills are the slow ones.
+    let shared_for = |n: u64, max_ms: u64| -> Arc<dyn CacheTier<u8, String>> {
+        Arc::new(Faulty::with_switch(shared.clone(), jitter(n, max_ms)))
+    };
     let a = chain(vec![
-        memory_tier,
-        Arc::new(Faulty::with_switch(shared.clone(), jitter(3, 2))),
+        (memory_tier, MEMORY_LIMIT),
+        (shared_for(3, 2), TIER_LIMIT),
     ]);
-    let b = chain(vec![Arc::new(Faulty::with_switch(
-        shared.clone(),
-        jitter(4, 8),
-    ))]);
+    let b = chain(vec![(shared_for(4, 8), TIER_LIMIT)]);
     World {
         a,
         b,
@@ -362,7 +371,7 @@ fn world(case: Case) -> World {
         db,
         faults,
         seq,
-        fill_grace: TIER_LIMIT,
+        grace: [MEMORY_LIMIT, TIER_LIMIT],
     }
 }
 
@@ -543,9 +552,9 @@ fn check(
         .filter(|c| matches!(c.step, Step::Clear(_)))
         .map(|c| {
             let settled = match c.end {
-                Some((_, at)) => at + w.fill_grace + TIER_LIMIT + Duration::from_millis(1),
+                Some((_, at)) => at + w.grace[c.inst] + TIER_LIMIT + Duration::from_millis(1),
                 // A clear whose caller left runs on: its calls take at most a tier limit each.
-                None => c.start_at + w.fill_grace + 4 * TIER_LIMIT,
+                None => c.start_at + w.grace[c.inst] + 2 * MEMORY_LIMIT + 2 * TIER_LIMIT,
             };
             (c.start, c.start_at, settled)
         })
@@ -657,19 +666,19 @@ fn check(
                     continue;
                 }
                 let (i_end, i_end_at) = i.end.unwrap();
-                let after_grace = r.start_at >= i_end_at + w.fill_grace + Duration::from_millis(3);
+                let after_grace =
+                    r.start_at >= i_end_at + w.grace[i.inst] + Duration::from_millis(3);
                 for e in edits.iter().filter(|e| e.key == k && e.seq < i.start) {
-                    // At once if no fill that began before the invalidation was on its way
-                    // (this instance's would be taken back, but only after landing; the other
-                    // instance's are removed by the second pass); after the second pass in
-                    // any case.
-                    let at_once = !i.other_busy
-                        && quiet(1 - i.inst, e.seq, e.at, i_end)
-                        && quiet(i.inst, e.seq, e.at, i.start - 1);
+                    // On the same instance: once its own fills that were on their way have
+                    // been taken back (they land first), and once the second pass removed
+                    // the other instance's, or at once if it had none.
+                    let own = r.start_at >= i_end_at + OWN_SETTLE[i.inst]
+                        && (after_grace
+                            || (!i.other_busy && quiet(1 - i.inst, e.seq, e.at, i_end)));
                     let applies = !settling
                         && !during_clear(i)
                         && if i.inst == r.inst {
-                            after_grace || at_once
+                            own
                         } else {
                             r.inst == 1
                                 && after_grace
@@ -697,10 +706,10 @@ fn check(
                 ) {
                     continue;
                 }
-                let (c_end, _) = c.end.unwrap();
+                let (c_end, c_end_at) = c.end.unwrap();
                 if c.other_busy
                     || !quiet(1 - c.inst, c.start, c.start_at, c_end)
-                    || !quiet(c.inst, c.start, c.start_at, c.start - 1)
+                    || r.start_at < c_end_at + OWN_SETTLE[c.inst]
                 {
                     continue;
                 }

@@ -68,6 +68,14 @@ impl<K: Key, T: Clone> Flights<K, T> {
             .remove(key);
     }
 
+    /// Detaches every flight (see [`forget`](Self::forget)). Used after a clear.
+    pub(crate) fn forget_all(&self) {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     /// Loads in flight now.
     pub(crate) fn len(&self) -> usize {
         self.map

@@ -181,6 +181,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     pub async fn flush_local(&self) {
         let inner = &*self.inner;
         inner.marks.mark_all();
+        inner.flights.forget_all();
         if let Some(top) = inner.tiers.first() {
             let _ = top.call("clear", top.tier.clear()).await;
         }
@@ -232,6 +233,8 @@ impl<K: Key, V: Value> TieredCache<K, V> {
 
     async fn clear_pass(&self, index: usize) -> Result<()> {
         self.inner.marks.mark_all();
+        // No request that starts after the clear joins a load that began before it.
+        self.inner.flights.forget_all();
         let level = &self.inner.tiers[index];
         level.call("clear", level.tier.clear()).await
     }
