@@ -224,7 +224,7 @@ enum Step {
     /// A fault on memory (0), the shared tier (1) or the source (2): on one operation or all,
     /// an error or a hang; `None` clears the target's faults.
     Fault(usize, Option<Op>, Option<bool>),
-    /// Lets this many seconds pass (TTLs run out).
+    /// Lets this many milliseconds pass (TTLs run out; loads and fills land).
     Wait(u64),
 }
 
@@ -248,7 +248,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => inst.prop_map(Step::Clear),
         2 => key.prop_map(Step::Edit),
         2 => (0usize..3, op, fault).prop_map(|(t, o, f)| Step::Fault(t, o, f)),
-        1 => prop_oneof![Just(1u64), Just(310), Just(610)].prop_map(Step::Wait),
+        1 => prop_oneof![Just(1_000u64), Just(310_000), Just(610_000)].prop_map(Step::Wait),
     ]
 }
 
@@ -262,6 +262,87 @@ fn planned() -> impl Strategy<Value = Planned> {
         prop_oneof![2 => 0u64..500, 2 => 0u64..5_000, 1 => 5_000u64..30_000],
         prop_oneof![4 => Just(None), 1 => (0u64..8_000).prop_map(Some)],
     )
+}
+
+/// The races the rules exist for, each as a burst of steps on one key after a quiet spell
+/// (so that the rules that need the other instance quiet apply), with random gaps:
+///
+/// * a slow read on one instance while the other writes (sometimes with the shared tier
+///   refusing sets, so that only the write's tombstone stands in the way), then reads on both;
+/// * a read to fill the caches, a slow read, an edit behind the caches' back, an invalidation
+///   with a read started just after it, then reads before and after its second pass;
+/// * on A, a slow read, a write, reads of two other keys (memory holds two: the key and its
+///   tombstone are evicted), then a read of the key.
+fn episode() -> impl Strategy<Value = Vec<Planned>> {
+    let short = || 0u64..3_000;
+    fn quiet() -> Planned {
+        (Step::Wait(50), 0, None)
+    }
+    let write_race = (
+        0usize..2,
+        0..KEYS,
+        short(),
+        short(),
+        any::<bool>(),
+        2_000u64..25_000,
+    )
+        .prop_map(move |(r, k, d1, d2, refuse_sets, d3)| {
+            let mut e = vec![quiet()];
+            if refuse_sets {
+                e.push((Step::Fault(1, Some(Op::Set), Some(false)), 0, None));
+            }
+            e.push((Step::Get(r, k), d1, None));
+            e.push((Step::Update(1 - r, k), d2, None));
+            if refuse_sets {
+                e.push((Step::Fault(1, None, None), 0, None));
+            }
+            e.extend([
+                (Step::Get(0, k), d3, None),
+                (Step::Get(1, k), 0, None),
+                (Step::Get(r, k), 5_000, None),
+            ]);
+            e
+        });
+    let invalidation_race = (
+        0usize..2,
+        0usize..2,
+        0..KEYS,
+        (short(), short(), 0u64..1_500, 0u64..1_500),
+        (5_000u64..35_000, 0u64..10_000),
+    )
+        .prop_map(move |(r, i, k, (d1, d2, d3, d4), (d5, d6))| {
+            vec![
+                quiet(),
+                (Step::Get(i, k), 5_000, None),
+                (Step::Get(r, k), d1, None),
+                (Step::Edit(k), d2, None),
+                (Step::Invalidate(i, k), d3, None),
+                (Step::Get(i, k), d4, None),
+                (Step::Get(i, k), d5, None),
+                (Step::Get(i, k), d6, None),
+                (Step::Get(1, k), 0, None),
+            ]
+        });
+    let eviction_race = (0..KEYS, short(), short(), short()).prop_map(move |(k, d1, d2, d3)| {
+        vec![
+            quiet(),
+            (Step::Get(0, k), d1, None),
+            (Step::Update(0, k), d2, None),
+            (Step::Get(0, (k + 1) % KEYS), 0, None),
+            (Step::Get(0, (k + 2) % KEYS), d3, None),
+            (Step::Get(0, k), 5_000, None),
+        ]
+    });
+    prop_oneof![write_race, invalidation_race, eviction_race]
+}
+
+/// Random steps and races, one after the other.
+fn plan() -> impl Strategy<Value = Vec<Planned>> {
+    proptest::collection::vec(
+        prop_oneof![3 => planned().prop_map(|p| vec![p]), 2 => episode()],
+        1..40,
+    )
+    .prop_map(|parts| parts.into_iter().flatten().collect())
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -757,7 +838,7 @@ async fn run(case: Case, plan: Vec<Planned>) -> std::result::Result<(), TestCase
                 let fault = fault.map(|hang| if hang { Fault::Hang } else { Fault::Error });
                 w.faults[target].set(op, fault);
             }
-            Step::Wait(secs) => tokio::time::sleep(Duration::from_secs(secs)).await,
+            Step::Wait(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
             step => tasks.push(tokio::spawn(run_op(w.clone(), index, step, patience))),
         }
         tokio::time::sleep(Duration::from_micros(gap)).await;
@@ -833,7 +914,7 @@ proptest! {
     #[test]
     fn concurrent_steps_keep_the_rules(
         case in case(),
-        plan in proptest::collection::vec(planned(), 1..80),
+        plan in plan(),
     ) {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
