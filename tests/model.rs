@@ -58,9 +58,9 @@ const TIER_LIMIT: Duration = Duration::from_millis(10);
 /// after its own fills have been taken back.
 const MEMORY_LIMIT: Duration = Duration::from_millis(30);
 /// How long after a change an instance's own fills that were on their way have landed and
-/// been taken back: a set and an invalidation, each within the instance's jitter (A: 2 ms per
+/// been taken back: a set and an invalidation, each within the instance's jitter (A: 5 ms per
 /// call, B: 8 ms).
-const OWN_SETTLE: [Duration; 2] = [Duration::from_millis(5), Duration::from_millis(20)];
+const OWN_SETTLE: [Duration; 2] = [Duration::from_millis(11), Duration::from_millis(20)];
 /// Longer than any fill can take (a source read, then a set within its limit).
 const FILL_SLACK: Duration = Duration::from_millis(40);
 /// Longer than a load can take: memory, the shared tier, the source, and stale copies after a
@@ -221,6 +221,8 @@ enum Step {
     Clear(usize),
     /// A write behind the caches' back.
     Edit(u8),
+    /// A look at what the shared tier holds for the key (no chain involved).
+    Probe(u8),
     /// A fault on memory (0), the shared tier (1) or the source (2): on one operation or all,
     /// an error or a hang; `None` clears the target's faults.
     Fault(usize, Option<Op>, Option<bool>),
@@ -299,7 +301,9 @@ fn episode() -> impl Strategy<Value = Vec<Planned>> {
             e.extend([
                 (Step::Get(0, k), d3, None),
                 (Step::Get(1, k), 0, None),
-                (Step::Get(r, k), 5_000, None),
+                (Step::Probe(k), 8_000, None),
+                (Step::Get(r, k), 0, None),
+                (Step::Probe(k), 12_000, None),
             ]);
             e
         });
@@ -307,7 +311,7 @@ fn episode() -> impl Strategy<Value = Vec<Planned>> {
         0usize..2,
         0usize..2,
         0..KEYS,
-        (short(), short(), 0u64..1_500, 0u64..1_500),
+        (short(), short(), 0u64..4_000, 0u64..4_000),
         (5_000u64..35_000, 0u64..10_000),
     )
         .prop_map(move |(r, i, k, (d1, d2, d3, d4), (d5, d6))| {
@@ -319,7 +323,9 @@ fn episode() -> impl Strategy<Value = Vec<Planned>> {
                 (Step::Invalidate(i, k), d3, None),
                 (Step::Get(i, k), d4, None),
                 (Step::Get(i, k), d5, None),
+                (Step::Probe(k), 0, None),
                 (Step::Get(i, k), d6, None),
+                (Step::Probe(k), 0, None),
                 (Step::Get(1, k), 0, None),
             ]
         });
@@ -333,13 +339,36 @@ fn episode() -> impl Strategy<Value = Vec<Planned>> {
             (Step::Get(0, k), 5_000, None),
         ]
     });
-    prop_oneof![write_race, invalidation_race, eviction_race]
+    // A slow read on B, a write on A, and an invalidation on A right after it: B's fill of the
+    // version before the write must find the invalidation's tombstone.
+    let write_then_invalidation =
+        (0..KEYS, short(), 2_000u64..8_000, 5_000u64..20_000).prop_map(move |(k, d1, d2, d3)| {
+            vec![
+                quiet(),
+                (Step::Get(1, k), d1, None),
+                (Step::Update(0, k), d2, None),
+                (Step::Invalidate(0, k), d3, None),
+                (Step::Probe(k), 10_000, None),
+                (Step::Get(1, k), 0, None),
+                (Step::Probe(k), 0, None),
+            ]
+        });
+    prop_oneof![
+        write_race,
+        invalidation_race,
+        eviction_race,
+        write_then_invalidation
+    ]
 }
 
 /// Random steps and races, one after the other.
 fn plan() -> impl Strategy<Value = Vec<Planned>> {
     proptest::collection::vec(
-        prop_oneof![3 => planned().prop_map(|p| vec![p]), 2 => episode()],
+        prop_oneof![
+            3 => planned().prop_map(|p| vec![p]),
+            2 => episode(),
+            1 => (0..KEYS).prop_map(|k| vec![(Step::Probe(k), 0, None)]),
+        ],
         1..40,
     )
     .prop_map(|parts| parts.into_iter().flatten().collect())
@@ -403,7 +432,7 @@ fn world(case: Case) -> World {
         faults[0].switch.clone(),
     ));
     if case.memory_jitter {
-        memory_tier = Arc::new(Faulty::with_switch(memory_tier, jitter(1, 2)));
+        memory_tier = Arc::new(Faulty::with_switch(memory_tier, jitter(1, 3)));
     }
     let shared = FakeTier::cache("shared")
         .with_ttl(MAX_TTL)
@@ -412,7 +441,7 @@ fn world(case: Case) -> World {
     let db = Db {
         data: FakeTier::source("db").with_clock(clock.clone()),
         faults: faults[2].clone(),
-        jitter: jitter(2, 3),
+        jitter: jitter(2, 4),
         commits: Arc::default(),
         seq: seq.clone(),
     };
@@ -441,7 +470,7 @@ fn world(case: Case) -> World {
     };
     let a = chain(vec![
         (memory_tier, MEMORY_LIMIT),
-        (shared_for(3, 2), TIER_LIMIT),
+        (shared_for(3, 5), TIER_LIMIT),
     ]);
     let b = chain(vec![(shared_for(4, 8), TIER_LIMIT)]);
     World {
@@ -462,6 +491,8 @@ enum Outcome {
     /// failed (`None` for reads that cannot tell).
     Read(u8, Version, Option<bool>),
     Updated(Version),
+    /// The version the shared tier held, if any.
+    Held(u8, Option<Version>),
     Failed(Error),
     Done,
 }
@@ -552,9 +583,13 @@ async fn perform(w: &World, step: &Step, written: &Mutex<Option<String>>) -> Vec
             Ok(()) => vec![Outcome::Done],
             Err(e) => vec![Outcome::Failed(e)],
         },
+        Step::Probe(k) => vec![Outcome::Held(k, w.shared.version(&k))],
         Step::Edit(_) | Step::Fault(..) | Step::Wait(_) => unreachable!("run by the driver"),
     }
 }
+
+/// The instances' names in messages (probes look at the shared tier directly).
+const NAMES: [&str; 3] = ["A", "B", "probe"];
 
 const ALL_OPS: [Op; 5] = [Op::Get, Op::Set, Op::Invalidate, Op::Clear, Op::Write];
 
@@ -566,9 +601,10 @@ async fn run_op(w: Arc<World>, index: usize, step: Step, patience: Option<u64>) 
         | Step::Update(i, _)
         | Step::Invalidate(i, _)
         | Step::Clear(i) => i,
+        Step::Probe(_) => 2,
         _ => unreachable!(),
     };
-    let other = if inst == 0 { &w.b } else { &w.a };
+    let other = if inst == 1 { &w.a } else { &w.b };
     let other_stats = other.stats();
     let versions_before = (0..KEYS).map(|k| w.db.version(k)).collect();
     let start = w.seq.next();
@@ -664,8 +700,57 @@ fn check(
                 }
         })
     };
+    // What the shared tier holds, looked at directly: the tier-level rules, with no reader in
+    // between to blur them.
+    let check_probe = |p: &Record,
+                       k: u8,
+                       held: Version|
+     -> std::result::Result<(), TestCaseError> {
+        for c in records.iter().filter(|c| c.ended_before(p.start)) {
+            let (c_end, c_end_at) = c.end.unwrap();
+            match (&c.step, c.outcomes.first()) {
+                // Rule 2, in the tier: once an update returned, the tier holds that version,
+                // newer, or nothing (the version rule and tombstones turn away older fills).
+                (&Step::Update(_, uk), Some(&Outcome::Updated(v)))
+                    if uk == k && !during_clear(c) && !c.shared_invalidation_faulty =>
+                {
+                    prop_assert!(
+                        held >= v,
+                        "step {}: the shared tier holds key {k}'s version {held} after step {}'s update on {} returned {v}",
+                        p.index,
+                        c.index,
+                        NAMES[c.inst]
+                    );
+                }
+                // Rule 3, in the tier: once an invalidation's own fills on their way have been
+                // refused or taken back, and with the other instance quiet, the tier holds no
+                // version older than the edit (a reader's copy goes up, never down).
+                (&Step::Invalidate(_, ik), Some(Outcome::Done))
+                    if ik == k
+                        && !during_clear(c)
+                        && !c.other_busy
+                        && p.start_at >= c_end_at + OWN_SETTLE[c.inst] =>
+                {
+                    for e in edits.iter().filter(|e| {
+                        e.key == k && e.seq < c.start && quiet(1 - c.inst, e.seq, e.at, c_end)
+                    }) {
+                        prop_assert!(
+                            held >= e.version,
+                            "step {}: the shared tier holds key {k}'s version {held} after step {}'s invalidation on {} of edit {}",
+                            p.index,
+                            c.index,
+                            NAMES[c.inst],
+                            e.version
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    };
     for r in records {
-        let ctx = || format!("step {} {:?} on {}", r.index, r.step, ["A", "B"][r.inst]);
+        let ctx = || format!("step {} {:?} on {}", r.index, r.step, NAMES[r.inst]);
         for o in &r.outcomes {
             match o {
                 Outcome::Failed(e) => match r.step {
@@ -696,8 +781,15 @@ fn check(
                         ctx()
                     );
                 }
-                Outcome::Read(..) | Outcome::Done => {}
+                Outcome::Read(..) | Outcome::Held(..) | Outcome::Done => {}
             }
+        }
+        if let (Step::Probe(k), Some(&Outcome::Held(_, Some(held)))) = (&r.step, r.outcomes.first())
+        {
+            if !settling_clear(r) {
+                check_probe(r, *k, held)?;
+            }
+            continue;
         }
         let Some((end, _)) = r.end else { continue };
         let settling = settling_clear(r);
@@ -735,7 +827,7 @@ fn check(
                     "{}: key {k} read version {got} after step {}'s update on {} returned {v}",
                     ctx(),
                     u.index,
-                    ["A", "B"][u.inst]
+                    NAMES[u.inst]
                 );
             }
             // Rule 3: invalidations after edits.
@@ -750,12 +842,14 @@ fn check(
                 let after_grace =
                     r.start_at >= i_end_at + w.grace[i.inst] + Duration::from_millis(3);
                 for e in edits.iter().filter(|e| e.key == k && e.seq < i.start) {
-                    // On the same instance: once its own fills that were on their way have
-                    // been taken back (they land first), and once the second pass removed
-                    // the other instance's, or at once if it had none.
-                    let own = r.start_at >= i_end_at + OWN_SETTLE[i.inst]
-                        && (after_grace
-                            || (!i.other_busy && quiet(1 - i.inst, e.seq, e.at, i_end)));
+                    // On the same instance: after the second pass, or at once if no fill
+                    // that began before the invalidation was on its way (the other
+                    // instance's are removed by the second pass; this instance's are taken
+                    // back, but a reader may copy one up before).
+                    let own = after_grace
+                        || (!i.other_busy
+                            && quiet(1 - i.inst, e.seq, e.at, i_end)
+                            && quiet(i.inst, e.seq, e.at, i.start - 1));
                     let applies = !settling
                         && !during_clear(i)
                         && if i.inst == r.inst {
@@ -771,7 +865,7 @@ fn check(
                         "{}: key {k} read version {got} after step {}'s invalidation on {} of edit {} (grace passed: {after_grace})",
                         ctx(),
                         i.index,
-                        ["A", "B"][i.inst],
+                        NAMES[i.inst],
                         e.version
                     );
                 }
@@ -787,10 +881,10 @@ fn check(
                 ) {
                     continue;
                 }
-                let (c_end, c_end_at) = c.end.unwrap();
+                let (c_end, _) = c.end.unwrap();
                 if c.other_busy
                     || !quiet(1 - c.inst, c.start, c.start_at, c_end)
-                    || r.start_at < c_end_at + OWN_SETTLE[c.inst]
+                    || !quiet(c.inst, c.start, c.start_at, c.start - 1)
                 {
                     continue;
                 }
