@@ -31,7 +31,7 @@ mutations=(
     "floor-life|rules|crates/core/src/chain/write.rs|let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);|let life = inner.policy.floor_ttl;"
     "max-stale-boundary|rules|crates/tier-memory/src/lib.rs|now.saturating_since(at) <= max_stale|now.saturating_since(at) < max_stale"
     "fill-take-back|rules|crates/core/src/chain/read.rs|self.take_back(index, key, verdict, entry.version).await;|let _ = verdict;"
-    "builder-floor-ttl|rules|crates/core/src/chain/builder.rs|if self.policy.floor_ttl.is_zero() {|if self.policy.floor_ttl.is_zero() \&\& false {"
+    "builder-floor-ttl|rules|crates/core/src/chain/builder.rs|if self.policy.floor_ttl.is_zero() {|if self.policy.floor_ttl.is_zero() && false {"
     "clear-second-pass|chain_write|crates/core/src/chain/invalidate.rs|if let Err(error) = this.clear_pass(index).await {|if let Err(error) = async { Ok::<(), Error>(()) }.await {"
 )
 
@@ -53,7 +53,7 @@ for m in "${mutations[@]}"; do
     if cargo test -q --test "$target" >"$log" 2>&1; then
         echo "$name: MISSED (tests/$target.rs passed; log $log)"
         missed=$((missed + 1))
-    elif grep -q "error\[E" "$log"; then
+    elif grep -q "could not compile" "$log"; then
         echo "$name: did not build (update this script; log $log)"
         missed=$((missed + 1))
     else

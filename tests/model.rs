@@ -271,8 +271,9 @@ fn planned() -> impl Strategy<Value = Planned> {
 ///
 /// * a slow read on one instance while the other writes (sometimes with the shared tier
 ///   refusing sets, so that only the write's tombstone stands in the way), then reads on both;
-/// * a read to fill the caches, a slow read, an edit behind the caches' back, an invalidation
-///   with a read started just after it, then reads before and after its second pass;
+/// * the caches filled (or emptied) first, a slow read, an edit behind the caches' back, an
+///   invalidation with a read started just after it, then reads and looks at the shared tier
+///   before and after its second pass;
 /// * on A, a slow read, a write, reads of another key (memory holds one entry: the key and its
 ///   tombstone are evicted), then a read of the key.
 fn episode() -> impl Strategy<Value = Vec<Planned>> {
@@ -308,27 +309,39 @@ fn episode() -> impl Strategy<Value = Vec<Planned>> {
             e
         });
     let invalidation_race = (
-        0usize..2,
+        prop_oneof![3 => Just(true), 1 => Just(false)],
         0usize..2,
         0..KEYS,
+        any::<bool>(),
         (short(), short(), 0u64..4_000, 0u64..4_000),
         (5_000u64..35_000, 0u64..10_000),
     )
-        .prop_map(move |(r, i, k, (d1, d2, d3, d4), (d5, d6))| {
-            vec![
-                quiet(),
-                (Step::Get(i, k), 5_000, None),
-                (Step::Get(r, k), d1, None),
-                (Step::Edit(k), d2, None),
-                (Step::Invalidate(i, k), d3, None),
-                (Step::Get(i, k), d4, None),
-                (Step::Get(i, k), d5, None),
-                (Step::Probe(k), 0, None),
-                (Step::Get(i, k), d6, None),
-                (Step::Probe(k), 0, None),
-                (Step::Get(1, k), 0, None),
-            ]
-        });
+        .prop_map(
+            move |(same, i, k, fill_first, (d1, d2, d3, d4), (d5, d6))| {
+                // The slow read mostly on the invalidating instance, whose marks must refuse it.
+                let r = if same { i } else { 1 - i };
+                // With the caches filled first, the slow read hits (the old copy is there to be
+                // copied up); without, it loads from the source and fills on its way back.
+                let fill = if fill_first {
+                    (Step::Get(i, k), 5_000, None)
+                } else {
+                    (Step::Invalidate(i, k), 5_000, None)
+                };
+                vec![
+                    quiet(),
+                    fill,
+                    (Step::Get(r, k), d1, None),
+                    (Step::Edit(k), d2, None),
+                    (Step::Invalidate(i, k), d3, None),
+                    (Step::Get(i, k), d4, None),
+                    (Step::Get(i, k), d5, None),
+                    (Step::Probe(k), 0, None),
+                    (Step::Get(i, k), d6, None),
+                    (Step::Probe(k), 0, None),
+                    (Step::Get(1, k), 0, None),
+                ]
+            },
+        );
     let eviction_race =
         (0..KEYS, short(), short(), short(), 0u64..6_000).prop_map(move |(k, d1, d2, d3, d4)| {
             let other = (k + 1) % KEYS;
