@@ -333,11 +333,14 @@ fn episode() -> impl Strategy<Value = Vec<Planned>> {
                     (Step::Get(r, k), d1, None),
                     (Step::Edit(k), d2, None),
                     (Step::Invalidate(i, k), d3, None),
+                    (Step::Get(i, k), 24_000 - d3, None),
+                    // 24 ms after the invalidation began: after its own fills were taken back
+                    // and before its second pass (A's, 30 ms after it returned).
+                    (Step::Probe(k), 0, None),
                     (Step::Get(i, k), d4, None),
                     (Step::Get(i, k), d5, None),
                     (Step::Probe(k), 0, None),
                     (Step::Get(i, k), d6, None),
-                    (Step::Probe(k), 0, None),
                     (Step::Get(1, k), 0, None),
                 ]
             },
