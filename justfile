@@ -22,3 +22,15 @@ bench:
     cargo bench --bench memory_hit
 
 ci: fmt clippy doc test
+
+# Mutation testing of the core's and the memory tier's rule-bearing files (not in CI: over an
+# hour on two cores). Results and the fast per-change subset: docs/testing.md.
+mutants:
+    MODEL_CASES=256 cargo mutants -p tiercache-core -p tiercache-memory \
+        -f crates/core/src/entry.rs -f 'crates/core/src/chain/*.rs' \
+        -f crates/core/src/breaker.rs -f crates/core/src/flight.rs \
+        -f crates/tier-memory/src/lib.rs
+
+# Each rule of the chain broken on purpose, with the test that must catch it (docs/testing.md).
+rule-mutations:
+    bash scripts/rule-mutations.sh

@@ -790,4 +790,102 @@ mod tests {
         assert_eq!(decode_message("tc1 1 two x"), None);
         assert_eq!(decode_message("tc1 1 2 a:b"), None, "not an encoded key");
     }
+
+    fn key(k: &str, version: Option<Version>) -> Notice {
+        Notice::Key(k.into(), version, None)
+    }
+
+    #[test]
+    fn a_failed_message_is_kept_once_per_key_at_its_latest_version() {
+        let mut outbox = Outbox::default();
+        outbox.keep(key("a", Some(3)));
+        outbox.keep(Notice::Key("a".into(), Some(5), Some("{}".into())));
+        outbox.keep(key("a", Some(4)));
+        assert_eq!(
+            outbox.retry.get("a"),
+            Some(&Some(5)),
+            "the latest version, no value"
+        );
+        outbox.keep(key("a", None));
+        assert_eq!(
+            outbox.retry.get("a"),
+            Some(&None),
+            "a manual invalidation drops all"
+        );
+        outbox.keep(key("a", Some(9)));
+        assert_eq!(outbox.retry.get("a"), Some(&None));
+        assert_eq!(outbox.len(), 1);
+    }
+
+    #[test]
+    fn past_the_retry_bound_everything_kept_becomes_one_flush_sent_first() {
+        let mut outbox = Outbox::default();
+        for i in 0..MAX_PENDING {
+            outbox.keep(key(&i.to_string(), Some(1)));
+        }
+        assert!(!outbox.overflowed);
+        outbox.fresh.push_back(key("fresh", Some(1)));
+        // A key already kept is coalesced, not counted again.
+        outbox.keep(key("0", Some(2)));
+        assert!(!outbox.overflowed);
+        outbox.keep(key("one too many", Some(1)));
+        assert!(outbox.overflowed);
+        assert!(outbox.retry.is_empty() && outbox.fresh.is_empty());
+        assert_eq!(outbox.len(), 1);
+
+        outbox.fresh.push_back(key("after", Some(1)));
+        let batch = outbox.take();
+        assert_eq!(batch, vec![Notice::Flush, key("after", Some(1))]);
+        assert!(!outbox.overflowed);
+    }
+
+    #[test]
+    fn a_send_takes_retries_before_fresh_messages_up_to_a_batch() {
+        let mut outbox = Outbox::default();
+        outbox.keep(key("old", Some(1)));
+        for i in 0..SEND_BATCH {
+            outbox.fresh.push_back(key(&i.to_string(), Some(2)));
+        }
+        let batch = outbox.take();
+        assert_eq!(batch.len(), SEND_BATCH);
+        assert_eq!(batch[0], key("old", Some(1)));
+        assert_eq!(batch[1], key("0", Some(2)), "fresh ones in order");
+        assert_eq!(outbox.sending, SEND_BATCH);
+        assert_eq!(outbox.fresh.len(), 1, "the rest waits for the next send");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_value_rides_along_up_to_16_kib_of_json_and_not_a_byte_more() {
+        // Nothing is sent: the sender task never runs before the queue is read (one thread, no
+        // await in between), and the address is unreachable anyway.
+        let backplane = RedisBackplane::new("redis://127.0.0.1:1/", "limit").unwrap();
+        let publish = async |k: &str, v: String| {
+            let key = k.to_string();
+            Backplane::<String, String>::publish(&backplane, &key, Some(1), Some(Arc::new(v))).await
+        };
+        // As JSON a string gains its two quotes.
+        let fits = "x".repeat(DEFAULT_CARRY_VALUES_UP_TO - 2);
+        let too_big = "x".repeat(DEFAULT_CARRY_VALUES_UP_TO - 1);
+        publish("fits", fits.clone()).await.unwrap();
+        publish("too-big", too_big).await.unwrap();
+        backplane.set_carry_values_up_to(0);
+        publish("off", "v".into()).await.unwrap();
+        let outbox = backplane.outbox();
+        let carried: Vec<_> = outbox
+            .fresh
+            .iter()
+            .map(|n| match n {
+                Notice::Key(k, _, value) => (k.as_str(), value.as_ref().map(String::len)),
+                Notice::Flush => ("flush", None),
+            })
+            .collect();
+        assert_eq!(
+            carried,
+            [
+                ("fits", Some(DEFAULT_CARRY_VALUES_UP_TO)),
+                ("too-big", None),
+                ("off", None)
+            ]
+        );
+    }
 }

@@ -102,19 +102,13 @@ async fn a_get_is_answered_by_each_tier_in_turn_with_back_fill() {
     assert_eq!(got.answered_by, Answer::Database);
     assert_eq!(got.config.preferences.theme, "dark");
     // Redis is back-filled in the background, after the answer.
-    let mut in_redis = None;
-    for _ in 0..200 {
-        in_redis = s
-            .redis
-            .get(&"alice".into())
-            .await
-            .unwrap()
-            .map(|e| e.version);
-        if in_redis.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    c.flush(Duration::from_secs(5)).await.unwrap();
+    let in_redis = s
+        .redis
+        .get(&"alice".into())
+        .await
+        .unwrap()
+        .map(|e| e.version);
     assert_eq!(in_redis, Some(1));
     assert_eq!(
         c.fetch_user_config("alice").await.unwrap().answered_by,
@@ -184,11 +178,14 @@ async fn invalidation_and_memory_clear_send_reads_down() {
         a.fetch_user_config("carol").await.unwrap().answered_by,
         Answer::Database
     );
-    // Redis is back-filled in the background; once it is, a memory miss finds it there.
-    for _ in 0..200 {
-        if s.redis.get(&"carol".into()).await.unwrap().is_some() {
-            break;
-        }
+    // Redis is back-filled in the background; once it is, a memory miss finds it there. (Not
+    // `flush`: that would also wait for the invalidation's second pass, which empties Redis.)
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while s.redis.get(&"carol".into()).await.unwrap().is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Redis back-filled in time"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     a.clear_memory_cache().await;
@@ -266,19 +263,13 @@ async fn corrupt_bytes_in_redis_are_a_miss_and_the_database_answers() {
     assert_eq!(got.config.preferences.theme, "ok");
     assert_eq!(b.get_cache_stats().redis_cache.stats.unwrap().corrupt, 1);
     // The corrupt value is replaced by the (background) back-fill.
-    let mut in_redis = None;
-    for _ in 0..200 {
-        in_redis = s
-            .redis
-            .get(&"erin".into())
-            .await
-            .unwrap()
-            .map(|e| e.version);
-        if in_redis.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    b.flush(Duration::from_secs(5)).await.unwrap();
+    let in_redis = s
+        .redis
+        .get(&"erin".into())
+        .await
+        .unwrap()
+        .map(|e| e.version);
     assert_eq!(in_redis, Some(1));
     s.cleanup().await;
 }
