@@ -67,8 +67,134 @@ async fn the_contract_holds_on_a_three_master_cluster() {
             .all(Option::is_none)
     );
 
+    a_moving_slot_is_followed_through_ask_and_moved(&cluster, &setup).await;
     backplane_reaches_instances_on_other_nodes(&cluster, &setup).await;
     backplanes_move_to_another_node_when_theirs_dies(cluster, &setup).await;
+}
+
+/// A slot moves from one master to another while the tier uses it, as `redis-cli --cluster
+/// reshard` moves it: while it migrates, a key not yet moved is read where it is, a new key is
+/// written on the importing master and a moved key read there (ASK redirections); once the slot
+/// is assigned to its new master the tier follows (MOVED). The version rules hold throughout:
+/// they run in the tier's scripts, on whichever master answers.
+async fn a_moving_slot_is_followed_through_ask_and_moved(cluster: &LocalCluster, setup: &Setup) {
+    let tier: RedisTier<String, Config> = setup
+        .builder(&redis_env::unique_prefix("slot"))
+        .build()
+        .unwrap();
+    let mut cons = Vec::new();
+    for &port in cluster.ports() {
+        cons.push(cluster.connect(port).await);
+    }
+    let slot_of = async |con: &mut redis::aio::MultiplexedConnection, key: &str| -> u16 {
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(con)
+            .await
+            .unwrap()
+    };
+    let first = k("moving-0");
+    let slot = slot_of(&mut cons[0], &tier.redis_key(&first)).await;
+    // A second key in the same slot (1 in 16,384 names lands there).
+    let mut second = None;
+    for i in 1..200_000 {
+        let candidate = k(&format!("moving-{i}"));
+        if slot_of(&mut cons[0], &tier.redis_key(&candidate)).await == slot {
+            second = Some(candidate);
+            break;
+        }
+    }
+    let second = second.expect("a second key in the slot");
+    assert!(tier.set(&first, Entry::new(config("a1"), 1)).await.unwrap());
+    let mut ids = Vec::new();
+    let mut holder = None;
+    for (i, con) in cons.iter_mut().enumerate() {
+        let id: String = redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(con)
+            .await
+            .unwrap();
+        ids.push(id);
+        // (A master that does not own the slot answers MOVED.)
+        let here: i64 = redis::cmd("EXISTS")
+            .arg(tier.redis_key(&first))
+            .query_async(con)
+            .await
+            .unwrap_or(0);
+        if here == 1 {
+            holder = Some(i);
+        }
+    }
+    let from = holder.expect("one master holds the key");
+    let to = (from + 1) % cons.len();
+    let setslot = async |con: &mut redis::aio::MultiplexedConnection, how: &str, id: &str| {
+        let () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg(how)
+            .arg(id)
+            .query_async(con)
+            .await
+            .unwrap();
+    };
+    setslot(&mut cons[to], "IMPORTING", &ids[from]).await;
+    setslot(&mut cons[from], "MIGRATING", &ids[to]).await;
+
+    // Migrating: the key still on the old master is read there; a new key goes to the new one.
+    assert_eq!(tier.get(&first).await.unwrap().unwrap().version, 1);
+    assert!(
+        tier.set(&second, Entry::new(config("b1"), 1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(tier.get(&second).await.unwrap().unwrap().version, 1);
+    // The first key moves; it is found on the new master, and its version rule holds there.
+    let () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(cluster.ports()[to])
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(tier.redis_key(&first))
+        .query_async(&mut cons[from])
+        .await
+        .unwrap();
+    assert_eq!(tier.get(&first).await.unwrap().unwrap().version, 1);
+    assert!(!tier.set(&first, Entry::new(config("a0"), 0)).await.unwrap());
+    let both = tier
+        .get_many(&[first.clone(), second.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        both.iter()
+            .map(|e| e.as_ref().map(|e| e.version))
+            .collect::<Vec<_>>(),
+        [Some(1), Some(1)]
+    );
+
+    // Assigned to the new master everywhere: the tier follows the MOVED answers.
+    for con in &mut cons {
+        setslot(con, "NODE", &ids[to]).await;
+    }
+    assert_eq!(tier.get(&first).await.unwrap().unwrap().version, 1);
+    assert!(tier.set(&first, Entry::new(config("a2"), 2)).await.unwrap());
+    tier.invalidate(&first, Some(2)).await.unwrap();
+    assert!(
+        !tier.set(&first, Entry::new(config("a2"), 2)).await.unwrap(),
+        "tombstone"
+    );
+    assert!(tier.get(&second).await.unwrap().is_some());
+    for (i, con) in cons.iter_mut().enumerate() {
+        let held: i64 = redis::cmd("EXISTS")
+            .arg(tier.redis_key(&first))
+            .arg(tier.redis_key(&second))
+            .query_async(con)
+            .await
+            .unwrap_or(0);
+        assert_eq!(held, if i == to { 2 } else { 0 }, "master {i}");
+    }
 }
 
 /// Two instances share the cluster tier; their backplanes subscribe on different nodes (a

@@ -36,6 +36,11 @@ async fn tombstones_refuse_versions_up_to_theirs() {
 }
 
 #[tokio::test]
+async fn a_tombstone_refuses_until_it_dies() {
+    contract::a_tombstone_refuses_until_it_dies(&Setup::single().await).await;
+}
+
+#[tokio::test]
 async fn manual_invalidation_refuses_older_versions_only() {
     contract::manual_invalidation_refuses_older_versions_only(&Setup::single().await).await;
 }

@@ -133,6 +133,7 @@ pub async fn run_all(s: &Setup) {
     entries_expire_in_redis(s).await;
     older_versions_never_overwrite_newer_ones(s).await;
     tombstones_refuse_versions_up_to_theirs(s).await;
+    a_tombstone_refuses_until_it_dies(s).await;
     manual_invalidation_refuses_older_versions_only(s).await;
     invalidate_many_applies_each_rule_per_key(s).await;
     get_many_keeps_order_and_misses(s).await;
@@ -222,6 +223,41 @@ pub async fn tombstones_refuse_versions_up_to_theirs(s: &Setup) {
     t.invalidate(&k("new"), Some(3)).await.unwrap();
     assert!(!t.set(&k("new"), Entry::new(config("v3"), 3)).await.unwrap());
     assert!(t.set(&k("new"), Entry::new(config("v4"), 4)).await.unwrap());
+}
+
+/// A tombstone refuses older versions while it lives and is gone once its TTL has passed: a late
+/// back-fill of an old version is then stored (the chain's marks and floors, not the tier, guard
+/// against that; `tests/rules.rs`).
+pub async fn a_tombstone_refuses_until_it_dies(s: &Setup) {
+    let tier = s
+        .builder(&redis_env::unique_prefix("tombstone-ttl"))
+        .tombstone_ttl(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    tier.set(&k("a"), Entry::new(config("v2"), 2))
+        .await
+        .unwrap();
+    tier.invalidate(&k("a"), Some(2)).await.unwrap();
+    assert!(
+        !tier
+            .set(&k("a"), Entry::new(config("v1"), 1))
+            .await
+            .unwrap(),
+        "alive"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if tier
+            .set(&k("a"), Entry::new(config("v1"), 1))
+            .await
+            .unwrap()
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the tombstone died");
+    }
+    assert_eq!(tier.get(&k("a")).await.unwrap().unwrap().version, 1);
 }
 
 pub async fn manual_invalidation_refuses_older_versions_only(s: &Setup) {
