@@ -229,6 +229,19 @@ mod tests {
         assert_eq!(b.permit().access(), Access::Probe, "the next call probes");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn the_probe_comes_at_exactly_the_end_of_the_cooldown() {
+        let b = Breaker::new(BreakerPolicy {
+            threshold: 1,
+            cooldown: Duration::from_millis(100),
+        });
+        b.permit().record(false);
+        tokio::time::advance(Duration::from_millis(100) - Duration::from_nanos(1)).await;
+        assert_eq!(b.permit().access(), Access::Skip, "a nanosecond early");
+        tokio::time::advance(Duration::from_nanos(1)).await;
+        assert_eq!(b.permit().access(), Access::Probe);
+    }
+
     #[test]
     fn a_zero_threshold_never_opens() {
         let b = Breaker::new(BreakerPolicy::never());
