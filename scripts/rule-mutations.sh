@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Breaks each rule of the chain on purpose, one at a time, and checks that the test named for it
-# fails: the model test (tests/model.rs) for the rules it exists for, the targeted tests for the
+# fails: the model test (tests/model/) for the rules it exists for, the targeted tests for the
 # rest. Run from the repository root on a clean work tree:
 #
 #     bash scripts/rule-mutations.sh            # every mutation
@@ -51,13 +51,13 @@ for m in "${mutations[@]}"; do
     fi
     log="/tmp/rule-mutation-$name.log"
     if cargo test -q --test "$target" >"$log" 2>&1; then
-        echo "$name: MISSED (tests/$target.rs passed; log $log)"
+        echo "$name: MISSED (--test $target passed; log $log)"
         missed=$((missed + 1))
     elif grep -q "could not compile" "$log"; then
         echo "$name: did not build (update this script; log $log)"
         missed=$((missed + 1))
     else
-        echo "$name: CAUGHT by tests/$target.rs ($(grep -m1 -oE "panicked at [^:]*:[0-9]+|Test failed: .{0,90}" "$log"))"
+        echo "$name: CAUGHT by --test $target ($(grep -m1 -oE "panicked at [^:]*:[0-9]+|Test failed: .{0,90}" "$log"))"
     fi
     git checkout -q -- "$file"
 done
