@@ -12,27 +12,33 @@
 //! * one clock for everything: the chain's and the tiers' clocks read tokio's (paused) time,
 //!   so that a tier call's time limit bounds how late a fill can land, as in production.
 //!
-//! The rules (each names the code it checks; see the mutations in `docs/testing.md`):
-//! 1. **Values**: every answer is a value the source held at that version (0: not found); a
-//!    write that failed with a known outcome is never read.
-//! 2. **Updates** (versions, marks, floors): a read that starts after an update returned
+//! The rules (the code each guards in brackets; `docs/testing.md` has the mutations each catches):
+//! 1. **Values**: every answer is a value the source committed at that version (0: not found);
+//!    a write that failed with a known outcome is never read.
+//! 2. **Updates** (versions, tombstones, marks): a read that starts after an update returned
 //!    version `v` on the same instance returns `v` or newer; so does a read on B after an
-//!    update on A during which the shared tier's invalidations did not fail (the shared
-//!    tier's version rule and tombstones, since B knows nothing of A).
-//! 3. **Invalidation** (manual invalidation, bottom-first order, marks, tombstones): after a
-//!    change behind the chain's back and an invalidation on X that started after it, a read
-//!    on X that starts after the invalidation returned sees the change, at once if the other
-//!    instance had nothing in flight (its fills would be removed by the second pass), and
-//!    after the second pass (the longest cache-tier limit) otherwise; so does a read on B
-//!    after an invalidation on A that returned `Ok`, after the second pass.
-//! 4. **Clear**: after `clear` returned `Ok` on X, with the other instance quiet, a read on X
-//!    returns at least what the source held when the clear began.
+//!    update on A whose shared-tier invalidation did not fail (unless B's read joined a load of
+//!    B's that began before the update), and so does the shared tier itself, looked at directly.
+//! 3. **Invalidation** (manual invalidation, bottom-first order, the invalidation's mark,
+//!    tombstones): after an edit behind the chain's back and an invalidation on X that began
+//!    after it, a read on X that starts after the invalidation returned sees the edit: at once
+//!    if no fill that began before the invalidation was on its way, after the second pass in
+//!    any case; the shared tier holds nothing older once X's own fills were taken back (the
+//!    other instance quiet); a read on B after an invalidation on A that returned `Ok` sees the
+//!    edit after the second pass.
+//! 4. **Clear**: after `clear` returned `Ok` on X, with both instances' earlier work done, a
+//!    read on X returns at least what the source held when the clear began.
 //! 5. **TTLs**: a fresh read starting the longest TTL after a write (plus the longest time a
 //!    fill can take) returns it or newer.
-//! 6. **Errors**: a read, update or warm fails only if the source was faulty meanwhile; an
-//!    invalidation or clear only if one of its instance's cache tiers was.
+//! 6. **Errors**: a read, update or warm fails only if the source was faulty meanwhile (or
+//!    while the load it joined ran); an invalidation or clear only if one of its instance's
+//!    cache tiers was.
 //! 7. **Quiescence**: at the end, faults cleared, every key invalidated on A and both instances
 //!    flushed, every tier holds the source's version of each key or nothing, and both read it.
+//!
+//! The exemptions (`check.rs`) are the chain's documented limits (`docs/architecture.md`,
+//! "Limits"): a clear's settling window, a fill of this instance copied up before it was taken
+//! back, a read joining its own instance's older load.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -63,7 +69,6 @@ const KEYS: u8 = 4;
 const MAX_TTL: Duration = Duration::from_secs(600);
 /// The time limit of a shared-tier call: no fill lands later than this after it was sent.
 const TIER_LIMIT: Duration = Duration::from_millis(10);
-/// Longer than any fill can take (a source read, then a set within its limit).
 /// Memory's time limit in A: longer than its calls take, so that A's second passes come well
 /// after its own fills have been taken back.
 const MEMORY_LIMIT: Duration = Duration::from_millis(30);
