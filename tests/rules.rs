@@ -102,12 +102,12 @@ async fn a_stale_copy_is_served_up_to_exactly_the_max_stale_age() {
     assert!(matches!(err, Error::SourceUnavailable { .. }), "{err}");
 }
 
+type Cache = TieredCache<Key, Val>;
+/// A Redis-like tier whose calls can be delayed.
+type SlowRedis = Faulty<FakeTier<Key, Val>>;
+
 /// A chain whose lower tier's sets can be delayed, filling it in the background.
-fn background_chain() -> (
-    TieredCache<Key, Val>,
-    Faulty<FakeTier<Key, Val>>,
-    FakeTier<Key, Val>,
-) {
+fn background_chain() -> (Cache, SlowRedis, FakeTier<Key, Val>) {
     let redis = Faulty::new(FakeTier::<Key, Val>::cache("redis"));
     let db = FakeTier::source("db");
     db.put(key("a"), "v1".to_string());
@@ -122,7 +122,7 @@ fn background_chain() -> (
 }
 
 /// Reads version 1 with its background fill of redis landing 100 ms later.
-async fn read_with_a_late_fill(cache: &TieredCache<Key, Val>, redis: &Faulty<FakeTier<Key, Val>>) {
+async fn read_with_a_late_fill(cache: &Cache, redis: &SlowRedis) {
     redis
         .faults()
         .set_for(Op::Set, Fault::Delay(Duration::from_millis(100)));
@@ -211,7 +211,7 @@ async fn get_many_and_warm_go_around_a_failing_or_hanging_tier() {
 #[test]
 fn every_configuration_error_of_the_builder_is_a_typed_error_before_any_io() {
     let db = || FakeTier::<Key, Val>::source("db");
-    let cases: Vec<(&str, Result<TieredCache<Key, Val>, Error>)> = vec![
+    let cases: Vec<(&str, Result<Cache, Error>)> = vec![
         (
             "no source",
             TieredCache::builder().tier(MemoryTier::new()).build(),

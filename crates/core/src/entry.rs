@@ -232,6 +232,12 @@ mod tests {
     }
 
     #[test]
+    fn a_not_found_entry_is_absent_and_a_value_is_not() {
+        assert!(Entry::<u32>::absent(0).is_absent());
+        assert!(!Entry::new(Arc::new(1), 1).is_absent());
+    }
+
+    #[test]
     fn live_entry_refuses_older_versions_even_when_expired() {
         let slot = Slot::Live(Entry::new(Arc::new(1), 5).expiring_at(t(10)));
         assert!(!slot.admits(4, t(100)));

@@ -103,6 +103,43 @@ async fn an_unreachable_redis_fails_fast_and_transiently() {
     assert!(t.stats().errors >= 6);
 }
 
+/// After a refused connection, calls fail at once without trying Redis for a short window
+/// (so that a down Redis costs a request nothing), and the first call after the window tries
+/// again.
+#[tokio::test]
+async fn a_refused_connection_opens_a_fail_fast_window_that_ends() {
+    let t: RedisTier<String, Config> = RedisTier::builder()
+        .url("redis://127.0.0.1:1/")
+        .build()
+        .unwrap();
+    let failing_fast = |e: &tiercache_core::Error| {
+        std::error::Error::source(e)
+            .is_some_and(|s| s.to_string().contains("unreachable moments ago"))
+    };
+    // The first attempt is refused; from then on, calls fail fast.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let err = t.get(&k("a")).await.unwrap_err();
+        if failing_fast(&err) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fails fast: {err:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let err = t.get(&k("a")).await.unwrap_err();
+    assert!(failing_fast(&err), "still in the window: {err:?}");
+    // The window is 200 ms: past it, the next call tries Redis again (and is refused).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let err = t.get(&k("a")).await.unwrap_err();
+    assert!(
+        !failing_fast(&err) && err.is_transient(),
+        "tried again: {err:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_first_connection_is_finished_in_the_background() {
     // A far server: 80 ms each way, so connecting (TCP, then the client's handshake, then the
