@@ -379,3 +379,44 @@ async fn a_clear_removes_another_instances_fill_that_landed_after_it() {
     );
     assert_eq!(a.fetch(&key("a")).await.unwrap().version, 2);
 }
+
+/// A request that starts after a clear does not join a load that began before it (and read
+/// what the source held then): the clear detaches the loads in flight.
+#[tokio::test(start_paused = true)]
+async fn a_request_after_a_clear_does_not_join_a_load_begun_before_it() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    let gate = Gate::new();
+    c.db.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
+    let early = {
+        let cache = c.cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await.unwrap().version })
+    };
+    gate.arrived(1).await; // the early load has read version 1 and waits
+    c.db.faults().clear();
+    c.db.put(key("a"), "v2".to_string());
+    c.cache.clear().await.unwrap();
+    let late = tokio::time::timeout(Duration::from_secs(1), c.cache.fetch(&key("a")))
+        .await
+        .expect("the late request ran a load of its own")
+        .unwrap();
+    assert_eq!(late.version, 2);
+    gate.open();
+    assert_eq!(early.await.unwrap(), 1);
+}
+
+/// A local tier (memory) is cleared once: no other instance fills it, so no second pass wipes
+/// what reads put back after the clear.
+#[tokio::test(start_paused = true)]
+async fn a_clear_of_the_memory_tier_makes_no_second_pass() {
+    let c = Chain::new();
+    c.db.put(key("a"), "v1".to_string());
+    c.cache.get(&key("a")).await.unwrap();
+    c.cache.clear_tier(0).await.unwrap();
+    assert_eq!(c.memory_version("a").await, None);
+    c.cache.get(&key("a")).await.unwrap(); // copied up from redis
+    c.cache.flush(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(c.memory_version("a").await, Some(1), "still held");
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!(got.origin, Origin::Tier(0));
+}

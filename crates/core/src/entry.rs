@@ -232,6 +232,33 @@ mod tests {
     }
 
     #[test]
+    fn debug_shows_the_version_and_never_the_value() {
+        let printed = format!("{:?}", Entry::new(Arc::new("s3cret-value"), 3));
+        assert!(printed.contains("version: 3"), "{printed}");
+        assert!(printed.contains("present: true"), "{printed}");
+        assert!(!printed.contains("s3cret"), "{printed}");
+    }
+
+    #[test]
+    fn a_slot_debug_shows_versions_and_never_the_value() {
+        let printed = format!("{:?}", Slot::Live(Entry::new(Arc::new("s3cret-value"), 4)));
+        assert!(
+            printed.contains("Live") && printed.contains("version: 4"),
+            "{printed}"
+        );
+        assert!(!printed.contains("s3cret"), "{printed}");
+        let tombstone = Slot::<u32>::Tombstone {
+            version: 2,
+            until: t(9),
+        };
+        let printed = format!("{tombstone:?}");
+        assert!(
+            printed.contains("Tombstone") && printed.contains("version: 2"),
+            "{printed}"
+        );
+    }
+
+    #[test]
     fn a_not_found_entry_is_absent_and_a_value_is_not() {
         assert!(Entry::<u32>::absent(0).is_absent());
         assert!(!Entry::new(Arc::new(1), 1).is_absent());
@@ -258,6 +285,20 @@ mod tests {
         assert!(slot.admits(6, t(0)));
         assert!(slot.admits(3, t(60)));
         assert!(slot.fresh(t(0)).is_none());
+        assert_eq!(slot.floor(t(59)), Some(5));
+        assert_eq!(slot.floor(t(60)), None, "dead at its until");
+        assert_eq!(live(7).floor(t(1_000)), Some(7));
+        // An invalidation at a lower version keeps the live tombstone's version, and replaces
+        // one that died: at exactly its `until`, it is dead.
+        let ttl = Duration::from_secs(60);
+        let five = || Slot::<u32>::Tombstone {
+            version: 5,
+            until: t(60),
+        };
+        let alive = Slot::invalidated(Some(five()), Some(3), t(59), ttl);
+        assert!(matches!(alive, Some(Slot::Tombstone { version: 5, .. })));
+        let replaced = Slot::invalidated(Some(five()), Some(3), t(60), ttl);
+        assert!(matches!(replaced, Some(Slot::Tombstone { version: 3, .. })));
     }
 
     #[test]

@@ -55,6 +55,14 @@ pub trait CacheTier<K: Key, V: Value>: Send + Sync {
         Peek::Unsupported
     }
 
+    /// Whether only this process fills this tier (an in-process cache), so that no other
+    /// instance's fill can land in it. A clear of such a tier makes no second pass (see
+    /// [`TieredCache::clear_tier`](crate::TieredCache::clear_tier)). Shared tiers keep the
+    /// default, `false`.
+    fn is_local(&self) -> bool {
+        false
+    }
+
     /// The fresh entry for `key`, or `Ok(None)`.
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>>;
 
@@ -117,6 +125,9 @@ macro_rules! forward_tier {
             #[inline]
             fn peek(&self, key: &K) -> Peek<V> {
                 (**self).peek(key)
+            }
+            fn is_local(&self) -> bool {
+                (**self).is_local()
             }
             async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
                 (**self).get(key).await

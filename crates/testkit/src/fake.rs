@@ -305,6 +305,12 @@ impl<K: Key, V: Value> CacheTier<K, V> for FakeTier<K, V> {
         &self.inner.name
     }
 
+    /// An in-process fake ([`with_peek`](Self::with_peek)) is local; the others stand for
+    /// shared tiers.
+    fn is_local(&self) -> bool {
+        self.inner.sync_peek
+    }
+
     fn peek(&self, key: &K) -> Peek<V> {
         if !self.inner.sync_peek || self.inner.faults.is_active(Op::Get) {
             return Peek::Unsupported;

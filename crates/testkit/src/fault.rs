@@ -291,6 +291,10 @@ impl<K: Key, V: Value, T: CacheTier<K, V>> CacheTier<K, V> for Faulty<T> {
         }
     }
 
+    fn is_local(&self) -> bool {
+        self.inner.is_local()
+    }
+
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         self.faults
             .run(self.name(), Op::Get, self.inner.get(key))

@@ -304,6 +304,11 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
         &self.config.name
     }
 
+    /// In-process: only this instance fills it.
+    fn is_local(&self) -> bool {
+        true
+    }
+
     #[inline]
     fn peek(&self, key: &K) -> Peek<V> {
         let now = self.clock.now();

@@ -42,6 +42,14 @@ impl Error {
         matches!(self, Error::Cache(e) if e.is_transient())
     }
 
+    /// Whether a write's outcome is unknown: it timed out, or lost its connection after it was
+    /// sent, so the database may have committed it. The key was invalidated in every cache
+    /// either way; read it back to know.
+    #[must_use]
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Error::Cache(e) if e.outcome_unknown())
+    }
+
     /// Whether the caller's input was rejected before any I/O.
     #[must_use]
     pub fn is_invalid_input(&self) -> bool {

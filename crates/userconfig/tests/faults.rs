@@ -220,8 +220,10 @@ async fn run(fault: Fault) {
         } else {
             let err = result.unwrap_err();
             assert!(err.is_transient(), "{fault:?} {scenario}: {err:?}");
-            // Nothing was touched: memory hits still answer v1 from memory.
-            if scenario == "memory_hit" {
+            // A write the database refused touched nothing: memory hits still answer v1 from
+            // memory. (One whose outcome is unknown, a blackholed database's timeout, is
+            // invalidated everywhere instead, in a task of its own: no promise to check here.)
+            if scenario == "memory_hit" && !err.outcome_unknown() {
                 let got = r.faulty.fetch_user_config(&u).await.unwrap();
                 assert_eq!((got.version, got.answered_by), (1, Answer::Memory));
             }

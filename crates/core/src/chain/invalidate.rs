@@ -203,10 +203,11 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Empties cache tier `index` (0 is the top). Loads running now skip their back-fill.
     ///
     /// Like a manual invalidation, it runs in a task of its own (a caller that gives up does
-    /// not stop it half way), and the tier is emptied once more after the longest cache tier
-    /// time limit: a clear leaves no tombstones, so another instance's fill that was already
-    /// on its way (of a version a write has since replaced) could land in the emptied tier;
-    /// the second pass removes it.
+    /// not stop it half way), and a shared tier is emptied once more after the longest cache
+    /// tier time limit: a clear leaves no tombstones, so another instance's fill that was
+    /// already on its way (of a version a write has since replaced) could land in the emptied
+    /// tier; the second pass removes it. A local tier, which only this instance fills
+    /// ([`CacheTier::is_local`](crate::CacheTier::is_local)), is emptied once.
     pub async fn clear_tier(&self, index: usize) -> Result<()> {
         if index >= self.inner.tiers.len() {
             return Err(Error::InvalidInput(format!(
@@ -217,6 +218,10 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let this = self.clone();
         let task = self.inner.tasks.spawn(async move {
             let result = this.clear_pass(index).await;
+            if this.inner.tiers[index].tier.is_local() {
+                // No other instance fills it; this one's fills began before are refused.
+                return result;
+            }
             let (chain, grace) = (this.downgrade(), this.inner.policy.fill_grace);
             this.inner.tasks.spawn(async move {
                 tokio::time::sleep(grace).await;
