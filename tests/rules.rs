@@ -275,3 +275,35 @@ fn every_configuration_error_of_the_builder_is_a_typed_error_before_any_io() {
         .build();
     assert_eq!(source.calls().lookups(), 0);
 }
+
+/// Another instance's update that carries its value replaces the copy held here (the next
+/// read is a memory hit of the new version); if the replacement cannot be stored, the old copy
+/// is dropped all the same.
+#[tokio::test]
+async fn a_remote_update_replaces_the_held_copy_or_drops_it() {
+    let memory = Arc::new(Faulty::new(MemoryTier::<Key, Val>::new()));
+    let db = FakeTier::source("db");
+    db.put(key("a"), "v1".to_string());
+    let cache = TieredCache::builder()
+        .shared_tier(memory.clone(), None)
+        .source(db.clone())
+        .build()
+        .unwrap();
+    cache.get(&key("a")).await.unwrap();
+    cache
+        .apply_remote_invalidation(&key("a"), Some(2), Some(val("v2")))
+        .await;
+    let held = memory.get_ref().get(&key("a")).await.unwrap().unwrap();
+    assert_eq!(held.version, 2, "replaced, not dropped");
+
+    // The replacement of version 3 fails to store: version 2 must not stay.
+    memory.faults().set_for(Op::Set, Fault::Error);
+    cache
+        .apply_remote_invalidation(&key("a"), Some(3), Some(val("v3")))
+        .await;
+    memory.faults().clear();
+    assert!(
+        memory.get_ref().get(&key("a")).await.unwrap().is_none(),
+        "dropped"
+    );
+}
