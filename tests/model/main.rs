@@ -167,7 +167,7 @@ async fn run(case: Case, plan: Vec<Planned>) -> std::result::Result<(), TestCase
 proptest! {
     // `MODEL_CASES=4096 cargo test --test model` for a longer search.
     #![proptest_config(ProptestConfig {
-        cases: std::env::var("MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(512),
+        cases: std::env::var("MODEL_CASES").ok().and_then(|c| c.parse().ok()).unwrap_or(1024),
         ..ProptestConfig::default()
     })]
 

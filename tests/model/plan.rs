@@ -177,7 +177,7 @@ pub(crate) fn plan() -> impl Strategy<Value = Vec<Planned>> {
     proptest::collection::vec(
         prop_oneof![
             3 => planned().prop_map(|p| vec![p]),
-            2 => episode(),
+            4 => episode(),
             1 => (0..KEYS).prop_map(|k| vec![(Step::Probe(k), 0, None)]),
         ],
         1..40,
