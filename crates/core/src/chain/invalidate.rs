@@ -219,7 +219,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let task = self.inner.tasks.spawn(async move {
             let result = this.clear_pass(index).await;
             if this.inner.tiers[index].tier.is_local() {
-                // No other instance fills it; this one's fills began before are refused.
+                // No other instance fills it; this one's fills that began before are refused.
                 return result;
             }
             let (chain, grace) = (this.downgrade(), this.inner.policy.fill_grace);
