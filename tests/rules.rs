@@ -57,6 +57,12 @@ async fn a_floor_refuses_an_old_copy_put_back_after_a_tier_was_cleared_for_misse
     let got = a.fetch(&key("a")).await.unwrap();
     assert_eq!((got.version, got.origin), (2, Origin::Source));
     assert_eq!(a.stats().refused_stale_versions, 1);
+
+    // The batch read is guarded the same way: version 1 put back again is refused.
+    shared.put_entry(key("a"), tiercache_core::Entry::new(val("v1"), 1));
+    let got = a.get_many(&[key("a")]).await.unwrap();
+    assert_eq!(got[0].as_deref().map(String::as_str), Some("v2"));
+    assert_eq!(a.stats().refused_stale_versions, 2);
 }
 
 /// A floor lives the floor TTL plus the max-stale age (a stale copy may be served that long
