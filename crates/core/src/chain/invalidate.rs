@@ -48,16 +48,28 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     ) -> Result<()> {
         let result = self.invalidate_pass(key, below).await;
         if below.is_none() {
-            let (chain, key) = (self.downgrade(), key.clone());
-            let grace = self.inner.policy.fill_grace;
-            self.inner.tasks.spawn(async move {
-                tokio::time::sleep(grace).await;
-                if let Some(this) = chain.upgrade() {
-                    let _ = this.invalidate_pass(&key, None).await;
-                }
+            let key = key.clone();
+            self.after_fill_grace(move |this| async move {
+                let _ = this.invalidate_pass(&key, None).await;
             });
         }
         result
+    }
+
+    /// Runs `pass` in a task of its own once the longest cache-tier time limit has passed (by
+    /// then, every fill that was on its way has landed), if the chain is still alive.
+    fn after_fill_grace<F, Fut>(&self, pass: F)
+    where
+        F: FnOnce(TieredCache<K, V>) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send,
+    {
+        let (chain, grace) = (self.downgrade(), self.inner.policy.fill_grace);
+        self.inner.tasks.spawn(async move {
+            tokio::time::sleep(grace).await;
+            if let Some(this) = chain.upgrade() {
+                pass(this).await;
+            }
+        });
     }
 
     async fn invalidate_pass(&self, key: &K, below: Option<Version>) -> Result<()> {
@@ -179,11 +191,10 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Empties the top (in-process) tier, for when this instance may have missed invalidations
     /// (its backplane subscription dropped). Loads running now skip their back-fill.
     pub async fn flush_local(&self) {
-        let inner = &*self.inner;
-        inner.marks.mark_all();
-        inner.flights.forget_all();
-        if let Some(top) = inner.tiers.first() {
-            let _ = top.call("clear", top.tier.clear()).await;
+        if self.inner.tiers.is_empty() {
+            self.inner.marks.mark_all();
+        } else {
+            let _ = self.clear_pass(0).await;
         }
         tracing::info!("top tier flushed: invalidations may have been missed");
     }
@@ -222,13 +233,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 // No other instance fills it; this one's fills that began before are refused.
                 return result;
             }
-            let (chain, grace) = (this.downgrade(), this.inner.policy.fill_grace);
-            this.inner.tasks.spawn(async move {
-                tokio::time::sleep(grace).await;
-                if let Some(this) = chain.upgrade() {
-                    if let Err(error) = this.clear_pass(index).await {
-                        tracing::debug!(%error, "the second pass of a clear failed");
-                    }
+            this.after_fill_grace(move |this| async move {
+                if let Err(error) = this.clear_pass(index).await {
+                    tracing::debug!(%error, "the second pass of a clear failed");
                 }
             });
             result
