@@ -331,8 +331,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Migrates once, then runs `call`; fails fast while the server is known to be down, and
-    /// explains a pool time-out.
     /// Runs `call` (after the migrations), failing fast while the server is known to be
     /// unreachable. A read (`retry_broken`) that fails on a pooled connection that turned out
     /// dead (the server restarted, or dropped it while idle) is run again on another, up to

@@ -81,6 +81,43 @@ async fn a_server_that_refuses_connections_is_a_transient_unavailable_error() {
     assert!(t.stats().errors >= 2);
 }
 
+/// After the server was found unreachable, calls fail at once for a short window (a down
+/// database costs a request nothing, and the pool is not asked again by every caller), and the
+/// first call after the window tries the server again.
+#[tokio::test]
+async fn an_unreachable_server_opens_a_fail_fast_window_that_ends() {
+    let t: Tier = PostgresTier::builder()
+        .url("postgres://postgres@127.0.0.1:1/test")
+        .acquire_timeout(Duration::from_millis(100))
+        .connect_timeout(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let failing_fast = |e: &Error| {
+        std::error::Error::source(e).is_some_and(|s| {
+            s.to_string()
+                .contains("the database was unreachable moments ago")
+        })
+    };
+    // The first call finds the server refusing; it opens the window.
+    let err = t.get(&"a".into()).await.unwrap_err();
+    assert!(!failing_fast(&err) && err.is_transient(), "{err:?}");
+    // Within the window (250 ms), every kind of call fails at once with the window's error.
+    let err = t.get(&"a".into()).await.unwrap_err();
+    assert!(failing_fast(&err) && err.is_transient(), "{err:?}");
+    let err = t.write(&"a".into(), contract::value(1)).await.unwrap_err();
+    assert!(failing_fast(&err), "{err:?}");
+    let err = t.get_many(&["a".into(), "b".into()]).await.unwrap_err();
+    assert!(failing_fast(&err), "{err:?}");
+    // The pool's time-out was told from a busy pool by one probe; the window needs none.
+    assert_eq!(t.probes(), 1);
+    // Past the window, the next call tries the server again (and is refused again).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let err = t.get(&"a".into()).await.unwrap_err();
+    assert!(!failing_fast(&err) && err.is_transient(), "tried again: {err:?}");
+    assert_eq!(t.probes(), 2);
+    assert_eq!(t.stats().errors, 5);
+}
+
 #[tokio::test]
 async fn migrations_are_idempotent_and_tables_are_isolated() {
     let pool = postgres_env::postgres_pool().await;
