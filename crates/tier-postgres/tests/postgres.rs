@@ -113,7 +113,10 @@ async fn an_unreachable_server_opens_a_fail_fast_window_that_ends() {
     // Past the window, the next call tries the server again (and is refused again).
     tokio::time::sleep(Duration::from_millis(400)).await;
     let err = t.get(&"a".into()).await.unwrap_err();
-    assert!(!failing_fast(&err) && err.is_transient(), "tried again: {err:?}");
+    assert!(
+        !failing_fast(&err) && err.is_transient(),
+        "tried again: {err:?}"
+    );
     assert_eq!(t.probes(), 2);
     assert_eq!(t.stats().errors, 5);
 }
