@@ -85,8 +85,9 @@ pub fn unique_prefix(tag: &str) -> String {
 }
 
 /// A Redis Cluster of `redis-server` processes on loopback ports, for tests: every master owns
-/// an equal share of the 16,384 slots, no replicas, nothing kept on disk beyond a temporary
-/// directory. Dropping it kills the servers and removes the directory.
+/// an equal share of the 16,384 slots, nothing kept on disk beyond a temporary directory, and
+/// replicas only when asked for ([`LocalCluster::start_with`]). Dropping it kills the servers
+/// and removes the directory.
 ///
 /// ```no_run
 /// # async fn demo() {
@@ -101,13 +102,16 @@ pub fn unique_prefix(tag: &str) -> String {
 #[derive(Debug)]
 pub struct LocalCluster {
     servers: Vec<std::process::Child>,
+    /// Client ports: the masters' first, then the replicas'.
     ports: Vec<u16>,
+    masters: usize,
     dir: std::path::PathBuf,
 }
 
 impl LocalCluster {
-    /// Starts `masters` servers and joins them into one cluster, waiting (up to 30 s) until
-    /// every node reports the cluster `ok` with all slots served.
+    /// Starts `masters` servers and joins them into one cluster with no replicas and a 5 s node
+    /// time-out, waiting (up to 30 s) until every node reports the cluster `ok` with all slots
+    /// served.
     ///
     /// Returns `None`, after printing a loud message on standard error, only when
     /// `redis-server` is not installed (with `CI` set, that is a failure instead).
@@ -115,16 +119,31 @@ impl LocalCluster {
     /// # Panics
     /// If a server does not start or the cluster does not form, with the servers' logs.
     pub async fn start(masters: usize) -> Option<Self> {
-        use std::process::{Command, Stdio};
+        Self::start_with(masters, 0, std::time::Duration::from_secs(5)).await
+    }
+
+    /// As [`LocalCluster::start`], with `replicas` more servers (replica `i` follows master
+    /// `i % masters`, and has every write its master made before this returns) and
+    /// `node_timeout` as the cluster's `cluster-node-timeout`: how long a master must be
+    /// unreachable before its replica is elected in its place.
+    ///
+    /// # Panics
+    /// As [`LocalCluster::start`]; also if a replica does not finish its first sync in 30 s.
+    pub async fn start_with(
+        masters: usize,
+        replicas: usize,
+        node_timeout: std::time::Duration,
+    ) -> Option<Self> {
         assert!(masters >= 1, "a cluster needs at least one master");
         if !redis_server_installed("no Redis Cluster can be built for this test") {
             return None;
         }
+        let nodes = masters + replicas;
         let dir = std::env::temp_dir().join(env::unique_name("cluster"));
         std::fs::create_dir_all(&dir).expect("a temporary directory for the cluster");
         // Client and bus ports for every node, all free when chosen (the listeners are held
         // until every port is picked, so no two coincide).
-        let listeners: Vec<std::net::TcpListener> = (0..masters * 2)
+        let listeners: Vec<std::net::TcpListener> = (0..nodes * 2)
             .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("a free loopback port"))
             .collect();
         let picked: Vec<u16> = listeners
@@ -132,44 +151,23 @@ impl LocalCluster {
             .map(|l| l.local_addr().expect("a bound port").port())
             .collect();
         drop(listeners);
-        let (ports, bus_ports) = picked.split_at(masters);
+        let (ports, bus_ports) = picked.split_at(nodes);
         let mut cluster = LocalCluster {
             servers: Vec::new(),
             ports: ports.to_vec(),
+            masters,
             dir,
         };
-        for (port, bus) in ports.iter().zip(bus_ports) {
-            let (port, bus) = (port.to_string(), bus.to_string());
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port,
-                    "--cluster-port",
-                    &bus,
-                    "--bind",
-                    "127.0.0.1",
-                ])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "5000"])
-                // A stopped node's slots fail; the others keep serving theirs.
-                .args(["--cluster-require-full-coverage", "no"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--save", "", "--appendonly", "no"])
-                .args(["--logfile", &format!("redis-{port}.log"), "--dir"])
-                .arg(&cluster.dir)
-                .current_dir(&cluster.dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server starts");
-            cluster.servers.push(child);
+        for (&port, &bus) in ports.iter().zip(bus_ports) {
+            cluster.spawn(port, bus, node_timeout);
         }
         let mut cons = Vec::new();
         for &port in &cluster.ports {
             cons.push(cluster.connect(port).await);
         }
-        // Equal slot ranges, then every node meets the first.
+        // Equal slot ranges on the masters, then every node meets the first.
         let per = 16_384 / masters;
-        for (i, con) in cons.iter_mut().enumerate() {
+        for (i, con) in cons.iter_mut().take(masters).enumerate() {
             let first = i * per;
             let last = if i + 1 == masters {
                 16_383
@@ -198,31 +196,103 @@ impl LocalCluster {
                 )
                 .await;
         }
+        let formed = |info: &str| {
+            info.contains("cluster_state:ok")
+                && info.contains("cluster_slots_ok:16384")
+                && info.contains(&format!("cluster_known_nodes:{nodes}\r"))
+        };
+        cluster
+            .wait_for(&mut cons, "form", |_, info| formed(info))
+            .await;
+        if replicas > 0 {
+            let mut ids = Vec::new();
+            for con in cons.iter_mut().take(masters) {
+                let id: String = cluster.query(con, redis::cmd("CLUSTER").arg("MYID")).await;
+                ids.push(id);
+            }
+            for (i, con) in cons.iter_mut().enumerate().skip(masters) {
+                let master = &ids[(i - masters) % masters];
+                cluster
+                    .query::<()>(con, redis::cmd("CLUSTER").arg("REPLICATE").arg(master))
+                    .await;
+            }
+            // Every replica linked to its master and in sync; every master knows its replica.
+            cluster
+                .wait_for(&mut cons, "sync its replicas", |i, info| {
+                    if i < masters {
+                        let expected = (masters..nodes).filter(|r| r % masters == i).count();
+                        info.contains(&format!("connected_slaves:{expected}\r"))
+                    } else {
+                        info.contains("master_link_status:up")
+                            && info.contains("master_sync_in_progress:0")
+                    }
+                })
+                .await;
+        }
+        Some(cluster)
+    }
+
+    fn spawn(&mut self, port: u16, bus: u16, node_timeout: std::time::Duration) {
+        use std::process::{Command, Stdio};
+        let (port, bus) = (port.to_string(), bus.to_string());
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port,
+                "--cluster-port",
+                &bus,
+                "--bind",
+                "127.0.0.1",
+            ])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout"])
+            .arg(node_timeout.as_millis().to_string())
+            // A stopped node's slots fail; the others keep serving theirs.
+            .args(["--cluster-require-full-coverage", "no"])
+            .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--logfile", &format!("redis-{port}.log"), "--dir"])
+            .arg(&self.dir)
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts");
+        self.servers.push(child);
+    }
+
+    /// Waits (up to 30 s) until `done(node index, INFO text)` holds on every node, where the
+    /// text is `CLUSTER INFO` followed by `INFO replication`.
+    async fn wait_for(
+        &self,
+        cons: &mut [redis::aio::MultiplexedConnection],
+        what: &str,
+        done: impl Fn(usize, &str) -> bool,
+    ) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            let mut formed = true;
-            for con in &mut cons {
-                let info: String = cluster.query(con, redis::cmd("CLUSTER").arg("INFO")).await;
-                formed &= info.contains("cluster_state:ok")
-                    && info.contains("cluster_slots_ok:16384")
-                    && info.contains(&format!("cluster_known_nodes:{masters}\r"));
+            let mut all = true;
+            for (i, con) in cons.iter_mut().enumerate() {
+                let cluster: String = self.query(con, redis::cmd("CLUSTER").arg("INFO")).await;
+                let replication: String =
+                    self.query(con, redis::cmd("INFO").arg("replication")).await;
+                all &= done(i, &format!("{cluster}\r\n{replication}"));
             }
-            if formed {
-                return Some(cluster);
+            if all {
+                return;
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "the Redis Cluster did not form within 30 s; logs:\n{}",
-                cluster.logs()
+                "the Redis Cluster did not {what} within 30 s; logs:\n{}",
+                self.logs()
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 
-    /// The seed nodes' URLs, `redis://127.0.0.1:<port>/` each.
+    /// The masters' URLs, `redis://127.0.0.1:<port>/` each (seed nodes for a client).
     #[must_use]
     pub fn nodes(&self) -> Vec<String> {
-        self.ports
+        self.ports()
             .iter()
             .map(|p| format!("redis://127.0.0.1:{p}/"))
             .collect()
@@ -231,14 +301,21 @@ impl LocalCluster {
     /// The masters' client ports.
     #[must_use]
     pub fn ports(&self) -> &[u16] {
-        &self.ports
+        &self.ports[..self.masters]
     }
 
-    /// Kills the server of master `index` (its slots stop being served; the other masters
-    /// go on, since the cluster does not require full coverage).
+    /// The replicas' client ports (replica `i` first followed master `i % masters`).
+    #[must_use]
+    pub fn replica_ports(&self) -> &[u16] {
+        &self.ports[self.masters..]
+    }
+
+    /// Kills the server of node `index` (masters first, then replicas): a master's slots stop
+    /// being served until its replica, if it has one, is elected in its place; the other
+    /// masters go on, since the cluster does not require full coverage.
     ///
     /// # Panics
-    /// If there is no master `index`.
+    /// If there is no node `index`.
     pub fn kill(&mut self, index: usize) {
         let server = &mut self.servers[index];
         let _ = server.kill();

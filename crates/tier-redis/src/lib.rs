@@ -21,11 +21,12 @@
 //!   and counted in [`TierStats::corrupt`].
 //! * **Redis Cluster** (feature `cluster`): `RedisTierBuilder::cluster(seed nodes)` talks to a
 //!   cluster instead of one server. Every script touches one key, so each runs on the key's
-//!   master; batch reads (MGET) are split by slot and reassembled in order by the client;
+//!   master; batch reads (MGET) are split by slot by the tier and reassembled in order;
 //!   `clear` scans every master. A [`RedisBackplane`] over [`RedisTier::backplane_clients`]
 //!   listens and publishes on one node at a time (a cluster forwards every PUBLISH to all its
 //!   nodes) and moves to another when that one fails. Tested against a three-master cluster of
-//!   local `redis-server` processes (`tests/cluster.rs`, the same contract as one server).
+//!   local `redis-server` processes (`tests/cluster.rs`, the same contract as one server), and
+//!   through a master's death and its replica's election.
 //!
 //! ```no_run
 //! # async fn demo() -> tiercache_core::Result<()> {
@@ -51,6 +52,8 @@ pub mod backplane;
 pub mod envelope;
 pub mod keys;
 pub mod scripts;
+#[cfg(feature = "cluster")]
+mod slots;
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -185,8 +188,8 @@ struct Stats {
 }
 
 /// The connection the tier sends commands on: one server through a reconnecting manager, or a
-/// Redis Cluster (feature `cluster`), whose connection routes each command by its keys' slots
-/// (MGET and UNLINK are split across nodes by the client).
+/// Redis Cluster (feature `cluster`), whose connection routes each command by its key's slot
+/// (MGET and UNLINK are split by slot by the tier: `slots`).
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
@@ -629,6 +632,10 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         // One command: GET, or MGET for several keys. The envelope carries the expiry.
         let values: Vec<RedisValue> = self
             .run(|mut con| async move {
+                #[cfg(feature = "cluster")]
+                if let (Conn::Cluster(cluster), [_, _, ..]) = (&con, redis_keys) {
+                    return slots::mget(cluster, redis_keys).await;
+                }
                 if let [only] = redis_keys {
                     let value: RedisValue =
                         redis::cmd("GET").arg(only).query_async(&mut con).await?;
@@ -839,6 +846,10 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
             if !ours.is_empty() {
                 let _: i64 = self
                     .run(|mut con| async move {
+                        #[cfg(feature = "cluster")]
+                        if let Conn::Cluster(cluster) = &con {
+                            return slots::unlink(cluster, &ours).await;
+                        }
                         redis::cmd("UNLINK").arg(ours).query_async(&mut con).await
                     })
                     .await?;

@@ -72,6 +72,113 @@ async fn the_contract_holds_on_a_three_master_cluster() {
     backplanes_move_to_another_node_when_theirs_dies(cluster, &setup).await;
 }
 
+/// A master dies and its replica is elected in its place by the cluster itself (after the node
+/// time-out, 1 s here). Meanwhile no node serves the dead master's slots: a read of one of its
+/// keys waits for the election (the client retries) or fails as a transient error, never
+/// answers a miss or another version. Once the replica is master the same tier follows it
+/// without being rebuilt, reads back every entry its old master held (one key or a batch), and
+/// the whole contract (the version rules, tombstones, `clear` over every master) holds on the
+/// cluster as it now is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_takes_over_the_slots_of_its_dead_master() {
+    let Some(mut cluster) = LocalCluster::start_with(3, 1, Duration::from_secs(1)).await else {
+        return;
+    };
+    let setup = Setup::Cluster {
+        nodes: cluster.nodes(),
+    };
+    let tier: RedisTier<String, Config> = setup
+        .builder(&redis_env::unique_prefix("replica"))
+        .build()
+        .unwrap();
+    let keys: Vec<String> = (0..60).map(|i| k(&format!("user-{i}"))).collect();
+    for (i, key) in keys.iter().enumerate() {
+        assert!(
+            tier.set(key, Entry::new(config(key), i as u64 + 10))
+                .await
+                .unwrap()
+        );
+    }
+    // Which keys live on master 0 (slots 0..5461), the one that will die.
+    let mut master = cluster.connect(cluster.ports()[0]).await;
+    let mut on_dying = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let slot: usize = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(tier.redis_key(key))
+            .query_async(&mut master)
+            .await
+            .unwrap();
+        if slot < 16_384 / 3 {
+            on_dying.push(i);
+        }
+    }
+    assert!(
+        on_dying.len() > 5 && on_dying.len() < 55,
+        "{}",
+        on_dying.len()
+    );
+    // Replication is asynchronous: wait until the replica holds all of them.
+    let replica = cluster.replica_ports()[0];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count_ours(&cluster, replica, tier.prefix()).await != on_dying.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica did not catch up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    cluster.kill(0);
+    // Until the replica is master, nobody serves the dead master's slots. A read of one of its
+    // keys ends (the client retries through the election; in a chain, the tier's time limit
+    // bounds what a caller waits) with the version written or a transient error, never a miss
+    // or another version; then it is served again.
+    let key = &keys[on_dying[0]];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let call = tokio::time::timeout(Duration::from_secs(10), tier.get(key))
+            .await
+            .expect("a call to a dead master's slot does not hang");
+        match call {
+            Ok(found) => {
+                let found = found.expect("the replica holds the entry");
+                assert_eq!(found.version, on_dying[0] as u64 + 10);
+                break;
+            }
+            Err(e) => assert!(e.is_transient(), "{e:?}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the replica never took over"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every entry, on every master, is served by the same tier: one batch read (which the
+    // client's own split of MGET failed on every call after a failover: the tier's `slots.rs`).
+    let got = tier.get_many(&keys).await.unwrap();
+    for (i, entry) in got.iter().enumerate() {
+        let entry = entry.as_ref().unwrap_or_else(|| panic!("user-{i} lost"));
+        assert_eq!(entry.version, i as u64 + 10);
+        assert_eq!(entry.value.as_deref(), Some(&*config(&keys[i])));
+    }
+    // The version rules run on the new master as on the old one.
+    assert!(!tier.set(key, Entry::new(config("older"), 1)).await.unwrap());
+    assert!(
+        tier.set(key, Entry::new(config("newer"), 1_000))
+            .await
+            .unwrap()
+    );
+    // The contract on the cluster as it now is (seeded by the nodes alive).
+    let survivors = [cluster.ports()[1], cluster.ports()[2], replica]
+        .iter()
+        .map(|p| format!("redis://127.0.0.1:{p}/"))
+        .collect();
+    contract::run_all(&Setup::Cluster { nodes: survivors }).await;
+    tier.clear().await.unwrap();
+    assert_eq!(count_ours(&cluster, replica, tier.prefix()).await, 0);
+}
+
 /// A slot moves from one master to another while the tier uses it, as `redis-cli --cluster
 /// reshard` moves it: while it migrates, a key not yet moved is read where it is, a new key is
 /// written on the importing master and a moved key read there (ASK redirections); once the slot
