@@ -36,12 +36,17 @@ async fn stampede(
         tasks.push(tokio::spawn(async move { cache.get(&key("hot")).await }));
     }
     gate.arrived(1).await;
-    // A caller counts its memory miss and joins the flight in one poll, without yielding in
-    // between; wait until all have missed, then give the last one time to finish that poll.
-    while cache.stats().tiers[0].misses < CALLERS as u64 {
+    // Every caller is in the load (the one running it, held at the gate, and the waiters).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while cache.stats().load_callers < CALLERS as u64 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            cache.stats()
+        );
         tokio::task::yield_now().await;
     }
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(cache.stats().loads_in_flight, 1);
     gate.open();
     let mut results = Vec::with_capacity(CALLERS);
     for t in tasks {

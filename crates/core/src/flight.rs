@@ -83,6 +83,17 @@ impl<K: Key, T: Clone> Flights<K, T> {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+
+    /// Callers in the flights now, their leaders included (each holds its flight's cell while
+    /// it is in it, and the map one more).
+    pub(crate) fn callers(&self) -> usize {
+        self.map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|cell| Arc::strong_count(cell) - 1)
+            .sum()
+    }
 }
 
 /// A caller's place in a flight. When it leaves, the flight is removed from the map if it
@@ -135,19 +146,11 @@ mod tests {
                     .await
             }));
         }
-        // Wait until every task has joined the flight (the map's reference and one per
-        // caller), then release the one load.
-        let joined = || {
-            flights
-                .map
-                .lock()
-                .unwrap()
-                .get("k")
-                .map_or(0, Arc::strong_count)
-        };
-        while joined() < 101 {
+        // Wait until every task has joined the flight, then release the one load.
+        while flights.callers() < 100 {
             tokio::task::yield_now().await;
         }
+        assert_eq!(flights.len(), 1);
         gate.notify_one();
         let mut leaders = 0;
         for t in tasks {
@@ -214,9 +217,10 @@ mod tests {
             tokio::time::timeout(Duration::from_millis(5), flights.run(&1, || async { 9 })).await;
         assert!(dropped.is_err(), "joined the waiter's flight and gave up");
         assert_eq!(flights.len(), 1, "the waiter's flight stays");
+        assert_eq!(flights.callers(), 1, "the dropped caller left it");
         gate.notify_one();
         assert_eq!(waiter.await.unwrap(), (7, true));
-        assert_eq!(flights.len(), 0);
+        assert_eq!((flights.len(), flights.callers()), (0, 0));
     }
 
     #[tokio::test]

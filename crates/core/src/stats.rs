@@ -156,6 +156,9 @@ pub struct ChainStats {
     /// Loads running now (single-flight entries).
     #[serde(default)]
     pub loads_in_flight: u64,
+    /// Requests in those loads now: the caller running each, and those waiting for it.
+    #[serde(default)]
+    pub load_callers: u64,
     /// Background tasks running now: updates and invalidations whose caller left, back-fills,
     /// writes being settled.
     #[serde(default)]

@@ -418,6 +418,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             remote_invalidations: c.remote_invalidations.get(),
             backfills_skipped: c.backfills_skipped.get(),
             loads_in_flight: inner.flights.len() as u64,
+            load_callers: inner.flights.callers() as u64,
             background_tasks: inner.tasks.running() as u64,
             floors: inner.floors.len() as u64,
         }
