@@ -332,3 +332,73 @@ async fn errors_that_say_nothing_about_reachability_do_not_open_the_breaker() {
     assert_eq!(s.tiers[0].errors, 5);
     assert_eq!((s.tiers[0].breaker_opened, s.tiers[0].skipped), (0, 0));
 }
+
+/// `flush` waits for what is left and no longer: with nothing left it returns at once (tokio's
+/// paused clock makes the time it took exact), and at its deadline it names what is still
+/// running (the chain's background tasks) or still owed (a tier's missed invalidations).
+#[tokio::test(start_paused = true)]
+async fn flush_returns_when_nothing_is_left_and_names_what_is_left_at_its_deadline() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let a = chain(&redis, &db);
+    let started = tokio::time::Instant::now();
+    a.flush(Duration::from_secs(60)).await.unwrap();
+    assert_eq!(started.elapsed(), Duration::ZERO, "nothing to wait for");
+
+    // An update whose caller gave up goes on in a task of the chain's.
+    db.faults()
+        .set_for(Op::Write, Fault::Delay(Duration::from_millis(500)));
+    let x = key("x");
+    let gave_up = tokio::time::timeout(Duration::from_millis(5), a.update(&x, val("v1"))).await;
+    assert!(gave_up.is_err());
+    let err = a.flush(Duration::from_millis(50)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unfinished { tier, what: "tasks", pending: 1 } if tier == "chain"),
+        "{err:?}"
+    );
+    let started = tokio::time::Instant::now();
+    a.flush(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "returned when the task ended"
+    );
+    assert_eq!(db.version(&key("x")), Some(1));
+    db.faults().clear();
+
+    // An update that could not remove redis's copy owes redis an invalidation.
+    redis.faults().set(Fault::Error);
+    a.update(&key("x"), val("v2")).await.unwrap();
+    let err = a.flush(Duration::from_millis(50)).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Unfinished { tier, what: "invalidations", pending: 1 } if tier == "redis"),
+        "{err:?}"
+    );
+    redis.faults().clear();
+    let started = tokio::time::Instant::now();
+    a.flush(Duration::from_secs(60)).await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "returned when replayed"
+    );
+    assert_eq!(a.stats().tiers[1].pending_repairs, 0);
+}
+
+/// What a chain and a read's answer show in `Debug` (logs, panics): the tiers' names, the
+/// policy, whether a value was found and its version; never the value.
+#[tokio::test]
+async fn debug_shows_tiers_and_versions_never_values() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    db.put(key("x"), "s3cret-value".to_string());
+    let a = chain(&redis, &db);
+    let chain_text = format!("{a:?}");
+    assert!(
+        chain_text
+            .starts_with("TieredCache { tiers: [\"memory\", \"redis\"], source: \"db\", policy: "),
+        "{chain_text}"
+    );
+    let fetched = a.fetch(&key("x")).await.unwrap();
+    assert_eq!(
+        format!("{fetched:?}"),
+        "Fetched { found: true, version: 1, origin: Source }"
+    );
+    assert!(!format!("{fetched:#?}").contains("s3cret"));
+}
