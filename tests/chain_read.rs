@@ -392,3 +392,50 @@ async fn warm_loads_keys_in_batches() {
         Origin::Tier(0)
     );
 }
+
+/// The chain reads the time from the clock it was built with (here the tests' manual clock),
+/// and says which.
+#[tokio::test]
+async fn the_chain_keeps_the_clock_it_was_built_with() {
+    let c = Chain::new();
+    c.manual.advance(Duration::from_secs(3_600));
+    assert!(c.cache.clock().is_manual());
+    assert_eq!(c.cache.clock().now(), c.manual.now());
+}
+
+/// `export_metrics` publishes the chain's statistics as they are: the request counters per
+/// tier and outcome, and the latency quantiles in seconds.
+#[tokio::test]
+async fn exported_metrics_are_the_chains_statistics() {
+    let c = Chain::new();
+    c.db.put(key("alice"), "dark".to_string());
+    for _ in 0..3 {
+        c.cache.get(&key("alice")).await.unwrap();
+    }
+    c.cache.get(&key("nobody")).await.unwrap();
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, || c.cache.export_metrics());
+    let text = handle.render();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    };
+    let s = c.cache.stats();
+    assert_eq!(s.tiers[0].hits, 2);
+    let memory_hits = r#"tiercache_requests_total{tier="memory",outcome="hit"}"#;
+    assert_eq!(value(memory_hits), 2.0);
+    assert_eq!(
+        value(r#"tiercache_requests_total{tier="db",outcome="found"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"tiercache_requests_total{tier="db",outcome="not_found"}"#),
+        1.0
+    );
+    assert_eq!(value("tiercache_source_loads_total"), 2.0);
+    let p50 = value(r#"tiercache_tier_latency_seconds{tier="db",quantile="0.5"}"#);
+    assert_eq!(p50, s.source.latency.p50_us / 1e6);
+    assert_eq!(value(r#"tiercache_breaker_open{tier="redis"}"#), 0.0);
+}
