@@ -424,6 +424,11 @@ async fn exported_metrics_are_the_chains_statistics() {
     };
     let s = c.cache.stats();
     assert_eq!(s.tiers[0].hits, 2);
+    assert_eq!(
+        s.cache_hit_rate,
+        2.0 / 4.0,
+        "two of four requests hit a cache tier"
+    );
     let memory_hits = r#"tiercache_requests_total{tier="memory",outcome="hit"}"#;
     assert_eq!(value(memory_hits), 2.0);
     assert_eq!(

@@ -402,3 +402,64 @@ async fn debug_shows_tiers_and_versions_never_values() {
     );
     assert!(!format!("{fetched:#?}").contains("s3cret"));
 }
+
+/// The log, where a deployment looks first: a tier that starts failing is logged once (at
+/// warn), however many calls fail, and its recovery once (at info); never a value.
+#[tokio::test]
+async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_again() {
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Log(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let log = Log::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // This test's runtime has one thread: everything the chain logs is logged on it.
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let lines = |what: &str| {
+        String::from_utf8(log.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(what))
+            .count()
+    };
+
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    db.put(key("x"), "s3cret-value".to_string());
+    let a: TieredCache<Key, Val> = TieredCache::builder()
+        .tier(redis.clone())
+        .source(db.clone())
+        .breaker(BreakerPolicy::never())
+        .build()
+        .unwrap();
+    redis.faults().set(Fault::Error);
+    for _ in 0..5 {
+        a.fetch(&key("x")).await.unwrap();
+    }
+    assert_eq!(
+        a.stats().tiers[0].errors,
+        10,
+        "a get and a back-fill per read"
+    );
+    assert_eq!(lines("tier failing"), 1);
+    redis.faults().clear();
+    for _ in 0..3 {
+        a.fetch(&key("x")).await.unwrap();
+    }
+    assert_eq!(lines("tier failing"), 1);
+    assert_eq!(lines("tier answers again"), 1);
+    assert_eq!(lines("s3cret"), 0);
+}
