@@ -427,17 +427,19 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
-    // This test's runtime has one thread: everything the chain logs is logged on it.
-    let _logging = tracing::subscriber::set_default(subscriber);
+    // The process's subscriber, not a thread's: tracing caches per call site whether anyone
+    // listens, and other tests' threads hit the same call sites. Their lines name other
+    // tiers; this test counts its own tier's.
+    tracing::subscriber::set_global_default(subscriber).expect("the only test that sets one");
+    let all = || String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
     let lines = |what: &str| {
-        String::from_utf8(log.0.lock().unwrap().clone())
-            .unwrap()
+        all()
             .lines()
-            .filter(|l| l.contains(what))
+            .filter(|l| l.contains(what) && l.contains("tier=logged"))
             .count()
     };
 
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("logged"), FakeTier::source("db"));
     db.put(key("x"), "s3cret-value".to_string());
     let a: TieredCache<Key, Val> = TieredCache::builder()
         .tier(redis.clone())
@@ -455,11 +457,76 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
         "a get and a back-fill per read"
     );
     assert_eq!(lines("tier failing"), 1);
+    a.invalidate(&key("x")).await.unwrap_err();
     redis.faults().clear();
     for _ in 0..3 {
         a.fetch(&key("x")).await.unwrap();
     }
+    // The missed invalidation is replayed (a batch, not a clear of the tier).
+    a.flush(Duration::from_secs(2)).await.unwrap();
     assert_eq!(lines("tier failing"), 1);
     assert_eq!(lines("tier answers again"), 1);
-    assert_eq!(lines("s3cret"), 0);
+    assert_eq!(lines("tier cleared"), 0);
+    assert!(!all().contains("s3cret"));
+}
+
+/// A replay that keeps failing waits longer each time (doubling from 25 ms to 200 ms, less up
+/// to half at random), so that a tier that is down is not asked a hundred times a second.
+#[tokio::test(start_paused = true)]
+async fn replays_that_keep_failing_back_off() {
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let a: TieredCache<Key, Val> = TieredCache::builder()
+        .tier(redis.clone())
+        .source(db.clone())
+        .breaker(BreakerPolicy::never())
+        .build()
+        .unwrap();
+    redis.faults().set(Fault::Error);
+    a.update(&key("x"), val("v1")).await.unwrap();
+    let before = redis.calls().invalidate;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Waits of at least 12.5, 25, 50 and then 100 ms: at most 23 replays in two seconds
+    // (about 80 or more at a steady 25 ms less jitter).
+    let replays = redis.calls().invalidate - before;
+    assert!((5..=23).contains(&replays), "{replays} replays in 2 s");
+    redis.faults().clear();
+    a.flush(Duration::from_secs(1)).await.unwrap();
+}
+
+/// A replay task that ends without finishing (its runtime shut down while it waited out a
+/// back-off) does not stop replays for good: the next missed invalidation starts a new one,
+/// which replays what both missed.
+#[test]
+fn a_replay_task_cut_short_by_its_runtime_is_started_again_by_the_next_miss() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let first = runtime();
+    let a = first.block_on(async {
+        let a: TieredCache<Key, Val> = TieredCache::builder()
+            .tier(redis.clone())
+            .source(db.clone())
+            .breaker(BreakerPolicy::never())
+            .build()
+            .unwrap();
+        a.update(&key("x"), val("v1")).await.unwrap();
+        redis.faults().set(Fault::Error);
+        a.update(&key("x"), val("v2")).await.unwrap();
+        a
+    });
+    assert_eq!(a.stats().tiers[0].pending_repairs, 1);
+    drop(first);
+    assert_eq!(redis.version(&key("x")), Some(1), "not replayed");
+    runtime().block_on(async {
+        a.update(&key("y"), val("w")).await.unwrap();
+        redis.faults().clear();
+        a.flush(Duration::from_secs(5))
+            .await
+            .expect("a new replay task replayed both");
+        assert_eq!(redis.version(&key("x")), None);
+    });
 }
