@@ -27,6 +27,16 @@ fn chain(redis: &FakeTier<Key, Val>, db: &FakeTier<Key, Val>) -> TieredCache<Key
         .unwrap()
 }
 
+/// `redis` over `db`, no memory tier, no breaker: every call reaches the fake.
+fn one_tier(redis: &FakeTier<Key, Val>, db: &FakeTier<Key, Val>) -> TieredCache<Key, Val> {
+    TieredCache::builder()
+        .tier(redis.clone())
+        .source(db.clone())
+        .breaker(BreakerPolicy::never())
+        .build()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_open_breaker_stops_paying_the_timeout_until_a_probe_succeeds() {
     let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
@@ -441,12 +451,7 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
 
     let (redis, db) = (FakeTier::cache("logged"), FakeTier::source("db"));
     db.put(key("x"), "s3cret-value".to_string());
-    let a: TieredCache<Key, Val> = TieredCache::builder()
-        .tier(redis.clone())
-        .source(db.clone())
-        .breaker(BreakerPolicy::never())
-        .build()
-        .unwrap();
+    let a = one_tier(&redis, &db);
     redis.faults().set(Fault::Error);
     for _ in 0..5 {
         a.fetch(&key("x")).await.unwrap();
@@ -475,12 +480,7 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
 #[tokio::test(start_paused = true)]
 async fn replays_that_keep_failing_back_off() {
     let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
-    let a: TieredCache<Key, Val> = TieredCache::builder()
-        .tier(redis.clone())
-        .source(db.clone())
-        .breaker(BreakerPolicy::never())
-        .build()
-        .unwrap();
+    let a = one_tier(&redis, &db);
     redis.faults().set(Fault::Error);
     a.update(&key("x"), val("v1")).await.unwrap();
     let before = redis.calls().invalidate;
@@ -507,12 +507,7 @@ fn a_replay_task_cut_short_by_its_runtime_is_started_again_by_the_next_miss() {
     let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
     let first = runtime();
     let a = first.block_on(async {
-        let a: TieredCache<Key, Val> = TieredCache::builder()
-            .tier(redis.clone())
-            .source(db.clone())
-            .breaker(BreakerPolicy::never())
-            .build()
-            .unwrap();
+        let a = one_tier(&redis, &db);
         a.update(&key("x"), val("v1")).await.unwrap();
         redis.faults().set(Fault::Error);
         a.update(&key("x"), val("v2")).await.unwrap();
