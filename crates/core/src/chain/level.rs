@@ -502,9 +502,11 @@ mod tests {
     #[test]
     fn past_the_bound_the_tier_is_cleared_and_every_read_skips_it_until_then() {
         let repairs = Repairs::<u32>::new(10);
-        for k in 0..11 {
+        for k in 0..10 {
             repairs.remember(&k, Some(1), "t");
         }
+        assert!(!repairs.blocks(&999), "at the bound: no clear yet");
+        repairs.remember(&10, Some(1), "t");
         assert!(repairs.blocks(&999), "every key is blocked");
         assert!(matches!(repairs.take(true), Next::Job(Job::Clear)));
         // A key missed while the clear runs is kept: the clear may have run before it.
@@ -514,6 +516,28 @@ mod tests {
         assert!(repairs.blocks(&50));
         assert_eq!(replay_all(&repairs, true), 1);
         assert_eq!(repairs.len(), 0);
+    }
+
+    #[test]
+    fn keys_in_flight_count_towards_the_bound() {
+        let repairs = Repairs::<u32>::new(3);
+        repairs.remember(&1, Some(1), "t");
+        repairs.remember(&2, Some(1), "t");
+        let Next::Job(job) = repairs.take(true) else {
+            panic!("a job")
+        };
+        repairs.remember(&3, Some(1), "t");
+        assert!(
+            !repairs.blocks(&999),
+            "one pending and two in flight: at the bound"
+        );
+        repairs.remember(&4, Some(1), "t");
+        assert!(
+            repairs.blocks(&999),
+            "two pending and two in flight: past it"
+        );
+        repairs.finish(job, true);
+        assert!(matches!(repairs.take(true), Next::Job(Job::Clear)));
     }
 
     #[test]
