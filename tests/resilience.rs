@@ -414,7 +414,8 @@ async fn debug_shows_tiers_and_versions_never_values() {
 }
 
 /// The log, where a deployment looks first: a tier that starts failing is logged once (at
-/// warn), however many calls fail, and its recovery once (at info); never a value.
+/// warn), however many calls fail, and its recovery once (at info); each request's span says
+/// who answered, how, at which version and whether it joined another's load; never a value.
 #[tokio::test]
 async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_again() {
     use std::sync::Mutex;
@@ -433,7 +434,8 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
     let log = Log::default();
     let writer = log.clone();
     let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::INFO)
+        .with_max_level(tracing::Level::DEBUG)
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_ansi(false)
         .with_writer(move || writer.clone())
         .finish();
@@ -449,16 +451,29 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
             .count()
     };
 
-    let (redis, db) = (FakeTier::cache("logged"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("logged"), FakeTier::source("logged-db"));
     db.put(key("x"), "s3cret-value".to_string());
     let a = one_tier(&redis, &db);
     redis.faults().set(Fault::Error);
     for _ in 0..5 {
         a.fetch(&key("x")).await.unwrap();
     }
+    a.fetch(&key("nobody")).await.unwrap();
+    // Each request's span, closed, says who answered and how.
+    let requests = |fields: &str| {
+        all()
+            .lines()
+            .filter(|l| l.contains(&format!("tiercache.get{{{fields}}}: ")) && l.contains("close"))
+            .count()
+    };
+    let db_said = |outcome: &str, version: u64| {
+        format!(r#"coalesced=false answered_by="logged-db" outcome="{outcome}" version={version}"#)
+    };
+    assert_eq!(requests(&db_said("found", 1)), 5);
+    assert_eq!(requests(&db_said("not_found", 0)), 1);
     assert_eq!(
         a.stats().tiers[0].errors,
-        10,
+        12,
         "a get and a back-fill per read"
     );
     assert_eq!(lines("tier failing"), 1);
