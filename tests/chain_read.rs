@@ -5,9 +5,10 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Chain, L2_TTL, MEMORY_TTL, key, val};
-use tiercache_core::{CacheTier, Entry, Error, Origin};
-use tiercache_testkit::{Fault, Op};
+use support::{Chain, Key, L2_TTL, MEMORY_TTL, Val, key, val};
+use tiercache_core::{CacheTier, Entry, Error, Origin, TieredCache};
+use tiercache_memory::MemoryTier;
+use tiercache_testkit::{FakeTier, Fault, Op};
 
 #[tokio::test]
 async fn a_source_hit_back_fills_every_tier_and_the_next_read_is_a_memory_hit() {
@@ -443,4 +444,58 @@ async fn exported_metrics_are_the_chains_statistics() {
     let p50 = value(r#"tiercache_tier_latency_seconds{tier="db",quantile="0.5"}"#);
     assert_eq!(p50, s.source.latency.p50_us / 1e6);
     assert_eq!(value(r#"tiercache_breaker_open{tier="redis"}"#), 0.0);
+}
+
+/// An expiry the source's entry carries (a source that is itself a cache, say) is not copied
+/// into the cache tiers: each applies its own TTL to what it is given.
+#[tokio::test]
+async fn the_cache_tiers_apply_their_own_ttl_not_the_sources_expiry() {
+    let c = Chain::new();
+    let expiring = Entry {
+        expires_at: Some(c.manual.now() + Duration::from_secs(1)),
+        ..Entry::new(val("dark"), 4)
+    };
+    c.db.put_entry(key("alice"), expiring);
+    assert_eq!(
+        c.cache.fetch(&key("alice")).await.unwrap().origin,
+        Origin::Source
+    );
+    let held = c.redis.entry(&key("alice")).unwrap();
+    assert_eq!(held.expires_at, Some(c.manual.now() + L2_TTL));
+    c.manual.advance(Duration::from_secs(2));
+    let again = c.cache.fetch(&key("alice")).await.unwrap();
+    assert_eq!((again.origin, again.version), (Origin::Tier(0), 4));
+}
+
+/// A source hit fills every cache tier, however many there are.
+#[tokio::test]
+async fn a_source_hit_back_fills_every_tier_of_a_three_tier_chain() {
+    let (l2, l3, db) = (
+        FakeTier::cache("l2"),
+        FakeTier::cache("l3"),
+        FakeTier::source("db"),
+    );
+    db.put(key("alice"), "dark".to_string());
+    for background in [false, true] {
+        let cache: TieredCache<Key, Val> = TieredCache::builder()
+            .tier(MemoryTier::new())
+            .tier(l2.clone())
+            .tier(l3.clone())
+            .source(db.clone())
+            .background_backfill(background)
+            .build()
+            .unwrap();
+        l2.clear().await.unwrap();
+        l3.clear().await.unwrap();
+        assert_eq!(
+            cache.fetch(&key("alice")).await.unwrap().origin,
+            Origin::Source
+        );
+        cache.flush(Duration::from_secs(1)).await.unwrap();
+        assert_eq!(
+            (l2.version(&key("alice")), l3.version(&key("alice"))),
+            (Some(1), Some(1)),
+            "background back-fill: {background}"
+        );
+    }
 }
