@@ -172,3 +172,85 @@ async fn an_invalidation_whose_caller_is_dropped_half_way_still_reaches_every_ti
     );
     assert_eq!(c.cache.fetch(&key("a")).await.unwrap().version, 2);
 }
+
+/// A cache tier whose sets run in a task of their own, like a command Redis has received: a
+/// set lands `delay` after it was sent, whether or not its caller is still there, and its
+/// answer comes back `delay` after that.
+#[derive(Clone)]
+struct LateSet {
+    redis: FakeTier<Key, Val>,
+    delay: Duration,
+}
+
+#[async_trait]
+impl CacheTier<Key, Val> for LateSet {
+    fn name(&self) -> &str {
+        "late-redis"
+    }
+    async fn get(&self, key: &Key) -> Result<Option<Entry<Val>>> {
+        self.redis.get(key).await
+    }
+    async fn set(&self, key: &Key, entry: Entry<Val>) -> Result<bool> {
+        let (redis, key, delay) = (self.redis.clone(), key.clone(), self.delay);
+        let landing = tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            redis.set(&key, entry).await
+        });
+        let stored = landing.await.expect("the set task ran");
+        tokio::time::sleep(delay).await;
+        stored
+    }
+    async fn invalidate(&self, key: &Key, version: Option<Version>) -> Result<()> {
+        self.redis.invalidate(key, version).await
+    }
+    async fn clear(&self) -> Result<()> {
+        self.redis.clear().await
+    }
+    fn stats(&self) -> TierStats {
+        self.redis.stats()
+    }
+}
+
+/// A reader's back-fill of a lower tier is sent, the key is invalidated, the fill lands after
+/// the invalidation, and the reader's caller gives up before the check that follows the set:
+/// the check runs all the same (in a task), and the copy is taken back at once, not left for
+/// the invalidation's second pass. (A fill still on its way when its caller gives up is left
+/// to that second pass, which comes once the tier's time limit has passed.)
+#[tokio::test(start_paused = true)]
+async fn a_fill_whose_caller_gave_up_during_its_set_is_still_checked_and_taken_back() {
+    let (redis, db) = (FakeTier::<Key, Val>::cache("redis"), FakeTier::source("db"));
+    db.put(key("a"), "v1".to_string());
+    let cache: TieredCache<Key, Val> = TieredCache::builder()
+        .tier(MemoryTier::new())
+        .tier_with_timeout(
+            LateSet {
+                redis: redis.clone(),
+                delay: Duration::from_millis(100),
+            },
+            Some(Duration::from_millis(500)),
+        )
+        .source(db.clone())
+        .build()
+        .unwrap();
+    let reader = {
+        let cache = cache.clone();
+        tokio::spawn(async move { cache.fetch(&key("a")).await })
+    };
+    // The reader has loaded version 1 and sent its set (it lands at 100 ms, answered at 200).
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(cache.stats().source_loads, 1);
+    db.put(key("a"), "edited".to_string());
+    cache.invalidate(&key("a")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(110)).await;
+    assert_eq!(
+        redis.version(&key("a")),
+        Some(1),
+        "landed after the invalidation"
+    );
+    reader.abort();
+    assert!(reader.await.unwrap_err().is_cancelled());
+    // Well before the second pass (at 500 ms).
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(redis.version(&key("a")), None, "version 1 taken back");
+    assert_eq!(cache.fetch(&key("a")).await.unwrap().version, 2);
+}
