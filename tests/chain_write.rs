@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{Chain, Key, Val, key, val};
-use tiercache_core::{CacheTier, Error, Origin, TieredCache};
+use tiercache_core::{CacheTier, Entry, Error, Origin, TieredCache, Version};
+use tiercache_memory::MemoryTier;
 use tiercache_testkit::{FakeTier, Fault, Faulty, Gate, Op};
 
 #[tokio::test]
@@ -419,4 +420,47 @@ async fn a_clear_of_the_memory_tier_makes_no_second_pass() {
     assert_eq!(c.memory_version("a").await, Some(1), "still held");
     let got = c.cache.fetch(&key("a")).await.unwrap();
     assert_eq!(got.origin, Origin::Tier(0));
+}
+
+/// A source whose write panics (a bug in a team's own source).
+#[derive(Clone)]
+struct PanickingWrite(FakeTier<Key, Val>);
+
+#[async_trait::async_trait]
+impl CacheTier<Key, Val> for PanickingWrite {
+    fn name(&self) -> &str {
+        "panicking-db"
+    }
+    async fn get(&self, key: &Key) -> tiercache_core::Result<Option<Entry<Val>>> {
+        self.0.get(key).await
+    }
+    async fn set(&self, key: &Key, entry: Entry<Val>) -> tiercache_core::Result<bool> {
+        self.0.set(key, entry).await
+    }
+    async fn invalidate(&self, key: &Key, version: Option<Version>) -> tiercache_core::Result<()> {
+        self.0.invalidate(key, version).await
+    }
+    async fn clear(&self) -> tiercache_core::Result<()> {
+        self.0.clear().await
+    }
+    async fn write(&self, _key: &Key, _value: Arc<Val>) -> tiercache_core::Result<Version> {
+        panic!("the source's own bug");
+    }
+    fn stats(&self) -> tiercache_core::TierStats {
+        self.0.stats()
+    }
+}
+
+/// An update runs in a task of the chain's (so that it finishes if its caller leaves); a panic
+/// in it is the caller's panic, with its own message, not an error that hides the bug.
+#[tokio::test]
+async fn a_panic_in_an_update_reaches_its_caller_as_that_panic() {
+    let cache: TieredCache<Key, Val> = TieredCache::builder()
+        .tier(MemoryTier::new())
+        .source(PanickingWrite(FakeTier::source("db")))
+        .build()
+        .unwrap();
+    let caller = tokio::spawn(async move { cache.update(&key("a"), val("v1")).await });
+    let panic = caller.await.unwrap_err().into_panic();
+    assert_eq!(panic.downcast_ref::<&str>(), Some(&"the source's own bug"));
 }
