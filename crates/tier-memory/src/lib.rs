@@ -660,6 +660,31 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_hit_leaves_an_entry_in_place_only_in_the_front_half_or_while_the_shard_fills() {
+        let fill = |state: &mut ShardState<String, u32>, from: usize, to: usize| {
+            for i in from..to {
+                state.insert(format!("k{i}"), Slot::Live(entry(1, 1)));
+            }
+        };
+        let capacity = NonZeroUsize::new(8).unwrap();
+        let shard = Shard::<String, u32>::new(capacity, false);
+        let mut state = shard.write();
+        // Five of eight (less than three-quarters): every entry stays, the oldest too.
+        fill(&mut state, 0, 5);
+        assert!(state.may_stay(1));
+        // Six of eight: only the front half stays (fewer than 4 puts since its own).
+        fill(&mut state, 5, 6);
+        assert_eq!(state.moves, 6);
+        assert!(state.may_stay(3), "3 puts since");
+        assert!(!state.may_stay(2), "4 puts since");
+        // Exact LRU: every hit moves, even while the shard fills.
+        let exact = Shard::<String, u32>::new(capacity, true);
+        let mut state = exact.write();
+        fill(&mut state, 0, 1);
+        assert!(!state.may_stay(1));
+    }
+
     #[tokio::test]
     async fn while_the_shard_fills_hits_do_not_reorder() {
         let manual = ManualClock::new();
