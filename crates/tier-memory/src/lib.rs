@@ -768,8 +768,53 @@ mod tests {
         }
         assert_eq!(t.retain_newer(2), 1);
         assert_eq!(t.len(), 2);
+        // Below the floor goes; at and above it stays.
+        assert!(t.get(&key("a")).await.unwrap().is_none());
+        assert_eq!(t.get(&key("b")).await.unwrap().unwrap().version, 2);
+        assert_eq!(t.get(&key("c")).await.unwrap().unwrap().version, 3);
+        assert!(!t.is_empty());
         t.clear().await.unwrap();
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn the_tier_reports_its_configuration_and_debug_shows_no_value() {
+        let t: MemoryTier<String, u32> = MemoryTier::builder()
+            .name("l1")
+            .capacity(100)
+            .ttl(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        assert_eq!(
+            (t.name(), t.capacity(), t.ttl()),
+            ("l1", 100, Duration::from_secs(60))
+        );
+        let text = format!("{t:?}");
+        assert!(text.starts_with("MemoryTier { config: "), "{text}");
+        assert!(
+            text.contains("\"l1\"") && text.contains("capacity: 100"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_hit_that_moves_an_entry_counts_as_a_move() {
+        let manual = ManualClock::new();
+        let t: MemoryTier<String, u32> = MemoryTier::builder()
+            .capacity(8)
+            .shards(1)
+            .clock(manual.clock())
+            .build()
+            .unwrap();
+        for i in 0..8 {
+            t.set(&format!("k{i}"), entry(i, 1)).await.unwrap();
+        }
+        assert_eq!(t.shards[0].read().moves, 8);
+        // The oldest of a full shard is moved to the front: one more move, and it is the front.
+        assert!(t.get(&key("k0")).await.unwrap().is_some());
+        let state = t.shards[0].read();
+        assert_eq!(state.moves, 9);
+        assert_eq!(state.lru.peek(&key("k0")).unwrap().front, 9);
     }
 
     #[test]
