@@ -586,6 +586,16 @@ mod tests {
             .unwrap()
     }
 
+    /// Eight entries in one shard, hits moving entries only when they risk eviction.
+    fn approximate_lru(manual: &ManualClock) -> MemoryTier<String, u32> {
+        MemoryTier::builder()
+            .capacity(8)
+            .shards(1)
+            .clock(manual.clock())
+            .build()
+            .unwrap()
+    }
+
     fn entry(value: u32, version: Version) -> Entry<u32> {
         Entry::new(Arc::new(value), version)
     }
@@ -639,12 +649,7 @@ mod tests {
     #[tokio::test]
     async fn hits_move_entries_only_when_they_risk_eviction() {
         let manual = ManualClock::new();
-        let t: MemoryTier<String, u32> = MemoryTier::builder()
-            .capacity(8)
-            .shards(1)
-            .clock(manual.clock())
-            .build()
-            .unwrap();
+        let t = approximate_lru(&manual);
         for (i, k) in ["a", "b", "c", "d", "e", "f", "g", "h"].iter().enumerate() {
             t.set(&key(k), entry(i as u32, 1)).await.unwrap();
         }
@@ -688,12 +693,7 @@ mod tests {
     #[tokio::test]
     async fn while_the_shard_fills_hits_do_not_reorder() {
         let manual = ManualClock::new();
-        let t: MemoryTier<String, u32> = MemoryTier::builder()
-            .capacity(8)
-            .shards(1)
-            .clock(manual.clock())
-            .build()
-            .unwrap();
+        let t = approximate_lru(&manual);
         for k in ["a", "b", "c", "d", "e"] {
             t.set(&key(k), entry(1, 1)).await.unwrap();
         }
@@ -800,12 +800,7 @@ mod tests {
     #[tokio::test]
     async fn a_hit_that_moves_an_entry_counts_as_a_move() {
         let manual = ManualClock::new();
-        let t: MemoryTier<String, u32> = MemoryTier::builder()
-            .capacity(8)
-            .shards(1)
-            .clock(manual.clock())
-            .build()
-            .unwrap();
+        let t = approximate_lru(&manual);
         for i in 0..8 {
             t.set(&format!("k{i}"), entry(i, 1)).await.unwrap();
         }
