@@ -642,7 +642,11 @@ mod tests {
         assert!(t.get(&key("b")).await.unwrap().is_none());
         assert!(t.get(&key("a")).await.unwrap().is_some());
         assert!(t.get(&key("c")).await.unwrap().is_some());
-        assert_eq!(t.stats().evictions, 1);
+        let stats = t.stats();
+        assert_eq!(
+            (stats.evictions, stats.entries, stats.max_size),
+            (1, Some(2), Some(2))
+        );
         assert_eq!(t.len(), 2);
     }
 
@@ -789,6 +793,14 @@ mod tests {
             (t.name(), t.capacity(), t.ttl()),
             ("l1", 100, Duration::from_secs(60))
         );
+        let builder = MemoryTier::<String, u32>::builder()
+            .name("l1")
+            .capacity(100);
+        let text = format!("{builder:?}");
+        assert!(
+            text.starts_with("MemoryTierBuilder { name: \"l1\", capacity: 100, "),
+            "{text}"
+        );
         let text = format!("{t:?}");
         assert!(text.starts_with("MemoryTier { config: "), "{text}");
         assert!(
@@ -829,7 +841,13 @@ mod tests {
         assert_eq!(default_shards(1), 1);
         assert_eq!(default_shards(31), 1);
         assert!(default_shards(500) <= 500 / MIN_ENTRIES_PER_SHARD);
-        assert!(default_shards(100_000).is_power_of_two());
+        // A large tier gets at least four shards per CPU, a power of two.
+        let cpus = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let many = default_shards(100_000);
+        assert!(
+            many.is_power_of_two() && many >= 4 * cpus,
+            "{many} for {cpus} CPUs"
+        );
     }
 
     #[tokio::test]
