@@ -186,11 +186,10 @@ proptest! {
     }
 }
 
-/// The case found during the cargo-mutants rerun of 2026-12-02 (docs/testing.md, "An open
-/// case"), replayed as it was shrunk. It fails on the chain as it is (and as it was before
-/// that day's changes): ignored, loudly, until the cause is found and fixed.
+/// The case found during the cargo-mutants rerun of 2026-12-02 (docs/testing.md, "A case the
+/// model found"), replayed as it was shrunk: a lower tier's fill waited for the set above it
+/// and landed after another instance's second pass.
 #[test]
-#[ignore = "open case: a stale read after an invalidation's second pass (docs/testing.md)"]
 fn the_found_case() {
     let (case, plan) = found::stale_read_after_invalidation();
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -274,16 +274,24 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             return;
         }
         // The top tier (in-process, cheap) is always filled before the caller gets its answer.
-        self.backfill_range(key, entry, 0..1, ticket).await;
-        if below > 1 {
-            if background {
-                let (this, key, entry) = (self.clone(), key.clone(), entry.clone());
-                self.inner.tasks.spawn(async move {
-                    this.backfill_range(&key, &entry, 1..below, ticket).await;
-                });
-            } else {
-                self.backfill_range(key, entry, 1..below, ticket).await;
-            }
+        // The tiers below do not wait for its set: a fill must start when its load ends, so
+        // that it lands within one tier's time limit (the grace after which an invalidation,
+        // on any instance, makes its second pass), however long the set above it takes.
+        if below == 1 {
+            self.backfill_range(key, entry, 0..1, ticket).await;
+        } else if background {
+            let (this, key_owned, entry_owned) = (self.clone(), key.clone(), entry.clone());
+            self.inner.tasks.spawn(async move {
+                this.backfill_range(&key_owned, &entry_owned, 1..below, ticket)
+                    .await;
+            });
+            self.backfill_range(key, entry, 0..1, ticket).await;
+        } else {
+            both(
+                self.backfill_range(key, entry, 0..1, ticket),
+                self.backfill_range(key, entry, 1..below, ticket),
+            )
+            .await;
         }
     }
 
@@ -495,4 +503,24 @@ pub(super) enum Filled {
     NotStored,
     /// The key changed since the load began: not stored, or taken back.
     Refused,
+}
+
+/// Runs both futures at once, `first` polled first each time; ends when both have.
+async fn both(first: impl Future<Output = ()>, second: impl Future<Output = ()>) {
+    let (mut first, mut second) = (std::pin::pin!(first), std::pin::pin!(second));
+    let (mut first_done, mut second_done) = (false, false);
+    std::future::poll_fn(|cx| {
+        if !first_done {
+            first_done = first.as_mut().poll(cx).is_ready();
+        }
+        if !second_done {
+            second_done = second.as_mut().poll(cx).is_ready();
+        }
+        if first_done && second_done {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
 }
