@@ -21,7 +21,7 @@ use multi_tier_cache::{
 use tiercache_core::TieredCache;
 use tiercache_memory::MemoryTier;
 use tiercache_redis::{RedisBackplane, RedisTier};
-use tiercache_testkit::{FakeTier, env};
+use tiercache_testkit::{FakeSource, env};
 
 const INSTANCES: usize = 4;
 
@@ -123,7 +123,7 @@ async fn main() {
             .build()
             .unwrap(),
     );
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     let mut ours = Vec::new();
     let mut backplanes = Vec::new();
     for _ in 0..INSTANCES {

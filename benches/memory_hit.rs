@@ -26,7 +26,7 @@ use async_trait::async_trait;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tiercache_core::{CacheTier, Entry, Result, TierStats, TieredCache, Version};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::FakeTier;
+use tiercache_testkit::{FakeSource, FakeTier};
 
 type Val = Arc<String>;
 
@@ -114,7 +114,7 @@ fn bench_memory_hit(c: &mut Criterion) {
         let mask = keys.len();
 
         // The chain: memory over an in-process source, filled by reading every key once.
-        let source = FakeTier::<String, String>::source("db");
+        let source = FakeSource::<String, String>::new("db");
         for k in &keys {
             source.put(
                 k.clone(),
@@ -151,7 +151,7 @@ fn bench_memory_hit(c: &mut Criterion) {
         });
 
         // The userconfig facade over the same shape: memory over an in-process source.
-        let configs = FakeTier::<String, userconfig::UserConfig>::source("db");
+        let configs = FakeSource::<String, userconfig::UserConfig>::new("db");
         for k in &keys {
             configs.put(k.clone(), userconfig::UserConfig::default_for(k.as_str()));
         }
@@ -323,7 +323,7 @@ fn floored_chain(
         .build()
         .unwrap();
     let redis = FakeTier::<String, String>::cache("redis").with_clock(manual.clock());
-    let source = FakeTier::<String, String>::source("db").with_clock(manual.clock());
+    let source = FakeSource::<String, String>::new("db");
     for k in keys {
         source.put(k.clone(), "{\"theme\":\"dark\"}".to_string());
     }

@@ -19,14 +19,14 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tiercache_core::{BreakerPolicy, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, Op};
 
 const PENDING: usize = 10_000;
 const READ_KEYS: usize = 4_096;
 
 fn chain(pending: usize, rt: &tokio::runtime::Runtime) -> TieredCache<String, String> {
     let redis = FakeTier::<String, String>::cache("redis");
-    let source = FakeTier::<String, String>::source("db");
+    let source = FakeSource::<String, String>::new("db");
     let chain = TieredCache::builder()
         .tier(MemoryTier::builder().capacity(16).build().unwrap())
         .tier(redis.clone())

@@ -70,7 +70,7 @@ use tiercache_core::{
 use tiercache_memory::MemoryTier;
 use tiercache_redis::RedisTier;
 use tiercache_redis::envelope::Codec;
-use tiercache_testkit::{FakeTier, Fault, Op, env, redis_env};
+use tiercache_testkit::{FakeSource, Fault, Op, env, redis_env};
 use userconfig::UserConfig;
 
 /// Keys in the hit scenarios.
@@ -84,7 +84,7 @@ const STAMPEDE_TASKS: usize = 1_000;
 const STAMPEDE_ROUNDS: usize = 20;
 const LOAD_TIME: Duration = Duration::from_millis(5);
 
-type Source = FakeTier<String, UserConfig>;
+type Source = FakeSource<String, UserConfig>;
 
 /// `tiercache_core::CacheTier` on `moka::sync::Cache`: a synchronous `peek`, versions honoured
 /// minimally (a set older than the held entry is refused), invalidation removes (no tombstones).
@@ -206,7 +206,7 @@ fn strategy() -> CacheStrategy {
 
 /// multi-tier-cache's loader: the source's value, as its `get_or_compute_typed` wants it.
 async fn their_load(source: &Source, key: &str) -> CacheResult<UserConfig> {
-    match source.get(&key.to_owned()).await {
+    match tiercache_core::Source::get(source, &key.to_owned()).await {
         Ok(Some(Entry { value: Some(v), .. })) => Ok((*v).clone()),
         Ok(_) => Err(CacheError::NotFound),
         Err(e) => Err(CacheError::BackendError(e.to_string())),
@@ -232,7 +232,7 @@ fn keys() -> Vec<String> {
 }
 
 fn source_with(keys: &[String]) -> Source {
-    let source = FakeTier::source("db");
+    let source = FakeSource::new("db");
     for k in keys {
         source.put(k.clone(), profile(k));
     }

@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use sqlx::AssertSqlSafe;
-use tiercache_core::{CacheTier, Entry};
+use tiercache_core::{CacheTier, Entry, Source};
 use tiercache_postgres::PostgresTier;
 use tiercache_redis::RedisTier;
 use tiercache_redis::envelope::{self, Stored};
@@ -104,7 +104,11 @@ fn bench_tiers(c: &mut Criterion) {
         );
         for u in users.iter() {
             let value = Arc::new(config(u));
-            let v = postgres.write(u, value.clone()).await.unwrap();
+            let v = postgres
+                .write(u, value.clone(), None)
+                .await
+                .unwrap()
+                .version();
             redis.set(u, Entry::new(value, v)).await.unwrap();
         }
         (redis, raw, pool, schema, postgres)
@@ -291,13 +295,10 @@ fn bench_tiers(c: &mut Criterion) {
     let mut group = c.benchmark_group("get_many_100");
     let hundred: Arc<Vec<String>> = Arc::new(users[..100].to_vec());
     for (name, tier) in [
-        (
-            "redis",
-            redis.clone() as Arc<dyn CacheTier<String, UserConfig>>,
-        ),
+        ("redis", Arc::new(Cached(redis.clone())) as Arc<dyn Lookup>),
         (
             "postgres",
-            postgres.clone() as Arc<dyn CacheTier<String, UserConfig>>,
+            Arc::new(Sourced(postgres.clone())) as Arc<dyn Lookup>,
         ),
     ] {
         let (t, keys) = (tier.clone(), hundred.clone());
@@ -307,7 +308,7 @@ fn bench_tiers(c: &mut Criterion) {
                 concurrently(&rt, 1, iters, move |_| {
                     let (t, keys) = (t.clone(), keys.clone());
                     async move {
-                        black_box(t.get_many(&keys).await.unwrap());
+                        black_box(t.many(&keys).await);
                     }
                 })
             })
@@ -320,7 +321,7 @@ fn bench_tiers(c: &mut Criterion) {
                     let (t, keys) = (t.clone(), keys.clone());
                     async move {
                         for k in keys.iter() {
-                            black_box(t.get(k).await.unwrap());
+                            black_box(t.one(k).await);
                         }
                     }
                 })
@@ -333,6 +334,36 @@ fn bench_tiers(c: &mut Criterion) {
         let _ = redis.clear().await;
         postgres_env::drop_schema(&pool, &schema).await;
     });
+}
+
+/// A cache tier's or a source's lookups, to bench both the same way.
+#[async_trait::async_trait]
+trait Lookup: Send + Sync {
+    async fn one(&self, key: &str) -> bool;
+    async fn many(&self, keys: &[String]) -> usize;
+}
+
+struct Cached(Arc<RedisTier<String, UserConfig>>);
+struct Sourced(Arc<PostgresTier<String, UserConfig>>);
+
+#[async_trait::async_trait]
+impl Lookup for Cached {
+    async fn one(&self, key: &str) -> bool {
+        self.0.get(&key.to_owned()).await.unwrap().is_some()
+    }
+    async fn many(&self, keys: &[String]) -> usize {
+        self.0.get_many(keys).await.unwrap().len()
+    }
+}
+
+#[async_trait::async_trait]
+impl Lookup for Sourced {
+    async fn one(&self, key: &str) -> bool {
+        self.0.get(&key.to_owned()).await.unwrap().is_some()
+    }
+    async fn many(&self, keys: &[String]) -> usize {
+        self.0.get_many(keys).await.unwrap().len()
+    }
 }
 
 fn bench_codec(c: &mut Criterion) {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use tiercache_core::TieredCache;
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::FakeTier;
+use tiercache_testkit::FakeSource;
 
 const KEYS: usize = 500;
 
@@ -38,8 +38,8 @@ fn main() {
     let mut keys: Vec<String> = (0..KEYS).map(|i| format!("user-{i:08}")).collect();
     fastrand::Rng::with_seed(7).shuffle(&mut keys);
 
-    let source = FakeTier::<String, String>::source("db");
-    let configs = FakeTier::<String, userconfig::UserConfig>::source("db");
+    let source = FakeSource::<String, String>::new("db");
+    let configs = FakeSource::<String, userconfig::UserConfig>::new("db");
     for k in &keys {
         source.put(k.clone(), "{\"theme\":\"dark\"}".to_owned());
         configs.put(k.clone(), userconfig::UserConfig::default_for(k.as_str()));

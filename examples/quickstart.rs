@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tiercache_core::{Origin, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Op};
+use tiercache_testkit::{FakeSource, Fault, Op};
 
 const USERS: u64 = 2_000;
 const TASKS: usize = 4;
@@ -30,7 +30,7 @@ fn popular_user(rng: &mut fastrand::Rng) -> u64 {
 #[tokio::main]
 async fn main() -> tiercache_core::Result<()> {
     let memory = Arc::new(MemoryTier::<u64, String>::new());
-    let source = FakeTier::<u64, String>::source("database");
+    let source = FakeSource::<u64, String>::new("database");
     // The in-process "database" answers reads and writes after a millisecond, like a nearby
     // PostgreSQL.
     source

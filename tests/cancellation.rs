@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use support::{Chain, Key, Val, key, val};
-use tiercache_core::{CacheTier, Entry, Result, TierStats, TieredCache, Version};
+use tiercache_core::{CacheTier, Entry, Result, Source, TierStats, TieredCache, Version, Written};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Gate, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, Gate, Op};
 
 /// Waits until `done` holds, checking every millisecond of (tokio) time, for at most `within`.
 async fn eventually(within: Duration, mut done: impl AsyncFnMut() -> bool) -> bool {
@@ -61,34 +61,33 @@ async fn an_update_whose_caller_is_dropped_after_the_write_still_reaches_every_c
 /// executing after its client went away: a write the chain gave up on commits `delay` later.
 #[derive(Clone)]
 struct LateCommit {
-    db: FakeTier<Key, Val>,
+    db: FakeSource<Key, Val>,
     delay: Duration,
 }
 
 #[async_trait]
-impl CacheTier<Key, Val> for LateCommit {
+impl Source<Key, Val> for LateCommit {
     fn name(&self) -> &str {
         "late-db"
     }
     async fn get(&self, key: &Key) -> Result<Option<Entry<Val>>> {
         self.db.get(key).await
     }
-    async fn set(&self, key: &Key, entry: Entry<Val>) -> Result<bool> {
-        self.db.set(key, entry).await
-    }
-    async fn invalidate(&self, key: &Key, version: Option<Version>) -> Result<()> {
-        self.db.invalidate(key, version).await
-    }
-    async fn clear(&self) -> Result<()> {
-        self.db.clear().await
-    }
-    async fn write(&self, key: &Key, value: Arc<Val>) -> Result<Version> {
+    async fn write(
+        &self,
+        key: &Key,
+        value: Arc<Val>,
+        expected: Option<Version>,
+    ) -> Result<Written> {
         let (db, key, delay) = (self.db.clone(), key.clone(), self.delay);
         let commit = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            db.write(&key, value).await
+            db.write(&key, value, expected).await
         });
         commit.await.expect("the commit task ran")
+    }
+    async fn delete(&self, key: &Key, expected: Option<Version>) -> Result<Written> {
+        self.db.delete(key, expected).await
     }
     fn stats(&self) -> TierStats {
         self.db.stats()
@@ -97,7 +96,7 @@ impl CacheTier<Key, Val> for LateCommit {
 
 #[tokio::test(start_paused = true)]
 async fn a_write_that_commits_after_its_timeout_leaves_no_cache_on_the_old_version() {
-    let db = FakeTier::<Key, Val>::source("db");
+    let db = FakeSource::<Key, Val>::new("db");
     let redis = FakeTier::<Key, Val>::cache("redis");
     let memory = Arc::new(MemoryTier::<Key, Val>::new());
     let cache = TieredCache::builder()
@@ -218,7 +217,7 @@ impl CacheTier<Key, Val> for LateSet {
 /// to that second pass, which comes once the tier's time limit has passed.)
 #[tokio::test(start_paused = true)]
 async fn a_fill_whose_caller_gave_up_during_its_set_is_still_checked_and_taken_back() {
-    let (redis, db) = (FakeTier::<Key, Val>::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::<Key, Val>::cache("redis"), FakeSource::new("db"));
     db.put(key("a"), "v1".to_string());
     let cache: TieredCache<Key, Val> = TieredCache::builder()
         .tier(MemoryTier::new())

@@ -8,7 +8,7 @@ use std::time::Duration;
 use support::{Chain, Key, L2_TTL, MEMORY_TTL, Val, key, val};
 use tiercache_core::{CacheTier, Entry, Error, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, Op};
 
 #[tokio::test]
 async fn a_source_hit_back_fills_every_tier_and_the_next_read_is_a_memory_hit() {
@@ -339,7 +339,7 @@ async fn a_non_transient_source_error_is_returned_as_it_is_and_serves_no_stale_c
     ));
     c.db.faults().clear();
     // A mock source that answers "corrupt": the caller sees that error, typed.
-    let mut source = tiercache_testkit::MockCacheTier::<String, String>::new();
+    let mut source = tiercache_testkit::MockSource::<String, String>::new();
     source.expect_name().return_const("db".to_string());
     source
         .expect_get()
@@ -450,20 +450,33 @@ async fn exported_metrics_are_the_chains_statistics() {
 /// into the cache tiers: each applies its own TTL to what it is given.
 #[tokio::test]
 async fn the_cache_tiers_apply_their_own_ttl_not_the_sources_expiry() {
-    let c = Chain::new();
+    let manual = tiercache_testkit::ManualClock::new();
     let expiring = Entry {
-        expires_at: Some(c.manual.now() + Duration::from_secs(1)),
+        expires_at: Some(manual.now() + Duration::from_secs(1)),
         ..Entry::new(val("dark"), 4)
     };
-    c.db.put_entry(key("alice"), expiring);
+    let mut db = tiercache_testkit::MockSource::<String, String>::new();
+    db.expect_name().return_const("db".to_string());
+    db.expect_get()
+        .times(1)
+        .returning(move |_| Ok(Some(expiring.clone())));
+    let redis = FakeTier::cache("redis")
+        .with_ttl(L2_TTL)
+        .with_clock(manual.clock());
+    let cache = tiercache_core::TieredCache::builder()
+        .tier(redis.clone())
+        .source(db)
+        .clock(manual.clock())
+        .build()
+        .unwrap();
     assert_eq!(
-        c.cache.fetch(&key("alice")).await.unwrap().origin,
+        cache.fetch(&key("alice")).await.unwrap().origin,
         Origin::Source
     );
-    let held = c.redis.entry(&key("alice")).unwrap();
-    assert_eq!(held.expires_at, Some(c.manual.now() + L2_TTL));
-    c.manual.advance(Duration::from_secs(2));
-    let again = c.cache.fetch(&key("alice")).await.unwrap();
+    let held = redis.entry(&key("alice")).unwrap();
+    assert_eq!(held.expires_at, Some(manual.now() + L2_TTL));
+    manual.advance(Duration::from_secs(2));
+    let again = cache.fetch(&key("alice")).await.unwrap();
     assert_eq!((again.origin, again.version), (Origin::Tier(0), 4));
 }
 
@@ -473,7 +486,7 @@ async fn a_source_hit_back_fills_every_tier_of_a_three_tier_chain() {
     let (l2, l3, db) = (
         FakeTier::cache("l2"),
         FakeTier::cache("l3"),
-        FakeTier::source("db"),
+        FakeSource::new("db"),
     );
     db.put(key("alice"), "dark".to_string());
     for background in [false, true] {

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{Chain, Key, Val, key, val};
-use tiercache_core::{CacheTier, Entry, Error, Origin, TieredCache, Version};
+use tiercache_core::{CacheTier, Entry, Error, Origin, Source, TieredCache, Version, Written};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Faulty, Gate, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, Faulty, Gate, Op};
 
 #[tokio::test]
 async fn update_writes_the_source_then_repopulates_every_tier() {
@@ -104,7 +104,7 @@ async fn a_get_after_update_never_joins_an_older_load() {
     // A chain whose only cache tier is down, so every read goes to the source.
     let broken = FakeTier::<String, String>::cache("broken");
     broken.faults().set(Fault::Error);
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("a"), "v1".to_string());
     let cache = TieredCache::builder()
         .tier(broken)
@@ -173,7 +173,7 @@ async fn a_tier_that_missed_an_update_is_not_read_for_that_key_until_its_replay(
 #[tokio::test]
 async fn a_floor_refuses_the_old_copy_of_a_top_tier_that_missed_an_update() {
     let memory = Faulty::new(FakeTier::<String, String>::cache("memory").with_peek());
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("a"), "v1".to_string());
     let cache = TieredCache::builder()
         .tier(memory.clone())
@@ -243,7 +243,7 @@ async fn manual_invalidation_goes_bottom_first_so_no_reader_copies_the_old_value
     // Memory wrapped so that its invalidation can be held at a gate: a reader runs between
     // the memory tier's invalidation and the next tier's.
     let memory = Faulty::new(Arc::new(tiercache_memory::MemoryTier::<Key, Val>::new()));
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let cache = TieredCache::builder()
         .tier_with_timeout(memory.clone(), None)
         .tier_with_timeout(redis.clone(), None)
@@ -339,7 +339,7 @@ async fn concurrent_updates_leave_every_tier_at_the_source_version() {
 #[tokio::test(start_paused = true)]
 async fn a_clear_removes_another_instances_fill_that_landed_after_it() {
     let shared = FakeTier::<Key, Val>::cache("redis");
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("a"), "v1".to_string());
     let limit = Some(Duration::from_millis(50));
     let slow = Faulty::new(shared.clone());
@@ -424,27 +424,30 @@ async fn a_clear_of_the_memory_tier_makes_no_second_pass() {
 
 /// A source whose write panics (a bug in a team's own source).
 #[derive(Clone)]
-struct PanickingWrite(FakeTier<Key, Val>);
+struct PanickingWrite(FakeSource<Key, Val>);
 
 #[async_trait::async_trait]
-impl CacheTier<Key, Val> for PanickingWrite {
+impl Source<Key, Val> for PanickingWrite {
     fn name(&self) -> &str {
         "panicking-db"
     }
     async fn get(&self, key: &Key) -> tiercache_core::Result<Option<Entry<Val>>> {
         self.0.get(key).await
     }
-    async fn set(&self, key: &Key, entry: Entry<Val>) -> tiercache_core::Result<bool> {
-        self.0.set(key, entry).await
-    }
-    async fn invalidate(&self, key: &Key, version: Option<Version>) -> tiercache_core::Result<()> {
-        self.0.invalidate(key, version).await
-    }
-    async fn clear(&self) -> tiercache_core::Result<()> {
-        self.0.clear().await
-    }
-    async fn write(&self, _key: &Key, _value: Arc<Val>) -> tiercache_core::Result<Version> {
+    async fn write(
+        &self,
+        _key: &Key,
+        _value: Arc<Val>,
+        _expected: Option<Version>,
+    ) -> tiercache_core::Result<Written> {
         panic!("the source's own bug");
+    }
+    async fn delete(
+        &self,
+        key: &Key,
+        expected: Option<Version>,
+    ) -> tiercache_core::Result<Written> {
+        self.0.delete(key, expected).await
     }
     fn stats(&self) -> tiercache_core::TierStats {
         self.0.stats()
@@ -457,7 +460,7 @@ impl CacheTier<Key, Val> for PanickingWrite {
 async fn a_panic_in_an_update_reaches_its_caller_as_that_panic() {
     let cache: TieredCache<Key, Val> = TieredCache::builder()
         .tier(MemoryTier::new())
-        .source(PanickingWrite(FakeTier::source("db")))
+        .source(PanickingWrite(FakeSource::new("db")))
         .build()
         .unwrap();
     let caller = tokio::spawn(async move { cache.update(&key("a"), val("v1")).await });

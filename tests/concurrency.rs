@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tiercache_core::{CacheTier, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, Op};
 
 const TASKS: u64 = 16;
 const OPS: u64 = 300;
@@ -23,7 +23,7 @@ async fn concurrent_readers_and_updaters_converge_to_the_source_version() {
     );
     let l2 = FakeTier::<u64, String>::cache("l2");
     let l3 = FakeTier::<u64, String>::cache("l3");
-    let db = FakeTier::<u64, String>::source("db");
+    let db = FakeSource::<u64, String>::new("db");
     // Slow paths at different places, so that loads, back-fills and updates interleave.
     l2.faults()
         .set_for(Op::Get, Fault::Delay(Duration::from_micros(200)));

@@ -9,18 +9,18 @@ use std::time::Duration;
 use support::{Key, Val, key, val};
 use tiercache_core::{CacheTier, Entry, Fetched, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Gate, Op};
+use tiercache_testkit::{FakeSource, Fault, Gate, Op};
 
 /// A memory tier of two entries (one shard: exact LRU) over a source, no tier between.
 struct Small {
     memory: Arc<MemoryTier<Key, Val>>,
-    db: FakeTier<Key, Val>,
+    db: FakeSource<Key, Val>,
     cache: TieredCache<Key, Val>,
 }
 
 fn small_chain() -> Small {
     let memory = Arc::new(MemoryTier::builder().capacity(2).shards(1).build().unwrap());
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     let cache = TieredCache::builder()
         .shared_tier(memory.clone(), None)
         .source(db.clone())
@@ -40,7 +40,7 @@ async fn held(memory: &MemoryTier<Key, Val>, k: &str) -> Option<u64> {
 /// Stores version 1 of "a" and starts a reader that loads it from the database and is held
 /// there, before its back-fill, until the gate opens.
 async fn slow_reader(
-    db: &FakeTier<Key, Val>,
+    db: &FakeSource<Key, Val>,
     cache: &TieredCache<Key, Val>,
 ) -> (
     Gate,
@@ -163,7 +163,7 @@ async fn a_fill_that_timed_out_and_landed_late_is_taken_back() {
     // The second tier holds one entry (evictions, like a Redis at maxmemory); its sets land
     // 30 ms after they were sent, the chain gives up on them after 10 ms.
     let lower = Arc::new(MemoryTier::builder().capacity(1).shards(1).build().unwrap());
-    let db = FakeTier::<Key, Val>::source("db");
+    let db = FakeSource::<Key, Val>::new("db");
     let cache = TieredCache::builder()
         .tier_with_timeout(MemoryTier::<Key, Val>::new(), None)
         .tier_with_timeout(

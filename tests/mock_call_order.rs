@@ -5,13 +5,19 @@ use std::sync::Arc;
 
 use mockall::Sequence;
 use mockall::predicate::eq;
-use tiercache_core::{Entry, Origin, Peek, TieredCache};
-use tiercache_testkit::MockCacheTier;
+use tiercache_core::{Entry, Error, Origin, Peek, TierStats, TieredCache, Written};
+use tiercache_testkit::{MockCacheTier, MockSource};
 
 type Mock = MockCacheTier<String, String>;
 
 fn named(name: &str) -> Mock {
     let mut m = Mock::new();
+    m.expect_name().return_const(name.to_string());
+    m
+}
+
+fn source(name: &str) -> MockSource<String, String> {
+    let mut m = MockSource::new();
     m.expect_name().return_const(name.to_string());
     m
 }
@@ -31,7 +37,7 @@ async fn after_a_memory_hit_no_lower_tier_is_called() {
     redis.expect_get().never();
     redis.expect_set().never();
     redis.expect_peek().never();
-    let mut db = named("db");
+    let mut db = source("db");
     db.expect_get().never();
 
     let cache = TieredCache::builder()
@@ -53,7 +59,7 @@ async fn a_hit_at_the_third_tier_back_fills_the_first_two_exactly_once() {
     let mut l1 = named("l1");
     let mut l2 = named("l2");
     let mut l3 = named("l3");
-    let mut db = named("db");
+    let mut db = source("db");
     let key = "k".to_string();
 
     l1.expect_peek()
@@ -98,7 +104,7 @@ async fn a_full_miss_asks_every_tier_once_then_the_source_then_fills_top_down() 
     let mut seq = Sequence::new();
     let mut l1 = named("l1");
     let mut l2 = named("l2");
-    let mut db = named("db");
+    let mut db = source("db");
     l1.expect_peek()
         .times(1)
         .in_sequence(&mut seq)
@@ -137,11 +143,11 @@ async fn update_writes_the_source_before_touching_any_cache() {
     let mut seq = Sequence::new();
     let mut l1 = named("l1");
     let mut l2 = named("l2");
-    let mut db = named("db");
+    let mut db = source("db");
     db.expect_write()
         .times(1)
         .in_sequence(&mut seq)
-        .returning(|_, _| Ok(5));
+        .returning(|_, _, _| Ok(Written::Changed(5)));
     // Invalidate bottom-up at the previous version, then repopulate bottom-up.
     l2.expect_invalidate()
         .with(eq("k".to_string()), eq(Some(4)))
@@ -181,10 +187,10 @@ async fn a_failed_write_calls_no_cache_tier() {
     let mut l1 = named("l1");
     l1.expect_invalidate().never();
     l1.expect_set().never();
-    let mut db = named("db");
+    let mut db = source("db");
     db.expect_write()
         .times(1)
-        .returning(|_, _| Err(tiercache_core::Error::unsupported("db", "write")));
+        .returning(|_, _, _| Err(Error::backend("db", std::fmt::Error)));
     let cache = TieredCache::builder().tier(l1).source(db).build().unwrap();
     assert!(
         cache
@@ -192,4 +198,77 @@ async fn a_failed_write_calls_no_cache_tier() {
             .await
             .is_err()
     );
+}
+
+#[tokio::test]
+async fn a_conflict_or_an_unchanged_write_invalidates_nothing() {
+    let mut l1 = named("l1");
+    l1.expect_invalidate().never();
+    l1.expect_invalidate_many().never();
+    // The unchanged write fills the tier like a read does, at the stored version.
+    l1.expect_set()
+        .withf(|_, e| e.version == 3 && e.value.as_deref().map(String::as_str) == Some("same"))
+        .times(1)
+        .returning(|_, _| Ok(true));
+    let mut db = source("db");
+    db.expect_write()
+        .with(
+            eq("k".to_string()),
+            mockall::predicate::always(),
+            eq(Some(2)),
+        )
+        .times(1)
+        .returning(|_, _, expected| {
+            Err(Error::Conflict {
+                tier: "db".into(),
+                expected: expected.unwrap_or(0),
+                current: 3,
+            })
+        });
+    db.expect_write()
+        .with(eq("k".to_string()), mockall::predicate::always(), eq(None))
+        .times(1)
+        .returning(|_, _, _| Ok(Written::Unchanged(3)));
+    l1.expect_stats()
+        .returning(|| TierStats::new("l1".to_string(), 0, 0));
+    db.expect_stats()
+        .returning(|| TierStats::new("db".to_string(), 0, 0));
+    let cache = TieredCache::builder().tier(l1).source(db).build().unwrap();
+    let key = "k".to_string();
+    let err = cache
+        .update_if(&key, 2, Arc::new("new".to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.conflict(), Some(3));
+    let v = cache
+        .update(&key, Arc::new("same".to_string()))
+        .await
+        .unwrap();
+    assert_eq!(v, 3);
+    let stats = cache.stats();
+    assert_eq!((stats.updates, stats.unchanged_writes), (0, 1));
+}
+
+#[tokio::test]
+async fn a_delete_goes_to_the_source_first_then_leaves_not_found_at_its_version() {
+    let mut seq = Sequence::new();
+    let mut l1 = named("l1");
+    let mut db = source("db");
+    db.expect_delete()
+        .with(eq("k".to_string()), eq(None))
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_, _| Ok(Written::Changed(8)));
+    l1.expect_invalidate()
+        .with(eq("k".to_string()), eq(Some(7)))
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_, _| Ok(()));
+    l1.expect_set()
+        .withf(|_, e| e.version == 8 && e.is_absent() && e.expires_at.is_some())
+        .times(1)
+        .in_sequence(&mut seq)
+        .returning(|_, _| Ok(true));
+    let cache = TieredCache::builder().tier(l1).source(db).build().unwrap();
+    assert_eq!(cache.delete(&"k".to_string()).await.unwrap(), 8);
 }

@@ -27,10 +27,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tiercache_core::{
-    BreakerPolicy, CacheTier, Entry, Error, Result, TierStats, TieredCache, Version,
+    BreakerPolicy, CacheTier, Entry, Error, Result, Source, TierStats, TieredCache, Version,
+    Written,
 };
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{BackplaneHub, FakeTier, Fault, FaultSwitch, Faulty, Op};
+use tiercache_testkit::{BackplaneHub, FakeSource, FakeTier, Fault, FaultSwitch, Faulty, Op};
 
 const INSTANCES: usize = 3;
 const KEYS: u64 = 4;
@@ -47,13 +48,13 @@ const WRITE_SETTLE: Duration = Duration::from_millis(40);
 /// [`COMMIT_LAG`] later; faults stop a call before it reaches the data.
 #[derive(Clone)]
 struct Database {
-    data: FakeTier<u64, String>,
+    data: FakeSource<u64, String>,
     faults: FaultSwitch,
     lag: Arc<std::sync::Mutex<fastrand::Rng>>,
 }
 
 #[async_trait]
-impl CacheTier<u64, String> for Database {
+impl Source<u64, String> for Database {
     fn name(&self) -> &str {
         "db"
     }
@@ -65,26 +66,25 @@ impl CacheTier<u64, String> for Database {
             .run("db", Op::Get, self.data.get_many(keys))
             .await
     }
-    async fn set(&self, _: &u64, _: Entry<String>) -> Result<bool> {
-        Err(Error::unsupported("db", "set"))
-    }
-    async fn invalidate(&self, _: &u64, _: Option<Version>) -> Result<()> {
-        Err(Error::unsupported("db", "invalidate"))
-    }
-    async fn clear(&self) -> Result<()> {
-        Err(Error::unsupported("db", "clear"))
-    }
-    async fn write(&self, key: &u64, value: Arc<String>) -> Result<Version> {
+    async fn write(
+        &self,
+        key: &u64,
+        value: Arc<String>,
+        expected: Option<Version>,
+    ) -> Result<Written> {
         let lag = COMMIT_LAG.mul_f64(self.lag.lock().unwrap().f64());
         let (data, key) = (self.data.clone(), *key);
         let send = async move {
             let commit = tokio::spawn(async move {
                 tokio::time::sleep(lag).await;
-                data.write(&key, value).await
+                data.write(&key, value, expected).await
             });
             commit.await.expect("the commit ran")
         };
         self.faults.run("db", Op::Write, send).await
+    }
+    async fn delete(&self, _: &u64, _: Option<Version>) -> Result<Written> {
+        Err(Error::unsupported("db", "delete"))
     }
     fn stats(&self) -> TierStats {
         self.data.stats()
@@ -140,7 +140,7 @@ async fn run(seed: u64) {
     base(&redis_faults, true);
     let redis = FakeTier::<u64, String>::cache("redis").with_faults(redis_faults.clone());
     let db = Database {
-        data: FakeTier::source("db"),
+        data: FakeSource::new("db"),
         faults: switch(2),
         lag: Arc::new(std::sync::Mutex::new(fastrand::Rng::with_seed(
             seed ^ 0x5eed,

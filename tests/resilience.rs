@@ -8,7 +8,7 @@ use std::time::Duration;
 use support::{Key, Val, key, val};
 use tiercache_core::{BreakerPolicy, CacheTier, Error, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{BackplaneHub, FakeTier, Fault, Op};
+use tiercache_testkit::{BackplaneHub, FakeSource, FakeTier, Fault, Op};
 
 fn breaker() -> BreakerPolicy {
     BreakerPolicy {
@@ -17,7 +17,7 @@ fn breaker() -> BreakerPolicy {
     }
 }
 
-fn chain(redis: &FakeTier<Key, Val>, db: &FakeTier<Key, Val>) -> TieredCache<Key, Val> {
+fn chain(redis: &FakeTier<Key, Val>, db: &FakeSource<Key, Val>) -> TieredCache<Key, Val> {
     TieredCache::builder()
         .tier(MemoryTier::new())
         .tier_with_timeout(redis.clone(), Some(Duration::from_millis(20)))
@@ -28,7 +28,7 @@ fn chain(redis: &FakeTier<Key, Val>, db: &FakeTier<Key, Val>) -> TieredCache<Key
 }
 
 /// `redis` over `db`, no memory tier, no breaker: every call reaches the fake.
-fn one_tier(redis: &FakeTier<Key, Val>, db: &FakeTier<Key, Val>) -> TieredCache<Key, Val> {
+fn one_tier(redis: &FakeTier<Key, Val>, db: &FakeSource<Key, Val>) -> TieredCache<Key, Val> {
     TieredCache::builder()
         .tier(redis.clone())
         .source(db.clone())
@@ -39,7 +39,7 @@ fn one_tier(redis: &FakeTier<Key, Val>, db: &FakeTier<Key, Val>) -> TieredCache<
 
 #[tokio::test]
 async fn an_open_breaker_stops_paying_the_timeout_until_a_probe_succeeds() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     for k in 0..10 {
         db.put(key(&format!("k{k}")), "v".to_string());
     }
@@ -81,7 +81,7 @@ async fn an_open_breaker_stops_paying_the_timeout_until_a_probe_succeeds() {
 
 #[tokio::test]
 async fn a_probe_whose_caller_gives_up_does_not_keep_the_breaker_open() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     db.put(key("k"), "v".to_string());
     let cache = chain(&redis, &db);
     redis.faults().set(Fault::Error);
@@ -115,7 +115,7 @@ async fn a_probe_whose_caller_gives_up_does_not_keep_the_breaker_open() {
 
 #[tokio::test]
 async fn an_unreachable_source_fails_fast_once_its_breaker_opens() {
-    let db = FakeTier::<Key, Val>::source("db");
+    let db = FakeSource::<Key, Val>::new("db");
     db.faults().set(Fault::Hang);
     let cache = TieredCache::builder()
         .tier(MemoryTier::new())
@@ -136,7 +136,7 @@ async fn an_unreachable_source_fails_fast_once_its_breaker_opens() {
 
 #[tokio::test]
 async fn invalidations_missed_while_a_tier_was_down_are_replayed_when_it_returns() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let a = chain(&redis, &db);
     a.update(&key("x"), val("v1")).await.unwrap();
     redis.faults().set(Fault::Error);
@@ -159,7 +159,7 @@ async fn invalidations_missed_while_a_tier_was_down_are_replayed_when_it_returns
 
 #[tokio::test(start_paused = true)]
 async fn no_read_uses_a_tier_while_its_replay_of_that_key_is_pending() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let a = chain(&redis, &db);
     db.put(key("x"), "v1".to_string());
     a.fetch(&key("x")).await.unwrap(); // version 1 in memory and redis
@@ -195,7 +195,7 @@ async fn no_read_uses_a_tier_while_its_replay_of_that_key_is_pending() {
 
 #[tokio::test]
 async fn a_tier_that_missed_more_than_the_bound_is_cleared_and_skipped_until_then() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let a = TieredCache::builder()
         .tier(MemoryTier::new())
         .tier_with_timeout(redis.clone(), Some(Duration::from_millis(20)))
@@ -236,7 +236,7 @@ async fn a_tier_that_missed_more_than_the_bound_is_cleared_and_skipped_until_the
 
 #[tokio::test(start_paused = true)]
 async fn a_replay_whose_caller_gives_up_leaves_its_keys_to_the_replay_task() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let a = TieredCache::builder()
         .tier(MemoryTier::new())
         .tier_with_timeout(redis.clone(), Some(Duration::from_millis(20)))
@@ -262,7 +262,7 @@ async fn a_replay_whose_caller_gives_up_leaves_its_keys_to_the_replay_task() {
 
 #[tokio::test]
 async fn the_backplane_evicts_older_copies_from_other_instances() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let hub = BackplaneHub::new(7);
     let mut instances = Vec::new();
     let mut memories = Vec::new();
@@ -327,7 +327,7 @@ async fn errors_that_say_nothing_about_reachability_do_not_open_the_breaker() {
     corrupt
         .expect_stats()
         .returning(|| tiercache_core::TierStats::new("redis", 0, 0));
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("k"), "v".to_string());
     let cache = TieredCache::builder()
         .tier(corrupt)
@@ -348,7 +348,7 @@ async fn errors_that_say_nothing_about_reachability_do_not_open_the_breaker() {
 /// running (the chain's background tasks) or still owed (a tier's missed invalidations).
 #[tokio::test(start_paused = true)]
 async fn flush_returns_when_nothing_is_left_and_names_what_is_left_at_its_deadline() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let a = chain(&redis, &db);
     let started = tokio::time::Instant::now();
     a.flush(Duration::from_secs(60)).await.unwrap();
@@ -396,7 +396,7 @@ async fn flush_returns_when_nothing_is_left_and_names_what_is_left_at_its_deadli
 /// policy, whether a value was found and its version; never the value.
 #[tokio::test]
 async fn debug_shows_tiers_and_versions_never_values() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     db.put(key("x"), "s3cret-value".to_string());
     let a = chain(&redis, &db);
     let chain_text = format!("{a:?}");
@@ -451,7 +451,7 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
             .count()
     };
 
-    let (redis, db) = (FakeTier::cache("logged"), FakeTier::source("logged-db"));
+    let (redis, db) = (FakeTier::cache("logged"), FakeSource::new("logged-db"));
     db.put(key("x"), "s3cret-value".to_string());
     let a = one_tier(&redis, &db);
     redis.faults().set(Fault::Error);
@@ -494,7 +494,7 @@ async fn a_failing_tier_is_logged_once_when_it_fails_and_once_when_it_answers_ag
 /// to half at random), so that a tier that is down is not asked a hundred times a second.
 #[tokio::test(start_paused = true)]
 async fn replays_that_keep_failing_back_off() {
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let a = one_tier(&redis, &db);
     redis.faults().set(Fault::Error);
     a.update(&key("x"), val("v1")).await.unwrap();
@@ -519,7 +519,7 @@ fn a_replay_task_cut_short_by_its_runtime_is_started_again_by_the_next_miss() {
             .build()
             .unwrap()
     };
-    let (redis, db) = (FakeTier::cache("redis"), FakeTier::source("db"));
+    let (redis, db) = (FakeTier::cache("redis"), FakeSource::new("db"));
     let first = runtime();
     let a = first.block_on(async {
         let a = one_tier(&redis, &db);

@@ -11,7 +11,7 @@ use std::time::Duration;
 use support::{Chain, Key, Val, key, val};
 use tiercache_core::{BreakerPolicy, CacheTier, Error, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Faulty, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, Faulty, Op};
 
 /// The one case a floor alone covers: a tier that missed an update's invalidation is cleared
 /// (too many missed), and then another instance's fill with no time limit lands in it, with the
@@ -20,7 +20,7 @@ use tiercache_testkit::{FakeTier, Fault, Faulty, Op};
 #[tokio::test(start_paused = true)]
 async fn a_floor_refuses_an_old_copy_put_back_after_a_tier_was_cleared_for_missed_invalidations() {
     let shared = FakeTier::<Key, Val>::cache("redis");
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("a"), "v1".to_string());
     // B's fills have no time limit, and take 500 ms.
     let slow = Faulty::new(shared.clone());
@@ -113,9 +113,9 @@ type Cache = TieredCache<Key, Val>;
 type SlowRedis = Faulty<FakeTier<Key, Val>>;
 
 /// A chain whose lower tier's sets can be delayed, filling it in the background.
-fn background_chain() -> (Cache, SlowRedis, FakeTier<Key, Val>) {
+fn background_chain() -> (Cache, SlowRedis, FakeSource<Key, Val>) {
     let redis = Faulty::new(FakeTier::<Key, Val>::cache("redis"));
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("a"), "v1".to_string());
     let cache = TieredCache::builder()
         .tier(MemoryTier::new())
@@ -171,7 +171,7 @@ async fn a_background_fill_that_lands_after_an_invalidation_is_taken_back_at_onc
 async fn get_many_and_warm_go_around_a_failing_or_hanging_tier() {
     for fault in [Fault::Error, Fault::Hang] {
         let redis = FakeTier::<Key, Val>::cache("redis");
-        let db = FakeTier::source("db");
+        let db = FakeSource::new("db");
         db.put(key("a"), "a1".to_string());
         db.put(key("b"), "b1".to_string());
         let limit = Duration::from_millis(50);
@@ -216,7 +216,7 @@ async fn get_many_and_warm_go_around_a_failing_or_hanging_tier() {
 
 #[test]
 fn every_configuration_error_of_the_builder_is_a_typed_error_before_any_io() {
-    let db = || FakeTier::<Key, Val>::source("db");
+    let db = || FakeSource::<Key, Val>::new("db");
     let cases: Vec<(&str, Result<Cache, Error>)> = vec![
         (
             "no source",
@@ -288,7 +288,7 @@ fn every_configuration_error_of_the_builder_is_a_typed_error_before_any_io() {
 #[tokio::test]
 async fn a_remote_update_replaces_the_held_copy_or_drops_it() {
     let memory = Arc::new(Faulty::new(MemoryTier::<Key, Val>::new()));
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("a"), "v1".to_string());
     let cache = TieredCache::builder()
         .shared_tier(memory.clone(), None)

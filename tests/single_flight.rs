@@ -9,13 +9,13 @@ use std::time::Duration;
 use support::{Key, Val, key};
 use tiercache_core::{Error, TieredCache};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, Faulty, Gate, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, Faulty, Gate, Op};
 
 const CALLERS: usize = 1_000;
 
 /// Memory, a fake Redis, and `db` behind a gate that holds the source's answer until the test
 /// opens it, so that every caller is waiting when the load finishes.
-fn chain(db: &FakeTier<Key, Val>, gate: &Gate) -> TieredCache<Key, Val> {
+fn chain(db: &FakeSource<Key, Val>, gate: &Gate) -> TieredCache<Key, Val> {
     let held = Faulty::new(db.clone());
     held.faults().set_for(Op::Get, Fault::Hold(gate.clone()));
     TieredCache::builder()
@@ -57,7 +57,7 @@ async fn stampede(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_cold_gets_make_one_source_load() {
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.put(key("hot"), "value".to_string());
     let gate = Gate::new();
     let cache = chain(&db, &gate);
@@ -78,7 +78,7 @@ async fn a_thousand_cold_gets_make_one_source_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_load_is_shared_by_every_caller() {
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     db.faults().set_for(Op::Get, Fault::Error);
     let gate = Gate::new();
     let cache = chain(&db, &gate);
@@ -101,7 +101,7 @@ async fn a_failed_load_is_shared_by_every_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_single_flight_every_caller_loads() {
-    let db = FakeTier::<Key, Val>::source("db");
+    let db = FakeSource::<Key, Val>::new("db");
     db.put(key("hot"), "value".to_string());
     let gate = Gate::new();
     let held = Faulty::new(db.clone());

@@ -47,11 +47,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use proptest::prelude::*;
 use tiercache_core::{
-    BreakerPolicy, CacheTier, Clock, Entry, Error, Origin, Result, TierStats, TieredCache,
-    TimeSource, Timestamp, Version,
+    BreakerPolicy, CacheTier, Clock, Entry, Error, Origin, Result, Source, TierStats, TieredCache,
+    TimeSource, Timestamp, Version, Written,
 };
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::{FakeTier, Fault, FaultSwitch, Faulty, Op};
+use tiercache_testkit::{FakeSource, FakeTier, Fault, FaultSwitch, Faulty, Op};
 use tokio::time::Instant;
 
 mod check;

@@ -71,7 +71,7 @@ pub(crate) struct Commit {
 /// The source: a fake database that writes down every commit, with its faults and jitter.
 #[derive(Clone)]
 pub(crate) struct Db {
-    pub(crate) data: FakeTier<u8, String>,
+    pub(crate) data: FakeSource<u8, String>,
     pub(crate) faults: Tracked,
     pub(crate) jitter: FaultSwitch,
     pub(crate) commits: Arc<Mutex<Vec<Commit>>>,
@@ -117,7 +117,7 @@ impl Db {
 }
 
 #[async_trait]
-impl CacheTier<u8, String> for Db {
+impl Source<u8, String> for Db {
     fn name(&self) -> &str {
         "db"
     }
@@ -127,24 +127,25 @@ impl CacheTier<u8, String> for Db {
     async fn get_many(&self, keys: &[u8]) -> Result<Vec<Option<Entry<String>>>> {
         self.faulty(Op::Get, self.data.get_many(keys)).await
     }
-    async fn set(&self, _: &u8, _: Entry<String>) -> Result<bool> {
-        Err(Error::unsupported("db", "set"))
-    }
-    async fn invalidate(&self, _: &u8, _: Option<Version>) -> Result<()> {
-        Err(Error::unsupported("db", "invalidate"))
-    }
-    async fn clear(&self) -> Result<()> {
-        Err(Error::unsupported("db", "clear"))
-    }
-    async fn write(&self, key: &u8, value: Arc<String>) -> Result<Version> {
+    async fn write(
+        &self,
+        key: &u8,
+        value: Arc<String>,
+        expected: Option<Version>,
+    ) -> Result<Written> {
         let this = self.clone();
         let key = *key;
         self.faulty(Op::Write, async move {
-            let version = this.data.write(&key, Arc::clone(&value)).await?;
-            this.commit(key, version, value.to_string());
-            Ok(version)
+            let written = this.data.write(&key, Arc::clone(&value), expected).await?;
+            if let Written::Changed(version) = written {
+                this.commit(key, version, value.to_string());
+            }
+            Ok(written)
         })
         .await
+    }
+    async fn delete(&self, _: &u8, _: Option<Version>) -> Result<Written> {
+        Err(Error::unsupported("db", "delete"))
     }
     fn stats(&self) -> TierStats {
         self.data.stats()
@@ -194,7 +195,7 @@ pub(crate) fn world(case: Case) -> World {
         .with_clock(clock.clone())
         .with_faults(faults[1].switch.clone());
     let db = Db {
-        data: FakeTier::source("db").with_clock(clock.clone()),
+        data: FakeSource::new("db"),
         faults: faults[2].clone(),
         jitter: jitter(2, 4),
         commits: Arc::default(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use tiercache_core::{CacheTier, ManualClock, TieredCache, TieredCacheBuilder};
 use tiercache_memory::MemoryTier;
-use tiercache_testkit::FakeTier;
+use tiercache_testkit::{FakeSource, FakeTier};
 
 pub type Key = String;
 pub type Val = String;
@@ -23,7 +23,7 @@ pub struct Chain {
     pub manual: ManualClock,
     pub memory: Arc<MemoryTier<Key, Val>>,
     pub redis: FakeTier<Key, Val>,
-    pub db: FakeTier<Key, Val>,
+    pub db: FakeSource<Key, Val>,
     pub cache: TieredCache<Key, Val>,
 }
 
@@ -47,7 +47,7 @@ impl Chain {
         let redis = FakeTier::cache("redis")
             .with_ttl(L2_TTL)
             .with_clock(manual.clock());
-        let db = FakeTier::source("db").with_clock(manual.clock());
+        let db = FakeSource::new("db");
         let builder = TieredCache::builder()
             .shared_tier(memory.clone(), Some(Duration::from_millis(200)))
             .tier_with_timeout(redis.clone(), Some(Duration::from_millis(200)))

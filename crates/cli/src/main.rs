@@ -4,6 +4,8 @@
 //! userconfig simulate                 # the main job: a realistic workload, per-tier report
 //! userconfig get <user-id>            # the configuration, as JSON (version and tier on stderr)
 //! userconfig set <user-id> <json|->   # store a configuration (from the argument or stdin)
+//!     [--if-version N]                #   only if the stored version is still N (0: none)
+//! userconfig delete <user-id>         # delete a stored configuration (defaults again)
 //! userconfig invalidate <user-id>     # drop a user from every cache
 //! userconfig warm <ids..> [--file f]  # load users into the caches ahead of demand
 //! userconfig stats                    # the cache statistics, as JSON
@@ -15,6 +17,8 @@
 //! A command that changes something waits (`--flush-timeout-ms`, 5 s by default) for every
 //! cache to take it before it exits; if one could not (Redis unreachable), it says which and
 //! exits with code 5: the database has the change, a cache may still serve the old value.
+//! `set --if-version` refused because someone changed the user since that version exits with
+//! code 6 and names the stored version.
 
 #![forbid(unsafe_code)]
 
@@ -84,6 +88,15 @@ enum Command {
         user_id: String,
         /// The configuration as JSON, or `-` to read it from standard input.
         json: String,
+        /// Store it only if the stored version is still this one (0: nothing stored), as one
+        /// step in the database (compare-and-set); otherwise exit with code 6.
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
+    },
+    /// Delete a user's stored configuration (the user reads as the defaults again).
+    Delete {
+        /// The user id.
+        user_id: String,
     },
     /// Remove a user from every cache tier (after a change made to the database directly).
     Invalidate {
@@ -112,6 +125,9 @@ pub(crate) struct Failure(String, u8);
 /// Exit code of a change the database took but a cache could not (it may serve the old
 /// value until its TTL).
 const EXIT_UNREACHED: u8 = 5;
+/// Exit code of a compare-and-set (`set --if-version`) refused because the stored version moved
+/// on.
+const EXIT_CONFLICT: u8 = 6;
 
 impl Failure {
     pub(crate) fn new(message: impl Into<String>) -> Self {
@@ -143,7 +159,12 @@ fn explain(e: &dyn std::error::Error) -> String {
 
 impl From<userconfig::Error> for Failure {
     fn from(e: userconfig::Error) -> Self {
-        Failure(explain(&e), 1)
+        let code = if e.conflict().is_some() {
+            EXIT_CONFLICT
+        } else {
+            1
+        };
+        Failure(explain(&e), code)
     }
 }
 
@@ -214,16 +235,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 "{}",
                 serde_json::to_string_pretty(&*fetched.config).expect("configs serialize")
             );
-            eprintln!(
-                "version {} from {}",
-                fetched.version,
-                fetched.answered_by.as_str()
-            );
+            if fetched.stored {
+                eprintln!(
+                    "version {} from {}",
+                    fetched.version,
+                    fetched.answered_by.as_str()
+                );
+            } else {
+                eprintln!(
+                    "not stored: the defaults (from {})",
+                    fetched.answered_by.as_str()
+                );
+            }
             // Let the back-fill land; a fill that cannot is no error.
             let _ = storage.flush(within).await;
             Ok(())
         }
-        Command::Set { user_id, json } => {
+        Command::Set {
+            user_id,
+            json,
+            if_version,
+        } => {
             let text = if json == "-" {
                 let mut buffer = String::new();
                 std::io::stdin()
@@ -236,9 +268,26 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let config: UserConfig = serde_json::from_str(&text)
                 .map_err(|e| Failure::new(format!("the configuration is not valid JSON: {e}")))?;
             let storage = connection.storage().await?;
-            let version = storage.update_user_config(&user_id, &config).await?;
+            let version = match if_version {
+                Some(expected) => {
+                    storage
+                        .update_user_config_if(&user_id, expected, &config)
+                        .await?
+                }
+                None => storage.update_user_config(&user_id, &config).await?,
+            };
             eprintln!("stored version {version}");
             finish(&storage, &format!("stored version {version}"), within).await
+        }
+        Command::Delete { user_id } => {
+            let storage = connection.storage().await?;
+            let version = storage.delete_user_config(&user_id).await?;
+            if version == 0 {
+                eprintln!("nothing was stored");
+                return Ok(());
+            }
+            eprintln!("deleted at version {version}");
+            finish(&storage, &format!("deleted at version {version}"), within).await
         }
         Command::Invalidate { user_id } => {
             let storage = connection.storage().await?;

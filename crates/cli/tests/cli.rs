@@ -114,7 +114,11 @@ fn set_get_invalidate_and_stats_serve_operators() {
 
     let unknown = userconfig(&["get", "nobody"], &db);
     assert!(unknown.status.success());
-    assert!(text(&unknown.stderr).contains("version 0"));
+    assert!(
+        text(&unknown.stderr).contains("not stored"),
+        "{}",
+        text(&unknown.stderr)
+    );
 
     assert!(userconfig(&["invalidate", "alice"], &db).status.success());
     let warm = userconfig(&["warm", "alice", "nobody", "--batch", "1"], &db);
@@ -178,4 +182,51 @@ fn a_change_a_cache_could_not_take_is_reported_with_exit_code_5() {
     let get = userconfig(&["get", "alice"], &db);
     let config: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
     assert_eq!(config["preferences"]["theme"], "dark");
+}
+
+#[test]
+fn set_if_version_is_a_compare_and_set_and_delete_restores_the_defaults() {
+    let (_dir, db) = temp_db("cas");
+    let set = |json: &str, version: &str| {
+        userconfig(&["set", "carol", json, "--if-version", version], &db)
+    };
+    let first = set(r#"{"preferences": {"theme": "dark"}}"#, "0");
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    assert!(text(&first.stderr).contains("stored version 1"));
+    // Someone else's write moved it on: a set that expects version 1 of "before" is refused.
+    let theirs = set(r#"{"preferences": {"theme": "light"}}"#, "1");
+    assert!(theirs.status.success(), "{}", text(&theirs.stderr));
+    let stale = set(r#"{"preferences": {"theme": "blue"}}"#, "1");
+    let stderr = text(&stale.stderr);
+    assert_eq!(stale.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("at version 2, not the expected 1"),
+        "{stderr}"
+    );
+    let get = userconfig(&["get", "carol"], &db);
+    let config: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(
+        config["preferences"]["theme"], "light",
+        "the refused set wrote nothing"
+    );
+
+    let deleted = userconfig(&["delete", "carol"], &db);
+    assert!(deleted.status.success(), "{}", text(&deleted.stderr));
+    assert!(text(&deleted.stderr).contains("deleted at version 3"));
+    let get = userconfig(&["get", "carol"], &db);
+    assert!(
+        text(&get.stderr).contains("not stored"),
+        "{}",
+        text(&get.stderr)
+    );
+    let config: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(config["preferences"]["theme"], "system", "the defaults");
+    let again = userconfig(&["delete", "carol"], &db);
+    assert!(text(&again.stderr).contains("nothing was stored"));
+    let recreated = set(r#"{"preferences": {"theme": "blue"}}"#, "0");
+    assert!(
+        text(&recreated.stderr).contains("stored version 4"),
+        "{}",
+        text(&recreated.stderr)
+    );
 }

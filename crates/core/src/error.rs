@@ -3,6 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::entry::Version;
+
 /// A boxed error from a tier's backend, shared so that [`Error`] is cheap to clone (callers
 /// coalesced on one load all receive the same error).
 pub type BoxError = Arc<dyn std::error::Error + Send + Sync + 'static>;
@@ -79,6 +81,18 @@ pub enum Error {
         tier: String,
         /// The operation.
         operation: &'static str,
+    },
+    /// A conditional write ([`Source::write`](crate::Source::write) with an expected version)
+    /// found the key at another version: someone else wrote it since it was read. Read it
+    /// again (from the source) and retry.
+    #[error("tier `{tier}` holds version {current} of the key, not the expected {expected}")]
+    Conflict {
+        /// The tier's name.
+        tier: String,
+        /// The version the write expected (0: that nothing was stored).
+        expected: Version,
+        /// The version stored when the write was refused (0: nothing is stored).
+        current: Version,
     },
     /// A configuration value was rejected when the tier or chain was built.
     #[error("invalid configuration: {0}")]
@@ -192,6 +206,15 @@ impl Error {
         }
     }
 
+    /// For a refused conditional write: the version stored when it was refused.
+    #[must_use]
+    pub fn conflict(&self) -> Option<Version> {
+        match self {
+            Error::Conflict { current, .. } => Some(*current),
+            _ => None,
+        }
+    }
+
     /// Whether stored data could not be decoded.
     #[must_use]
     pub fn is_corrupt(&self) -> bool {
@@ -214,6 +237,7 @@ impl Error {
             | Error::Backend { tier, .. }
             | Error::Corrupt { tier, .. }
             | Error::CircuitOpen { tier }
+            | Error::Conflict { tier, .. }
             | Error::Unsupported { tier, .. }
             | Error::Unfinished { tier, .. } => Some(tier),
             Error::SourceUnavailable { source } => source.tier(),
@@ -253,6 +277,14 @@ mod tests {
 
         assert!(!Error::unsupported("memory", "write").is_transient());
         assert!(Error::InvalidInput("empty key".into()).is_invalid_input());
+        let moved = Error::Conflict {
+            tier: "db".into(),
+            expected: 3,
+            current: 7,
+        };
+        assert_eq!(moved.conflict(), Some(7));
+        assert!(!moved.is_transient() && !moved.outcome_unknown());
+        assert_eq!(down.conflict(), None);
         let bad = Error::corrupt("redis", std::fmt::Error);
         assert!(bad.is_corrupt() && !bad.is_transient());
     }

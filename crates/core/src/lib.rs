@@ -1,4 +1,4 @@
-//! The core of tiercache: the [`CacheTier`] trait and the [`TieredCache`] chain.
+//! The core of tiercache: the [`CacheTier`] and [`Source`] traits and the [`TieredCache`] chain.
 //!
 //! A chain reads through cache tiers top to bottom (memory, then Redis, say) down to an
 //! authoritative source (a database), back-fills the tiers above a hit, coalesces concurrent
@@ -15,10 +15,10 @@
 //! # async fn main() -> tiercache_core::Result<()> {
 //! use std::sync::Arc;
 //! use tiercache_core::{Origin, TieredCache};
-//! use tiercache_testkit::FakeTier;
+//! use tiercache_testkit::{FakeSource, FakeTier};
 //!
 //! let memory = FakeTier::cache("memory");
-//! let db = FakeTier::source("db");
+//! let db = FakeSource::new("db");
 //! db.put("alice".to_string(), "dark".to_string());
 //!
 //! let cache = TieredCache::builder()
@@ -38,7 +38,7 @@
 //! ```
 //!
 //! # Feature flags
-//! * `mock`: generates `MockCacheTier` with mockall.
+//! * `mock`: generates `MockCacheTier` and `MockSource` with mockall.
 
 #![forbid(unsafe_code)]
 
@@ -51,6 +51,7 @@ mod error;
 mod flight;
 mod key;
 mod latency;
+mod source;
 mod stats;
 mod tier;
 
@@ -66,6 +67,9 @@ pub use entry::{Entry, Slot, Version};
 pub use error::{BoxError, Error, Result};
 pub use key::StorageKey;
 pub use latency::LatencySummary;
+#[cfg(feature = "mock")]
+pub use source::MockSource;
+pub use source::{Source, Written};
 pub use stats::{ChainStats, ChainTierStats, Counter, TierStats, hit_rate};
 #[cfg(feature = "mock")]
 pub use tier::MockCacheTier;

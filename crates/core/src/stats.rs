@@ -140,8 +140,11 @@ pub struct ChainStats {
     pub source_loads: u64,
     /// Requests that joined another caller's load instead of starting their own.
     pub coalesced: u64,
-    /// Updates written to the source.
+    /// Updates and deletes that changed the source.
     pub updates: u64,
+    /// Updates whose value equalled the stored one (and deletes of keys with nothing stored):
+    /// the source committed nothing, no cache was invalidated, nothing was published.
+    pub unchanged_writes: u64,
     /// Hits refused because they were older than a version this chain wrote (a tier that missed
     /// an invalidation).
     pub refused_stale_versions: u64,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::entry::{Entry, Version};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::stats::TierStats;
 
 /// What a key must be: hashable, comparable, cheap enough to clone, and shareable.
@@ -29,18 +29,15 @@ pub enum Peek<V> {
     Unsupported,
 }
 
-/// One level of a [`TieredCache`](crate::TieredCache): a cache tier, or the authoritative source
-/// at the bottom of the chain.
+/// One cache tier of a [`TieredCache`](crate::TieredCache) (memory, Redis, yours). The
+/// authoritative store at the bottom of the chain is a [`Source`](crate::Source), a trait of
+/// its own.
 ///
 /// A miss is `Ok(None)`, never an error. Entries carry the source's [`Version`]; a tier must
 /// never replace a newer version with an older one, and after `invalidate(key, Some(v))` it must
 /// refuse sets of versions `<= v` until the tombstone dies ([`Slot`](crate::Slot) implements
 /// these rules for in-process tiers). When it stores an entry, a tier caps its expiry at its own
 /// time to live ([`Entry::capped_expiry`]).
-///
-/// The source implements [`get`](CacheTier::get), [`get_many`](CacheTier::get_many) and
-/// [`write`](CacheTier::write); its `set`, `invalidate` and `clear` may return
-/// [`Error::Unsupported`] (the chain never calls them).
 ///
 /// The trait is object safe; the chain stores `Arc<dyn CacheTier<K, V>>`.
 #[cfg_attr(feature = "mock", mockall::automock)]
@@ -105,12 +102,6 @@ pub trait CacheTier<K: Key, V: Value>: Send + Sync {
     /// Removes every entry of this tier (and only this tier's).
     async fn clear(&self) -> Result<()>;
 
-    /// For the authoritative source: stores `value` and returns its new version. Cache tiers
-    /// keep the default, [`Error::Unsupported`].
-    async fn write(&self, _key: &K, _value: Arc<V>) -> Result<Version> {
-        Err(Error::unsupported(self.name(), "write"))
-    }
-
     /// The tier's own statistics.
     fn stats(&self) -> TierStats;
 }
@@ -149,9 +140,6 @@ macro_rules! forward_tier {
             }
             async fn clear(&self) -> Result<()> {
                 (**self).clear().await
-            }
-            async fn write(&self, key: &K, value: Arc<V>) -> Result<Version> {
-                (**self).write(key, value).await
             }
             fn stats(&self) -> TierStats {
                 (**self).stats()

@@ -31,10 +31,10 @@ struct Hub<K, V> {
 /// # async fn main() -> tiercache_core::Result<()> {
 /// use std::sync::Arc;
 /// use tiercache_core::{Origin, TieredCache};
-/// use tiercache_testkit::{BackplaneHub, FakeTier};
+/// use tiercache_testkit::{BackplaneHub, FakeSource, FakeTier};
 ///
 /// let hub = BackplaneHub::new(1);
-/// let (db, shared) = (FakeTier::source("db"), FakeTier::cache("redis"));
+/// let (db, shared) = (FakeSource::new("db"), FakeTier::cache("redis"));
 /// let mut instances = Vec::new();
 /// for _ in 0..2 {
 ///     let handle = hub.handle();

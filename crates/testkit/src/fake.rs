@@ -1,5 +1,5 @@
-//! [`FakeTier`]: an in-memory tier that counts its calls and takes faults, usable as a cache
-//! tier or as the authoritative source.
+//! [`FakeTier`]: an in-memory cache tier that counts its calls and takes faults (the source's
+//! fake is [`FakeSource`](crate::FakeSource)).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -8,9 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tiercache_core::{
-    CacheTier, Clock, Entry, Error, Key, Peek, Result, Slot, TierStats, Value, Version,
-};
+use tiercache_core::{CacheTier, Clock, Entry, Key, Peek, Result, Slot, TierStats, Value, Version};
 
 use crate::fault::{FaultSwitch, Op};
 
@@ -35,8 +33,10 @@ pub struct Calls {
     pub invalidate: u64,
     /// `clear` calls.
     pub clear: u64,
-    /// `write` calls.
+    /// `write` calls (a source's).
     pub write: u64,
+    /// `delete` calls (a source's).
+    pub delete: u64,
 }
 
 impl Calls {
@@ -56,24 +56,16 @@ struct CallCounters {
     set: AtomicU64,
     invalidate: AtomicU64,
     clear: AtomicU64,
-    write: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64) {
+pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Cache,
-    Source,
 }
 
 struct Inner<K, V> {
     name: String,
-    role: Role,
     ttl: Duration,
     tombstone_ttl: Duration,
     sync_peek: bool,
@@ -83,9 +75,9 @@ struct Inner<K, V> {
     faults: FaultSwitch,
 }
 
-/// An in-memory tier for tests: a cache tier with the same version and tombstone rules as the
-/// memory tier (no capacity limit), or a source that numbers its writes 1, 2, 3, ... per key.
-/// It counts every call and takes faults through [`FakeTier::faults`].
+/// An in-memory cache tier for tests, with the same version and tombstone rules as the memory
+/// tier (no capacity limit). It counts every call and takes faults through
+/// [`FakeTier::faults`].
 ///
 /// Clones share everything, so keep a clone to inspect the tier you gave to a chain.
 ///
@@ -94,10 +86,10 @@ struct Inner<K, V> {
 /// # async fn main() -> tiercache_core::Result<()> {
 /// use std::sync::Arc;
 /// use tiercache_core::TieredCache;
-/// use tiercache_testkit::{FakeTier, Fault, Op};
+/// use tiercache_testkit::{FakeSource, FakeTier, Fault, Op};
 ///
 /// let redis = FakeTier::<u32, String>::cache("redis");
-/// let db = FakeTier::source("db");
+/// let db = FakeSource::new("db");
 /// db.put(1u32, "v1".to_string());
 /// let cache = TieredCache::builder().tier(redis.clone()).source(db.clone()).build()?;
 ///
@@ -126,18 +118,19 @@ impl<K, V> fmt::Debug for FakeTier<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FakeTier")
             .field("name", &self.inner.name)
-            .field("role", &self.inner.role)
             .field("faults", &self.inner.faults)
             .finish_non_exhaustive()
     }
 }
 
 impl<K: Key, V: Value> FakeTier<K, V> {
-    fn with_role(name: &str, role: Role) -> Self {
+    /// A cache tier (entries live [`DEFAULT_FAKE_TTL`]; no synchronous `peek`, like a remote
+    /// tier).
+    #[must_use]
+    pub fn cache(name: &str) -> Self {
         FakeTier {
             inner: Arc::new(Inner {
                 name: name.to_owned(),
-                role,
                 ttl: DEFAULT_FAKE_TTL,
                 tombstone_ttl: DEFAULT_FAKE_TTL,
                 sync_peek: false,
@@ -147,20 +140,6 @@ impl<K: Key, V: Value> FakeTier<K, V> {
                 faults: FaultSwitch::new(),
             }),
         }
-    }
-
-    /// A cache tier (entries live [`DEFAULT_FAKE_TTL`]; no synchronous `peek`, like a remote
-    /// tier).
-    #[must_use]
-    pub fn cache(name: &str) -> Self {
-        Self::with_role(name, Role::Cache)
-    }
-
-    /// An authoritative source: `write` numbers versions per key; `set`, `invalidate` and
-    /// `clear` are [`Error::Unsupported`].
-    #[must_use]
-    pub fn source(name: &str) -> Self {
-        Self::with_role(name, Role::Source)
     }
 
     fn configure(mut self, f: impl FnOnce(&mut Inner<K, V>)) -> Self {
@@ -222,7 +201,7 @@ impl<K: Key, V: Value> FakeTier<K, V> {
             set: l(&c.set),
             invalidate: l(&c.invalidate),
             clear: l(&c.clear),
-            write: l(&c.write),
+            ..Calls::default()
         }
     }
 
@@ -233,17 +212,13 @@ impl<K: Key, V: Value> FakeTier<K, V> {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Writes `value` behind every cache's back (no call is counted): a source numbers it with
-    /// the key's next version, a cache tier stores it at the next version above what it holds.
-    /// Returns the version.
+    /// Stores `value` behind the chain's back (no call is counted) at the next version above
+    /// what the tier holds. Returns the version.
     pub fn put(&self, key: K, value: impl Into<Arc<V>>) -> Version {
         let now = self.inner.clock.now();
         let mut slots = self.slots();
         let version = slots.get(&key).and_then(|s| s.floor(now)).unwrap_or(0) + 1;
-        let mut entry = Entry::new(value.into(), version);
-        if self.inner.role == Role::Cache {
-            entry = entry.expiring_at(now + self.inner.ttl);
-        }
+        let entry = Entry::new(value.into(), version).expiring_at(now + self.inner.ttl);
         slots.insert(key, Slot::Live(entry));
         version
     }
@@ -289,13 +264,6 @@ impl<K: Key, V: Value> FakeTier<K, V> {
             &self.inner.calls.misses
         });
         found
-    }
-
-    fn cache_only(&self, op: &'static str) -> Result<()> {
-        match self.inner.role {
-            Role::Cache => Ok(()),
-            Role::Source => Err(Error::unsupported(&self.inner.name, op)),
-        }
     }
 }
 
@@ -364,7 +332,6 @@ impl<K: Key, V: Value> CacheTier<K, V> for FakeTier<K, V> {
         self.inner
             .faults
             .run(&self.inner.name, Op::Set, async {
-                self.cache_only("set")?;
                 let now = self.inner.clock.now();
                 let expires_at = entry.capped_expiry(now, self.inner.ttl);
                 if expires_at <= now {
@@ -388,7 +355,6 @@ impl<K: Key, V: Value> CacheTier<K, V> for FakeTier<K, V> {
         self.inner
             .faults
             .run(&self.inner.name, Op::Invalidate, async {
-                self.cache_only("invalidate")?;
                 let now = self.inner.clock.now();
                 let mut slots = self.slots();
                 let old = slots.remove(key);
@@ -405,22 +371,8 @@ impl<K: Key, V: Value> CacheTier<K, V> for FakeTier<K, V> {
         self.inner
             .faults
             .run(&self.inner.name, Op::Clear, async {
-                self.cache_only("clear")?;
                 self.slots().clear();
                 Ok(())
-            })
-            .await
-    }
-
-    async fn write(&self, key: &K, value: Arc<V>) -> Result<Version> {
-        bump(&self.inner.calls.write);
-        self.inner
-            .faults
-            .run(&self.inner.name, Op::Write, async {
-                if self.inner.role != Role::Source {
-                    return Err(Error::unsupported(&self.inner.name, "write"));
-                }
-                Ok(self.put(key.clone(), value))
             })
             .await
     }
@@ -447,22 +399,6 @@ mod tests {
     use tiercache_core::ManualClock;
 
     #[tokio::test]
-    async fn source_numbers_writes_per_key() {
-        let db = FakeTier::<&str, u32>::source("db");
-        assert_eq!(db.write(&"a", Arc::new(1)).await.unwrap(), 1);
-        assert_eq!(db.write(&"a", Arc::new(2)).await.unwrap(), 2);
-        assert_eq!(db.write(&"b", Arc::new(3)).await.unwrap(), 1);
-        let got = db.get(&"a").await.unwrap().unwrap();
-        assert_eq!(
-            (*got.value.unwrap(), got.version, got.expires_at),
-            (2, 2, None)
-        );
-        assert!(db.set(&"a", Entry::new(Arc::new(9), 9)).await.is_err());
-        assert!(db.clear().await.is_err());
-        assert_eq!(db.calls().write, 3);
-    }
-
-    #[tokio::test]
     async fn cache_applies_ttl_and_version_rules() {
         let manual = ManualClock::new();
         let t = FakeTier::<&str, u32>::cache("c")
@@ -478,7 +414,6 @@ mod tests {
                 .unwrap()
                 .is_some()
         );
-        assert!(t.write(&"a", Arc::new(1)).await.is_err());
         assert_eq!(t.stats().misses, 1);
     }
 }

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tiercache_core::{CacheTier, Entry, Error, Key, Peek, Result, TierStats, Value, Version};
+use tiercache_core::{
+    CacheTier, Entry, Error, Key, Peek, Result, Source, TierStats, Value, Version, Written,
+};
 use tokio::sync::watch;
 
 /// A tier operation, to aim a fault at one kind of call.
@@ -21,7 +23,7 @@ pub enum Op {
     Invalidate,
     /// `clear`.
     Clear,
-    /// `write`.
+    /// A source's `write` and `delete`.
     Write,
 }
 
@@ -279,7 +281,7 @@ impl<T> Faulty<T> {
 #[async_trait]
 impl<K: Key, V: Value, T: CacheTier<K, V>> CacheTier<K, V> for Faulty<T> {
     fn name(&self) -> &str {
-        self.inner.name()
+        CacheTier::name(&self.inner)
     }
 
     fn peek(&self, key: &K) -> Peek<V> {
@@ -297,32 +299,36 @@ impl<K: Key, V: Value, T: CacheTier<K, V>> CacheTier<K, V> for Faulty<T> {
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         self.faults
-            .run(self.name(), Op::Get, self.inner.get(key))
+            .run(CacheTier::name(self), Op::Get, self.inner.get(key))
             .await
     }
 
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
         self.faults
-            .run(self.name(), Op::Get, self.inner.get_many(keys))
+            .run(CacheTier::name(self), Op::Get, self.inner.get_many(keys))
             .await
     }
 
     async fn get_stale(&self, key: &K, max_stale: Duration) -> Result<Option<Entry<V>>> {
         self.faults
-            .run(self.name(), Op::Get, self.inner.get_stale(key, max_stale))
+            .run(
+                CacheTier::name(self),
+                Op::Get,
+                self.inner.get_stale(key, max_stale),
+            )
             .await
     }
 
     async fn set(&self, key: &K, entry: Entry<V>) -> Result<bool> {
         self.faults
-            .run(self.name(), Op::Set, self.inner.set(key, entry))
+            .run(CacheTier::name(self), Op::Set, self.inner.set(key, entry))
             .await
     }
 
     async fn invalidate(&self, key: &K, version: Option<Version>) -> Result<()> {
         self.faults
             .run(
-                self.name(),
+                CacheTier::name(self),
                 Op::Invalidate,
                 self.inner.invalidate(key, version),
             )
@@ -331,13 +337,44 @@ impl<K: Key, V: Value, T: CacheTier<K, V>> CacheTier<K, V> for Faulty<T> {
 
     async fn clear(&self) -> Result<()> {
         self.faults
-            .run(self.name(), Op::Clear, self.inner.clear())
+            .run(CacheTier::name(self), Op::Clear, self.inner.clear())
             .await
     }
 
-    async fn write(&self, key: &K, value: Arc<V>) -> Result<Version> {
+    fn stats(&self) -> TierStats {
+        self.inner.stats()
+    }
+}
+
+#[async_trait]
+impl<K: Key, V: Value, T: Source<K, V>> Source<K, V> for Faulty<T> {
+    fn name(&self) -> &str {
+        Source::name(&self.inner)
+    }
+
+    async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
+        let name = Source::name(self);
+        self.faults.run(name, Op::Get, self.inner.get(key)).await
+    }
+
+    async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
+        let name = Source::name(self);
         self.faults
-            .run(self.name(), Op::Write, self.inner.write(key, value))
+            .run(name, Op::Get, self.inner.get_many(keys))
+            .await
+    }
+
+    async fn write(&self, key: &K, value: Arc<V>, expected: Option<Version>) -> Result<Written> {
+        let name = Source::name(self);
+        self.faults
+            .run(name, Op::Write, self.inner.write(key, value, expected))
+            .await
+    }
+
+    async fn delete(&self, key: &K, expected: Option<Version>) -> Result<Written> {
+        let name = Source::name(self);
+        self.faults
+            .run(name, Op::Write, self.inner.delete(key, expected))
             .await
     }
 

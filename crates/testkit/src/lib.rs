@@ -1,7 +1,7 @@
 //! What tiercache's tests, and yours, need to test a chain or a tier without servers.
 //!
-//! * [`FakeTier`]: an in-memory cache tier or source that counts its calls
-//!   ([`FakeTier::calls`]) and takes faults ([`FakeTier::faults`]).
+//! * [`FakeTier`] and [`FakeSource`]: an in-memory cache tier and source that count their
+//!   calls ([`FakeTier::calls`]) and take faults ([`FakeTier::faults`]).
 //! * [`Faulty`]: wraps any tier (a real one too) with a [`FaultSwitch`]: [`Fault::Error`],
 //!   [`Fault::Delay`], [`Fault::Hang`], or [`Fault::Hold`] at a [`Gate`] you open when the test is
 //!   ready, for all operations or one ([`Op`]).
@@ -12,7 +12,8 @@
 //! * [`ManualClock`]: time that moves only when the test says, so TTL tests never sleep.
 //! * [`env`](mod@env): where the test servers are (`REDIS_URL`, `DATABASE_URL`), unique names that keep
 //!   parallel tests apart, and the message a test gives when a server is unreachable.
-//! * [`MockCacheTier`]: the mockall mock of [`CacheTier`](tiercache_core::CacheTier), for facts
+//! * [`MockCacheTier`] and [`MockSource`]: the mockall mocks of
+//!   [`CacheTier`](tiercache_core::CacheTier) and [`Source`](tiercache_core::Source), for facts
 //!   about call order ("after a memory hit, nothing below is called").
 //!
 //! # A property test against a model
@@ -27,12 +28,12 @@
 //! use std::sync::Arc;
 //! use std::time::Duration;
 //! use tiercache_core::TieredCache;
-//! use tiercache_testkit::{FakeTier, Fault, ManualClock};
+//! use tiercache_testkit::{FakeSource, FakeTier, Fault, ManualClock};
 //!
 //! let manual = ManualClock::new();
 //! let l1 = FakeTier::cache("l1").with_peek().with_clock(manual.clock());
 //! let l2 = FakeTier::cache("l2").with_clock(manual.clock());
-//! let db = FakeTier::source("db");
+//! let db = FakeSource::new("db");
 //! let cache = TieredCache::builder()
 //!     .tier(l1.clone())
 //!     .tier(l2.clone())
@@ -64,6 +65,7 @@ mod backplane;
 pub mod contract;
 pub mod env;
 mod fake;
+mod fake_source;
 mod fault;
 #[cfg(feature = "postgres")]
 pub mod postgres_env;
@@ -74,7 +76,8 @@ pub mod redis_env;
 
 pub use backplane::{BackplaneHandle, BackplaneHub};
 pub use fake::{Calls, DEFAULT_FAKE_TTL, FakeTier};
+pub use fake_source::FakeSource;
 pub use fault::{Fault, FaultSwitch, Faulty, Gate, InjectedFault, Op};
 #[cfg(feature = "proxy")]
 pub use proxy::{FaultProxy, ProxyMode};
-pub use tiercache_core::{Clock, ManualClock, MockCacheTier};
+pub use tiercache_core::{Clock, ManualClock, MockCacheTier, MockSource};

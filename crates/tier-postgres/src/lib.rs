@@ -8,8 +8,19 @@
 //!   (`<schema>._tiercache_migrations_<table>`, shortened with a hash when that would exceed
 //!   PostgreSQL's 63-byte identifiers), so several tables can live in one schema. Names must be
 //!   plain identifiers: `^[a-z_][a-z0-9_]{0,62}$`.
-//! * Reads: one prepared primary-key `SELECT`; `get_many` one `= ANY($1)` query. Writes: one
-//!   statement that upserts and increments the version atomically and returns it.
+//! * Versions come from the database, for every writer (this crate, `psql`, a migration,
+//!   another service): a trigger gives each committed insert and update, and each delete, the
+//!   next number of one sequence (`<table>_versions`), so a key's versions never repeat and
+//!   never go backwards, even across a delete and a re-creation. An update that leaves the value
+//!   as it is (`jsonb` equality) changes nothing. Upgrading a populated table starts the
+//!   sequence above every stored version. Every change is recorded in the change log
+//!   (`<table>_changes`: position, key, version, op, writing transaction, time) and announced
+//!   with `NOTIFY` on [`channel`](PostgresTier::channel) at commit.
+//! * Reads: one prepared primary-key `SELECT`; `get_many` one `= ANY($1)` query. Writes and
+//!   deletes: one call of a function the migrations create (`<table>_write`,
+//!   `<table>_delete`), which locks the row, checks the expected version (compare-and-set),
+//!   skips a write of the stored value and reports what it did, in one round trip.
+//!   PostgreSQL 13 or later (`pg_current_xact_id`).
 //! * The pool connects lazily: [`PostgresTierBuilder::build`] needs no running server, and the
 //!   migrations run on first use (once; retried on later calls if they failed), or when you
 //!   call [`PostgresTier::migrate`]. The schema is created if it is missing.
@@ -37,14 +48,15 @@
 //! ```no_run
 //! # async fn demo() -> tiercache_core::Result<()> {
 //! use std::sync::Arc;
-//! use tiercache_core::CacheTier;
+//! use tiercache_core::Source;
 //! use tiercache_postgres::PostgresTier;
 //!
 //! let db = PostgresTier::<String, serde_json::Value>::builder()
 //!     .url("postgres://app@db.internal:5432/app?sslmode=verify-full")
 //!     .schema("tiercache")
 //!     .build()?; // does not connect yet
-//! let version = db.write(&"alice".into(), Arc::new(serde_json::json!({"theme": "dark"}))).await?;
+//! let config = Arc::new(serde_json::json!({"theme": "dark"}));
+//! let version = db.write(&"alice".into(), config, None).await?.version();
 //! assert_eq!(db.get(&"alice".into()).await?.unwrap().version, version);
 //! # Ok(()) }
 //! ```
@@ -65,7 +77,9 @@ use serde::de::DeserializeOwned;
 use sqlx::migrate::{Migration, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row, SqlSafeStr};
-use tiercache_core::{CacheTier, Counter, Entry, Error, Result, StorageKey, TierStats, Version};
+use tiercache_core::{
+    Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
+};
 use tokio::sync::OnceCell;
 
 /// Default schema.
@@ -119,6 +133,7 @@ struct Statements {
     get: String,
     get_many: String,
     write: String,
+    delete: String,
 }
 
 #[derive(Default)]
@@ -177,6 +192,12 @@ pub struct Undecodable {
     /// The decoder's message.
     pub reason: String,
 }
+
+/// The write or delete function answered with an outcome this version does not know (the
+/// migrations and the code disagree).
+#[derive(Debug, thiserror::Error)]
+#[error("the database's write function reported `{0}`, which this version does not know")]
+struct UnexpectedReport(String);
 
 /// Why no connection could be had.
 #[derive(Debug, thiserror::Error)]
@@ -245,11 +266,81 @@ fn bookkeeping_table(table: &str) -> String {
     if PREFIX.len() + table.len() <= MAX_IDENTIFIER {
         return format!("{PREFIX}{table}");
     }
-    let hash = table.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    });
     // The table is ASCII (validated), so slicing at 24 is on a character boundary.
-    format!("{PREFIX}{}_{hash:016x}", &table[..24])
+    format!("{PREFIX}{}_{:016x}", &table[..24], fnv(table))
+}
+
+/// FNV-1a of `text` (stable across releases: it names database objects).
+fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The name of an object that belongs to `table` (its sequence, log, functions):
+/// `<table><suffix>`, or, when that is longer than an identifier may be, the first 24
+/// characters of the table, a hash of the whole name and the suffix.
+fn derived(table: &str, suffix: &str) -> String {
+    if table.len() + suffix.len() <= MAX_IDENTIFIER {
+        return format!("{table}{suffix}");
+    }
+    // The table is ASCII (validated), so slicing at 24 is on a character boundary.
+    format!("{}_{:016x}{suffix}", &table[..24], fnv(table))
+}
+
+/// The database objects of one table, quoted and schema-qualified, as the migrations and the
+/// statements name them.
+struct Names {
+    /// `{placeholder}` and its replacement.
+    pairs: Vec<(&'static str, String)>,
+}
+
+impl Names {
+    fn new(schema: &str, table: &str) -> Self {
+        let q = |name: &str| format!("\"{schema}\".\"{name}\"");
+        let pairs = vec![
+            ("{table}", q(table)),
+            ("{versions}", q(&derived(table, "_versions"))),
+            ("{changes}", q(&derived(table, "_changes"))),
+            (
+                "{changes_txid}",
+                format!("\"{}\"", derived(table, "_changes_txid")),
+            ),
+            (
+                "{changes_at}",
+                format!("\"{}\"", derived(table, "_changes_at")),
+            ),
+            ("{feed}", q(&derived(table, "_feed"))),
+            ("{stamp}", q(&derived(table, "_stamp"))),
+            ("{announce}", q(&derived(table, "_announce"))),
+            ("{truncated}", q(&derived(table, "_truncated"))),
+            ("{write_fn}", q(&derived(table, "_write"))),
+            ("{delete_fn}", q(&derived(table, "_delete"))),
+            ("{channel}", channel(schema, table)),
+        ];
+        Names { pairs }
+    }
+
+    fn get(&self, placeholder: &str) -> &str {
+        self.pairs
+            .iter()
+            .find(|(p, _)| *p == placeholder)
+            .map(|(_, name)| name.as_str())
+            .expect("a known placeholder")
+    }
+
+    /// `sql` with every placeholder replaced.
+    fn fill(&self, sql: &str) -> String {
+        self.pairs
+            .iter()
+            .fold(sql.to_owned(), |sql, (p, name)| sql.replace(p, name))
+    }
+}
+
+/// The LISTEN/NOTIFY channel of a table: `tiercache_` and a hash of its qualified name (a
+/// channel is an identifier; this one fits whatever the names' lengths).
+fn channel(schema: &str, table: &str) -> String {
+    format!("tiercache_{:016x}", fnv(&format!("{schema}.{table}")))
 }
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> PostgresTier<K, V> {
@@ -279,6 +370,23 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         format!("\"{}\".\"{}\"", self.schema, self.table)
     }
 
+    /// The schema-qualified change log table: one row per committed change of the table, by
+    /// any writer (`position`, `key`, `version`, `op`, `txid`, `at`).
+    #[must_use]
+    pub fn changes_table(&self) -> String {
+        self.names().get("{changes}").to_owned()
+    }
+
+    /// The channel every committed change is announced on (`LISTEN` to it).
+    #[must_use]
+    pub fn channel(&self) -> String {
+        channel(&self.schema, &self.table)
+    }
+
+    fn names(&self) -> Names {
+        Names::new(&self.schema, &self.table)
+    }
+
     /// Creates the schema and the table if they are missing, and applies any migration the
     /// table has not had. Idempotent; concurrent callers, in this process or others, are
     /// serialized by sqlx's advisory lock. Calls run this once by themselves before their
@@ -289,11 +397,19 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
     /// [`Error::Unavailable`] if the server cannot be reached, [`Error::Backend`] if a
     /// migration fails or was changed after it was applied.
     pub async fn migrate(&self) -> Result<()> {
-        let table = self.qualified_table();
+        // Once it succeeded, calls do not run the migrator again.
+        self.migrated
+            .get_or_try_init(|| self.run_migrations())
+            .await
+            .copied()
+    }
+
+    async fn run_migrations(&self) -> Result<()> {
+        let names = self.names();
         let migrations: Vec<Migration> = EMBEDDED
             .iter()
             .map(|m| {
-                let sql = m.sql.as_str().replace("{table}", &table);
+                let sql = names.fill(m.sql.as_str());
                 Migration::new(
                     m.version,
                     m.description.clone(),
@@ -345,7 +461,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             self.stats.errors.incr();
             return Err(Error::unavailable(&self.name, NoConnection::FailingFast));
         }
-        let result = match self.migrated.get_or_try_init(|| self.migrate()).await {
+        let result = match self.migrate().await {
             Ok(()) => {
                 let mut result = call().await;
                 let mut retries = if retry_broken {
@@ -445,6 +561,60 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         self.stats.probes.get()
     }
 
+    /// Runs the write (`json`) or delete function for `key` and reads its report. A write is
+    /// never retried: one that failed on a dead connection may or may not have been applied.
+    async fn change(
+        &self,
+        sql: &str,
+        key: &str,
+        json: Option<&str>,
+        expected: Option<Version>,
+    ) -> Result<Written> {
+        let expected_sql = match expected {
+            Some(v) => Some(i64::try_from(v).map_err(|_| {
+                Error::InvalidInput(format!("expected version {v} is out of range"))
+            })?),
+            None => None,
+        };
+        // Whether the statement went out: a connection lost after that may have committed it.
+        let sent = AtomicBool::new(false);
+        let (outcome, version): (String, i64) = self
+            .run(false, || async {
+                let mut conn = self.live_connection().await?;
+                sent.store(true, Ordering::Relaxed);
+                let query = sqlx::query_as(AssertSqlSafe(sql)).bind(key);
+                let query = match json {
+                    Some(json) => query.bind(json),
+                    None => query,
+                };
+                query.bind(expected_sql).fetch_one(&mut *conn).await
+            })
+            .await
+            .map_err(|e| match e {
+                Error::Unavailable { source, .. } if sent.load(Ordering::Relaxed) => {
+                    Error::Interrupted {
+                        tier: self.name.clone(),
+                        source,
+                    }
+                }
+                other => other,
+            })?;
+        let version = u64::try_from(version).unwrap_or(0);
+        match outcome.as_str() {
+            "W" | "D" => Ok(Written::Changed(version)),
+            "N" => Ok(Written::Unchanged(version)),
+            "C" => Err(Error::Conflict {
+                tier: self.name.clone(),
+                expected: expected.unwrap_or(0),
+                current: version,
+            }),
+            other => Err(Error::backend(
+                &self.name,
+                UnexpectedReport(other.to_owned()),
+            )),
+        }
+    }
+
     fn decode(&self, key: &str, json: &str, version: i64) -> Result<Entry<V>> {
         let value: V = serde_json::from_str(json).map_err(|e| {
             self.stats.corrupt.incr();
@@ -507,7 +677,7 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 }
 
 #[async_trait]
-impl<K, V> CacheTier<K, V> for PostgresTier<K, V>
+impl<K, V> Source<K, V> for PostgresTier<K, V>
 where
     K: StorageKey,
     V: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -577,19 +747,7 @@ where
             .collect()
     }
 
-    async fn set(&self, _key: &K, _entry: Entry<V>) -> Result<bool> {
-        Err(Error::unsupported(&self.name, "set"))
-    }
-
-    async fn invalidate(&self, _key: &K, _version: Option<Version>) -> Result<()> {
-        Err(Error::unsupported(&self.name, "invalidate"))
-    }
-
-    async fn clear(&self) -> Result<()> {
-        Err(Error::unsupported(&self.name, "clear"))
-    }
-
-    async fn write(&self, key: &K, value: Arc<V>) -> Result<Version> {
+    async fn write(&self, key: &K, value: Arc<V>, expected: Option<Version>) -> Result<Written> {
         let json = serde_json::to_string(&*value)
             .map_err(|e| Error::InvalidInput(format!("value does not serialize: {e}")))?;
         if has_escaped_nul(&json) {
@@ -600,29 +758,14 @@ where
         }
         let key = key.storage_key();
         check_key(&key)?;
-        // Whether the statement went out: a connection lost after that may have committed it.
-        let sent = AtomicBool::new(false);
-        let version: i64 = self
-            .run(false, || async {
-                let mut conn = self.live_connection().await?;
-                sent.store(true, Ordering::Relaxed);
-                sqlx::query_scalar(AssertSqlSafe(self.sql.write.as_str()))
-                    .bind(key.as_ref())
-                    .bind(&json)
-                    .fetch_one(&mut *conn)
-                    .await
-            })
+        self.change(&self.sql.write, &key, Some(&json), expected)
             .await
-            .map_err(|e| match e {
-                Error::Unavailable { source, .. } if sent.load(Ordering::Relaxed) => {
-                    Error::Interrupted {
-                        tier: self.name.clone(),
-                        source,
-                    }
-                }
-                other => other,
-            })?;
-        Ok(u64::try_from(version).unwrap_or(0))
+    }
+
+    async fn delete(&self, key: &K, expected: Option<Version>) -> Result<Written> {
+        let key = key.storage_key();
+        check_key(&key)?;
+        self.change(&self.sql.delete, &key, None, expected).await
     }
 
     fn stats(&self) -> TierStats {
@@ -812,17 +955,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             // connection found dead, writes ping their own (`live_connection`).
             .test_before_acquire(false)
             .connect_lazy_with(options.clone());
-        let qualified = format!("\"{}\".\"{}\"", self.schema, self.table);
+        let names = Names::new(&self.schema, &self.table);
         let sql = Statements {
-            get: format!("SELECT value::text, version FROM {qualified} WHERE key = $1"),
-            get_many: format!(
-                "SELECT key, value::text, version FROM {qualified} WHERE key = ANY($1)"
-            ),
-            write: format!(
-                "INSERT INTO {qualified} AS t (key, value, version) VALUES ($1, $2::jsonb, 1) \
-                 ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, \
-                 version = t.version + 1, updated_at = now() RETURNING version"
-            ),
+            get: names.fill("SELECT value::text, version FROM {table} WHERE key = $1"),
+            get_many: names
+                .fill("SELECT key, value::text, version FROM {table} WHERE key = ANY($1)"),
+            write: names.fill("SELECT outcome, version FROM {write_fn}($1, $2::jsonb, $3)"),
+            delete: names.fill("SELECT outcome, version FROM {delete_fn}($1, $2)"),
         };
         Ok(PostgresTier {
             pool,

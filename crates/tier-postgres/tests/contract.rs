@@ -39,11 +39,16 @@ macro_rules! contract_tests {
 
 contract_tests! {
     missing_key_is_none => |t| contract::missing_key_is_none(&*t);
-    writes_number_versions => |t| contract::writes_number_versions(&*t);
+    writes_increase_versions => |t| contract::writes_increase_versions(&*t);
     get_many_keeps_order => |t| contract::get_many_keeps_order(&*t);
     concurrent_writes_get_distinct_versions =>
         |t| contract::concurrent_writes_get_distinct_versions(t);
-    cache_operations_are_unsupported => |t| contract::cache_operations_are_unsupported(&*t);
+    unchanged_writes_commit_nothing => |t| contract::unchanged_writes_commit_nothing(&*t);
+    conditional_changes_check_the_version =>
+        |t| contract::conditional_changes_check_the_version(&*t);
+    racing_conditional_writes_one_wins =>
+        |t| contract::racing_conditional_writes_one_wins(Arc::clone(&t));
+    deletes_are_changes => |t| contract::deletes_are_changes(&*t);
     keys_and_values_round_trip => |t| contract::keys_and_values_round_trip(&*t);
     stats_count_lookups => |t| contract::stats_count_lookups(&*t);
 }

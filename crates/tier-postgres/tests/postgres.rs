@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use sqlx::AssertSqlSafe;
-use tiercache_core::{CacheTier, Error};
+use tiercache_core::{Error, Source, Written};
 use tiercache_postgres::PostgresTier;
 use tiercache_testkit::contract::{self, ContractValue};
 use tiercache_testkit::env::unique_name;
@@ -25,7 +25,10 @@ async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
     let pool = postgres_env::postgres_pool().await;
     let schema = postgres_env::fresh_schema(&pool).await;
     let t = tier(&schema);
-    t.write(&"alice".into(), contract::value(1)).await.unwrap();
+    t.write(&"alice".into(), contract::value(1), None)
+        .await
+        .map(Written::version)
+        .unwrap();
     sqlx::query(AssertSqlSafe(format!(
         "UPDATE {} SET value = '{{\"name\": 5}}' WHERE key = 'alice'",
         t.qualified_table()
@@ -46,12 +49,15 @@ async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
         .unwrap_err();
     assert!(err.is_corrupt());
     assert_eq!(t.stats().corrupt, 2);
-    // A write replaces the bad row and numbers on from it.
-    assert_eq!(
-        t.write(&"alice".into(), contract::value(2)).await.unwrap(),
-        2
-    );
-    assert_eq!(t.get(&"alice".into()).await.unwrap().unwrap().version, 2);
+    // The bad row got a version of its own from the database (the trigger numbers every
+    // writer's change); a write replaces it and numbers on from it.
+    let v = t
+        .write(&"alice".into(), contract::value(2), None)
+        .await
+        .map(Written::version)
+        .unwrap();
+    assert_eq!(v, 3, "1: the first write, 2: the SQL update, 3: this write");
+    assert_eq!(t.get(&"alice".into()).await.unwrap().unwrap().version, 3);
     postgres_env::drop_schema(&pool, &schema).await;
 }
 
@@ -76,7 +82,11 @@ async fn a_server_that_refuses_connections_is_a_transient_unavailable_error() {
     );
     assert!(!text.contains("s3cret-sentinel"), "{text}");
     // Right after, calls fail at once rather than each waiting out the pool's time limit.
-    let err = t.write(&"a".into(), contract::value(1)).await.unwrap_err();
+    let err = t
+        .write(&"a".into(), contract::value(1), None)
+        .await
+        .map(Written::version)
+        .unwrap_err();
     assert!(err.is_transient());
     assert!(t.stats().errors >= 2);
 }
@@ -104,7 +114,11 @@ async fn an_unreachable_server_opens_a_fail_fast_window_that_ends() {
     // Within the window (250 ms), every kind of call fails at once with the window's error.
     let err = t.get(&"a".into()).await.unwrap_err();
     assert!(failing_fast(&err) && err.is_transient(), "{err:?}");
-    let err = t.write(&"a".into(), contract::value(1)).await.unwrap_err();
+    let err = t
+        .write(&"a".into(), contract::value(1), None)
+        .await
+        .map(Written::version)
+        .unwrap_err();
     assert!(failing_fast(&err), "{err:?}");
     let err = t.get_many(&["a".into(), "b".into()]).await.unwrap_err();
     assert!(failing_fast(&err), "{err:?}");
@@ -129,7 +143,10 @@ async fn migrations_are_idempotent_and_tables_are_isolated() {
     let b = tier(&schema);
     a.migrate().await.unwrap();
     b.migrate().await.unwrap();
-    a.write(&"k".into(), contract::value(1)).await.unwrap();
+    a.write(&"k".into(), contract::value(1), None)
+        .await
+        .map(Written::version)
+        .unwrap();
     assert_eq!(b.get(&"k".into()).await.unwrap().unwrap().version, 1);
     // Another table in the same schema is another store.
     let other: Tier = PostgresTier::builder()
@@ -140,7 +157,11 @@ async fn migrations_are_idempotent_and_tables_are_isolated() {
         .unwrap();
     assert!(other.get(&"k".into()).await.unwrap().is_none());
     assert_eq!(
-        other.write(&"k".into(), contract::value(2)).await.unwrap(),
+        other
+            .write(&"k".into(), contract::value(2), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
         1
     );
     assert_eq!(a.get(&"k".into()).await.unwrap().unwrap().version, 1);
@@ -157,7 +178,10 @@ async fn a_slow_statement_is_a_timeout() {
         .statement_timeout(Duration::from_millis(200))
         .build()
         .unwrap();
-    t.write(&"k".into(), contract::value(1)).await.unwrap();
+    t.write(&"k".into(), contract::value(1), None)
+        .await
+        .map(Written::version)
+        .unwrap();
     // Hold the row's lock so that the next write waits past the statement time limit.
     let mut tx = pool.begin().await.unwrap();
     sqlx::query(AssertSqlSafe(format!(
@@ -167,7 +191,11 @@ async fn a_slow_statement_is_a_timeout() {
     .execute(&mut *tx)
     .await
     .unwrap();
-    let err = t.write(&"k".into(), contract::value(2)).await.unwrap_err();
+    let err = t
+        .write(&"k".into(), contract::value(2), None)
+        .await
+        .map(Written::version)
+        .unwrap_err();
     assert!(
         matches!(err, Error::Timeout { after, .. } if after == Duration::from_millis(200)),
         "{err:?}"
@@ -175,7 +203,13 @@ async fn a_slow_statement_is_a_timeout() {
     assert!(err.is_transient());
     tx.rollback().await.unwrap();
     // The pool is not poisoned by the cancelled statement.
-    assert_eq!(t.write(&"k".into(), contract::value(3)).await.unwrap(), 2);
+    assert_eq!(
+        t.write(&"k".into(), contract::value(3), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        2
+    );
     postgres_env::drop_schema(&pool, &schema).await;
 }
 
@@ -187,10 +221,28 @@ async fn schemas_keep_tables_of_the_same_name_apart() {
         postgres_env::fresh_schema(&pool).await,
     );
     let (a, b) = (tier(&one), tier(&two));
-    assert_eq!(a.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
-    assert_eq!(a.write(&"k".into(), contract::value(2)).await.unwrap(), 2);
+    assert_eq!(
+        a.write(&"k".into(), contract::value(1), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        a.write(&"k".into(), contract::value(2), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        2
+    );
     assert!(b.get(&"k".into()).await.unwrap().is_none());
-    assert_eq!(b.write(&"k".into(), contract::value(3)).await.unwrap(), 1);
+    assert_eq!(
+        b.write(&"k".into(), contract::value(3), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        1
+    );
     assert_eq!(a.get(&"k".into()).await.unwrap().unwrap().version, 2);
     postgres_env::drop_schema(&pool, &one).await;
     postgres_env::drop_schema(&pool, &two).await;
@@ -210,7 +262,13 @@ async fn a_missing_schema_is_created_and_long_table_names_work() {
         .build()
         .unwrap();
     assert!(t.get(&"k".into()).await.unwrap().is_none());
-    assert_eq!(t.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
+    assert_eq!(
+        t.write(&"k".into(), contract::value(1), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        1
+    );
     t.migrate().await.unwrap();
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT table_name::text FROM information_schema.tables \
@@ -220,8 +278,12 @@ async fn a_missing_schema_is_created_and_long_table_names_work() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(tables.len(), 2, "{tables:?}");
+    // The table, its change log, the feed's state, the migrations' bookkeeping: names that
+    // would be too long are shortened with a hash.
+    assert_eq!(tables.len(), 4, "{tables:?}");
     assert!(tables.contains(&long_table), "{tables:?}");
+    assert!(tables.iter().all(|t| t.len() <= 63), "{tables:?}");
+    assert!(tables.iter().any(|t| t.ends_with("_changes")), "{tables:?}");
     assert!(
         tables
             .iter()
@@ -242,7 +304,11 @@ async fn migrations_that_failed_are_retried_on_the_next_call() {
         .await
         .unwrap();
     let t = tier(&schema);
-    let err = t.write(&"k".into(), contract::value(1)).await.unwrap_err();
+    let err = t
+        .write(&"k".into(), contract::value(1), None)
+        .await
+        .map(Written::version)
+        .unwrap_err();
     assert!(matches!(err, Error::Backend { .. }), "{err:?}");
     // Still failing, the same way: a failed run must not leave sqlx's advisory lock held on a
     // pooled connection (the next run would wait on it until the statement time limit).
@@ -256,7 +322,13 @@ async fn migrations_that_failed_are_retried_on_the_next_call() {
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(t.write(&"k".into(), contract::value(1)).await.unwrap(), 1);
+    assert_eq!(
+        t.write(&"k".into(), contract::value(1), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        1
+    );
     assert_eq!(t.stats().errors, 2);
     postgres_env::drop_schema(&pool, &schema).await;
 }
@@ -275,7 +347,11 @@ async fn nul_characters_are_invalid_input_not_a_backend_failure() {
 
     let mut with_nul = (*contract::value(1)).clone();
     with_nul.name = "a\0b".into();
-    let err = t.write(&"k".into(), with_nul.into()).await.unwrap_err();
+    let err = t
+        .write(&"k".into(), with_nul.into(), None)
+        .await
+        .map(Written::version)
+        .unwrap_err();
     assert!(err.is_invalid_input(), "{err:?}");
     let err = t.get(&"a\0b".into()).await.unwrap_err();
     assert!(err.is_invalid_input(), "{err:?}");
@@ -284,7 +360,13 @@ async fn nul_characters_are_invalid_input_not_a_backend_failure() {
     let mut lookalike = (*contract::value(2)).clone();
     lookalike.name = "a\\u0000b".into();
     let lookalike = std::sync::Arc::new(lookalike);
-    assert_eq!(t.write(&"k".into(), lookalike.clone()).await.unwrap(), 1);
+    assert_eq!(
+        t.write(&"k".into(), lookalike.clone(), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        1
+    );
     let got = t.get(&"k".into()).await.unwrap().unwrap();
     assert_eq!(*got.value.unwrap(), *lookalike);
     postgres_env::drop_schema(&pool, &schema).await;
@@ -309,7 +391,10 @@ async fn connections_the_server_ended_are_replaced_without_failing_a_call() {
     let pool = postgres_env::postgres_pool().await;
     let schema = postgres_env::fresh_schema(&pool).await;
     let t = tier(&schema);
-    t.write(&"k".into(), contract::value(1)).await.unwrap();
+    t.write(&"k".into(), contract::value(1), None)
+        .await
+        .map(Written::version)
+        .unwrap();
     // Several pooled connections, each of which has run a statement on this schema.
     let keys: Vec<String> = (0..4).map(|i| format!("k{i}")).collect();
     for _ in 0..3 {
@@ -335,7 +420,13 @@ async fn connections_the_server_ended_are_replaced_without_failing_a_call() {
     assert!(got[0].is_some() && got[1].is_none());
     assert!(terminate_sessions_on(&pool, &schema).await >= 1);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(t.write(&"k".into(), contract::value(2)).await.unwrap(), 2);
+    assert_eq!(
+        t.write(&"k".into(), contract::value(2), None)
+            .await
+            .map(Written::version)
+            .unwrap(),
+        2
+    );
     assert_eq!(t.stats().errors, 0);
     postgres_env::drop_schema(&pool, &schema).await;
 }
@@ -411,7 +502,11 @@ async fn a_write_whose_connection_dies_after_it_was_sent_is_interrupted() {
     let lock = lock_table(&pool, &t.qualified_table()).await;
     let write = tokio::spawn({
         let t = t.clone();
-        async move { t.write(&"k".into(), contract::value(1)).await }
+        async move {
+            t.write(&"k".into(), contract::value(1), None)
+                .await
+                .map(Written::version)
+        }
     });
     // The write is at the server, waiting for the lock: its session ends there (and only a
     // session waiting on the lock, not one still connecting or being pinged).

@@ -227,12 +227,13 @@ impl Drop for Inner {
 /// connections. See the [module docs](self).
 ///
 /// ```no_run
-/// # async fn demo() -> tiercache_core::Result<()> {
+/// # async fn demo(
+/// #     source: impl tiercache_core::Source<String, String> + 'static,
+/// # ) -> tiercache_core::Result<()> {
 /// use std::sync::Arc;
 /// use tiercache_core::TieredCache;
 /// use tiercache_memory::MemoryTier;
 /// use tiercache_redis::{RedisBackplane, RedisTier};
-/// # let source = tiercache_redis::RedisTier::<String, String>::builder().build()?;
 ///
 /// let backplane = RedisBackplane::new("redis://127.0.0.1:6379/", "myapp:invalidations")?;
 /// let cache = TieredCache::builder()

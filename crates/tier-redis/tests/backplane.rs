@@ -8,7 +8,7 @@ use std::time::Duration;
 use tiercache_core::{CacheTier, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
 use tiercache_redis::{RedisBackplane, RedisTier};
-use tiercache_testkit::{FakeTier, FaultProxy, ProxyMode, env, redis_env};
+use tiercache_testkit::{FakeSource, FaultProxy, ProxyMode, env, redis_env};
 
 type Chain = TieredCache<String, String>;
 
@@ -21,7 +21,7 @@ struct Instance {
 
 /// Instances sharing one Redis tier, one source and one channel; `urls[i]` is where instance
 /// i's backplane connects (the server, or a proxy in front of it).
-async fn instances(tag: &str, urls: &[String]) -> (Vec<Instance>, FakeTier<String, String>) {
+async fn instances(tag: &str, urls: &[String]) -> (Vec<Instance>, FakeSource<String, String>) {
     let (out, db) = instances_unwaited(tag, urls).await;
     for i in &out {
         wait_until("subscribed", || i.backplane.is_subscribed()).await;
@@ -33,7 +33,7 @@ async fn instances(tag: &str, urls: &[String]) -> (Vec<Instance>, FakeTier<Strin
 async fn instances_unwaited(
     tag: &str,
     urls: &[String],
-) -> (Vec<Instance>, FakeTier<String, String>) {
+) -> (Vec<Instance>, FakeSource<String, String>) {
     let server = redis_env::redis_url().await;
     let prefix = redis_env::unique_prefix(tag);
     let channel = format!("{prefix}invalidations");
@@ -45,7 +45,7 @@ async fn instances_unwaited(
             .build()
             .unwrap(),
     );
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     let mut out = Vec::new();
     for url in urls {
         let memory = Arc::new(MemoryTier::new());

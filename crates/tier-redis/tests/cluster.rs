@@ -14,7 +14,7 @@ use contract::{Config, Setup, config, k};
 use tiercache_core::{CacheTier, Entry, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
 use tiercache_redis::{RedisBackplane, RedisTier};
-use tiercache_testkit::FakeTier;
+use tiercache_testkit::FakeSource;
 use tiercache_testkit::redis_env::{self, LocalCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +309,7 @@ async fn a_moving_slot_is_followed_through_ask_and_moved(cluster: &LocalCluster,
 async fn backplane_reaches_instances_on_other_nodes(cluster: &LocalCluster, setup: &Setup) {
     let prefix = redis_env::unique_prefix("cluster_bp");
     let redis: Arc<RedisTier<String, Config>> = Arc::new(setup.builder(&prefix).build().unwrap());
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     let nodes = cluster.nodes();
     let mut instances = Vec::new();
     for node in [&nodes[0], &nodes[2]] {
@@ -336,7 +336,7 @@ async fn backplanes_move_to_another_node_when_theirs_dies(
 ) {
     let prefix = redis_env::unique_prefix("cluster_failover");
     let redis: Arc<RedisTier<String, Config>> = Arc::new(setup.builder(&prefix).build().unwrap());
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     let nodes = cluster.nodes();
     let clients = || {
         [&nodes[2], &nodes[0]]
@@ -375,7 +375,7 @@ async fn backplanes_move_to_another_node_when_theirs_dies(
 /// source, with `backplane` attached and subscribed.
 async fn instance(
     redis: &Arc<RedisTier<String, Config>>,
-    db: &FakeTier<String, Config>,
+    db: &FakeSource<String, Config>,
     backplane: RedisBackplane,
     limit: Duration,
 ) -> (TieredCache<String, Config>, RedisBackplane) {

@@ -3,8 +3,14 @@
 //!
 //! It keeps the PostgreSQL tier's contract and versioning: one table (default
 //! `tiercache_entries`: `key`, `value` as JSON text, `version`, `updated_at`) created by embedded
-//! migrations, reads by primary key, `get_many` in one query (`json_each`), and writes by one
-//! statement that upserts and increments the version atomically and returns it. The file is
+//! migrations, reads by primary key, `get_many` in one query (`json_each`). Versions come from
+//! the database, for every writer (this crate, the `sqlite3` shell, another process): triggers
+//! give each committed insert, update and delete the next number of one counter
+//! (`<table>_versions`), so a key's versions never repeat, even across a delete and a
+//! re-creation, and record the change in the change log (`<table>_changes`, in commit order,
+//! SQLite having one writer at a time). An update that leaves the value's text as it is changes
+//! nothing. This crate's writes and deletes run in one immediate transaction that checks the
+//! expected version (compare-and-set) and skips a write of the stored value. The file is
 //! opened in WAL mode with a busy timeout, so several pools in one process (several simulated
 //! service instances) can share it, and several of them may open a new file at once (a
 //! migrator that loses the race to apply a migration runs again and finds it applied). A row
@@ -22,12 +28,17 @@
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> tiercache_core::Result<()> {
 //! use std::sync::Arc;
-//! use tiercache_core::CacheTier;
+//! use tiercache_core::{Source, Written};
 //! use tiercache_sqlite::SqliteTier;
 //!
 //! let db = SqliteTier::<String, String>::builder().path(":memory:").build().await?;
-//! assert_eq!(db.write(&"alice".into(), Arc::new("dark".into())).await?, 1);
+//! let written = db.write(&"alice".into(), Arc::new("dark".into()), None).await?;
+//! assert_eq!(written, Written::Changed(1));
 //! assert_eq!(db.get(&"alice".into()).await?.unwrap().version, 1);
+//! // The same value again commits nothing; a stale expected version is a conflict.
+//! let again = db.write(&"alice".into(), Arc::new("dark".into()), None).await?;
+//! assert_eq!(again, Written::Unchanged(1));
+//! assert!(db.write(&"alice".into(), Arc::new("light".into()), Some(0)).await.is_err());
 //! # Ok(()) }
 //! ```
 
@@ -49,7 +60,9 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr};
-use tiercache_core::{CacheTier, Counter, Entry, Error, Result, StorageKey, TierStats, Version};
+use tiercache_core::{
+    Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
+};
 
 /// Default database file (relative to the working directory).
 pub const DEFAULT_PATH: &str = "tiercache.sqlite3";
@@ -86,6 +99,9 @@ struct Statements {
     get: String,
     get_many: String,
     write: String,
+    version: String,
+    delete: String,
+    last_version: String,
 }
 
 #[derive(Default)]
@@ -114,6 +130,18 @@ pub struct Undecodable {
     pub key: String,
     /// The decoder's message.
     pub reason: String,
+}
+
+/// Why a change did not happen.
+enum Changed {
+    Conflict { expected: Version, current: Version },
+    Sql(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Changed {
+    fn from(error: sqlx::Error) -> Self {
+        Changed::Sql(error)
+    }
 }
 
 /// `SQLITE_BUSY`: another connection held the lock for the whole busy timeout.
@@ -156,6 +184,24 @@ fn valid_identifier(name: &str) -> bool {
         && name.len() <= 63
 }
 
+/// `sql` with the names of `table`'s objects filled in: `{table}` and `{table}_<suffix>` for
+/// `{suffix}` (the version counter, the change log, the triggers), each quoted.
+fn fill(table: &str, sql: &str) -> String {
+    let mut sql = sql.replace("{table}", &format!("\"{table}\""));
+    for suffix in [
+        "rebuilt",
+        "versions",
+        "changes",
+        "changes_at",
+        "inserted",
+        "updated",
+        "deleted",
+    ] {
+        sql = sql.replace(&format!("{{{suffix}}}"), &format!("\"{table}_{suffix}\""));
+    }
+    sql
+}
+
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> SqliteTier<K, V> {
     /// Starts configuring a tier.
     pub fn builder() -> SqliteTierBuilder<K, V> {
@@ -183,6 +229,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
         format!("\"{}\"", self.table)
     }
 
+    /// The change log table, quoted: one row per committed change of the table, by any
+    /// writer (`position`, `key`, `version`, `op`, `at`), in commit order.
+    #[must_use]
+    pub fn changes_table(&self) -> String {
+        format!("\"{}_changes\"", self.table)
+    }
+
     /// The database file (or [`IN_MEMORY`]).
     #[must_use]
     pub fn path(&self) -> &std::path::Path {
@@ -196,7 +249,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
     /// together, so the loser's bookkeeping insert fails on the primary key and its
     /// transaction rolls back; it then runs again and finds the migration applied.
     async fn migrate(&self) -> Result<()> {
-        let table = self.quoted_table();
         let migrations: Vec<Migration> = EMBEDDED
             .iter()
             .map(|m| {
@@ -204,7 +256,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
                     m.version,
                     m.description.clone(),
                     m.migration_type,
-                    AssertSqlSafe(m.sql.as_str().replace("{table}", &table)).into_sql_str(),
+                    AssertSqlSafe(fill(&self.table, m.sql.as_str())).into_sql_str(),
                     m.no_tx,
                 )
             })
@@ -239,6 +291,66 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
         error
     }
 
+    /// A write (`json`) or a delete of `key`, in one immediate transaction (it takes the write
+    /// lock first, so the check and the change see the same row).
+    async fn change(
+        &self,
+        key: &str,
+        json: Option<&str>,
+        expected: Option<Version>,
+    ) -> std::result::Result<Written, Changed> {
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let stored: Option<(String, i64)> = sqlx::query_as(AssertSqlSafe(self.sql.get.as_str()))
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let current = stored
+            .as_ref()
+            .map_or(0, |(_, v)| u64::try_from(*v).unwrap_or(0));
+        if let Some(expected) = expected.filter(|e| *e != current) {
+            return Err(Changed::Conflict { expected, current });
+        }
+        let version: i64 = match (json, &stored) {
+            (Some(json), Some((old, _))) if old == json => {
+                return Ok(Written::Unchanged(current));
+            }
+            (None, None) => return Ok(Written::Unchanged(0)),
+            (Some(json), _) => {
+                sqlx::query(AssertSqlSafe(self.sql.write.as_str()))
+                    .bind(key)
+                    .bind(json)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query_scalar(AssertSqlSafe(self.sql.version.as_str()))
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+            (None, Some(_)) => {
+                sqlx::query(AssertSqlSafe(self.sql.delete.as_str()))
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query_scalar(AssertSqlSafe(self.sql.last_version.as_str()))
+                    .fetch_one(&mut *tx)
+                    .await?
+            }
+        };
+        tx.commit().await?;
+        Ok(Written::Changed(u64::try_from(version).unwrap_or(0)))
+    }
+
+    fn failed_change(&self, failure: Changed) -> Error {
+        match failure {
+            Changed::Conflict { expected, current } => Error::Conflict {
+                tier: self.name.clone(),
+                expected,
+                current,
+            },
+            Changed::Sql(error) => self.failed(error),
+        }
+    }
+
     fn decode(&self, key: &str, json: &str, version: i64) -> Result<Entry<V>> {
         let value: V = serde_json::from_str(json).map_err(|e| {
             self.stats.corrupt.incr();
@@ -264,7 +376,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
 }
 
 #[async_trait]
-impl<K, V> CacheTier<K, V> for SqliteTier<K, V>
+impl<K, V> Source<K, V> for SqliteTier<K, V>
 where
     K: StorageKey,
     V: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -327,28 +439,20 @@ where
             .collect()
     }
 
-    async fn set(&self, _key: &K, _entry: Entry<V>) -> Result<bool> {
-        Err(Error::unsupported(&self.name, "set"))
-    }
-
-    async fn invalidate(&self, _key: &K, _version: Option<Version>) -> Result<()> {
-        Err(Error::unsupported(&self.name, "invalidate"))
-    }
-
-    async fn clear(&self) -> Result<()> {
-        Err(Error::unsupported(&self.name, "clear"))
-    }
-
-    async fn write(&self, key: &K, value: Arc<V>) -> Result<Version> {
+    async fn write(&self, key: &K, value: Arc<V>, expected: Option<Version>) -> Result<Written> {
         let json = serde_json::to_string(&*value)
             .map_err(|e| Error::InvalidInput(format!("value does not serialize: {e}")))?;
-        let version: i64 = sqlx::query_scalar(AssertSqlSafe(self.sql.write.as_str()))
-            .bind(key.storage_key().as_ref())
-            .bind(json)
-            .fetch_one(&self.pool)
+        let key = key.storage_key();
+        self.change(&key, Some(&json), expected)
             .await
-            .map_err(|e| self.failed(e))?;
-        Ok(u64::try_from(version).unwrap_or(0))
+            .map_err(|e| self.failed_change(e))
+    }
+
+    async fn delete(&self, key: &K, expected: Option<Version>) -> Result<Written> {
+        let key = key.storage_key();
+        self.change(&key, None, expected)
+            .await
+            .map_err(|e| self.failed_change(e))
     }
 
     fn stats(&self) -> TierStats {
@@ -495,13 +599,14 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                     "SELECT key, value, version FROM {t} \
                      WHERE key IN (SELECT value FROM json_each(?1))"
                 ),
+                // The triggers give the version and record the change.
                 write: format!(
-                    "INSERT INTO {t} (key, value, version) VALUES (?1, ?2, 1) \
-                     ON CONFLICT (key) DO UPDATE SET value = excluded.value, \
-                     version = {t}.version + 1, \
-                     updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') \
-                     RETURNING version"
+                    "INSERT INTO {t} (key, value) VALUES (?1, ?2) \
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value"
                 ),
+                version: format!("SELECT version FROM {t} WHERE key = ?1"),
+                delete: format!("DELETE FROM {t} WHERE key = ?1"),
+                last_version: fill(&self.table, "SELECT last FROM {versions}"),
             },
             table: self.table,
             name: self.name,
@@ -567,8 +672,9 @@ mod tests {
         let mut conn = other.pool().acquire().await.unwrap();
         let tx = conn.begin_with("BEGIN IMMEDIATE").await.unwrap();
         let err = t
-            .write(&"k".into(), Arc::new(serde_json::json!(1)))
+            .write(&"k".into(), Arc::new(serde_json::json!(1)), None)
             .await
+            .map(Written::version)
             .unwrap_err();
         assert!(
             matches!(err, Error::Timeout { after, .. } if after == busy),
@@ -578,8 +684,9 @@ mod tests {
         tx.rollback().await.unwrap();
         drop(conn);
         assert_eq!(
-            t.write(&"k".into(), Arc::new(serde_json::json!(2)))
+            t.write(&"k".into(), Arc::new(serde_json::json!(2)), None)
                 .await
+                .map(Written::version)
                 .unwrap(),
             1
         );
@@ -608,8 +715,10 @@ mod tests {
         t.write(
             &"k".into(),
             Arc::new(serde_json::json!("secret-config-value")),
+            None,
         )
         .await
+        .map(Written::version)
         .unwrap();
         let printed = format!("{t:?} {:?}", Tier::builder());
         assert!(printed.contains(":memory:"), "{printed}");

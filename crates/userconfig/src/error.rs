@@ -27,12 +27,40 @@ pub enum Error {
     /// The configuration breaks a rule of the schema (the message names the field).
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
+    /// A conditional update ([`update_user_config_if`](crate::UserConfigStorage::update_user_config_if))
+    /// found the user's configuration at another version than expected: someone changed it
+    /// since it was read. Nothing was written.
+    #[error("the configuration is at version {current}, not the expected {expected}")]
+    Conflict {
+        /// The version the update expected (0: no stored configuration).
+        expected: tiercache_core::Version,
+        /// The stored version when the update was refused (0: none is stored).
+        current: tiercache_core::Version,
+    },
+    /// [`modify_user_config`](crate::UserConfigStorage::modify_user_config) lost the race to
+    /// other writers this many times in a row and gave up. Nothing was written.
+    #[error("gave up after {attempts} conflicting attempts to modify the configuration")]
+    TooManyConflicts {
+        /// Attempts made.
+        attempts: u32,
+    },
     /// The storage was configured wrongly (a bad URL, a zero capacity).
     #[error("invalid storage settings: {0}")]
     Settings(String),
     /// A cache tier or the database failed (see [`tiercache_core::Error`]).
     #[error(transparent)]
-    Cache(#[from] tiercache_core::Error),
+    Cache(tiercache_core::Error),
+}
+
+impl From<tiercache_core::Error> for Error {
+    fn from(error: tiercache_core::Error) -> Self {
+        match error {
+            tiercache_core::Error::Conflict {
+                expected, current, ..
+            } => Error::Conflict { expected, current },
+            other => Error::Cache(other),
+        }
+    }
 }
 
 impl Error {
@@ -57,6 +85,15 @@ impl Error {
             self,
             Error::InvalidUserId { .. } | Error::ConfigTooLarge { .. } | Error::InvalidConfig(_)
         )
+    }
+
+    /// For a refused conditional update: the stored version when it was refused.
+    #[must_use]
+    pub fn conflict(&self) -> Option<tiercache_core::Version> {
+        match self {
+            Error::Conflict { current, .. } => Some(*current),
+            _ => None,
+        }
     }
 
     /// Whether stored data for the user could not be decoded (it is never replaced by

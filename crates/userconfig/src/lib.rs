@@ -42,6 +42,6 @@ pub use storage::REDIS_CLUSTER_NODES_VAR;
 pub use storage::{
     Answer, CacheStats, DEFAULT_MAX_CONFIG_BYTES, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_TTL,
     DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, DatabaseStats, FetchedConfig,
-    MAX_USER_ID_BYTES, MemoryCacheStats, RedisCacheStats, UserConfigStorage,
+    MAX_MODIFY_ATTEMPTS, MAX_USER_ID_BYTES, MemoryCacheStats, RedisCacheStats, UserConfigStorage,
     UserConfigStorageBuilder, check_user_id,
 };

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tiercache_core::{CacheTier, ChainStats, Clock, Origin, TierStats, TieredCache, Version};
+use tiercache_core::{
+    CacheTier, ChainStats, Clock, Origin, Source, TierStats, TieredCache, Version,
+};
 use tiercache_memory::MemoryTier;
 use tiercache_postgres::PostgresTier;
 use tiercache_redis::{BackplaneStats, RedisBackplane, RedisTier};
@@ -34,6 +36,19 @@ pub const DEFAULT_MAX_CONFIG_BYTES: usize = 64 * 1024;
 pub const MAX_USER_ID_BYTES: usize = 256;
 /// The embedded default's database file, when neither `DATABASE_URL` nor a path is given.
 pub const DEFAULT_SQLITE_PATH: &str = "userconfig.sqlite3";
+/// Most attempts [`UserConfigStorage::modify_user_config`] makes before it gives up with
+/// [`Error::TooManyConflicts`]. Eight writers incrementing one user's counter as fast as they
+/// can lose about two attempts in three (`tests/writers.rs`); fifty makes giving up a
+/// one-in-a-hundred-million event there, while a caller stuck behind a writer that never
+/// stops still gets an answer within seconds.
+pub const MAX_MODIFY_ATTEMPTS: u32 = 50;
+
+/// The wait after the `attempt`-th conflict of a modification: a random time up to 1 ms
+/// doubled per conflict, at most 64 ms (full jitter, so that racing writers spread out).
+fn conflict_backoff(attempt: u32) -> Duration {
+    let ceiling_us = 1_000u64 << attempt.min(6);
+    Duration::from_micros(fastrand::u64(0..=ceiling_us))
+}
 
 type Key = String;
 
@@ -42,11 +57,11 @@ type Key = String;
 enum Database {
     Postgres(Arc<PostgresTier<Key, UserConfig>>),
     Sqlite(Arc<SqliteTier<Key, UserConfig>>),
-    Custom(Arc<dyn CacheTier<Key, UserConfig>>),
+    Custom(Arc<dyn Source<Key, UserConfig>>),
 }
 
 impl Database {
-    fn tier(&self) -> Arc<dyn CacheTier<Key, UserConfig>> {
+    fn tier(&self) -> Arc<dyn Source<Key, UserConfig>> {
         match self {
             Database::Postgres(t) => t.clone(),
             Database::Sqlite(t) => t.clone(),
@@ -270,19 +285,32 @@ impl UserConfigStorage {
     /// answered (version 0 and [`Answer::Database`] for an unknown user's defaults).
     pub async fn fetch_user_config(&self, user_id: &str) -> Result<FetchedConfig> {
         let fetched = self.fetch(user_id).await?;
+        Ok(Self::answer(user_id, fetched))
+    }
+
+    fn answer(user_id: &str, fetched: tiercache_core::Fetched<UserConfig>) -> FetchedConfig {
         let answered_by = match fetched.origin {
             Origin::Tier(0) => Answer::Memory,
             Origin::Tier(_) => Answer::Redis,
             Origin::Stale(_) => Answer::Stale,
             _ => Answer::Database,
         };
-        Ok(FetchedConfig {
-            config: fetched
-                .value
-                .unwrap_or_else(|| Arc::new(UserConfig::default_for(user_id))),
-            version: fetched.version,
-            answered_by,
-        })
+        match fetched.value {
+            Some(config) => FetchedConfig {
+                config,
+                version: fetched.version,
+                stored: true,
+                answered_by,
+            },
+            // A cached "not found" carries the version of the delete that caused it; a
+            // compare-and-set expects 0 for "nothing stored".
+            None => FetchedConfig {
+                config: Arc::new(UserConfig::default_for(user_id)),
+                version: 0,
+                stored: false,
+                answered_by,
+            },
+        }
     }
 
     /// The configurations of `user_ids`, in order, with one batch call per tier (for cache
@@ -313,12 +341,117 @@ impl UserConfigStorage {
 
     /// Writes `config` for `user_id`: the database first, then every cache is invalidated and
     /// repopulated. Returns the new version. A config whose `user_id` is empty gets `user_id`.
+    /// A config equal to the stored one changes nothing (no new version, no invalidation) and
+    /// returns the stored version.
+    ///
+    /// This overwrites whatever is stored. To change a field of the stored configuration
+    /// without losing another writer's change, use
+    /// [`modify_user_config`](Self::modify_user_config).
     ///
     /// # Errors
     /// Input errors before any I/O: a bad user id, a `config.user_id` naming another user, a
     /// schema range violation, a config over the size limit. If the database write fails, the
     /// error is returned and no cache is touched.
     pub async fn update_user_config(&self, user_id: &str, config: &UserConfig) -> Result<Version> {
+        let stored = self.prepare(user_id, config)?;
+        Ok(self.cache.update(&user_id.to_owned(), stored).await?)
+    }
+
+    /// [`update_user_config`](Self::update_user_config) only if the stored configuration is
+    /// still at `expected_version` (0: none is stored), checked and written as one step in the
+    /// database: a compare-and-set.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] with the stored version if someone changed the configuration since
+    /// `expected_version` (nothing is written); otherwise as
+    /// [`update_user_config`](Self::update_user_config).
+    pub async fn update_user_config_if(
+        &self,
+        user_id: &str,
+        expected_version: Version,
+        config: &UserConfig,
+    ) -> Result<Version> {
+        let stored = self.prepare(user_id, config)?;
+        Ok(self
+            .cache
+            .update_if(&user_id.to_owned(), expected_version, stored)
+            .await?)
+    }
+
+    /// Reads the configuration of `user_id` (the default for an unknown user), applies
+    /// `change` to it and writes it back if nobody changed it meanwhile; on a conflict it reads
+    /// the database (not a cache) and tries again, up to [`MAX_MODIFY_ATTEMPTS`] times in all.
+    /// Concurrent modifications, on any instance, lose nothing. `change` may run more than
+    /// once. Returns the version written (or the stored one if `change` changed nothing).
+    ///
+    /// ```no_run
+    /// # async fn demo(storage: &userconfig::UserConfigStorage) -> userconfig::Result<()> {
+    /// storage
+    ///     .modify_user_config("alice", |config| config.preferences.theme = "dark".into())
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::TooManyConflicts`] after [`MAX_MODIFY_ATTEMPTS`] conflicts in a row; input
+    /// errors (a `change` that breaks the schema, say) before the write; otherwise as
+    /// [`update_user_config`](Self::update_user_config).
+    pub async fn modify_user_config<F>(&self, user_id: &str, mut change: F) -> Result<Version>
+    where
+        F: FnMut(&mut UserConfig) + Send,
+    {
+        let mut current = self.fetch_user_config(user_id).await?;
+        for attempt in 1..=MAX_MODIFY_ATTEMPTS {
+            let mut config = (*current.config).clone();
+            change(&mut config);
+            match self
+                .update_user_config_if(user_id, current.version, &config)
+                .await
+            {
+                Err(Error::Conflict { .. }) if attempt < MAX_MODIFY_ATTEMPTS => {
+                    tracing::debug!(attempt, "configuration changed meanwhile; reading it again");
+                    // Writers racing for one user take turns instead of colliding again.
+                    tokio::time::sleep(conflict_backoff(attempt)).await;
+                    current = self.load_user_config(user_id).await?;
+                }
+                Err(Error::Conflict { .. }) => {
+                    return Err(Error::TooManyConflicts {
+                        attempts: MAX_MODIFY_ATTEMPTS,
+                    });
+                }
+                other => return other,
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// The configuration of `user_id` as the database has it now, never a cached copy (the
+    /// caches are filled with it).
+    ///
+    /// # Errors
+    /// As [`get_user_config`](Self::get_user_config), but a database that cannot be reached is
+    /// an error even when a stale copy is cached.
+    pub async fn load_user_config(&self, user_id: &str) -> Result<FetchedConfig> {
+        check_user_id(user_id)?;
+        let fetched = self.cache.load(&user_id.to_owned()).await?;
+        Ok(Self::answer(user_id, fetched))
+    }
+
+    /// Deletes the stored configuration of `user_id` (account deletion): the database first,
+    /// then every cache holds "not found" at the delete's version, and the other instances are
+    /// told. The user reads as the default configuration again; a later update wins
+    /// everywhere. Returns the delete's version, or 0 if nothing was stored.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUserId`] before any I/O; if the database delete fails, the error is
+    /// returned and no cache is touched.
+    pub async fn delete_user_config(&self, user_id: &str) -> Result<Version> {
+        check_user_id(user_id)?;
+        Ok(self.cache.delete(&user_id.to_owned()).await?)
+    }
+
+    /// `config` checked and made ready to store for `user_id`, before any I/O.
+    fn prepare(&self, user_id: &str, config: &UserConfig) -> Result<Arc<UserConfig>> {
         check_user_id(user_id)?;
         if !config.user_id.is_empty() && config.user_id != user_id {
             return Err(Error::InvalidConfig(
@@ -337,10 +470,7 @@ impl UserConfigStorage {
                 limit: self.max_config_bytes,
             });
         }
-        Ok(self
-            .cache
-            .update(&user_id.to_owned(), Arc::new(stored))
-            .await?)
+        Ok(Arc::new(stored))
     }
 
     /// Removes `user_id` from every cache tier (for a change made to the database directly).
@@ -479,8 +609,11 @@ impl Answer {
 pub struct FetchedConfig {
     /// The configuration (defaults for an unknown user).
     pub config: Arc<UserConfig>,
-    /// The database's version of it (0: never written).
+    /// The database's version of it (0: none is stored; the version a compare-and-set
+    /// expects).
     pub version: Version,
+    /// Whether a configuration is stored for the user (`false`: `config` is the default).
+    pub stored: bool,
     /// Which tier answered.
     pub answered_by: Answer,
 }
@@ -565,7 +698,7 @@ pub struct UserConfigStorageBuilder {
     backplane: bool,
     database_url: Option<String>,
     sqlite_path: Option<PathBuf>,
-    custom_source: Option<Arc<dyn CacheTier<Key, UserConfig>>>,
+    custom_source: Option<Arc<dyn Source<Key, UserConfig>>>,
     shared_database: Option<Database>,
     max_config_bytes: usize,
     max_stale: Option<Duration>,
@@ -718,7 +851,7 @@ impl UserConfigStorageBuilder {
     }
 
     /// A source tier of your own instead of a database (tests, other stores).
-    pub fn source(mut self, source: Arc<dyn CacheTier<Key, UserConfig>>) -> Self {
+    pub fn source(mut self, source: Arc<dyn Source<Key, UserConfig>>) -> Self {
         self.custom_source = Some(source);
         self
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::AssertSqlSafe;
-use tiercache_core::CacheTier;
+use tiercache_core::{CacheTier, Source};
 use tiercache_postgres::PostgresTier;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::{env, postgres_env, redis_env};

@@ -7,66 +7,13 @@ use std::time::Duration;
 
 use serde_json::json;
 use sqlx::AssertSqlSafe;
-use tiercache_core::{CacheTier, Entry};
+use tiercache_core::{CacheTier, Entry, Source};
 use tiercache_postgres::PostgresTier;
-use tiercache_redis::RedisTier;
 use tiercache_testkit::{env, postgres_env, redis_env};
 use userconfig::{Answer, UserConfig, UserConfigStorage};
 
-struct Servers {
-    redis: Arc<RedisTier<String, UserConfig>>,
-    postgres: Arc<PostgresTier<String, UserConfig>>,
-    pool: sqlx::PgPool,
-    schema: String,
-}
-
-impl Servers {
-    async fn new(tag: &str) -> Self {
-        Self::with_redis_ttl(tag, Duration::from_secs(1800)).await
-    }
-
-    async fn with_redis_ttl(tag: &str, ttl: Duration) -> Self {
-        let pool = postgres_env::postgres_pool().await;
-        let schema = postgres_env::fresh_schema(&pool).await;
-        let redis = Arc::new(
-            RedisTier::builder()
-                .url(redis_env::redis_url().await)
-                .prefix(redis_env::unique_prefix(tag))
-                .ttl(ttl)
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap(),
-        );
-        let postgres = Arc::new(
-            PostgresTier::builder()
-                .url(env::database_url())
-                .schema(schema.clone())
-                .build()
-                .unwrap(),
-        );
-        Servers {
-            redis,
-            postgres,
-            pool,
-            schema,
-        }
-    }
-
-    /// A service instance: its own memory tier, the shared Redis and database.
-    async fn instance(&self) -> UserConfigStorage {
-        UserConfigStorage::builder()
-            .redis_tier(self.redis.clone())
-            .postgres_tier(self.postgres.clone())
-            .build()
-            .await
-            .unwrap()
-    }
-
-    async fn cleanup(self) {
-        let _ = self.redis.clear().await;
-        postgres_env::drop_schema(&self.pool, &self.schema).await;
-    }
-}
+mod support;
+use support::Servers;
 
 fn themed(user: &str, theme: &str) -> UserConfig {
     let mut c = UserConfig::default_for(user);

@@ -5,11 +5,11 @@
 use std::sync::Arc;
 
 use serde_json::json;
-use tiercache_testkit::FakeTier;
+use tiercache_testkit::FakeSource;
 use userconfig::{Answer, Error, UserConfig, UserConfigStorage};
 
-async fn storage() -> (UserConfigStorage, FakeTier<String, UserConfig>) {
-    let db = FakeTier::source("db");
+async fn storage() -> (UserConfigStorage, FakeSource<String, UserConfig>) {
+    let db = FakeSource::new("db");
     let storage = UserConfigStorage::builder()
         .source(Arc::new(db.clone()))
         .build()
@@ -90,7 +90,7 @@ async fn bad_user_ids_are_rejected_before_any_io() {
 
 #[tokio::test]
 async fn oversize_and_invalid_configs_are_rejected_before_any_io() {
-    let db = FakeTier::source("db");
+    let db = FakeSource::new("db");
     let s = UserConfigStorage::builder()
         .source(Arc::new(db.clone()))
         .max_config_bytes(4096)

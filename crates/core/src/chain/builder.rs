@@ -15,20 +15,23 @@ use crate::breaker::BreakerPolicy;
 use crate::clock::Clock;
 use crate::error::{Error, Result};
 use crate::flight::Flights;
+use crate::source::Source;
 use crate::tier::{CacheTier, Key, Value};
 
 /// A tier and the time limit of each call to it.
 type TierAndLimit<K, V> = (Arc<dyn CacheTier<K, V>>, Option<Duration>);
+/// The source and the time limit of each call to it.
+type SourceAndLimit<K, V> = (Arc<dyn Source<K, V>>, Option<Duration>);
 
 /// Builds a [`TieredCache`]; see [`TieredCache::builder`].
 ///
 /// ```
 /// use std::time::Duration;
-/// use tiercache_testkit::FakeTier;
+/// use tiercache_testkit::FakeSource;
 /// use tiercache_core::TieredCache;
 ///
 /// let cache: TieredCache<String, String> = TieredCache::builder()
-///     .source_with_timeout(FakeTier::source("db"), Some(Duration::from_secs(2)))
+///     .source_with_timeout(FakeSource::new("db"), Some(Duration::from_secs(2)))
 ///     .negative_ttl(Some(Duration::from_secs(30)))
 ///     .max_stale(Some(Duration::from_secs(600)))
 ///     .build()
@@ -37,7 +40,7 @@ type TierAndLimit<K, V> = (Arc<dyn CacheTier<K, V>>, Option<Duration>);
 #[must_use]
 pub struct TieredCacheBuilder<K, V> {
     tiers: Vec<TierAndLimit<K, V>>,
-    source: Option<TierAndLimit<K, V>>,
+    source: Option<SourceAndLimit<K, V>>,
     backplane: Option<Arc<dyn Backplane<K, V>>>,
     clock: Clock,
     policy: Policy,
@@ -97,14 +100,14 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
     }
 
     /// Sets the authoritative source, with a time limit of [`DEFAULT_SOURCE_TIMEOUT`] per call.
-    pub fn source(self, source: impl CacheTier<K, V> + 'static) -> Self {
+    pub fn source(self, source: impl Source<K, V> + 'static) -> Self {
         self.shared_source(Arc::new(source), Some(DEFAULT_SOURCE_TIMEOUT))
     }
 
     /// Sets the authoritative source with its own time limit per call (`None`: no limit).
     pub fn source_with_timeout(
         self,
-        source: impl CacheTier<K, V> + 'static,
+        source: impl Source<K, V> + 'static,
         timeout: Option<Duration>,
     ) -> Self {
         self.shared_source(Arc::new(source), timeout)
@@ -113,7 +116,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
     /// Sets a source you keep a handle to.
     pub fn shared_source(
         mut self,
-        source: Arc<dyn CacheTier<K, V>>,
+        source: Arc<dyn Source<K, V>>,
         timeout: Option<Duration>,
     ) -> Self {
         self.source = Some((source, timeout));

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
@@ -21,7 +22,8 @@ use crate::breaker::{Access, Breaker, BreakerPolicy};
 use crate::entry::Version;
 use crate::error::{Error, Result};
 use crate::latency::LatencyHistogram;
-use crate::stats::{ChainTierStats, Counter, hit_rate};
+use crate::source::Source;
+use crate::stats::{ChainTierStats, Counter, TierStats, hit_rate};
 use crate::tier::{CacheTier, Key, Value};
 
 /// Default most missed invalidations a level remembers before it clears the tier instead.
@@ -32,9 +34,34 @@ const REPLAY_BATCH: usize = 256;
 const REPLAY_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(25), Duration::from_millis(200));
 
-/// One level of the chain: a tier, its time limit and the chain's counters for it.
-pub(super) struct Level<K, V> {
-    pub(super) tier: Arc<dyn CacheTier<K, V>>,
+/// What a level needs of its tier: a cache tier or the source.
+pub(super) trait Described {
+    fn tier_name(&self) -> &str;
+    fn tier_stats(&self) -> TierStats;
+}
+
+impl<K: Key, V: Value> Described for dyn CacheTier<K, V> {
+    fn tier_name(&self) -> &str {
+        self.name()
+    }
+    fn tier_stats(&self) -> TierStats {
+        self.stats()
+    }
+}
+
+impl<K: Key, V: Value> Described for dyn Source<K, V> {
+    fn tier_name(&self) -> &str {
+        self.name()
+    }
+    fn tier_stats(&self) -> TierStats {
+        self.stats()
+    }
+}
+
+/// One level of the chain: a cache tier (or, with `T = dyn Source`, the source), its time
+/// limit and the chain's counters for it.
+pub(super) struct Level<K, V, T: ?Sized = dyn CacheTier<K, V>> {
+    pub(super) tier: Arc<T>,
     pub(super) name: String,
     pub(super) timeout: Option<Duration>,
     pub(super) breaker: Breaker,
@@ -50,16 +77,17 @@ pub(super) struct Level<K, V> {
     pub(super) latency: LatencyHistogram,
     #[cfg(feature = "metrics")]
     pub(super) call_seconds: metrics::Histogram,
+    _value: PhantomData<fn() -> V>,
 }
 
-impl<K: Key, V: Value> Level<K, V> {
+impl<K: Key, V: Value, T: Described + ?Sized> Level<K, V, T> {
     pub(super) fn new(
-        tier: Arc<dyn CacheTier<K, V>>,
+        tier: Arc<T>,
         timeout: Option<Duration>,
         breaker: BreakerPolicy,
         max_repairs: usize,
     ) -> Self {
-        let name = tier.name().to_owned();
+        let name = tier.tier_name().to_owned();
         Level {
             #[cfg(feature = "metrics")]
             call_seconds: metrics::histogram!("tiercache_tier_call_seconds", "tier" => name.clone()),
@@ -75,16 +103,17 @@ impl<K: Key, V: Value> Level<K, V> {
             timeouts: Counter::default(),
             skipped: Counter::default(),
             latency: LatencyHistogram::default(),
+            _value: PhantomData,
         }
     }
 
     /// Runs one call to the tier under its time limit and its breaker; counts and traces a
     /// failure. While the breaker is open the call is skipped with [`Error::CircuitOpen`].
-    pub(super) async fn call<T>(
+    pub(super) async fn call<R>(
         &self,
         op: &'static str,
-        fut: impl Future<Output = Result<T>>,
-    ) -> Result<T> {
+        fut: impl Future<Output = Result<R>>,
+    ) -> Result<R> {
         let permit = self.breaker.permit();
         if permit.access() == Access::Skip {
             self.skipped.incr();
@@ -127,6 +156,26 @@ impl<K: Key, V: Value> Level<K, V> {
         result
     }
 
+    pub(super) fn stats(&self) -> ChainTierStats {
+        let (hits, misses) = (self.hits.get(), self.misses.get());
+        ChainTierStats {
+            name: self.name.clone(),
+            hits,
+            misses,
+            errors: self.errors.get(),
+            timeouts: self.timeouts.get(),
+            skipped: self.skipped.get(),
+            breaker_open: self.breaker.is_open(),
+            breaker_opened: self.breaker.opened.get(),
+            pending_repairs: self.repairs.len() as u64,
+            latency: self.latency.summary(),
+            hit_rate: hit_rate(hits, misses),
+            tier: self.tier.tier_stats(),
+        }
+    }
+}
+
+impl<K: Key, V: Value> Level<K, V> {
     /// Remembers that this tier missed an invalidation of `key` at `version`, and makes sure
     /// a task replays it.
     pub(super) fn remember(
@@ -172,24 +221,6 @@ impl<K: Key, V: Value> Level<K, V> {
         }
         self.repairs.finish(job, result.is_ok());
         result
-    }
-
-    pub(super) fn stats(&self) -> ChainTierStats {
-        let (hits, misses) = (self.hits.get(), self.misses.get());
-        ChainTierStats {
-            name: self.name.clone(),
-            hits,
-            misses,
-            errors: self.errors.get(),
-            timeouts: self.timeouts.get(),
-            skipped: self.skipped.get(),
-            breaker_open: self.breaker.is_open(),
-            breaker_opened: self.breaker.opened.get(),
-            pending_repairs: self.repairs.len() as u64,
-            latency: self.latency.summary(),
-            hit_rate: hit_rate(hits, misses),
-            tier: self.tier.stats(),
-        }
     }
 }
 

@@ -31,6 +31,7 @@ use crate::clock::Clock;
 use crate::entry::{Entry, Version};
 use crate::error::{Error, Result};
 use crate::flight::Flights;
+use crate::source::Source;
 use crate::stats::{ChainStats, ChainTierStats, Counter, hit_rate};
 use crate::tier::{CacheTier, Key, Value};
 
@@ -144,6 +145,7 @@ struct ChainCounters {
     source_loads: Counter,
     coalesced: Counter,
     updates: Counter,
+    unchanged: Counter,
     refused: Counter,
     backplane_errors: Counter,
     remote_invalidations: Counter,
@@ -152,7 +154,7 @@ struct ChainCounters {
 
 struct Inner<K, V> {
     tiers: Vec<Level<K, V>>,
-    source: Level<K, V>,
+    source: Level<K, V, dyn Source<K, V>>,
     clock: Clock,
     policy: Policy,
     flights: Flights<K, Result<Fetched<V>>>,
@@ -190,9 +192,9 @@ struct Inner<K, V> {
 /// # async fn main() -> tiercache_core::Result<()> {
 /// use std::sync::Arc;
 /// use tiercache_core::TieredCache;
-/// use tiercache_testkit::FakeTier;
+/// use tiercache_testkit::FakeSource;
 ///
-/// let source = FakeTier::source("db"); // your database tier
+/// let source = FakeSource::new("db"); // your database
 /// let cache: TieredCache<String, String> = TieredCache::builder().source(source).build()?;
 ///
 /// let version = cache.update(&"alice".to_string(), Arc::new("dark".to_string())).await?;
@@ -323,7 +325,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
 
     /// The authoritative source.
     #[must_use]
-    pub fn source(&self) -> &Arc<dyn CacheTier<K, V>> {
+    pub fn source(&self) -> &Arc<dyn Source<K, V>> {
         &self.inner.source.tier
     }
 
@@ -413,6 +415,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             source_loads: c.source_loads.get(),
             coalesced: c.coalesced.get(),
             updates: c.updates.get(),
+            unchanged_writes: c.unchanged.get(),
             refused_stale_versions: c.refused.get(),
             backplane_errors: c.backplane_errors.get(),
             remote_invalidations: c.remote_invalidations.get(),

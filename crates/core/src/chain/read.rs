@@ -98,11 +98,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let (result, led) = if inner.policy.single_flight {
             inner
                 .flights
-                .run(key, || self.load(key, start))
+                .run(key, || self.read_through(key, start))
                 .instrument(span.clone())
                 .await
         } else {
-            (self.load(key, start).instrument(span.clone()).await, true)
+            (
+                self.read_through(key, start).instrument(span.clone()).await,
+                true,
+            )
         };
         if !led {
             inner.counters.coalesced.incr();
@@ -143,7 +146,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     }
 
     /// The miss path, run once per key however many callers wait for it.
-    async fn load(&self, key: &K, start: usize) -> Result<Fetched<V>> {
+    async fn read_through(&self, key: &K, start: usize) -> Result<Fetched<V>> {
         let inner = &*self.inner;
         let ticket = inner.marks.ticket();
         let background = inner.policy.background_backfill;
@@ -168,6 +171,21 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             Ok(found) => Ok(self.sourced(key, found, ticket, background).await),
             Err(error) => self.fail_safe(key, error).await,
         }
+    }
+
+    /// The source's answer for `key`, never a cache's (after a
+    /// [`Conflict`](crate::Error::Conflict): the version to retry against), back-filled into
+    /// every cache tier like a miss's. Not coalesced with other loads, and never a stale copy:
+    /// a source that fails is the error.
+    pub async fn load(&self, key: &K) -> Result<Fetched<V>> {
+        let inner = &*self.inner;
+        let ticket = inner.marks.ticket();
+        inner.counters.source_loads.incr();
+        let source = &inner.source;
+        let found = source.call("get", source.tier.get(key)).await?;
+        Ok(self
+            .sourced(key, found, ticket, inner.policy.background_backfill)
+            .await)
     }
 
     /// Cache tier `i`'s answer for `key`, if it may be served: not below the key's floor, and

@@ -1,6 +1,6 @@
-//! The write path: the source first, then every cache tier, bottom first, invalidated at the
-//! previous version and repopulated; floors and replays for the tiers it could not reach; the
-//! publish to the other instances. A write runs in a task of its own, so that a caller that
+//! The write path (updates, conditional updates, deletes): the source first, then every cache
+//! tier, bottom first, invalidated at the previous version and repopulated; floors and
+//! replays for the tiers it could not reach; the publish to the other instances. A write runs in a task of its own, so that a caller that
 //! gives up does not leave it half done, and a write whose outcome is unknown is settled.
 
 use std::sync::Arc;
@@ -11,6 +11,7 @@ use super::read::Filled;
 use super::tasks::join;
 use crate::entry::{Entry, Version};
 use crate::error::Result;
+use crate::source::Written;
 use crate::tier::{Key, Value};
 
 impl<K: Key, V: Value> TieredCache<K, V> {
@@ -19,6 +20,10 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// (the backplane). Returns the new version.
     ///
     /// * If the source refuses the write, the error is returned and no cache is touched.
+    /// * If the value equals the stored one, the source commits nothing (no new version) and
+    ///   no cache is invalidated and nothing is published: the stored version is returned and
+    ///   the write is counted in [`ChainStats::unchanged_writes`](crate::ChainStats); the
+    ///   caches are filled with it like after a read.
     /// * If its outcome is unknown (it timed out or lost its connection, so it may commit
     ///   anyway), the error is returned and the key is invalidated in every tier now, and
     ///   again once the write can no longer commit (the builder's `write_settle`): whatever it
@@ -30,13 +35,55 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// The write runs in a task of its own: a caller that gives up at any point (a timeout, a
     /// dropped request) does not stop it half way.
     pub async fn update(&self, key: &K, value: Arc<V>) -> Result<Version> {
+        self.change(key, Some(value), None).await
+    }
+
+    /// [`update`](Self::update) if the key's stored version is still `expected` (0: nothing
+    /// is stored), as one atomic step in the source: a compare-and-set for read-modify-write.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`](crate::Error::Conflict) with the stored version if someone changed
+    /// the key since `expected` was read (no cache is touched); read it again from the source
+    /// ([`load`](Self::load)) and retry. Otherwise as [`update`](Self::update).
+    pub async fn update_if(&self, key: &K, expected: Version, value: Arc<V>) -> Result<Version> {
+        self.change(key, Some(value), Some(expected)).await
+    }
+
+    /// Deletes `key` in the source, then every cache tier holds a "not found" at the delete's
+    /// version (or a tombstone refusing older versions, without negative caching), and tells
+    /// the other instances. Returns the delete's version, or 0 if nothing was stored (then
+    /// nothing is touched). A later write gets a greater version and wins everywhere. Failures
+    /// and cancellation as for [`update`](Self::update).
+    pub async fn delete(&self, key: &K) -> Result<Version> {
+        self.change(key, None, None).await
+    }
+
+    /// [`delete`](Self::delete) if the key's stored version is still `expected`.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`](crate::Error::Conflict) as for [`update_if`](Self::update_if).
+    pub async fn delete_if(&self, key: &K, expected: Version) -> Result<Version> {
+        self.change(key, None, Some(expected)).await
+    }
+
+    /// A write (`value`) or a delete (`None`), in a task of its own.
+    async fn change(
+        &self,
+        key: &K,
+        value: Option<Arc<V>>,
+        expected: Option<Version>,
+    ) -> Result<Version> {
         use tracing::Instrument;
-        let span = tracing::debug_span!("tiercache.update", version = tracing::field::Empty);
+        let span = if value.is_some() {
+            tracing::debug_span!("tiercache.update", version = tracing::field::Empty)
+        } else {
+            tracing::debug_span!("tiercache.delete", version = tracing::field::Empty)
+        };
         let (this, owned) = (self.clone(), key.clone());
-        let task = self
-            .inner
-            .tasks
-            .spawn(async move { this.update_inner(&owned, value).await }.instrument(span.clone()));
+        let task = self.inner.tasks.spawn(
+            async move { this.change_inner(&owned, value, expected).await }
+                .instrument(span.clone()),
+        );
         let result = join(task).await;
         if let Ok(version) = &result {
             span.record("version", version);
@@ -44,14 +91,39 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         result
     }
 
-    async fn update_inner(&self, key: &K, value: Arc<V>) -> Result<Version> {
+    async fn change_inner(
+        &self,
+        key: &K,
+        value: Option<Arc<V>>,
+        expected: Option<Version>,
+    ) -> Result<Version> {
         let inner = &*self.inner;
-        let written = inner
-            .source
-            .call("write", inner.source.tier.write(key, Arc::clone(&value)))
-            .await;
+        // Taken before the source is asked, like a load's: an unchanged write fills with it.
+        let before = inner.marks.ticket();
+        let source = &inner.source;
+        let written = match &value {
+            Some(value) => {
+                source
+                    .call("write", source.tier.write(key, Arc::clone(value), expected))
+                    .await
+            }
+            None => {
+                source
+                    .call("delete", source.tier.delete(key, expected))
+                    .await
+            }
+        };
         let version = match written {
-            Ok(version) => version,
+            Ok(Written::Changed(version)) => version,
+            Ok(Written::Unchanged(version)) => {
+                inner.counters.unchanged.incr();
+                if let Some(value) = value {
+                    let entry = Entry::new(value, version);
+                    self.backfill_with(key, &entry, inner.tiers.len(), before, false)
+                        .await;
+                }
+                return Ok(version);
+            }
             Err(error) => {
                 if error.outcome_unknown() {
                     tracing::warn!(%error, "write outcome unknown; invalidating the key everywhere");
@@ -66,25 +138,40 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let ticket = inner.marks.mark(key, Some(version));
         // No request that starts after this returns may join a load that began before it.
         inner.flights.forget(key);
-        let previous = version.saturating_sub(1);
-        let (missed, _) = self.invalidate_tiers(key, Some(previous)).await;
-        let entry = Entry::new(Arc::clone(&value), version);
-        for (index, _) in missed.iter().enumerate().rev().filter(|(_, m)| !**m) {
-            // A set that fails leaves at worst a tombstone against older versions; one that a
-            // later change overtakes (another instance's newer version) is taken back.
-            if self.fill(index, key, &entry, ticket).await == Filled::Refused {
-                break;
+        let entry = match &value {
+            Some(value) => Some(Entry::new(Arc::clone(value), version)),
+            None => inner
+                .policy
+                .negative_ttl
+                .map(|ttl| Entry::absent(version).expiring_at(inner.clock.now() + ttl)),
+        };
+        // With an entry to fill, the tombstone sits just below it; without one (a delete and
+        // no negative caching), at the delete itself.
+        let dead = if entry.is_some() {
+            version.saturating_sub(1)
+        } else {
+            version
+        };
+        let (missed, _) = self.invalidate_tiers(key, Some(dead)).await;
+        if let Some(entry) = &entry {
+            for (index, _) in missed.iter().enumerate().rev().filter(|(_, m)| !**m) {
+                // A set that fails leaves at worst a tombstone against older versions; one
+                // that a later change overtakes (another instance's newer version) is taken
+                // back.
+                if self.fill(index, key, entry, ticket).await == Filled::Refused {
+                    break;
+                }
             }
         }
         if missed.iter().any(|m| *m) {
             tracing::debug!(
                 version,
-                "update could not reach every cache tier; raising a floor"
+                "change could not reach every cache tier; raising a floor"
             );
             self.raise_floor(key, version);
         }
         inner.marks.mark(key, Some(version));
-        self.publish(key, Some(version), Some(value)).await;
+        self.publish(key, Some(version), value).await;
         Ok(version)
     }
 

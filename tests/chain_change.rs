@@ -1,0 +1,214 @@
+//! Conditional updates, deletes and unchanged writes through the chain, on fakes: what each
+//! leaves in the caches and what it tells the other instances.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::{Chain, Key, Val, key, val};
+use tiercache_core::{CacheTier, Origin, TieredCache};
+use tiercache_memory::MemoryTier;
+use tiercache_testkit::{BackplaneHub, FakeSource, FakeTier};
+
+#[tokio::test]
+async fn a_conditional_update_at_the_stored_version_goes_through() {
+    let c = Chain::new();
+    let v1 = c.cache.update(&key("a"), val("v1")).await.unwrap();
+    let v2 = c.cache.update_if(&key("a"), v1, val("v2")).await.unwrap();
+    assert!(v2 > v1);
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!((got.version, got.origin), (v2, Origin::Tier(0)));
+    assert_eq!(got.value.as_deref().map(String::as_str), Some("v2"));
+}
+
+#[tokio::test]
+async fn a_conflict_changes_nothing_anywhere_and_reports_the_stored_version() {
+    let c = Chain::new();
+    let v1 = c.cache.update(&key("a"), val("v1")).await.unwrap();
+    c.cache.get(&key("a")).await.unwrap();
+    // Someone else wrote it meanwhile.
+    let v2 = c.db.put(key("a"), "theirs".to_string());
+    let err = c
+        .cache
+        .update_if(&key("a"), v1, val("mine"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.conflict(), Some(v2), "{err}");
+    assert_eq!(c.db.version(&key("a")), Some(v2), "the source kept theirs");
+    // The caches still hold what they held: a refused write touches nothing.
+    assert_eq!(c.memory_version("a").await, Some(v1));
+    assert_eq!(c.redis.version(&key("a")), Some(v1));
+    assert_eq!(c.redis.calls().invalidate, 1, "only the first update's");
+    // Reading the source (not a cache) gives the version to retry against.
+    let fresh = c.cache.load(&key("a")).await.unwrap();
+    assert_eq!((fresh.version, fresh.origin), (v2, Origin::Source));
+    assert_eq!(
+        c.memory_version("a").await,
+        Some(v2),
+        "the load filled memory"
+    );
+    let v3 = c.cache.update_if(&key("a"), v2, val("mine")).await.unwrap();
+    assert!(v3 > v2);
+}
+
+#[tokio::test]
+async fn expected_version_zero_means_nothing_is_stored() {
+    let c = Chain::new();
+    let v1 = c
+        .cache
+        .update_if(&key("new"), 0, val("first"))
+        .await
+        .unwrap();
+    let err = c
+        .cache
+        .update_if(&key("new"), 0, val("second"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.conflict(), Some(v1));
+}
+
+/// Two instances on one hub, sharing a fake Redis and a source.
+type Pair = (
+    BackplaneHub<Key, Val>,
+    FakeSource<Key, Val>,
+    FakeTier<Key, Val>,
+    [TieredCache<Key, Val>; 2],
+);
+
+/// Two instances on one hub, sharing a fake Redis and a source; messages are delivered before
+/// `publish` returns.
+fn pair() -> Pair {
+    let hub = BackplaneHub::new(7);
+    let db = FakeSource::<Key, Val>::new("db");
+    let redis = FakeTier::cache("redis");
+    let instance = || {
+        let handle = hub.handle();
+        let chain = TieredCache::builder()
+            .tier(MemoryTier::new())
+            .tier(redis.clone())
+            .source(db.clone())
+            .backplane(Arc::new(handle.clone()))
+            .build()
+            .unwrap();
+        handle.attach(chain.clone());
+        chain
+    };
+    let chains = [instance(), instance()];
+    (hub, db, redis, chains)
+}
+
+#[tokio::test]
+async fn an_unchanged_write_invalidates_nothing_publishes_nothing_and_is_counted() {
+    let (hub, db, redis, [a, _b]) = pair();
+    let v1 = a.update(&key("a"), val("same")).await.unwrap();
+    let (delivered, invalidations) = (hub.delivered(), redis.calls().invalidate);
+    assert_eq!(delivered, 1, "the first write told the other instance");
+    let again = a.update(&key("a"), val("same")).await.unwrap();
+    assert_eq!(again, v1, "no new version");
+    assert_eq!(db.calls().write, 2);
+    assert_eq!(redis.calls().invalidate, invalidations, "no invalidation");
+    assert_eq!(
+        hub.delivered(),
+        delivered,
+        "no message to the other instance"
+    );
+    let stats = a.stats();
+    assert_eq!((stats.updates, stats.unchanged_writes), (1, 1));
+}
+
+#[tokio::test]
+async fn an_unchanged_write_leaves_the_written_value_readable_here() {
+    // The caches hold v1; the source was changed behind them to "new" and the change has not
+    // reached this chain. Writing "new" changes nothing in the source, and this instance then
+    // reads what it wrote (the stored version is filled like a read), not v1.
+    let c = Chain::new();
+    let v1 = c.cache.update(&key("a"), val("old")).await.unwrap();
+    let v2 = c.db.put(key("a"), "new".to_string());
+    assert_eq!(c.cache.update(&key("a"), val("new")).await.unwrap(), v2);
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!(
+        (got.version, got.value.as_deref().map(String::as_str)),
+        (v2, Some("new"))
+    );
+    assert!(v2 > v1);
+}
+
+#[tokio::test]
+async fn a_delete_leaves_not_found_at_its_version_and_a_later_write_wins() {
+    let c = Chain::new();
+    let v1 = c.cache.update(&key("a"), val("v1")).await.unwrap();
+    let gone = c.cache.delete(&key("a")).await.unwrap();
+    assert!(gone > v1);
+    // Every tier holds "not found" at the delete's version: older copies are refused.
+    let memory = c
+        .memory
+        .get(&key("a"))
+        .await
+        .unwrap()
+        .expect("not found, cached");
+    assert!(memory.is_absent() && memory.version == gone, "{memory:?}");
+    let redis = c.redis.entry(&key("a")).expect("not found, cached");
+    assert!(redis.is_absent() && redis.version == gone);
+    assert!(
+        !c.redis
+            .set(&key("a"), tiercache_core::Entry::new(val("v1"), v1))
+            .await
+            .unwrap(),
+        "a late fill of the deleted version is refused"
+    );
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert!(got.value.is_none() && got.origin == Origin::Tier(0));
+    // Deleting again changes nothing.
+    assert_eq!(c.cache.delete(&key("a")).await.unwrap(), 0);
+    let v3 = c.cache.update(&key("a"), val("v3")).await.unwrap();
+    assert!(v3 > gone);
+    let got = c.cache.fetch(&key("a")).await.unwrap();
+    assert_eq!(
+        (got.version, got.value.as_deref().map(String::as_str)),
+        (v3, Some("v3"))
+    );
+}
+
+#[tokio::test]
+async fn without_negative_caching_a_delete_leaves_tombstones_at_its_version() {
+    let c = Chain::with(|b| b.negative_ttl(None));
+    let v1 = c.cache.update(&key("a"), val("v1")).await.unwrap();
+    let gone = c.cache.delete(&key("a")).await.unwrap();
+    assert_eq!(c.memory_version("a").await, None);
+    assert!(
+        !c.redis
+            .set(&key("a"), tiercache_core::Entry::new(val("v1"), v1))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !c.redis
+            .set(&key("a"), tiercache_core::Entry::absent(gone))
+            .await
+            .unwrap(),
+        "the tombstone is at the delete's own version"
+    );
+    assert!(c.cache.get(&key("a")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_delete_reaches_the_other_instances() {
+    let (_hub, _db, _redis, [a, b]) = pair();
+    a.update(&key("a"), val("v1")).await.unwrap();
+    assert!(b.get(&key("a")).await.unwrap().is_some());
+    let gone = a.delete(&key("a")).await.unwrap();
+    let got = b.fetch(&key("a")).await.unwrap();
+    assert!(got.value.is_none(), "b dropped its copy");
+    let v3 = b.update(&key("a"), val("v3")).await.unwrap();
+    assert!(v3 > gone);
+    assert_eq!(
+        a.get(&key("a"))
+            .await
+            .unwrap()
+            .as_deref()
+            .map(String::as_str),
+        Some("v3")
+    );
+    a.flush(Duration::from_secs(1)).await.unwrap();
+}
