@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use sqlx::AssertSqlSafe;
+use sqlx::{AssertSqlSafe, SqlSafeStr};
 use tiercache_core::{Error, Source, Written};
 use tiercache_postgres::PostgresTier;
 use tiercache_testkit::contract::{self, ContractValue};
@@ -531,5 +531,125 @@ async fn a_write_whose_connection_dies_after_it_was_sent_is_interrupted() {
     assert!(matches!(err, Error::Interrupted { .. }), "{err:?}");
     assert!(err.outcome_unknown());
     drop(lock);
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+/// A table populated before the versions came from the database (migration 0001 only, each
+/// key numbered on its own) keeps every key's versions increasing when it is upgraded: the
+/// next write of any key is above every version a cache may hold.
+#[tokio::test]
+async fn upgrading_a_populated_table_keeps_every_keys_versions_increasing() {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let t = tier(&schema);
+    // What an earlier release created: the first migration, recorded as the tier records it.
+    let first = include_str!("../migrations/0001_create_entries.sql")
+        .replace("{table}", &t.qualified_table());
+    let mut old = Migrator::with_migrations(vec![Migration::new(
+        1,
+        "create entries".into(),
+        MigrationType::Simple,
+        AssertSqlSafe(first).into_sql_str(),
+        false,
+    )]);
+    old.dangerous_set_table_name(format!(
+        "\"{schema}\".\"_tiercache_migrations_tiercache_entries\""
+    ));
+    old.run(&pool).await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (key, value, version) VALUES \
+         ('a', '{{\"name\": \"a\", \"n\": 1, \"tags\": [], \"weights\": {{}}}}', 7), \
+         ('b', '{{\"name\": \"b\", \"n\": 2, \"tags\": [], \"weights\": {{}}}}', 3)",
+        t.qualified_table()
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    // The upgrade runs on first use.
+    assert_eq!(t.get(&"a".into()).await.unwrap().unwrap().version, 7);
+    let b = t
+        .write(&"b".into(), contract::value(3), None)
+        .await
+        .unwrap()
+        .version();
+    assert!(b > 7, "b's next version {b} is above every stored version");
+    let a = t
+        .write(&"a".into(), contract::value(4), None)
+        .await
+        .unwrap()
+        .version();
+    assert!(a > b, "{a} after {b}");
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+/// Every writer's change gets its version from the database: a row inserted, updated and
+/// deleted with plain SQL is numbered like the crate's own writes, and recorded in the change
+/// log; an update that leaves the value as it is changes nothing.
+#[tokio::test]
+async fn plain_sql_writers_get_versions_and_log_entries_too() {
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let t = tier(&schema);
+    t.migrate().await.unwrap();
+    let table = t.qualified_table();
+    let sql = |s: String| {
+        let pool = pool.clone();
+        async move { sqlx::query(AssertSqlSafe(s)).execute(&pool).await.unwrap() }
+    };
+    // As SQL literals (the values hold a single quote).
+    let literal = |n| {
+        serde_json::to_string(&*contract::value(n))
+            .unwrap()
+            .replace('\'', "''")
+    };
+    let json = literal(1);
+    sql(format!(
+        "INSERT INTO {table} (key, value) VALUES ('k', '{json}')"
+    ))
+    .await;
+    let v1 = t.get(&"k".into()).await.unwrap().unwrap().version;
+    let mine = t
+        .write(&"k".into(), contract::value(2), None)
+        .await
+        .unwrap()
+        .version();
+    assert!(mine > v1);
+    let json2 = literal(2);
+    // The same value again, with SQL: nothing changes.
+    let same = sql(format!(
+        "UPDATE {table} SET value = '{json2}' WHERE key = 'k'"
+    ))
+    .await;
+    assert_eq!(same.rows_affected(), 0, "an equal value is not written");
+    assert_eq!(t.get(&"k".into()).await.unwrap().unwrap().version, mine);
+    sql(format!(
+        "UPDATE {table} SET value = '{json}' WHERE key = 'k'"
+    ))
+    .await;
+    let v3 = t.get(&"k".into()).await.unwrap().unwrap().version;
+    assert!(v3 > mine);
+    sql(format!("DELETE FROM {table} WHERE key = 'k'")).await;
+    sql(format!(
+        "INSERT INTO {table} (key, value) VALUES ('k', '{json}')"
+    ))
+    .await;
+    let v5 = t.get(&"k".into()).await.unwrap().unwrap().version;
+    assert!(
+        v5 > v3 + 1,
+        "the delete had a version of its own: {v5} after {v3}"
+    );
+    let log: Vec<(String, i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT key, version, op FROM {} ORDER BY position",
+        t.changes_table()
+    )))
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let ops: Vec<&str> = log.iter().map(|(_, _, op)| op.as_str()).collect();
+    assert_eq!(ops, ["I", "U", "U", "D", "I"], "{log:?}");
+    let versions: Vec<i64> = log.iter().map(|(_, v, _)| *v).collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    assert_eq!(*versions.last().unwrap() as u64, v5);
     postgres_env::drop_schema(&pool, &schema).await;
 }

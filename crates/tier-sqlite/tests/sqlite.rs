@@ -178,3 +178,126 @@ async fn tables_in_one_file_are_separate_stores() {
     assert_eq!(b.name(), "other");
     assert_eq!(a.get(&"k".into()).await.unwrap().unwrap().version, 2);
 }
+
+/// A file written before the versions came from the database (migration 0001 only, each key
+/// numbered on its own) keeps every key's versions increasing when it is upgraded.
+#[tokio::test]
+async fn upgrading_a_populated_file_keeps_every_keys_versions_increasing() {
+    use sqlx::migrate::{Migration, MigrationType, Migrator};
+    use sqlx::{ConnectOptions, SqlSafeStr};
+    let dir = TempDir::new("sqlite_upgrade");
+    let file = dir.0.join("old.sqlite3");
+    {
+        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&file)
+            .create_if_missing(true)
+            .connect()
+            .await
+            .unwrap();
+        let first = include_str!("../migrations/0001_create_entries.sql")
+            .replace("{table}", "\"tiercache_entries\"");
+        let mut old = Migrator::with_migrations(vec![Migration::new(
+            1,
+            "create entries".into(),
+            MigrationType::Simple,
+            AssertSqlSafe(first).into_sql_str(),
+            false,
+        )]);
+        old.dangerous_set_table_name("_tiercache_migrations_tiercache_entries");
+        old.run(&mut conn).await.unwrap();
+        let json = serde_json::to_string(&*contract::value(1)).unwrap();
+        sqlx::query(
+            "INSERT INTO tiercache_entries (key, value, version) VALUES ('a', ?1, 7), ('b', ?1, 3)",
+        )
+        .bind(&json)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let t = Tier::builder().path(&file).build().await.unwrap();
+    assert_eq!(t.get(&"a".into()).await.unwrap().unwrap().version, 7);
+    let b = t
+        .write(&"b".into(), contract::value(3), None)
+        .await
+        .unwrap()
+        .version();
+    assert!(b > 7, "b's next version {b} is above every stored version");
+    let a = t
+        .write(&"a".into(), contract::value(4), None)
+        .await
+        .unwrap()
+        .version();
+    assert!(a > b, "{a} after {b}");
+}
+
+/// Every writer's change gets its version from the database: a row inserted, updated and
+/// deleted with plain SQL is numbered like the crate's own writes and recorded in the change
+/// log; an update that leaves the value's text as it is changes nothing.
+#[tokio::test]
+async fn plain_sql_writers_get_versions_and_log_entries_too() {
+    let t = Tier::builder().path(IN_MEMORY).build().await.unwrap();
+    let table = t.quoted_table();
+    let json = |n| serde_json::to_string(&*contract::value(n)).unwrap();
+    let sql = |statement: String, value: String| {
+        let pool = t.pool().clone();
+        async move {
+            sqlx::query(AssertSqlSafe(statement))
+                .bind(value)
+                .execute(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    sql(
+        format!("INSERT INTO {table} (key, value) VALUES ('k', ?1)"),
+        json(1),
+    )
+    .await;
+    let v1 = t.get(&"k".into()).await.unwrap().unwrap().version;
+    let mine = t
+        .write(&"k".into(), contract::value(2), None)
+        .await
+        .unwrap()
+        .version();
+    assert!(mine > v1);
+    sql(
+        format!("UPDATE {table} SET value = ?1 WHERE key = 'k'"),
+        json(2),
+    )
+    .await;
+    assert_eq!(
+        t.get(&"k".into()).await.unwrap().unwrap().version,
+        mine,
+        "the same value again changes nothing"
+    );
+    sql(
+        format!("UPDATE {table} SET value = ?1 WHERE key = 'k'"),
+        json(1),
+    )
+    .await;
+    let v3 = t.get(&"k".into()).await.unwrap().unwrap().version;
+    assert!(v3 > mine);
+    sql(format!("DELETE FROM {table} WHERE key = ?1"), "k".into()).await;
+    sql(
+        format!("INSERT INTO {table} (key, value) VALUES ('k', ?1)"),
+        json(1),
+    )
+    .await;
+    let v5 = t.get(&"k".into()).await.unwrap().unwrap().version;
+    assert!(
+        v5 > v3 + 1,
+        "the delete had a version of its own: {v5} after {v3}"
+    );
+    let log: Vec<(String, i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT key, version, op FROM {} ORDER BY position",
+        t.changes_table()
+    )))
+    .fetch_all(t.pool())
+    .await
+    .unwrap();
+    let ops: Vec<&str> = log.iter().map(|(_, _, op)| op.as_str()).collect();
+    assert_eq!(ops, ["I", "U", "U", "D", "I"], "{log:?}");
+    let versions: Vec<i64> = log.iter().map(|(_, v, _)| *v).collect();
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    assert_eq!(*versions.last().unwrap() as u64, v5);
+}
