@@ -212,3 +212,111 @@ async fn a_delete_reaches_the_other_instances() {
     );
     a.flush(Duration::from_secs(1)).await.unwrap();
 }
+
+/// A source with a feed, the shared tier and two instances.
+type Followers = (
+    FakeSource<Key, Val>,
+    FakeTier<Key, Val>,
+    [TieredCache<Key, Val>; 2],
+);
+
+/// Two instances over a source with a change feed and no backplane: what they learn, they
+/// learn from the source.
+fn followers() -> Followers {
+    let db = FakeSource::<Key, Val>::new("db").with_feed();
+    let redis = FakeTier::cache("redis");
+    let instance = || {
+        TieredCache::builder()
+            .tier(MemoryTier::new())
+            .tier(redis.clone())
+            .source(db.clone())
+            .build()
+            .unwrap()
+    };
+    (db.clone(), redis.clone(), [instance(), instance()])
+}
+
+/// Waits (a few scheduler turns) until `done`, or fails naming `what`.
+async fn settled(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
+}
+
+#[tokio::test]
+async fn a_change_behind_the_chains_back_reaches_every_instance_through_the_feed() {
+    let (db, redis, [a, b]) = followers();
+    db.put(key("k"), "v1".to_string());
+    assert!(a.get(&key("k")).await.unwrap().is_some());
+    assert!(b.get(&key("k")).await.unwrap().is_some());
+    let v2 = db.put(key("k"), "v2".to_string());
+    for (name, chain) in [("a", &a), ("b", &b)] {
+        settled(&format!("{name} applied the change"), || {
+            chain.stats().feed_changes >= 2
+        })
+        .await;
+        let got = chain.fetch(&key("k")).await.unwrap();
+        assert_eq!(
+            (got.version, got.value.as_deref().map(String::as_str)),
+            (v2, Some("v2")),
+            "{name}"
+        );
+    }
+    assert_eq!(redis.version(&key("k")), Some(v2));
+    // A delete behind its back: "not found" everywhere, at the delete's version.
+    let gone = db.remove(&key("k"));
+    settled("a applied the delete", || a.stats().feed_changes >= 3).await;
+    let got = a.fetch(&key("k")).await.unwrap();
+    assert!(
+        got.value.is_none() && got.origin == Origin::Tier(0),
+        "{got:?}"
+    );
+    assert!(
+        !redis
+            .set(&key("k"), tiercache_core::Entry::new(val("v2"), v2))
+            .await
+            .unwrap()
+    );
+    assert!(gone > v2);
+}
+
+#[tokio::test]
+async fn the_writer_applies_its_own_change_from_the_feed_too_and_it_changes_nothing_it_holds() {
+    let (_db, redis, [a, _b]) = followers();
+    let v1 = a.update(&key("k"), val("v1")).await.unwrap();
+    settled("a applied its own change", || a.stats().feed_changes >= 1).await;
+    let got = a.fetch(&key("k")).await.unwrap();
+    assert_eq!(
+        (got.version, got.origin),
+        (v1, Origin::Tier(0)),
+        "still a memory hit"
+    );
+    assert_eq!(redis.version(&key("k")), Some(v1));
+}
+
+#[tokio::test]
+async fn everything_lost_empties_every_tier() {
+    let (db, redis, [a, _b]) = followers();
+    db.put(key("k"), "v1".to_string());
+    a.get(&key("k")).await.unwrap();
+    a.apply_change(tiercache_core::Change::Everything).await;
+    assert!(redis.is_empty());
+    assert_eq!(a.fetch(&key("k")).await.unwrap().origin, Origin::Source);
+    assert_eq!(a.stats().feed_flushes, 1);
+}
+
+#[tokio::test]
+async fn a_dropped_chain_stops_following() {
+    let (db, _redis, [a, b]) = followers();
+    assert_eq!(db.followers(), 2);
+    drop(a);
+    // Without a change to wake it: the chain's drop alone ends its follower (a source's
+    // follower holds a database connection for as long as its feed is open).
+    settled("a's follower stopped", || db.followers() == 1).await;
+    drop(b);
+    settled("b's follower stopped", || db.followers() == 0).await;
+}

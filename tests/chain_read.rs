@@ -341,6 +341,7 @@ async fn a_non_transient_source_error_is_returned_as_it_is_and_serves_no_stale_c
     // A mock source that answers "corrupt": the caller sees that error, typed.
     let mut source = tiercache_testkit::MockSource::<String, String>::new();
     source.expect_name().return_const("db".to_string());
+    source.expect_follow().returning(|| None);
     source
         .expect_get()
         .returning(|_| Err(Error::corrupt("db", std::fmt::Error)));
@@ -457,6 +458,7 @@ async fn the_cache_tiers_apply_their_own_ttl_not_the_sources_expiry() {
     };
     let mut db = tiercache_testkit::MockSource::<String, String>::new();
     db.expect_name().return_const("db".to_string());
+    db.expect_follow().returning(|| None);
     db.expect_get()
         .times(1)
         .returning(move |_| Ok(Some(expiring.clone())));

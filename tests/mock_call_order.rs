@@ -19,6 +19,7 @@ fn named(name: &str) -> Mock {
 fn source(name: &str) -> MockSource<String, String> {
     let mut m = MockSource::new();
     m.expect_name().return_const(name.to_string());
+    m.expect_follow().returning(|| None);
     m
 }
 

@@ -48,6 +48,7 @@ mod chain;
 mod clock;
 mod entry;
 mod error;
+pub mod feed;
 mod flight;
 mod key;
 mod latency;
@@ -65,6 +66,7 @@ pub use chain::{
 pub use clock::{Clock, ManualClock, TimeSource, Timestamp};
 pub use entry::{Entry, Slot, Version};
 pub use error::{BoxError, Error, Result};
+pub use feed::{Change, ChangeFeed};
 pub use key::StorageKey;
 pub use latency::LatencySummary;
 #[cfg(feature = "mock")]

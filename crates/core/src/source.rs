@@ -6,6 +6,7 @@ use async_trait::async_trait;
 
 use crate::entry::{Entry, Version};
 use crate::error::Result;
+use crate::feed::ChangeFeed;
 use crate::stats::TierStats;
 use crate::tier::{Key, Value};
 
@@ -84,6 +85,16 @@ pub trait Source<K: Key, V: Value>: Send + Sync {
     /// with a version of its own, so that every cache can refuse the value it replaced.
     async fn delete(&self, key: &K, expected: Option<Version>) -> Result<Written>;
 
+    /// Starts following every change the source commits, by any writer, on a connection of
+    /// its own, and returns the feed a chain applies them from
+    /// ([`TieredCache`](crate::TieredCache) does it by itself). Each call starts one follower,
+    /// which stops when the feed is dropped. `None` (the default): the source has no feed;
+    /// its chains learn only of the changes made through them (and, with a backplane, through
+    /// the other instances).
+    fn follow(&self) -> Option<ChangeFeed<K>> {
+        None
+    }
+
     /// The source's own statistics.
     fn stats(&self) -> TierStats;
 }
@@ -111,6 +122,9 @@ macro_rules! forward_source {
             }
             async fn delete(&self, key: &K, expected: Option<Version>) -> Result<Written> {
                 (**self).delete(key, expected).await
+            }
+            fn follow(&self) -> Option<ChangeFeed<K>> {
+                (**self).follow()
             }
             fn stats(&self) -> TierStats {
                 (**self).stats()

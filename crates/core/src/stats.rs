@@ -142,6 +142,12 @@ pub struct ChainStats {
     pub coalesced: u64,
     /// Updates and deletes that changed the source.
     pub updates: u64,
+    /// Changes applied from the source's feed (every committed change, by any writer, this
+    /// chain's own included).
+    pub feed_changes: u64,
+    /// Times the feed said changes may have been lost (or every key changed), and every cache
+    /// tier was emptied.
+    pub feed_flushes: u64,
     /// Updates whose value equalled the stored one (and deletes of keys with nothing stored):
     /// the source committed nothing, no cache was invalidated, nothing was published.
     pub unchanged_writes: u64,

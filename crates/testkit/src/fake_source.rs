@@ -6,7 +6,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
-use tiercache_core::{Entry, Error, Key, Result, Source, TierStats, Value, Version, Written};
+use tiercache_core::feed::ChangeSender;
+use tiercache_core::{
+    Change, ChangeFeed, Entry, Error, Key, Result, Source, TierStats, Value, Version, Written,
+};
 
 use crate::fake::{Calls, bump};
 use crate::fault::{FaultSwitch, Op};
@@ -32,6 +35,8 @@ struct Inner<K, V> {
     rows: Mutex<HashMap<K, Stored<V>>>,
     calls: Counters,
     faults: FaultSwitch,
+    /// With a feed: the chains following it.
+    followers: Option<Mutex<Vec<ChangeSender<K>>>>,
 }
 
 /// An in-memory [`Source`] for tests. It numbers each key's changes 1, 2, 3, ... (a delete is
@@ -90,7 +95,56 @@ impl<K: Key, V: Value> FakeSource<K, V> {
                 rows: Mutex::new(HashMap::new()),
                 calls: Counters::default(),
                 faults: FaultSwitch::new(),
+                followers: None,
             }),
+        }
+    }
+
+    /// A source with a change feed: every change (through a chain, or behind its back with
+    /// [`put`](Self::put) and [`remove`](Self::remove)) is announced to the chains that follow
+    /// it, at once, in order.
+    ///
+    /// # Panics
+    /// When a change is made, if a following chain is more than
+    /// [`FEED_BUFFER`](tiercache_core::feed::FEED_BUFFER) batches behind.
+    #[must_use]
+    pub fn with_feed(self) -> Self {
+        let mut this = self;
+        Arc::get_mut(&mut this.inner)
+            .expect("configure a FakeSource before cloning it")
+            .followers = Some(Mutex::new(Vec::new()));
+        this
+    }
+
+    /// Chains following the feed now (a dropped chain stops following).
+    #[must_use]
+    pub fn followers(&self) -> usize {
+        self.inner.followers.as_ref().map_or(0, |f| {
+            f.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .iter()
+                .filter(|f| !f.is_closed())
+                .count()
+        })
+    }
+
+    /// Announces `key`'s change at `version` to the following chains.
+    fn announce(&self, key: &K, version: Version, deleted: bool) {
+        let Some(followers) = &self.inner.followers else {
+            return;
+        };
+        let mut followers = followers.lock().unwrap_or_else(PoisonError::into_inner);
+        followers.retain(|f| !f.is_closed());
+        for follower in followers.iter() {
+            let change = Change::Key {
+                key: key.clone(),
+                version,
+                deleted,
+            };
+            assert!(
+                follower.try_send(vec![change]),
+                "a chain following the fake source fell too far behind"
+            );
         }
     }
 
@@ -138,26 +192,30 @@ impl<K: Key, V: Value> FakeSource<K, V> {
         let mut rows = self.rows();
         let version = rows.get(&key).map_or(0, |s| s.version) + 1;
         rows.insert(
-            key,
+            key.clone(),
             Stored {
                 value: Some(value.into()),
                 version,
             },
         );
+        drop(rows);
+        self.announce(&key, version, false);
         version
     }
 
     /// Deletes `key` behind every cache's back; returns the delete's version (0 if nothing
     /// was stored).
     pub fn remove(&self, key: &K) -> Version {
-        match self.rows().get_mut(key) {
+        let version = match self.rows().get_mut(key) {
             Some(stored) if stored.value.is_some() => {
                 stored.value = None;
                 stored.version += 1;
                 stored.version
             }
-            _ => 0,
-        }
+            _ => return 0,
+        };
+        self.announce(key, version, true);
+        version
     }
 
     /// The stored entry for `key`, without counting a call.
@@ -264,6 +322,8 @@ impl<K: Key, V: Value + PartialEq> Source<K, V> for FakeSource<K, V> {
                         version,
                     },
                 );
+                drop(rows);
+                self.announce(key, version, false);
                 Ok(Written::Changed(version))
             })
             .await
@@ -276,16 +336,29 @@ impl<K: Key, V: Value + PartialEq> Source<K, V> for FakeSource<K, V> {
             .run(&self.inner.name, Op::Write, async {
                 let mut rows = self.rows();
                 self.check(rows.get(key), expected)?;
-                match rows.get_mut(key) {
+                let version = match rows.get_mut(key) {
                     Some(stored) if stored.value.is_some() => {
                         stored.value = None;
                         stored.version += 1;
-                        Ok(Written::Changed(stored.version))
+                        stored.version
                     }
-                    _ => Ok(Written::Unchanged(0)),
-                }
+                    _ => return Ok(Written::Unchanged(0)),
+                };
+                drop(rows);
+                self.announce(key, version, true);
+                Ok(Written::Changed(version))
             })
             .await
+    }
+
+    fn follow(&self) -> Option<ChangeFeed<K>> {
+        let followers = self.inner.followers.as_ref()?;
+        let (sender, feed) = tiercache_core::feed::channel();
+        followers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(sender);
+        Some(feed)
     }
 
     fn stats(&self) -> TierStats {

@@ -63,7 +63,12 @@
 
 #![forbid(unsafe_code)]
 
-use std::borrow::Cow;
+mod feed;
+mod migrate;
+
+pub use feed::{DEFAULT_CHANGE_RETENTION, DEFAULT_FEED_POLL};
+use migrate::{MAX_IDENTIFIER, Migrations, Names, channel};
+
 use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
@@ -74,11 +79,10 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::migrate::{Migration, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row, SqlSafeStr};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 use tiercache_core::{
-    Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
+    ChangeFeed, Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
 };
 use tokio::sync::OnceCell;
 
@@ -103,8 +107,6 @@ const FAIL_FAST_FOR: Duration = Duration::from_millis(250);
 /// attempt that tells a refused or silent server from a busy pool after an acquire time-out).
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
-static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
-
 /// The PostgreSQL tier. See the [crate docs](crate).
 pub struct PostgresTier<K, V> {
     pool: PgPool,
@@ -113,11 +115,12 @@ pub struct PostgresTier<K, V> {
     table: String,
     sql: Statements,
     name: String,
-    acquire_timeout: Duration,
     statement_timeout: Duration,
     connect_timeout: Duration,
     max_connections: u32,
-    migrated: OnceCell<()>,
+    change_retention: Duration,
+    feed_poll: Duration,
+    migrations: Arc<Migrations>,
     down_until: AtomicU64,
     /// Nanoseconds since `epoch` until which a pool time-out is taken for a busy pool without a
     /// probe (the last probe found the server answering).
@@ -211,7 +214,7 @@ enum NoConnection {
 }
 
 /// Maps a sqlx error onto the core's; a cancelled statement ran out of `statement_timeout`.
-fn map_error(tier: &str, statement_timeout: Duration, error: sqlx::Error) -> Error {
+pub(crate) fn map_error(tier: &str, statement_timeout: Duration, error: sqlx::Error) -> Error {
     match &error {
         sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed => {
             Error::unavailable(tier, error)
@@ -253,94 +256,6 @@ fn valid_identifier(name: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
         && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && name.len() <= MAX_IDENTIFIER
-}
-
-/// PostgreSQL's longest identifier, in bytes.
-const MAX_IDENTIFIER: usize = 63;
-
-/// The table that records which migrations `table` has had: `_tiercache_migrations_<table>`,
-/// or, when that is longer than an identifier may be, the first 24 characters of the table and
-/// a hash of the whole name (stable across releases: FNV-1a).
-fn bookkeeping_table(table: &str) -> String {
-    const PREFIX: &str = "_tiercache_migrations_";
-    if PREFIX.len() + table.len() <= MAX_IDENTIFIER {
-        return format!("{PREFIX}{table}");
-    }
-    // The table is ASCII (validated), so slicing at 24 is on a character boundary.
-    format!("{PREFIX}{}_{:016x}", &table[..24], fnv(table))
-}
-
-/// FNV-1a of `text` (stable across releases: it names database objects).
-fn fnv(text: &str) -> u64 {
-    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The name of an object that belongs to `table` (its sequence, log, functions):
-/// `<table><suffix>`, or, when that is longer than an identifier may be, the first 24
-/// characters of the table, a hash of the whole name and the suffix.
-fn derived(table: &str, suffix: &str) -> String {
-    if table.len() + suffix.len() <= MAX_IDENTIFIER {
-        return format!("{table}{suffix}");
-    }
-    // The table is ASCII (validated), so slicing at 24 is on a character boundary.
-    format!("{}_{:016x}{suffix}", &table[..24], fnv(table))
-}
-
-/// The database objects of one table, quoted and schema-qualified, as the migrations and the
-/// statements name them.
-struct Names {
-    /// `{placeholder}` and its replacement.
-    pairs: Vec<(&'static str, String)>,
-}
-
-impl Names {
-    fn new(schema: &str, table: &str) -> Self {
-        let q = |name: &str| format!("\"{schema}\".\"{name}\"");
-        let pairs = vec![
-            ("{table}", q(table)),
-            ("{versions}", q(&derived(table, "_versions"))),
-            ("{changes}", q(&derived(table, "_changes"))),
-            (
-                "{changes_txid}",
-                format!("\"{}\"", derived(table, "_changes_txid")),
-            ),
-            (
-                "{changes_at}",
-                format!("\"{}\"", derived(table, "_changes_at")),
-            ),
-            ("{feed}", q(&derived(table, "_feed"))),
-            ("{stamp}", q(&derived(table, "_stamp"))),
-            ("{announce}", q(&derived(table, "_announce"))),
-            ("{truncated}", q(&derived(table, "_truncated"))),
-            ("{write_fn}", q(&derived(table, "_write"))),
-            ("{delete_fn}", q(&derived(table, "_delete"))),
-            ("{channel}", channel(schema, table)),
-        ];
-        Names { pairs }
-    }
-
-    fn get(&self, placeholder: &str) -> &str {
-        self.pairs
-            .iter()
-            .find(|(p, _)| *p == placeholder)
-            .map(|(_, name)| name.as_str())
-            .expect("a known placeholder")
-    }
-
-    /// `sql` with every placeholder replaced.
-    fn fill(&self, sql: &str) -> String {
-        self.pairs
-            .iter()
-            .fold(sql.to_owned(), |sql, (p, name)| sql.replace(p, name))
-    }
-}
-
-/// The LISTEN/NOTIFY channel of a table: `tiercache_` and a hash of its qualified name (a
-/// channel is an identifier; this one fits whatever the names' lengths).
-fn channel(schema: &str, table: &str) -> String {
-    format!("tiercache_{:016x}", fnv(&format!("{schema}.{table}")))
 }
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> PostgresTier<K, V> {
@@ -397,50 +312,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
     /// [`Error::Unavailable`] if the server cannot be reached, [`Error::Backend`] if a
     /// migration fails or was changed after it was applied.
     pub async fn migrate(&self) -> Result<()> {
-        // Once it succeeded, calls do not run the migrator again.
-        self.migrated
-            .get_or_try_init(|| self.run_migrations())
-            .await
-            .copied()
-    }
-
-    async fn run_migrations(&self) -> Result<()> {
-        let names = self.names();
-        let migrations: Vec<Migration> = EMBEDDED
-            .iter()
-            .map(|m| {
-                let sql = names.fill(m.sql.as_str());
-                Migration::new(
-                    m.version,
-                    m.description.clone(),
-                    m.migration_type,
-                    AssertSqlSafe(sql).into_sql_str(),
-                    m.no_tx,
-                )
-            })
-            .collect();
-        let mut migrator = Migrator::with_migrations(migrations);
-        migrator.create_schema(Cow::Owned(self.schema.clone()));
-        migrator.dangerous_set_table_name(Cow::Owned(format!(
-            "\"{}\".\"{}\"",
-            self.schema,
-            bookkeeping_table(&self.table)
-        )));
-        // A connection of its own, closed afterwards: sqlx's migrator returns early on an error
-        // without releasing its session-level advisory lock, and a connection of the tier's pool
-        // would keep holding it, blocking every later migration in the database. (A pool of one
-        // rather than a bare connection: `Migrator::run` on `&mut PgConnection` makes this
-        // future not `Send`.)
-        let pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(self.acquire_timeout)
-            .connect_lazy_with(self.options.clone());
-        let result = migrator.run(&pool).await;
-        pool.close().await;
-        result.map_err(|e| match e {
-            sqlx::migrate::MigrateError::Execute(inner) => self.explain(inner),
-            other => Error::backend(&self.name, other),
-        })
+        self.migrations.run().await
     }
 
     fn now_nanos(&self) -> u64 {
@@ -768,6 +640,39 @@ where
         self.change(&self.sql.delete, &key, None, expected).await
     }
 
+    /// Listens on the table's channel on a connection of its own (from the tier's pool), and
+    /// catches up from the change log after every reconnect (see the `feed` module).
+    fn follow(&self) -> Option<ChangeFeed<K>> {
+        let names = self.names();
+        let follower = feed::Follower {
+            migrations: Arc::clone(&self.migrations),
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+            channel: self.channel(),
+            horizon_sql: names.fill(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, \
+                 (SELECT pruned_below FROM {feed} WHERE id = 1)",
+            ),
+            since_sql: names
+                .fill("SELECT key, version, op FROM {changes} WHERE txid >= $1 ORDER BY position"),
+            key_at_sql: names.fill("SELECT key FROM {changes} WHERE position = $1"),
+            prune_sql: names.fill(
+                "WITH locked AS (SELECT pg_try_advisory_xact_lock($2) AS ok), \
+                 gone AS (DELETE FROM {changes} \
+                   WHERE at < now() - make_interval(secs => $1) AND (SELECT ok FROM locked) \
+                   RETURNING txid) \
+                 UPDATE {feed} SET pruned_below = \
+                   GREATEST(pruned_below, (SELECT max(txid) + 1 FROM gone)) \
+                 WHERE id = 1 AND EXISTS (SELECT 1 FROM gone)",
+            ),
+            lock_key: i64::from_ne_bytes(migrate::fnv(&self.changes_table()).to_ne_bytes()),
+            retention: self.change_retention,
+            poll: self.feed_poll,
+            _keys: PhantomData,
+        };
+        Some(follower.start())
+    }
+
     fn stats(&self) -> TierStats {
         let s = &self.stats;
         TierStats::new(self.name.clone(), s.hits.get(), s.misses.get())
@@ -787,6 +692,8 @@ pub struct PostgresTierBuilder<K, V> {
     acquire_timeout: Duration,
     statement_timeout: Duration,
     connect_timeout: Duration,
+    change_retention: Duration,
+    feed_poll: Duration,
     name: String,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -802,6 +709,8 @@ impl<K, V> Default for PostgresTierBuilder<K, V> {
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            change_retention: DEFAULT_CHANGE_RETENTION,
+            feed_poll: DEFAULT_FEED_POLL,
             name: DEFAULT_NAME.to_owned(),
             _types: PhantomData,
         }
@@ -894,6 +803,22 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
+    /// How long an entry stays in the change log: how long a chain's follower may be cut off
+    /// and still catch up without emptying its caches. Followers prune older entries (one at a
+    /// time). Defaults to [`DEFAULT_CHANGE_RETENTION`].
+    pub fn change_retention(mut self, retention: Duration) -> Self {
+        self.change_retention = retention;
+        self
+    }
+
+    /// Interval of a follower's catch-up read of the change log, besides the announcements it
+    /// listens to: it bounds how long a change whose announcement was lost stays unseen, and
+    /// how much a reconnect has to read. Defaults to [`DEFAULT_FEED_POLL`].
+    pub fn feed_poll(mut self, interval: Duration) -> Self {
+        self.feed_poll = interval;
+        self
+    }
+
     /// The tier's name in stats and errors. Defaults to [`DEFAULT_NAME`].
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -932,9 +857,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         if self.acquire_timeout.is_zero()
             || self.statement_timeout.is_zero()
             || self.connect_timeout.is_zero()
+            || self.change_retention.is_zero()
+            || self.feed_poll.is_zero()
         {
             return Err(Error::Config(
-                "acquire_timeout, statement_timeout and connect_timeout must be positive".into(),
+                "acquire_timeout, statement_timeout, connect_timeout, change_retention and \
+                 feed_poll must be positive"
+                    .into(),
             ));
         }
         if tokio::runtime::Handle::try_current().is_err() {
@@ -963,6 +892,15 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             write: names.fill("SELECT outcome, version FROM {write_fn}($1, $2::jsonb, $3)"),
             delete: names.fill("SELECT outcome, version FROM {delete_fn}($1, $2)"),
         };
+        let migrations = Arc::new(Migrations {
+            options: options.clone(),
+            schema: self.schema.clone(),
+            table: self.table.clone(),
+            name: self.name.clone(),
+            acquire_timeout: self.acquire_timeout,
+            statement_timeout: self.statement_timeout,
+            done: OnceCell::new(),
+        });
         Ok(PostgresTier {
             pool,
             options,
@@ -970,11 +908,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             table: self.table,
             sql,
             name: self.name,
-            acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
             connect_timeout: self.connect_timeout,
             max_connections: self.max_connections,
-            migrated: OnceCell::new(),
+            change_retention: self.change_retention,
+            feed_poll: self.feed_poll,
+            migrations,
             down_until: AtomicU64::new(0),
             busy_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
@@ -1058,6 +997,7 @@ mod tests {
 
     #[test]
     fn bookkeeping_tables_fit_in_an_identifier_and_stay_apart() {
+        use crate::migrate::bookkeeping_table;
         assert_eq!(
             bookkeeping_table("tiercache_entries"),
             "_tiercache_migrations_tiercache_entries"

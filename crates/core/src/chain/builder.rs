@@ -44,6 +44,7 @@ pub struct TieredCacheBuilder<K, V> {
     backplane: Option<Arc<dyn Backplane<K, V>>>,
     clock: Clock,
     policy: Policy,
+    follow: bool,
 }
 
 impl<K: Key, V: Value> Default for TieredCacheBuilder<K, V> {
@@ -59,6 +60,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
             tiers: Vec::new(),
             source: None,
             backplane: None,
+            follow: true,
             clock: Clock::system(),
             policy: Policy {
                 breaker: BreakerPolicy::default(),
@@ -200,10 +202,19 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
         self
     }
 
-    /// Builds the chain.
+    /// Whether the chain follows its source's change feed ([`Source::follow`]): every change
+    /// the source commits, by any writer, is applied to the cache tiers as it commits.
+    /// Defaults to `true`; a source without a feed is not followed either way.
+    pub fn follow_changes(mut self, on: bool) -> Self {
+        self.follow = on;
+        self
+    }
+
+    /// Builds the chain (and starts following the source's feed, if it has one).
     ///
     /// # Errors
-    /// [`Error::Config`] without a source, or with a zero time limit or TTL.
+    /// [`Error::Config`] without a source, or with a zero time limit or TTL; with a source
+    /// that has a feed, outside a Tokio runtime.
     pub fn build(self) -> Result<TieredCache<K, V>> {
         let (source, source_timeout) = self
             .source
@@ -235,7 +246,20 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
             .filter_map(|(_, t)| *t)
             .max()
             .unwrap_or_default();
-        Ok(TieredCache {
+        let feed = if self.follow { source.follow() } else { None };
+        if feed.is_some() && tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::Config(
+                "a chain that follows its source's changes is built inside a Tokio runtime".into(),
+            ));
+        }
+        let (stop, stopped) = match feed {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let chain = TieredCache {
             inner: Arc::new(Inner {
                 tiers: self
                     .tiers
@@ -251,7 +275,12 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
                 marks: Marks::new(),
                 tasks: Arc::default(),
                 counters: ChainCounters::default(),
+                _feed_stop: stop,
             }),
-        })
+        };
+        if let (Some(feed), Some(stopped)) = (feed, stopped) {
+            super::feed::follow(chain.downgrade(), feed, stopped);
+        }
+        Ok(chain)
     }
 }

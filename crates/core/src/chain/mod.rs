@@ -1,12 +1,14 @@
 //! [`TieredCache`]: the chain of cache tiers over an authoritative source.
 //!
 //! One file per path: `read.rs` (get, fetch, batches, warming, back-fill, fail-safe),
-//! `write.rs` (update, writes of unknown outcome, publish), `invalidate.rs` (manual and
-//! remote invalidation, flushes, clears), `level.rs` (one tier's limit, breaker, counters,
+//! `write.rs` (update, conditional update, delete, writes of unknown outcome, publish),
+//! `invalidate.rs` (manual and remote invalidation, flushes, clears), `feed.rs` (the source's
+//! change feed, applied), `level.rs` (one tier's limit, breaker, counters,
 //! missed invalidations and their replay), `marks.rs` (what changed since a load began),
 //! `floors.rs`, `tasks.rs` (background work) and `builder.rs`.
 
 mod builder;
+mod feed;
 mod floors;
 mod invalidate;
 mod level;
@@ -150,6 +152,8 @@ struct ChainCounters {
     backplane_errors: Counter,
     remote_invalidations: Counter,
     backfills_skipped: Counter,
+    feed_changes: Counter,
+    feed_flushes: Counter,
 }
 
 struct Inner<K, V> {
@@ -165,6 +169,8 @@ struct Inner<K, V> {
     /// Background work, counted for [`TieredCache::flush`].
     tasks: Arc<Tasks>,
     counters: ChainCounters,
+    /// Dropped with the chain: stops the task that applies the source's change feed.
+    _feed_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// A read-through chain of cache tiers over an authoritative source.
@@ -420,6 +426,8 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             backplane_errors: c.backplane_errors.get(),
             remote_invalidations: c.remote_invalidations.get(),
             backfills_skipped: c.backfills_skipped.get(),
+            feed_changes: c.feed_changes.get(),
+            feed_flushes: c.feed_flushes.get(),
             loads_in_flight: inner.flights.len() as u64,
             load_callers: inner.flights.callers() as u64,
             background_tasks: inner.tasks.running() as u64,

@@ -176,7 +176,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     }
 
     /// Refuses versions of `key` older than `version` at every tier for the floor TTL.
-    fn raise_floor(&self, key: &K, version: Version) {
+    pub(super) fn raise_floor(&self, key: &K, version: Version) {
         let inner = &*self.inner;
         // A stale copy may be served up to max-stale past its expiry: outlive that too.
         let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);

@@ -1,0 +1,162 @@
+//! The table's migrations and the names of its database objects, shared by the tier and its
+//! change feed's follower (each runs them once before its first statement).
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, SqlSafeStr};
+use tiercache_core::{Error, Result};
+use tokio::sync::OnceCell;
+
+use crate::map_error;
+
+static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
+
+/// One table's migrations, run once per tier (and retried on later calls if they failed).
+pub(crate) struct Migrations {
+    pub(crate) options: PgConnectOptions,
+    pub(crate) schema: String,
+    pub(crate) table: String,
+    pub(crate) name: String,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) statement_timeout: Duration,
+    pub(crate) done: OnceCell<()>,
+}
+
+impl Migrations {
+    /// Applies what the table has not had, once it succeeded never again.
+    pub(crate) async fn run(&self) -> Result<()> {
+        self.done.get_or_try_init(|| self.apply()).await.copied()
+    }
+
+    async fn apply(&self) -> Result<()> {
+        let names = Names::new(&self.schema, &self.table);
+        let migrations: Vec<Migration> = EMBEDDED
+            .iter()
+            .map(|m| {
+                let sql = names.fill(m.sql.as_str());
+                Migration::new(
+                    m.version,
+                    m.description.clone(),
+                    m.migration_type,
+                    AssertSqlSafe(sql).into_sql_str(),
+                    m.no_tx,
+                )
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(migrations);
+        migrator.create_schema(Cow::Owned(self.schema.clone()));
+        migrator.dangerous_set_table_name(Cow::Owned(format!(
+            "\"{}\".\"{}\"",
+            self.schema,
+            bookkeeping_table(&self.table)
+        )));
+        // A connection of its own, closed afterwards: sqlx's migrator returns early on an error
+        // without releasing its session-level advisory lock, and a connection of the tier's pool
+        // would keep holding it, blocking every later migration in the database. (A pool of one
+        // rather than a bare connection: `Migrator::run` on `&mut PgConnection` makes this
+        // future not `Send`.)
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy_with(self.options.clone());
+        let result = migrator.run(&pool).await;
+        pool.close().await;
+        result.map_err(|e| match e {
+            sqlx::migrate::MigrateError::Execute(inner) => {
+                map_error(&self.name, self.statement_timeout, inner)
+            }
+            other => Error::backend(&self.name, other),
+        })
+    }
+}
+
+/// PostgreSQL's longest identifier, in bytes.
+pub(crate) const MAX_IDENTIFIER: usize = 63;
+
+/// The table that records which migrations `table` has had: `_tiercache_migrations_<table>`,
+/// or, when that is longer than an identifier may be, the first 24 characters of the table and
+/// a hash of the whole name (stable across releases: FNV-1a).
+pub(crate) fn bookkeeping_table(table: &str) -> String {
+    const PREFIX: &str = "_tiercache_migrations_";
+    if PREFIX.len() + table.len() <= MAX_IDENTIFIER {
+        return format!("{PREFIX}{table}");
+    }
+    // The table is ASCII (validated), so slicing at 24 is on a character boundary.
+    format!("{PREFIX}{}_{:016x}", &table[..24], fnv(table))
+}
+
+/// FNV-1a of `text` (stable across releases: it names database objects).
+pub(crate) fn fnv(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The name of an object that belongs to `table` (its sequence, log, functions):
+/// `<table><suffix>`, or, when that is longer than an identifier may be, the first 24
+/// characters of the table, a hash of the whole name and the suffix.
+fn derived(table: &str, suffix: &str) -> String {
+    if table.len() + suffix.len() <= MAX_IDENTIFIER {
+        return format!("{table}{suffix}");
+    }
+    // The table is ASCII (validated), so slicing at 24 is on a character boundary.
+    format!("{}_{:016x}{suffix}", &table[..24], fnv(table))
+}
+
+/// The database objects of one table, quoted and schema-qualified, as the migrations and the
+/// statements name them.
+pub(crate) struct Names {
+    /// `{placeholder}` and its replacement.
+    pairs: Vec<(&'static str, String)>,
+}
+
+impl Names {
+    pub(crate) fn new(schema: &str, table: &str) -> Self {
+        let q = |name: &str| format!("\"{schema}\".\"{name}\"");
+        let pairs = vec![
+            ("{table}", q(table)),
+            ("{versions}", q(&derived(table, "_versions"))),
+            ("{changes}", q(&derived(table, "_changes"))),
+            (
+                "{changes_txid}",
+                format!("\"{}\"", derived(table, "_changes_txid")),
+            ),
+            (
+                "{changes_at}",
+                format!("\"{}\"", derived(table, "_changes_at")),
+            ),
+            ("{feed}", q(&derived(table, "_feed"))),
+            ("{stamp}", q(&derived(table, "_stamp"))),
+            ("{announce}", q(&derived(table, "_announce"))),
+            ("{truncated}", q(&derived(table, "_truncated"))),
+            ("{write_fn}", q(&derived(table, "_write"))),
+            ("{delete_fn}", q(&derived(table, "_delete"))),
+            ("{channel}", channel(schema, table)),
+        ];
+        Names { pairs }
+    }
+
+    pub(crate) fn get(&self, placeholder: &str) -> &str {
+        self.pairs
+            .iter()
+            .find(|(p, _)| *p == placeholder)
+            .map(|(_, name)| name.as_str())
+            .expect("a known placeholder")
+    }
+
+    /// `sql` with every placeholder replaced.
+    pub(crate) fn fill(&self, sql: &str) -> String {
+        self.pairs
+            .iter()
+            .fold(sql.to_owned(), |sql, (p, name)| sql.replace(p, name))
+    }
+}
+
+/// The LISTEN/NOTIFY channel of a table: `tiercache_` and a hash of its qualified name (a
+/// channel is an identifier; this one fits whatever the names' lengths).
+pub(crate) fn channel(schema: &str, table: &str) -> String {
+    format!("tiercache_{:016x}", fnv(&format!("{schema}.{table}")))
+}
