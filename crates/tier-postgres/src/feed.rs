@@ -13,7 +13,10 @@
 //!
 //! **Order of a (re)connect.** `LISTEN` first, then the catch-up read: a change that commits
 //! after the read's snapshot is announced to the listener, one that committed before is in
-//! the read.
+//! the read. The first cursor is the `xmin` of a snapshot the tier takes right after its
+//! migrations, before its first statement: a follower that connects after its chain has
+//! read and cached (the database was slow, the follower's connection failed) still catches
+//! up on every change that could have replaced what was cached.
 //!
 //! **Pruning.** Entries older than the retention are deleted (one instance at a time, under an
 //! advisory lock) and `pruned_below` rises past the greatest transaction id deleted. A
@@ -29,7 +32,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tiercache_core::feed::{self, ChangeSender};
 use tiercache_core::{Change, ChangeFeed, StorageKey};
 
-use crate::migrate::Migrations;
+use crate::migrate::{Migrations, Names};
 
 /// Default time an entry stays in the change log: how long a follower may be cut off and still
 /// catch up without emptying its caches.
@@ -118,11 +121,18 @@ impl<K: StorageKey> Follower<K> {
         sender: &ChangeSender<K>,
         failures: &mut u32,
     ) -> Ended {
-        // The log must exist before the first read (the tier may not have run a statement yet).
-        if let Err(error) = self.migrations.run().await {
-            return Ended::Broken(sqlx::Error::Protocol(format!(
-                "the migrations did not run: {error}"
-            )));
+        // The log must exist before the first read (the tier may not have run a statement
+        // yet), and the first catch-up starts where the tier's history does: before anything
+        // its chain could have cached.
+        match self.migrations.start().await {
+            Ok(start) => {
+                cursor.get_or_insert(start);
+            }
+            Err(error) => {
+                return Ended::Broken(sqlx::Error::Protocol(format!(
+                    "the migrations did not run: {error}"
+                )));
+            }
         }
         let mut listener = match PgListener::connect_with(&self.pool).await {
             Ok(listener) => listener,
@@ -183,8 +193,8 @@ impl<K: StorageKey> Follower<K> {
     }
 
     /// Reads what committed since the cursor in one snapshot and moves the cursor to the
-    /// snapshot's `xmin`. The first read (no cursor) only sets it: there is nothing to catch
-    /// up on before the follower existed.
+    /// snapshot's `xmin`. The first cursor is where the tier's history starts (before its
+    /// first statement), so a follower that connects late misses nothing its chain cached.
     async fn catch_up(
         &self,
         cursor: &mut Option<i64>,
@@ -262,6 +272,26 @@ impl<K: StorageKey> Follower<K> {
             .await?;
         Ok(())
     }
+}
+
+/// Deletes the entries older than `$1` seconds and raises `pruned_below` past them, if it gets
+/// the advisory lock `$2` (one pruner at a time); returns how many it deleted.
+pub(crate) fn prune_sql(names: &Names) -> String {
+    names.fill(
+        "WITH locked AS (SELECT pg_try_advisory_xact_lock($2) AS ok), \
+         gone AS (DELETE FROM {changes} \
+           WHERE at < now() - make_interval(secs => $1) AND (SELECT ok FROM locked) \
+           RETURNING txid), \
+         raised AS (UPDATE {feed} SET pruned_below = \
+           GREATEST(pruned_below, (SELECT max(txid) + 1 FROM gone)) \
+           WHERE id = 1 AND EXISTS (SELECT 1 FROM gone)) \
+         SELECT count(*) FROM gone",
+    )
+}
+
+/// The advisory lock pruners of one log take.
+pub(crate) fn prune_lock(changes_table: &str) -> i64 {
+    i64::from_ne_bytes(crate::migrate::fnv(changes_table).to_ne_bytes())
 }
 
 /// The change a log entry describes; `None` for a key this chain's key type cannot hold.

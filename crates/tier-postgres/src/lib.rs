@@ -298,6 +298,31 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         channel(&self.schema, &self.table)
     }
 
+    /// Deletes the change log's entries older than the retention
+    /// ([`change_retention`](PostgresTierBuilder::change_retention)) and records what it
+    /// removed, so that a follower cut off for longer empties its caches instead of missing
+    /// changes. Followers do it by themselves once a minute (one at a time); returns the
+    /// entries deleted (0 when another instance is pruning now).
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] if the server cannot be reached.
+    pub async fn prune_changes(&self) -> Result<u64> {
+        let sql = feed::prune_sql(&self.names());
+        let lock = feed::prune_lock(&self.changes_table());
+        let retention = self.change_retention.as_secs_f64();
+        let done = self
+            .run(false, || {
+                sqlx::query(AssertSqlSafe(sql.as_str()))
+                    .bind(retention)
+                    .bind(lock)
+                    .fetch_optional(&self.pool)
+            })
+            .await?;
+        Ok(done
+            .and_then(|row| row.try_get::<i64, _>(0).ok())
+            .map_or(0, |n| u64::try_from(n).unwrap_or(0)))
+    }
+
     fn names(&self) -> Names {
         Names::new(&self.schema, &self.table)
     }
@@ -656,16 +681,8 @@ where
             since_sql: names
                 .fill("SELECT key, version, op FROM {changes} WHERE txid >= $1 ORDER BY position"),
             key_at_sql: names.fill("SELECT key FROM {changes} WHERE position = $1"),
-            prune_sql: names.fill(
-                "WITH locked AS (SELECT pg_try_advisory_xact_lock($2) AS ok), \
-                 gone AS (DELETE FROM {changes} \
-                   WHERE at < now() - make_interval(secs => $1) AND (SELECT ok FROM locked) \
-                   RETURNING txid) \
-                 UPDATE {feed} SET pruned_below = \
-                   GREATEST(pruned_below, (SELECT max(txid) + 1 FROM gone)) \
-                 WHERE id = 1 AND EXISTS (SELECT 1 FROM gone)",
-            ),
-            lock_key: i64::from_ne_bytes(migrate::fnv(&self.changes_table()).to_ne_bytes()),
+            prune_sql: feed::prune_sql(&names),
+            lock_key: feed::prune_lock(&self.changes_table()),
             retention: self.change_retention,
             poll: self.feed_poll,
             _keys: PhantomData,

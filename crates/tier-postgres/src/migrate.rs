@@ -22,13 +22,43 @@ pub(crate) struct Migrations {
     pub(crate) name: String,
     pub(crate) acquire_timeout: Duration,
     pub(crate) statement_timeout: Duration,
-    pub(crate) done: OnceCell<()>,
+    /// Set once the migrations ran: the `xmin` of a snapshot taken then, before the tier's
+    /// first statement (see [`Migrations::start`]).
+    pub(crate) done: OnceCell<i64>,
 }
 
 impl Migrations {
     /// Applies what the table has not had, once it succeeded never again.
     pub(crate) async fn run(&self) -> Result<()> {
-        self.done.get_or_try_init(|| self.apply()).await.copied()
+        self.start().await.map(|_| ())
+    }
+
+    /// Runs the migrations once and returns where the tier's history starts: the `xmin` of a
+    /// snapshot taken after they ran and before the tier's first statement. Every change that
+    /// commits after anything this tier reads has a transaction id at least this, so a follower
+    /// that starts late still catches up on every change that could have replaced what its
+    /// chain cached (see the `feed` module).
+    pub(crate) async fn start(&self) -> Result<i64> {
+        self.done
+            .get_or_try_init(|| async {
+                self.apply().await?;
+                self.horizon().await
+            })
+            .await
+            .copied()
+    }
+
+    async fn horizon(&self) -> Result<i64> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy_with(self.options.clone());
+        let xmin =
+            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
+                .fetch_one(&pool)
+                .await;
+        pool.close().await;
+        xmin.map_err(|e| map_error(&self.name, self.statement_timeout, e))
     }
 
     async fn apply(&self) -> Result<()> {

@@ -696,6 +696,7 @@ pub struct UserConfigStorageBuilder {
     #[cfg(feature = "cluster")]
     redis_cluster: Vec<String>,
     backplane: bool,
+    follow_changes: bool,
     database_url: Option<String>,
     sqlite_path: Option<PathBuf>,
     custom_source: Option<Arc<dyn Source<Key, UserConfig>>>,
@@ -735,6 +736,7 @@ impl Default for UserConfigStorageBuilder {
             #[cfg(feature = "cluster")]
             redis_cluster: Vec::new(),
             backplane: true,
+            follow_changes: true,
             database_url: None,
             sqlite_path: None,
             custom_source: None,
@@ -799,6 +801,14 @@ impl UserConfigStorageBuilder {
     /// Defaults to [`DEFAULT_REDIS_PREFIX`].
     pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.redis_prefix = prefix.into();
+        self
+    }
+
+    /// Whether the instance follows the database's change feed: every change committed to the
+    /// table, by anyone (another instance, `psql`, another service), is applied to its memory
+    /// and Redis copies as it commits. Defaults to `true`.
+    pub fn follow_changes(mut self, on: bool) -> Self {
+        self.follow_changes = on;
         self
     }
 
@@ -983,7 +993,8 @@ impl UserConfigStorageBuilder {
             // A missed invalidation may leave an old copy in Redis for its whole TTL.
             .floor_ttl(self.redis_ttl.max(self.memory_ttl))
             // The database's own limits may let a write commit after the chain's 2 s.
-            .write_settle(database.write_settle());
+            .write_settle(database.write_settle())
+            .follow_changes(self.follow_changes);
         if let Some(redis) = &redis {
             // A read pays at most the Redis tier's own time limit (50 ms by default), however
             // Redis fails (slow, partitioned, reconnecting).
