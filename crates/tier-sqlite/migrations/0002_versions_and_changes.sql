@@ -41,6 +41,14 @@ CREATE TABLE IF NOT EXISTS {changes} (
 );
 CREATE INDEX IF NOT EXISTS {changes_at} ON {changes} (at);
 
+-- What pruning removed: a follower whose position is below `pruned_through` may have lost
+-- changes and empties its caches instead of catching up.
+CREATE TABLE IF NOT EXISTS {feed} (
+    id             INTEGER PRIMARY KEY CHECK (id = 1),
+    pruned_through INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO {feed} (id, pruned_through) VALUES (1, 0);
+
 CREATE TRIGGER IF NOT EXISTS {inserted} AFTER INSERT ON {table} BEGIN
     UPDATE {versions} SET last = last + 1;
     UPDATE {table} SET version = (SELECT last FROM {versions}),

@@ -44,6 +44,10 @@
 
 #![forbid(unsafe_code)]
 
+mod feed;
+
+pub use feed::{DEFAULT_CHANGE_RETENTION, DEFAULT_FEED_POLL};
+
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
@@ -61,7 +65,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row, SqlSafeStr};
 use tiercache_core::{
-    Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
+    ChangeFeed, Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
 };
 
 /// Default database file (relative to the working directory).
@@ -87,6 +91,12 @@ static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
 pub struct SqliteTier<K, V> {
     pool: SqlitePool,
     path: PathBuf,
+    /// The change log's last position when the tier was opened: where its followers start.
+    start: i64,
+    /// Wakes this tier's followers after each of its commits.
+    wake: Arc<tokio::sync::Notify>,
+    change_retention: Duration,
+    feed_poll: Duration,
     table: String,
     sql: Statements,
     name: String,
@@ -193,6 +203,7 @@ fn fill(table: &str, sql: &str) -> String {
         "versions",
         "changes",
         "changes_at",
+        "feed",
         "inserted",
         "updated",
         "deleted",
@@ -234,6 +245,20 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
     #[must_use]
     pub fn changes_table(&self) -> String {
         format!("\"{}_changes\"", self.table)
+    }
+
+    /// Deletes the change log's entries older than the retention
+    /// ([`change_retention`](SqliteTierBuilder::change_retention)) and records what it removed,
+    /// so that a follower that missed them empties its caches instead. Followers do it by
+    /// themselves once a minute. Returns the entries deleted.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if another connection holds the write lock past the busy timeout.
+    pub async fn prune_changes(&self) -> Result<u64> {
+        let sql = feed::prune_sql(|sql| fill(&self.table, sql));
+        feed::prune(&self.pool, &sql, self.change_retention)
+            .await
+            .map_err(|e| self.failed(e))
     }
 
     /// The database file (or [`IN_MEMORY`]).
@@ -337,6 +362,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
             }
         };
         tx.commit().await?;
+        self.wake.notify_waiters();
         Ok(Written::Changed(u64::try_from(version).unwrap_or(0)))
     }
 
@@ -455,6 +481,33 @@ where
             .map_err(|e| self.failed_change(e))
     }
 
+    /// Reads the change log past the last position applied: at once after this tier's own
+    /// commits, and when `PRAGMA data_version` on a connection of the follower's own says
+    /// another connection committed (polled every [`feed_poll`](SqliteTierBuilder::feed_poll)).
+    fn follow(&self) -> Option<ChangeFeed<K>> {
+        let table = self.table.clone();
+        let in_memory = self.path.as_os_str() == IN_MEMORY;
+        let follower = feed::Follower {
+            file: (!in_memory).then(|| self.path.clone()),
+            busy_timeout: self.busy_timeout,
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+            start: self.start,
+            wake: Arc::clone(&self.wake),
+            since_sql: fill(
+                &table,
+                "SELECT position, key, version, op FROM {changes} \
+                 WHERE position > ?1 ORDER BY position LIMIT ?2",
+            ),
+            pruned_sql: fill(&table, "SELECT pruned_through FROM {feed} WHERE id = 1"),
+            prune_sql: feed::prune_sql(|sql| fill(&table, sql)),
+            retention: self.change_retention,
+            poll: self.feed_poll,
+            _keys: PhantomData,
+        };
+        Some(follower.start())
+    }
+
     fn stats(&self) -> TierStats {
         let s = &self.stats;
         TierStats::new(self.name.clone(), s.hits.get(), s.misses.get())
@@ -470,6 +523,8 @@ pub struct SqliteTierBuilder<K, V> {
     table: String,
     max_connections: u32,
     busy_timeout: Duration,
+    change_retention: Duration,
+    feed_poll: Duration,
     name: String,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -481,6 +536,8 @@ impl<K, V> Default for SqliteTierBuilder<K, V> {
             table: DEFAULT_TABLE.to_owned(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             busy_timeout: DEFAULT_BUSY_TIMEOUT,
+            change_retention: DEFAULT_CHANGE_RETENTION,
+            feed_poll: DEFAULT_FEED_POLL,
             name: DEFAULT_NAME.to_owned(),
             _types: PhantomData,
         }
@@ -527,6 +584,19 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
+    /// How long an entry stays in the change log. Defaults to [`DEFAULT_CHANGE_RETENTION`].
+    pub fn change_retention(mut self, retention: Duration) -> Self {
+        self.change_retention = retention;
+        self
+    }
+
+    /// How often a follower looks for other connections' commits (`PRAGMA data_version`, no
+    /// disk read). Defaults to [`DEFAULT_FEED_POLL`].
+    pub fn feed_poll(mut self, interval: Duration) -> Self {
+        self.feed_poll = interval;
+        self
+    }
+
     /// The tier's name in stats and errors. Defaults to [`DEFAULT_NAME`].
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
@@ -550,8 +620,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         if self.max_connections == 0 {
             return Err(Error::Config("max_connections must be at least 1".into()));
         }
-        if self.busy_timeout.is_zero() {
-            return Err(Error::Config("busy_timeout must be positive".into()));
+        if self.busy_timeout.is_zero()
+            || self.change_retention.is_zero()
+            || self.feed_poll.is_zero()
+        {
+            return Err(Error::Config(
+                "busy_timeout, change_retention and feed_poll must be positive".into(),
+            ));
         }
         if self.path.as_os_str().is_empty() {
             return Err(Error::Config("the SQLite path is empty".into()));
@@ -590,9 +665,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             .await
             .map_err(|e| map_error(&self.name, self.busy_timeout, e))?;
         let t = format!("\"{}\"", self.table);
-        let tier = SqliteTier {
+        let mut tier = SqliteTier {
             pool,
             path: self.path,
+            start: 0,
+            wake: Arc::new(tokio::sync::Notify::new()),
+            change_retention: self.change_retention,
+            feed_poll: self.feed_poll,
             sql: Statements {
                 get: format!("SELECT value, version FROM {t} WHERE key = ?1"),
                 get_many: format!(
@@ -615,6 +694,16 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             _types: PhantomData,
         };
         tier.migrate().await?;
+        // Where this tier's history starts: its followers catch up from here, so nothing it
+        // reads from now on can miss a later change.
+        tier.start = sqlx::query_scalar(AssertSqlSafe(fill(
+            &tier.table,
+            "SELECT max(COALESCE((SELECT max(position) FROM {changes}), 0), \
+             (SELECT pruned_through FROM {feed} WHERE id = 1))",
+        )))
+        .fetch_one(&tier.pool)
+        .await
+        .map_err(|e| tier.failed(e))?;
         Ok(tier)
     }
 }

@@ -301,3 +301,81 @@ async fn plain_sql_writers_get_versions_and_log_entries_too() {
     assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
     assert_eq!(*versions.last().unwrap() as u64, v5);
 }
+
+/// Changes made with plain SQL by another connection (another process, the `sqlite3` shell)
+/// reach every chain over the file through its feed; a follower that missed entries the log
+/// no longer holds empties its caches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_connections_changes_reach_every_chain_through_the_feed() {
+    use std::time::Duration;
+    use tiercache_core::TieredCache;
+    use tiercache_memory::MemoryTier;
+
+    let dir = TempDir::new("sqlite_feed");
+    let file = dir.0.join("feed.sqlite3");
+    let mut chains = Vec::new();
+    for _ in 0..2 {
+        let tier = Tier::builder().path(&file).build().await.unwrap();
+        chains.push(
+            TieredCache::builder()
+                .tier(MemoryTier::new())
+                .source(tier)
+                .build()
+                .unwrap(),
+        );
+    }
+    let writer = Tier::builder()
+        .path(&file)
+        .change_retention(Duration::from_millis(1))
+        .build()
+        .await
+        .unwrap();
+    let v1 = writer
+        .write(&"k".into(), contract::value(1), None)
+        .await
+        .unwrap()
+        .version();
+    for chain in &chains {
+        assert_eq!(chain.fetch(&"k".into()).await.unwrap().version, v1);
+    }
+    let json = serde_json::to_string(&*contract::value(2)).unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET value = ?1 WHERE key = 'k'",
+        writer.quoted_table()
+    )))
+    .bind(json)
+    .execute(writer.pool())
+    .await
+    .unwrap();
+    let v2 = writer.get(&"k".into()).await.unwrap().unwrap().version;
+    for (i, chain) in chains.iter().enumerate() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while chain.fetch(&"k".into()).await.unwrap().version != v2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "chain {i} never saw v2"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(chain.stats().feed_flushes, 0);
+    }
+    // A delete with SQL: both chains serve "not found".
+    sqlx::query(AssertSqlSafe(format!(
+        "DELETE FROM {} WHERE key = 'k'",
+        writer.quoted_table()
+    )))
+    .execute(writer.pool())
+    .await
+    .unwrap();
+    for (i, chain) in chains.iter().enumerate() {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while chain.fetch(&"k".into()).await.unwrap().value.is_some() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "chain {i} never saw the delete"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    assert!(writer.prune_changes().await.unwrap() >= 2);
+}

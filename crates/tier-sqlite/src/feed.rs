@@ -1,0 +1,233 @@
+//! The change feed on SQLite: a follower per chain reads the change log past the last position
+//! it applied. SQLite commits one writer at a time and numbers log entries inside the writing
+//! transaction, so positions are in commit order and reading past a position skips nothing.
+//! Across processes (and across this process's other pools), a commit is noticed with
+//! `PRAGMA data_version` on the follower's own connection, polled; this tier's own commits wake
+//! its followers at once. The log is pruned by age; a follower whose position is below what
+//! pruning removed reports [`Change::Everything`].
+
+use std::marker::PhantomData;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+use tiercache_core::feed::{self, ChangeSender};
+use tiercache_core::{Change, ChangeFeed, StorageKey};
+use tokio::sync::Notify;
+
+/// Default interval at which a follower looks for other connections' commits.
+pub const DEFAULT_FEED_POLL: Duration = Duration::from_millis(5);
+/// Default time an entry stays in the change log.
+pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(3600);
+/// How often a follower prunes the log.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Entries read per query.
+const BATCH: i64 = 1024;
+
+/// What a follower needs of its tier.
+pub(crate) struct Follower<K> {
+    /// The database file, for a connection of the follower's own; `None` in memory (the
+    /// tier's one connection is shared).
+    pub(crate) file: Option<PathBuf>,
+    pub(crate) busy_timeout: Duration,
+    pub(crate) pool: SqlitePool,
+    pub(crate) name: String,
+    /// Where the tier's history starts: the last position when it was opened.
+    pub(crate) start: i64,
+    pub(crate) wake: Arc<Notify>,
+    /// `SELECT position, key, version, op FROM changes WHERE position > ?1 ... LIMIT ?2`.
+    pub(crate) since_sql: String,
+    /// `SELECT pruned_through FROM feed`.
+    pub(crate) pruned_sql: String,
+    /// Raises `pruned_through` and deletes, for entries older than `?1` (`-N seconds`).
+    pub(crate) prune_sql: [String; 2],
+    pub(crate) retention: Duration,
+    pub(crate) poll: Duration,
+    pub(crate) _keys: PhantomData<fn() -> K>,
+}
+
+impl<K: StorageKey> Follower<K> {
+    pub(crate) fn start(self) -> ChangeFeed<K> {
+        let (sender, feed) = feed::channel();
+        tokio::spawn(self.run(sender));
+        feed
+    }
+
+    async fn run(self, sender: ChangeSender<K>) {
+        let mut cursor = self.start;
+        let mut failing = false;
+        let mut own: Option<SqliteConnection> = None;
+        let mut seen_version: Option<i64> = None;
+        let mut prune = tokio::time::interval(PRUNE_EVERY);
+        prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(self.poll) => {
+                    // Another connection's commit shows in `data_version`; nothing else to do
+                    // until it moves.
+                    match self.data_version(&mut own).await {
+                        Ok(Some(version)) if seen_version == Some(version) => continue,
+                        Ok(version) => seen_version = version,
+                        Err(error) => {
+                            own = None;
+                            if !failing {
+                                tracing::warn!(tier = %self.name, %error, "change feed failing");
+                                failing = true;
+                            }
+                            continue;
+                        }
+                    }
+                }
+                _ = prune.tick() => {
+                    if let Err(error) = self.prune().await {
+                        tracing::debug!(tier = %self.name, %error, "could not prune the change log");
+                    }
+                    continue;
+                }
+                () = sender.closed() => return,
+            }
+            match self.catch_up(&mut cursor, &sender).await {
+                Ok(true) => {
+                    if failing {
+                        tracing::info!(tier = %self.name, "change feed caught up");
+                        failing = false;
+                    }
+                }
+                Ok(false) => return,
+                Err(error) => {
+                    if !failing {
+                        tracing::warn!(tier = %self.name, %error, "change feed failing");
+                        failing = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `PRAGMA data_version` on the follower's own connection (opened when missing); `None`
+    /// in memory, where every tick reads the log.
+    async fn data_version(
+        &self,
+        own: &mut Option<SqliteConnection>,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        let Some(file) = &self.file else {
+            return Ok(None);
+        };
+        if own.is_none() {
+            let conn = SqliteConnectOptions::new()
+                .filename(file)
+                .busy_timeout(self.busy_timeout)
+                .connect()
+                .await?;
+            *own = Some(conn);
+        }
+        let conn = own.as_mut().expect("just opened");
+        let version: i64 = sqlx::query_scalar("PRAGMA data_version")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Some(version))
+    }
+
+    /// Reads and hands over every entry past `cursor`; `Ok(false)`: the chain is gone.
+    async fn catch_up(
+        &self,
+        cursor: &mut i64,
+        sender: &ChangeSender<K>,
+    ) -> Result<bool, sqlx::Error> {
+        loop {
+            let mut conn = self.pool.acquire().await?;
+            let mut tx = conn.begin().await?;
+            let pruned_through: i64 = sqlx::query_scalar(AssertSqlSafe(self.pruned_sql.as_str()))
+                .fetch_one(&mut *tx)
+                .await?;
+            let rows = sqlx::query(AssertSqlSafe(self.since_sql.as_str()))
+                .bind(*cursor)
+                .bind(BATCH)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            drop(conn);
+            if *cursor < pruned_through {
+                tracing::warn!(
+                    tier = %self.name,
+                    "the change log no longer covers what this follower missed"
+                );
+                let last = rows
+                    .last()
+                    .and_then(|r| r.try_get::<i64, _>(0).ok())
+                    .unwrap_or(pruned_through);
+                *cursor = last.max(pruned_through);
+                if !sender.send(vec![Change::Everything]).await {
+                    return Ok(false);
+                }
+                continue;
+            }
+            let full = rows.len() as i64 == BATCH;
+            let mut batch = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let position: i64 = row.try_get(0)?;
+                let key: String = row.try_get(1)?;
+                let version: i64 = row.try_get(2)?;
+                let op: String = row.try_get(3)?;
+                *cursor = position;
+                if let (Some(key), Ok(version)) =
+                    (K::from_storage_key(&key), u64::try_from(version))
+                {
+                    batch.push(Change::Key {
+                        key,
+                        version,
+                        deleted: op == "D",
+                    });
+                }
+            }
+            if !sender.send(batch).await {
+                return Ok(false);
+            }
+            if !full {
+                return Ok(true);
+            }
+        }
+    }
+
+    async fn prune(&self) -> Result<u64, sqlx::Error> {
+        prune(&self.pool, &self.prune_sql, self.retention).await
+    }
+}
+
+/// The statements that prune a log: raise `pruned_through` past the entries older than the
+/// retention, then delete them.
+pub(crate) fn prune_sql(fill: impl Fn(&str) -> String) -> [String; 2] {
+    let cutoff = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)";
+    [
+        fill(&format!(
+            "UPDATE {{feed}} SET pruned_through = max(pruned_through, \
+             COALESCE((SELECT max(position) FROM {{changes}} WHERE at < {cutoff}), 0)) \
+             WHERE id = 1"
+        )),
+        fill(&format!("DELETE FROM {{changes}} WHERE at < {cutoff}")),
+    ]
+}
+
+/// Prunes the log in one immediate transaction; returns the entries deleted.
+pub(crate) async fn prune(
+    pool: &SqlitePool,
+    sql: &[String; 2],
+    retention: Duration,
+) -> Result<u64, sqlx::Error> {
+    let modifier = format!("-{:.3} seconds", retention.as_secs_f64());
+    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+    sqlx::query(AssertSqlSafe(sql[0].as_str()))
+        .bind(&modifier)
+        .execute(&mut *tx)
+        .await?;
+    let deleted = sqlx::query(AssertSqlSafe(sql[1].as_str()))
+        .bind(&modifier)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    tx.commit().await?;
+    Ok(deleted)
+}
