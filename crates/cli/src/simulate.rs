@@ -27,7 +27,8 @@ use crate::{Connection, Failure};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Mode {
-    /// tiercache: single-flight, and the backplane keeping instances' memory coherent.
+    /// tiercache: single-flight, and the database's change feed keeping instances' memory
+    /// coherent.
     Tiercache,
     /// The seed design: the same tiers without single-flight or cross-instance invalidation.
     Seed,
@@ -249,7 +250,8 @@ async fn run_mode(
             // Simulated users live under their own Redis prefix, apart from real ones.
             .redis_prefix(format!("userconfig-sim:{run_id}:"))
             .single_flight(mode == Mode::Tiercache)
-            .backplane(mode == Mode::Tiercache);
+            // The database's change feed keeps the instances' memory coherent.
+            .follow_changes(mode == Mode::Tiercache);
         builder = connection.redis(builder);
         builder = match (i, &connection.database_url, &temp_db) {
             (0, Some(url), _) => builder.database_url(url.clone()),
@@ -258,7 +260,6 @@ async fn run_mode(
         };
         storages.push(builder.build().await?);
     }
-    // (Each build waited for its backplane's first subscription attempt.)
     let result = drive(args, mode, &storages, &run_id).await;
     if let Some(path) = &temp_db {
         for suffix in ["", "-wal", "-shm"] {

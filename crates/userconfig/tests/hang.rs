@@ -65,6 +65,7 @@ async fn a_hung_redis_costs_an_update_its_limit_and_no_instance_serves_a_replace
         let storage = UserConfigStorage::builder()
             .redis_tier(Arc::new(tier))
             .postgres_tier(postgres.clone())
+            .backplane(true)
             .build()
             .await
             .unwrap();

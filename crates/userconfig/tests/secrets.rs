@@ -142,6 +142,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
     let storage = UserConfigStorage::builder()
         .redis_tier(redis.clone())
         .postgres_tier(postgres.clone())
+        .backplane(true)
         .build()
         .await
         .unwrap();

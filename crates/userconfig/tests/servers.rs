@@ -90,8 +90,7 @@ async fn an_update_reaches_every_tier_and_other_instances_via_redis() {
     assert_eq!(in_redis.version, 2);
     let in_db = s.postgres.get(&"bob".into()).await.unwrap().unwrap();
     assert_eq!(in_db.value.unwrap().preferences.theme, "v2");
-    // The backplane replaces instance b's copy within milliseconds (the update's message
-    // carries the value), so b serves v2 from its own memory.
+    // Instance b serves v2 within milliseconds.
     let mut got = b.fetch_user_config("bob").await.unwrap();
     for _ in 0..500 {
         if got.version == 2 {
@@ -101,12 +100,15 @@ async fn an_update_reaches_every_tier_and_other_instances_via_redis() {
         got = b.fetch_user_config("bob").await.unwrap();
     }
     assert_eq!(
-        (
-            got.version,
-            got.answered_by,
-            got.config.preferences.theme.as_str()
-        ),
-        (2, Answer::Memory, "v2")
+        (got.version, got.config.preferences.theme.as_str()),
+        (2, "v2")
+    );
+    // The backplane replaces b's copy in place (a memory hit), unless the database's feed
+    // dropped it first (then b read v2 from Redis).
+    assert!(
+        matches!(got.answered_by, Answer::Memory | Answer::Redis),
+        "{:?}",
+        got.answered_by
     );
     assert!(b.get_cache_stats().backplane.unwrap().received >= 1);
     s.cleanup().await;

@@ -56,6 +56,7 @@ impl Servers {
         UserConfigStorage::builder()
             .redis_tier(self.redis.clone())
             .postgres_tier(self.postgres.clone())
+            .backplane(true)
             .build()
             .await
             .unwrap()

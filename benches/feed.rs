@@ -1,0 +1,311 @@
+//! The database's change feed, measured on the real servers in one run: how long after a
+//! change every one of four instances serves it, for a write through the chain and for a write
+//! made with plain SQL, side by side with the Redis pub/sub backplane (which never learns of the
+//! SQL write); what the versions trigger and the change log cost a write, against the plain
+//! upsert of before; and how large the log is after 100,000 writes.
+//!
+//! ```text
+//! cargo bench --bench feed              # 300 rounds each; DATABASE_URL and REDIS_URL or local
+//! cargo bench --bench feed -- 1000      # rounds
+//! ```
+//!
+//! A round: every instance holds the key in memory; then a change; then every instance reads
+//! the key (a memory hit until its copy is dropped, then a database read) until it serves the
+//! new version. A round's latency is the slowest instance's, from before the change was sent
+//! (for a write through the chain, the call's start: an upper bound of the time from commit;
+//! for SQL, the statement's start) until the last instance serves it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::AssertSqlSafe;
+use tiercache_postgres::PostgresTier;
+use tiercache_redis::RedisTier;
+use tiercache_testkit::{env, postgres_env, redis_env};
+use userconfig::{UserConfig, UserConfigStorage};
+
+const INSTANCES: usize = 4;
+const LOG_WRITES: usize = 100_000;
+
+fn percentiles(mut samples: Vec<Duration>) -> String {
+    samples.sort_unstable();
+    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+    format!(
+        "p50 {:>8.2?}  p99 {:>8.2?}  max {:>8.2?}  ({} rounds)",
+        at(0.5),
+        at(0.99),
+        at(1.0),
+        samples.len()
+    )
+}
+
+/// Between two polls: the thread's time slice to the OS (the database server and Redis must run
+/// to deliver the change), then the task's turn to tokio.
+async fn yield_now() {
+    std::thread::yield_now();
+    tokio::task::yield_now().await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Writer {
+    Chain,
+    Sql,
+}
+
+struct Setup {
+    instances: Vec<UserConfigStorage>,
+    pool: sqlx::PgPool,
+    table: String,
+}
+
+async fn setup(schema: &str, pool: &sqlx::PgPool, redis_prefix: &str, feed: bool) -> Setup {
+    let mut instances = Vec::new();
+    for _ in 0..INSTANCES {
+        let mut builder = UserConfigStorage::builder()
+            .postgres_tier(Arc::new(
+                PostgresTier::builder()
+                    .url(env::database_url())
+                    .schema(schema)
+                    .build()
+                    .unwrap(),
+            ))
+            .follow_changes(feed)
+            .backplane(!feed);
+        if !feed {
+            builder = builder.redis_tier(Arc::new(
+                RedisTier::builder()
+                    .url(redis_env::redis_url().await)
+                    .prefix(redis_prefix)
+                    .build()
+                    .unwrap(),
+            ));
+        }
+        instances.push(builder.build().await.unwrap());
+    }
+    Setup {
+        instances,
+        pool: pool.clone(),
+        table: format!("\"{schema}\".\"tiercache_entries\""),
+    }
+}
+
+/// One round; `None` if some instance still served the old version after a second.
+async fn round(setup: &Setup, writer: Writer, user: &str, n: u64) -> Option<Duration> {
+    for storage in &setup.instances {
+        storage.get_user_config(user).await.unwrap();
+    }
+    let mut config = UserConfig::default_for(user);
+    config.preferences.language = format!("l{n}");
+    let started = Instant::now();
+    let version = match writer {
+        Writer::Chain => setup.instances[0]
+            .update_user_config(user, &config)
+            .await
+            .unwrap(),
+        Writer::Sql => {
+            let json = serde_json::to_string(&config).unwrap();
+            let v: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "UPDATE {} SET value = $2::jsonb WHERE key = $1 RETURNING version",
+                setup.table
+            )))
+            .bind(user)
+            .bind(json)
+            .fetch_one(&setup.pool)
+            .await
+            .unwrap();
+            v as u64
+        }
+    };
+    let mut pending: Vec<usize> = (0..INSTANCES).collect();
+    while !pending.is_empty() {
+        if started.elapsed() > Duration::from_secs(1) {
+            return None;
+        }
+        let mut still = Vec::new();
+        for i in pending {
+            let got = setup.instances[i].fetch_user_config(user).await.unwrap();
+            if got.version < version {
+                still.push(i);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            yield_now().await;
+        }
+    }
+    Some(started.elapsed())
+}
+
+async fn latency(setup: &Setup, writer: Writer, rounds: u64) -> String {
+    let users: Vec<String> = (0..8).map(|i| format!("bench-{i}")).collect();
+    for user in &users {
+        setup.instances[0]
+            .update_user_config(user, &UserConfig::default_for(user))
+            .await
+            .unwrap();
+    }
+    let mut samples = Vec::new();
+    let mut missed = 0;
+    for n in 0..rounds {
+        match round(setup, writer, &users[n as usize % users.len()], n).await {
+            Some(took) => samples.push(took),
+            None => missed += 1,
+        }
+    }
+    if samples.is_empty() {
+        return format!("never (all {missed} rounds: no instance but the writer learned of it)");
+    }
+    let missed = if missed > 0 {
+        format!("; {missed} rounds never converged within 1 s")
+    } else {
+        String::new()
+    };
+    format!("{}{missed}", percentiles(samples))
+}
+
+/// The cost of a write: the plain versioned upsert of before (no trigger, no log) against the
+/// write function on the table with the trigger and the log, one connection, sequential.
+async fn write_cost(pool: &sqlx::PgPool, schema: &str, writes: usize) -> (Duration, Duration) {
+    let plain = format!("\"{schema}\".\"plain\"");
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE {plain} (key text PRIMARY KEY, value jsonb NOT NULL, \
+         version bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
+    )))
+    .execute(pool)
+    .await
+    .unwrap();
+    let upsert = format!(
+        "INSERT INTO {plain} AS t (key, value, version) VALUES ($1, $2::jsonb, 1) \
+         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1, \
+         updated_at = now() RETURNING version"
+    );
+    let function = format!(
+        "SELECT outcome, version FROM \"{schema}\".\"tiercache_entries_write\"($1, $2::jsonb, NULL)"
+    );
+    let mut conn = pool.acquire().await.unwrap();
+    let mut plain_total = Duration::ZERO;
+    let mut logged_total = Duration::ZERO;
+    // Alternately, so that the machine's noise falls on both.
+    for _ in 0..4 {
+        plain_total += timed(&mut conn, &upsert, writes).await;
+        logged_total += timed(&mut conn, &function, writes).await;
+    }
+    (plain_total, logged_total)
+}
+
+/// `writes` writes of `sql` (key, value) on one connection, sequentially.
+async fn timed(
+    conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
+    sql: &str,
+    writes: usize,
+) -> Duration {
+    let started = Instant::now();
+    for i in 0..writes {
+        let user = format!("cost-{}", i % 100);
+        let mut config = UserConfig::default_for(&user);
+        config.preferences.language = format!("l{i}");
+        sqlx::query(AssertSqlSafe(sql.to_owned()))
+            .bind(user)
+            .bind(serde_json::to_string(&config).unwrap())
+            .execute(&mut **conn)
+            .await
+            .unwrap();
+    }
+    started.elapsed()
+}
+
+fn main() {
+    let rounds: u64 = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(300);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = postgres_env::postgres_pool().await;
+        let schema = postgres_env::fresh_schema(&pool).await;
+        let prefix = redis_env::unique_prefix("bench_feed");
+
+        let feed = setup(&schema, &pool, &prefix, true).await;
+        println!("every one of {INSTANCES} instances serves a change, from the change's start:");
+        println!(
+            "  feed,      write through the chain: {}",
+            latency(&feed, Writer::Chain, rounds).await
+        );
+        println!(
+            "  feed,      write with plain SQL:    {}",
+            latency(&feed, Writer::Sql, rounds).await
+        );
+        drop(feed);
+        let backplane = setup(&schema, &pool, &prefix, false).await;
+        println!(
+            "  backplane, write through the chain: {}",
+            latency(&backplane, Writer::Chain, rounds).await
+        );
+        println!(
+            "  backplane, write with plain SQL:    {}",
+            latency(&backplane, Writer::Sql, rounds.min(20)).await
+        );
+        if let Some(redis) = backplane.instances[0].redis() {
+            use tiercache_core::CacheTier;
+            let _ = redis.clear().await;
+        }
+        drop(backplane);
+
+        let writes = 2_000;
+        let (plain, logged) = write_cost(&pool, &schema, writes).await;
+        let per = |d: Duration| d / (4 * writes as u32);
+        println!(
+            "a write, one connection: plain upsert {:.1?}, with the trigger and the log {:.1?} \
+             ({:.2}x)",
+            per(plain),
+            per(logged),
+            logged.as_secs_f64() / plain.as_secs_f64()
+        );
+
+        // 100,000 writes through the tier (8 at a time), then the log's size.
+        let tier = Arc::new(
+            PostgresTier::<String, UserConfig>::builder()
+                .url(env::database_url())
+                .schema(&schema)
+                .build()
+                .unwrap(),
+        );
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for t in 0..8 {
+            let tier = Arc::clone(&tier);
+            tasks.push(tokio::spawn(async move {
+                use tiercache_core::Source;
+                for i in (t..LOG_WRITES).step_by(8) {
+                    let user = format!("log-{}", i % 1000);
+                    let mut config = UserConfig::default_for(&user);
+                    config.preferences.language = format!("l{i}");
+                    let _ = tier.write(&user, Arc::new(config), None).await.unwrap();
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let took = started.elapsed();
+        let (rows, bytes): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT count(*), pg_total_relation_size('{}') FROM {}",
+            tier.changes_table().replace('\'', "''"),
+            tier.changes_table()
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        println!(
+            "{LOG_WRITES} writes in {took:.1?}; the change log then holds {rows} entries, \
+             {:.1} MiB with its indexes (default retention {:?}; pruned once a minute)",
+            bytes as f64 / (1024.0 * 1024.0),
+            tiercache_postgres::DEFAULT_CHANGE_RETENTION
+        );
+        postgres_env::drop_schema(&pool, &schema).await;
+    });
+}
