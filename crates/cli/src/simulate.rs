@@ -27,8 +27,8 @@ use crate::{Connection, Failure};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub(crate) enum Mode {
-    /// tiercache: single-flight, and the database's change feed keeping instances' memory
-    /// coherent.
+    /// tiercache: single-flight, and the database's change feed (with Redis, the backplane as
+    /// its fast path) keeping instances' memory coherent.
     Tiercache,
     /// The seed design: the same tiers without single-flight or cross-instance invalidation.
     Seed,
@@ -250,8 +250,10 @@ async fn run_mode(
             // Simulated users live under their own Redis prefix, apart from real ones.
             .redis_prefix(format!("userconfig-sim:{run_id}:"))
             .single_flight(mode == Mode::Tiercache)
-            // The database's change feed keeps the instances' memory coherent.
-            .follow_changes(mode == Mode::Tiercache);
+            // The database's change feed keeps the instances' memory coherent; the backplane
+            // (with Redis) is its fast path.
+            .follow_changes(mode == Mode::Tiercache)
+            .backplane(mode == Mode::Tiercache);
         builder = connection.redis(builder);
         builder = match (i, &connection.database_url, &temp_db) {
             (0, Some(url), _) => builder.database_url(url.clone()),
