@@ -53,16 +53,28 @@ pub async fn fresh_schema(pool: &PgPool) -> String {
     name
 }
 
-/// Drops a schema made by [`fresh_schema`], with everything in it.
+/// Drops a schema made by [`fresh_schema`], with everything in it. The chains of a test may
+/// still be following the schema's change log (a catch-up read, a prune): a drop that loses a
+/// deadlock to one of them is tried again.
 pub async fn drop_schema(pool: &PgPool, name: &str) {
     assert!(
         name.starts_with("tc_") && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
         "refusing to drop schema {name:?}: not one of fresh_schema's"
     );
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
-    )))
-    .execute(pool)
-    .await
-    .expect("DROP SCHEMA");
+    let mut attempts = 0;
+    loop {
+        let dropped = sqlx::query(AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{name}\" CASCADE"
+        )))
+        .execute(pool)
+        .await;
+        match dropped {
+            Ok(_) => return,
+            Err(_) if attempts < 5 => {
+                attempts += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("DROP SCHEMA {name}: {error}"),
+        }
+    }
 }

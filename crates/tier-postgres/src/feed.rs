@@ -49,6 +49,9 @@ const RECONNECT: (Duration, Duration) = (Duration::from_millis(50), Duration::fr
 /// What a follower needs of its tier.
 pub(crate) struct Follower<K> {
     pub(crate) migrations: Arc<Migrations>,
+    /// A pool of one connection: the listening one.
+    pub(crate) listening: PgPool,
+    /// The tier's pool, for the catch-up reads and pruning.
     pub(crate) pool: PgPool,
     pub(crate) name: String,
     pub(crate) channel: String,
@@ -134,7 +137,7 @@ impl<K: StorageKey> Follower<K> {
                 )));
             }
         }
-        let mut listener = match PgListener::connect_with(&self.pool).await {
+        let mut listener = match PgListener::connect_with(&self.listening).await {
             Ok(listener) => listener,
             Err(error) => return Ended::Broken(error),
         };

@@ -67,9 +67,9 @@ mod feed;
 mod migrate;
 
 pub use feed::{DEFAULT_CHANGE_RETENTION, DEFAULT_FEED_POLL};
-use migrate::{MAX_IDENTIFIER, Migrations, Names, channel};
+use migrate::{Migrations, Names, channel};
+use tiercache_sql::{RowStats, error_chain, valid_identifier};
 
-use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -128,7 +128,8 @@ pub struct PostgresTier<K, V> {
     /// A probe connection is being made (one at a time).
     probing: AtomicBool,
     epoch: Instant,
-    stats: Stats,
+    stats: RowStats,
+    probes: Counter,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -137,15 +138,6 @@ struct Statements {
     get_many: String,
     write: String,
     delete: String,
-}
-
-#[derive(Default)]
-struct Stats {
-    hits: Counter,
-    misses: Counter,
-    errors: Counter,
-    corrupt: Counter,
-    probes: Counter,
 }
 
 /// Clears the probing flag when the probe ends, finished or dropped with its caller.
@@ -186,15 +178,7 @@ impl<K, V> fmt::Debug for PostgresTier<K, V> {
     }
 }
 
-/// A stored value that does not decode, naming its key.
-#[derive(Debug, thiserror::Error)]
-#[error("stored value for key `{key}` does not decode: {reason}")]
-pub struct Undecodable {
-    /// The key.
-    pub key: String,
-    /// The decoder's message.
-    pub reason: String,
-}
+pub use tiercache_sql::Undecodable;
 
 /// The write or delete function answered with an outcome this version does not know (the
 /// migrations and the code disagree).
@@ -247,15 +231,6 @@ fn broken_connection(error: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
-}
-
-/// Whether `name` is a plain identifier: `^[a-z_][a-z0-9_]{0,62}$` (PostgreSQL truncates
-/// longer names to 63 bytes).
-fn valid_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= MAX_IDENTIFIER
 }
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> PostgresTier<K, V> {
@@ -430,7 +405,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                 return error;
             }
             let _probing = Probing(&self.probing);
-            self.stats.probes.incr();
+            self.probes.incr();
             let probe = self.options.connect();
             match tokio::time::timeout(self.connect_timeout, probe).await {
                 Ok(Ok(conn)) => {
@@ -455,7 +430,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
     /// Probe connections opened so far to tell a busy pool from a server that is down.
     #[must_use]
     pub fn probes(&self) -> u64 {
-        self.stats.probes.get()
+        self.probes.get()
     }
 
     /// Runs the write (`json`) or delete function for `key` and reads its report. A write is
@@ -511,29 +486,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             )),
         }
     }
-
-    fn decode(&self, key: &str, json: &str, version: i64) -> Result<Entry<V>> {
-        let value: V = serde_json::from_str(json).map_err(|e| {
-            self.stats.corrupt.incr();
-            Error::corrupt(
-                &self.name,
-                Undecodable {
-                    key: key.to_owned(),
-                    // Where and why, never the data (it may be a user's configuration).
-                    reason: format!(
-                        "{:?} error at line {} column {}",
-                        e.classify(),
-                        e.line(),
-                        e.column()
-                    ),
-                },
-            )
-        })?;
-        Ok(Entry::new(
-            Arc::new(value),
-            u64::try_from(version).unwrap_or(0),
-        ))
-    }
 }
 
 /// PostgreSQL's `text` cannot hold a NUL character: such a key is refused before any I/O.
@@ -561,18 +513,6 @@ fn has_escaped_nul(json: &str) -> bool {
     })
 }
 
-/// The text of an error and its sources, for a message that must stand on its own.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 #[async_trait]
 impl<K, V> Source<K, V> for PostgresTier<K, V>
 where
@@ -593,18 +533,16 @@ where
                     .fetch_optional(&self.pool)
             })
             .await?;
-        match row {
+        let row = match row {
             Some(row) => {
-                self.stats.hits.incr();
                 let json: String = row.try_get(0).map_err(|e| self.explain(e))?;
                 let version: i64 = row.try_get(1).map_err(|e| self.explain(e))?;
-                self.decode(&key, &json, version).map(Some)
+                Some((json, version))
             }
-            None => {
-                self.stats.misses.incr();
-                Ok(None)
-            }
-        }
+            None => None,
+        };
+        let row = row.as_ref().map(|(json, v)| (json.as_str(), *v));
+        tiercache_sql::found(&self.name, &self.stats, &key, row)
     }
 
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
@@ -622,31 +560,16 @@ where
                     .fetch_all(&self.pool)
             })
             .await?;
-        let mut found: HashMap<String, (String, i64)> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let key: String = row.try_get(0).map_err(|e| self.explain(e))?;
-            let json: String = row.try_get(1).map_err(|e| self.explain(e))?;
-            let version: i64 = row.try_get(2).map_err(|e| self.explain(e))?;
-            found.insert(key, (json, version));
-        }
-        texts
+        let rows = rows
             .iter()
-            .map(|key| match found.get(key) {
-                Some((json, version)) => {
-                    self.stats.hits.incr();
-                    self.decode(key, json, *version).map(Some)
-                }
-                None => {
-                    self.stats.misses.incr();
-                    Ok(None)
-                }
-            })
-            .collect()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<std::result::Result<Vec<(String, String, i64)>, sqlx::Error>>()
+            .map_err(|e| self.explain(e))?;
+        tiercache_sql::in_order(&self.name, &self.stats, &texts, rows)
     }
 
     async fn write(&self, key: &K, value: Arc<V>, expected: Option<Version>) -> Result<Written> {
-        let json = serde_json::to_string(&*value)
-            .map_err(|e| Error::InvalidInput(format!("value does not serialize: {e}")))?;
+        let json = tiercache_sql::to_json(&*value)?;
         if has_escaped_nul(&json) {
             return Err(Error::InvalidInput(
                 "the value contains a NUL character (\\u0000), which PostgreSQL jsonb cannot hold"
@@ -665,12 +588,18 @@ where
         self.change(&self.sql.delete, &key, None, expected).await
     }
 
-    /// Listens on the table's channel on a connection of its own (from the tier's pool), and
-    /// catches up from the change log after every reconnect (see the `feed` module).
+    /// Listens on the table's channel on a connection of its own (outside the tier's pool, so
+    /// that a follower per chain takes nothing from the statements), and catches up from the
+    /// change log through the pool after every reconnect (see the `feed` module).
     fn follow(&self) -> Option<ChangeFeed<K>> {
         let names = self.names();
+        let listening = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.connect_timeout.max(Duration::from_secs(1)))
+            .connect_lazy_with(self.options.clone());
         let follower = feed::Follower {
             migrations: Arc::clone(&self.migrations),
+            listening,
             pool: self.pool.clone(),
             name: self.name.clone(),
             channel: self.channel(),
@@ -691,10 +620,7 @@ where
     }
 
     fn stats(&self) -> TierStats {
-        let s = &self.stats;
-        TierStats::new(self.name.clone(), s.hits.get(), s.misses.get())
-            .with_errors(s.errors.get())
-            .with_housekeeping(0, s.corrupt.get(), 0)
+        self.stats.tier_stats(&self.name)
     }
 }
 
@@ -935,7 +861,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             busy_until: AtomicU64::new(0),
             probing: AtomicBool::new(false),
             epoch: Instant::now(),
-            stats: Stats::default(),
+            stats: RowStats::default(),
+            probes: Counter::default(),
             _types: PhantomData,
         })
     }
@@ -1000,21 +927,8 @@ mod tests {
     }
 
     #[test]
-    fn identifiers() {
-        assert!(valid_identifier("tiercache_entries"));
-        assert!(valid_identifier("_x1"));
-        assert!(valid_identifier(&"a".repeat(63)));
-        assert!(!valid_identifier(&"a".repeat(64)));
-        assert!(!valid_identifier("1x"));
-        assert!(!valid_identifier(""));
-        assert!(!valid_identifier("a-b"));
-        assert!(!valid_identifier("Public"));
-        assert!(!valid_identifier("x\"; drop table y; --"));
-    }
-
-    #[test]
     fn bookkeeping_tables_fit_in_an_identifier_and_stay_apart() {
-        use crate::migrate::bookkeeping_table;
+        use crate::migrate::{MAX_IDENTIFIER, bookkeeping_table};
         assert_eq!(
             bookkeeping_table("tiercache_entries"),
             "_tiercache_migrations_tiercache_entries"

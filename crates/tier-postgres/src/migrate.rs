@@ -4,9 +4,8 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use sqlx::migrate::{Migration, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, SqlSafeStr};
 use tiercache_core::{Error, Result};
 use tokio::sync::OnceCell;
 
@@ -63,20 +62,7 @@ impl Migrations {
 
     async fn apply(&self) -> Result<()> {
         let names = Names::new(&self.schema, &self.table);
-        let migrations: Vec<Migration> = EMBEDDED
-            .iter()
-            .map(|m| {
-                let sql = names.fill(m.sql.as_str());
-                Migration::new(
-                    m.version,
-                    m.description.clone(),
-                    m.migration_type,
-                    AssertSqlSafe(sql).into_sql_str(),
-                    m.no_tx,
-                )
-            })
-            .collect();
-        let mut migrator = Migrator::with_migrations(migrations);
+        let mut migrator = tiercache_sql::templated(&EMBEDDED, |sql| names.fill(sql));
         migrator.create_schema(Cow::Owned(self.schema.clone()));
         migrator.dangerous_set_table_name(Cow::Owned(format!(
             "\"{}\".\"{}\"",
@@ -103,8 +89,7 @@ impl Migrations {
     }
 }
 
-/// PostgreSQL's longest identifier, in bytes.
-pub(crate) const MAX_IDENTIFIER: usize = 63;
+pub(crate) use tiercache_sql::MAX_IDENTIFIER;
 
 /// The table that records which migrations `table` has had: `_tiercache_migrations_<table>`,
 /// or, when that is longer than an identifier may be, the first 24 characters of the table and

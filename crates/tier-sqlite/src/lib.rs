@@ -49,7 +49,6 @@ mod feed;
 pub use feed::{DEFAULT_CHANGE_RETENTION, DEFAULT_FEED_POLL};
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::path::PathBuf;
@@ -59,14 +58,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::migrate::{MigrateError, Migration, Migrator};
+use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, SqlSafeStr};
+use sqlx::{AssertSqlSafe, Row};
 use tiercache_core::{
-    ChangeFeed, Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
+    ChangeFeed, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
 };
+use tiercache_sql::{RowStats, valid_identifier};
 
 /// Default database file (relative to the working directory).
 pub const DEFAULT_PATH: &str = "tiercache.sqlite3";
@@ -101,7 +101,7 @@ pub struct SqliteTier<K, V> {
     sql: Statements,
     name: String,
     busy_timeout: Duration,
-    stats: Stats,
+    stats: RowStats,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -114,14 +114,6 @@ struct Statements {
     last_version: String,
 }
 
-#[derive(Default)]
-struct Stats {
-    hits: Counter,
-    misses: Counter,
-    errors: Counter,
-    corrupt: Counter,
-}
-
 impl<K, V> fmt::Debug for SqliteTier<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SqliteTier")
@@ -132,15 +124,7 @@ impl<K, V> fmt::Debug for SqliteTier<K, V> {
     }
 }
 
-/// A stored value that does not decode, naming its key.
-#[derive(Debug, thiserror::Error)]
-#[error("stored value for key `{key}` does not decode: {reason}")]
-pub struct Undecodable {
-    /// The key.
-    pub key: String,
-    /// The decoder's message.
-    pub reason: String,
-}
+pub use tiercache_sql::Undecodable;
 
 /// Why a change did not happen.
 enum Changed {
@@ -184,14 +168,6 @@ fn map_error(tier: &str, busy_timeout: Duration, error: sqlx::Error) -> Error {
         ) => Error::unavailable(tier, error),
         _ => Error::backend(tier, error),
     }
-}
-
-/// Whether `name` is a plain identifier: `^[a-z_][a-z0-9_]{0,62}$`.
-fn valid_identifier(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c == '_')
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && name.len() <= 63
 }
 
 /// `sql` with the names of `table`'s objects filled in: `{table}` and `{table}_<suffix>` for
@@ -274,19 +250,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
     /// together, so the loser's bookkeeping insert fails on the primary key and its
     /// transaction rolls back; it then runs again and finds the migration applied.
     async fn migrate(&self) -> Result<()> {
-        let migrations: Vec<Migration> = EMBEDDED
-            .iter()
-            .map(|m| {
-                Migration::new(
-                    m.version,
-                    m.description.clone(),
-                    m.migration_type,
-                    AssertSqlSafe(fill(&self.table, m.sql.as_str())).into_sql_str(),
-                    m.no_tx,
-                )
-            })
-            .collect();
-        let mut migrator = Migrator::with_migrations(migrations);
+        let mut migrator = tiercache_sql::templated(&EMBEDDED, |sql| fill(&self.table, sql));
         migrator
             .dangerous_set_table_name(Cow::Owned(format!("_tiercache_migrations_{}", self.table)));
         let mut attempt = 1;
@@ -376,29 +340,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
             Changed::Sql(error) => self.failed(error),
         }
     }
-
-    fn decode(&self, key: &str, json: &str, version: i64) -> Result<Entry<V>> {
-        let value: V = serde_json::from_str(json).map_err(|e| {
-            self.stats.corrupt.incr();
-            Error::corrupt(
-                &self.name,
-                Undecodable {
-                    key: key.to_owned(),
-                    // Where and why, never the data (it may be a user's configuration).
-                    reason: format!(
-                        "{:?} error at line {} column {}",
-                        e.classify(),
-                        e.line(),
-                        e.column()
-                    ),
-                },
-            )
-        })?;
-        Ok(Entry::new(
-            Arc::new(value),
-            u64::try_from(version).unwrap_or(0),
-        ))
-    }
 }
 
 #[async_trait]
@@ -418,18 +359,16 @@ where
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.failed(e))?;
-        match row {
+        let row = match row {
             Some(row) => {
-                self.stats.hits.incr();
                 let json: String = row.try_get(0).map_err(|e| self.failed(e))?;
                 let version: i64 = row.try_get(1).map_err(|e| self.failed(e))?;
-                self.decode(&key, &json, version).map(Some)
+                Some((json, version))
             }
-            None => {
-                self.stats.misses.incr();
-                Ok(None)
-            }
-        }
+            None => None,
+        };
+        let row = row.as_ref().map(|(json, v)| (json.as_str(), *v));
+        tiercache_sql::found(&self.name, &self.stats, &key, row)
     }
 
     async fn get_many(&self, keys: &[K]) -> Result<Vec<Option<Entry<V>>>> {
@@ -443,31 +382,16 @@ where
             .fetch_all(&self.pool)
             .await
             .map_err(|e| self.failed(e))?;
-        let mut found: HashMap<String, (String, i64)> = HashMap::with_capacity(rows.len());
-        for row in rows {
-            let key: String = row.try_get(0).map_err(|e| self.failed(e))?;
-            let json: String = row.try_get(1).map_err(|e| self.failed(e))?;
-            let version: i64 = row.try_get(2).map_err(|e| self.failed(e))?;
-            found.insert(key, (json, version));
-        }
-        texts
+        let rows = rows
             .iter()
-            .map(|key| match found.get(key) {
-                Some((json, version)) => {
-                    self.stats.hits.incr();
-                    self.decode(key, json, *version).map(Some)
-                }
-                None => {
-                    self.stats.misses.incr();
-                    Ok(None)
-                }
-            })
-            .collect()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect::<std::result::Result<Vec<(String, String, i64)>, sqlx::Error>>()
+            .map_err(|e| self.failed(e))?;
+        tiercache_sql::in_order(&self.name, &self.stats, &texts, rows)
     }
 
     async fn write(&self, key: &K, value: Arc<V>, expected: Option<Version>) -> Result<Written> {
-        let json = serde_json::to_string(&*value)
-            .map_err(|e| Error::InvalidInput(format!("value does not serialize: {e}")))?;
+        let json = tiercache_sql::to_json(&*value)?;
         let key = key.storage_key();
         self.change(&key, Some(&json), expected)
             .await
@@ -509,10 +433,7 @@ where
     }
 
     fn stats(&self) -> TierStats {
-        let s = &self.stats;
-        TierStats::new(self.name.clone(), s.hits.get(), s.misses.get())
-            .with_errors(s.errors.get())
-            .with_housekeeping(0, s.corrupt.get(), 0)
+        self.stats.tier_stats(&self.name)
     }
 }
 
@@ -690,7 +611,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             table: self.table,
             name: self.name,
             busy_timeout: self.busy_timeout,
-            stats: Stats::default(),
+            stats: RowStats::default(),
             _types: PhantomData,
         };
         tier.migrate().await?;
@@ -714,19 +635,6 @@ mod tests {
     use sqlx::Connection;
 
     type Tier = SqliteTier<String, serde_json::Value>;
-
-    #[test]
-    fn identifiers() {
-        assert!(valid_identifier("tiercache_entries"));
-        assert!(valid_identifier("_x1"));
-        assert!(valid_identifier(&"t".repeat(63)));
-        assert!(!valid_identifier(&"t".repeat(64)));
-        assert!(!valid_identifier("1x"));
-        assert!(!valid_identifier(""));
-        assert!(!valid_identifier("a-b"));
-        assert!(!valid_identifier("Upper"));
-        assert!(!valid_identifier("t\"; drop table x; --"));
-    }
 
     #[test]
     fn errors_are_classified() {
