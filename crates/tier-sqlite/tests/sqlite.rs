@@ -379,3 +379,48 @@ async fn other_connections_changes_reach_every_chain_through_the_feed() {
     }
     assert!(writer.prune_changes().await.unwrap() >= 2);
 }
+
+/// A follower whose starting point the log no longer covers (pruned before it read it) says
+/// so, and its chain empties its caches; one the log covers gets every change, in order.
+#[tokio::test]
+async fn a_follower_past_the_pruned_log_reports_everything_lost() {
+    use std::time::Duration;
+    use tiercache_core::Change;
+
+    let dir = TempDir::new("sqlite_gap");
+    let file = dir.0.join("gap.sqlite3");
+    let late = Tier::builder().path(&file).build().await.unwrap();
+    let covered = Tier::builder().path(&file).build().await.unwrap();
+    let writer = Tier::builder()
+        .path(&file)
+        .change_retention(Duration::from_millis(1))
+        .build()
+        .await
+        .unwrap();
+    let mut versions = Vec::new();
+    for n in 0..3 {
+        let key = format!("k{n}");
+        versions.push(
+            writer
+                .write(&key, contract::value(n), None)
+                .await
+                .unwrap()
+                .version(),
+        );
+    }
+    let mut feed = covered.follow().expect("SQLite has a feed");
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        for change in feed.recv().await.unwrap() {
+            match change {
+                Change::Key { version, .. } => seen.push(version),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    assert_eq!(seen, versions, "every change, in commit order");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(writer.prune_changes().await.unwrap(), 3);
+    let mut feed = late.follow().expect("SQLite has a feed");
+    assert_eq!(feed.recv().await.unwrap(), vec![Change::Everything]);
+}
