@@ -320,3 +320,30 @@ async fn a_dropped_chain_stops_following() {
     drop(b);
     settled("b's follower stopped", || db.followers() == 0).await;
 }
+
+#[tokio::test]
+async fn changes_of_keys_an_instance_does_not_hold_cost_its_memory_nothing() {
+    let db = FakeSource::<Key, Val>::new("db").with_feed();
+    let memory = Arc::new(MemoryTier::builder().capacity(2).shards(1).build().unwrap());
+    let chain = TieredCache::builder()
+        .shared_tier(memory.clone(), None)
+        .source(db.clone())
+        .build()
+        .unwrap();
+    for hot in ["h1", "h2"] {
+        db.put(key(hot), "v".to_string());
+        chain.get(&key(hot)).await.unwrap();
+    }
+    // Other instances change 50 other keys: no tombstone takes the hot entries' places.
+    for n in 0..50 {
+        db.put(key(&format!("cold{n}")), "v".to_string());
+    }
+    settled("every change applied", || chain.stats().feed_changes >= 52).await;
+    for hot in ["h1", "h2"] {
+        assert_eq!(
+            chain.fetch(&key(hot)).await.unwrap().origin,
+            Origin::Tier(0),
+            "{hot} still a memory hit"
+        );
+    }
+}

@@ -70,6 +70,15 @@ pub(crate) struct Follower<K> {
     pub(crate) _keys: PhantomData<fn() -> K>,
 }
 
+/// Aborts a task when dropped: the listening task lives exactly as long as its session.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why a session ended.
 enum Ended {
     /// The chain dropped the feed: stop.
@@ -153,6 +162,25 @@ impl<K: StorageKey> Follower<K> {
             tracing::info!(tier = %self.name, "change feed reconnected and caught up");
             *failures = 0;
         }
+        // The listener reads in a task of its own, so that a poll or a prune never cancels a
+        // read half way through a message; the session ends it when it ends (the guard).
+        let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+        let _listening = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let next = match listener.try_recv().await {
+                    Ok(Some(notification)) => Ok(notification.payload().to_owned()),
+                    Ok(None) => Err(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the listening connection was lost",
+                    ))),
+                    Err(error) => Err(error),
+                };
+                let last = next.is_err();
+                if heard.send(next).is_err() || last {
+                    return;
+                }
+            }
+        }));
         let mut poll = tokio::time::interval(self.poll);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await;
@@ -160,9 +188,9 @@ impl<K: StorageKey> Follower<K> {
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                received = listener.try_recv() => match received {
-                    Ok(Some(notification)) => {
-                        let change = match self.parse(notification.payload()).await {
+                payload = hearing.recv() => match payload {
+                    Some(Ok(payload)) => {
+                        let change = match self.parse(&payload).await {
                             Ok(change) => change,
                             Err(error) => return Ended::Broken(error),
                         };
@@ -172,13 +200,12 @@ impl<K: StorageKey> Follower<K> {
                             }
                         }
                     }
-                    Ok(None) => {
-                        return Ended::Broken(sqlx::Error::Io(std::io::Error::new(
-                            std::io::ErrorKind::ConnectionAborted,
-                            "the listening connection was lost",
-                        )));
+                    Some(Err(error)) => return Ended::Broken(error),
+                    None => {
+                        return Ended::Broken(sqlx::Error::Protocol(
+                            "the listening task ended".into(),
+                        ));
                     }
-                    Err(error) => return Ended::Broken(error),
                 },
                 _ = poll.tick() => {
                     if let Err(ended) = self.catch_up(cursor, sender).await {

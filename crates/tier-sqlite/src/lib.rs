@@ -143,6 +143,12 @@ const SQLITE_BUSY: u32 = 5;
 /// `SQLITE_LOCKED`: a conflict within this connection's shared cache.
 const SQLITE_LOCKED: u32 = 6;
 
+/// Whether an SQLite result code is `SQLITE_BUSY` or `SQLITE_LOCKED`, extended codes included.
+fn busy(code: Option<&str>) -> bool {
+    code.and_then(|c| c.parse::<u32>().ok())
+        .is_some_and(|c| matches!(c & 0xFF, SQLITE_BUSY | SQLITE_LOCKED))
+}
+
 /// Maps a sqlx error onto the core's: a lock still held after the busy timeout is a timeout;
 /// I/O, a busy pool and other lock conflicts are transient; the rest is a backend error.
 fn map_error(tier: &str, busy_timeout: Duration, error: sqlx::Error) -> Error {
@@ -246,9 +252,11 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
     /// Creates the table if it is missing.
     ///
     /// sqlx's migration lock does nothing on SQLite, so tiers opening one new file at the same
-    /// time may both try to apply a migration. Each migration and its bookkeeping row commit
-    /// together, so the loser's bookkeeping insert fails on the primary key and its
-    /// transaction rolls back; it then runs again and finds the migration applied.
+    /// time may both try to apply a migration. In one process they take turns (`build` holds
+    /// a lock of the process's own). Across processes, each migration and its bookkeeping row commit
+    /// together, so the loser's bookkeeping insert fails on the primary key (or its upgrade
+    /// to a writer finds the file changed) and its transaction rolls back; it then runs again
+    /// and finds the migration applied.
     async fn migrate(&self) -> Result<()> {
         let mut migrator = tiercache_sql::templated(&EMBEDDED, |sql| fill(&self.table, sql));
         migrator
@@ -258,7 +266,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
             match migrator.run(&self.pool).await {
                 Ok(()) => return Ok(()),
                 Err(MigrateError::Execute(sqlx::Error::Database(db)))
-                    if db.is_unique_violation() && attempt < MIGRATION_ATTEMPTS =>
+                    if (db.is_unique_violation() || busy(db.code().as_deref()))
+                        && attempt < MIGRATION_ATTEMPTS =>
                 {
                     tracing::debug!(tier = %self.name, attempt, "lost a migration race; rerunning");
                     attempt += 1;
@@ -581,6 +590,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                 SqlitePoolOptions::new().max_connections(self.max_connections),
             )
         };
+        // Tiers of one process open and migrate one at a time: a new file's first connections
+        // (switching it to WAL) and its first migration can deadlock on SQLite's locks, each
+        // waiting out the busy timeout (8 tiers opening one new file at once did, about one
+        // time in ten).
+        static OPENING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _turn = OPENING.lock().await;
         let pool = pool_options
             .connect_with(options)
             .await

@@ -5,6 +5,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::Poll;
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
@@ -18,8 +19,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Applies one change the source committed (its feed does this by itself; call it to
     /// replay a change you learned of otherwise). Copies of the key older than the change's
     /// version are dropped from every cache tier, bottom first (newer copies survive, so a late
-    /// or repeated change is harmless), loads running now skip their back-fill, and a delete
-    /// leaves "not found" at its version for the negative TTL. A tier that cannot be reached
+    /// or repeated change is harmless; a local tier that does not hold the key is not touched),
+    /// loads running now skip their back-fill, and a delete leaves "not found" at its version
+    /// for the negative TTL where it dropped a copy. A tier that cannot be reached
     /// gets the invalidation replayed before it serves the key again, and this chain refuses
     /// older versions of the key meanwhile (a floor). [`Change::Everything`] empties every
     /// cache tier.
@@ -62,9 +64,33 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         } else {
             version.saturating_sub(1)
         };
-        let (missed, _) = self.invalidate_tiers(key, Some(dead)).await;
+        // Bottom first, like every invalidation. A local tier that does not hold the key (or
+        // holds the change already) is left alone: only this process fills it, and the mark
+        // refuses the fills of loads that began before; a tombstone there would only take the
+        // place of a hot entry (most changes are of keys an instance does not hold).
+        let levels = inner.tiers.len();
+        let mut missed = vec![false; levels];
+        let mut reached = vec![false; levels];
+        for index in (0..levels).rev() {
+            let level = &inner.tiers[index];
+            if level.tier.is_local() {
+                let held = level
+                    .call("get_stale", level.tier.get_stale(key, Duration::MAX))
+                    .await;
+                match held {
+                    Ok(None) => continue,
+                    Ok(Some(entry)) if entry.version >= version => continue,
+                    _ => {}
+                }
+            }
+            if self.invalidate_at(index, key, Some(dead)).await.is_err() {
+                missed[index] = true;
+            } else {
+                reached[index] = true;
+            }
+        }
         if let Some(entry) = &absent {
-            for (index, _) in missed.iter().enumerate().rev().filter(|(_, m)| !**m) {
+            for (index, _) in reached.iter().enumerate().rev().filter(|(_, r)| **r) {
                 if self.fill(index, key, entry, ticket).await == Filled::Refused {
                     break;
                 }
