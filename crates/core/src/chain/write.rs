@@ -1,7 +1,8 @@
 //! The write path (updates, conditional updates, deletes): the source first, then every cache
 //! tier, bottom first, invalidated at the previous version and repopulated; floors and
-//! replays for the tiers it could not reach; the publish to the other instances. A write runs in a task of its own, so that a caller that
-//! gives up does not leave it half done, and a write whose outcome is unknown is settled.
+//! replays for the tiers it could not reach; the publish to the other instances. A write runs
+//! in a task of its own, so that a caller that gives up does not leave it half done, and a
+//! write whose outcome is unknown is settled.
 
 use std::sync::Arc;
 use std::time::Duration;
