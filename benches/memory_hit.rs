@@ -22,8 +22,8 @@ use std::hint::black_box;
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use tiercache_core::async_trait;
 use tiercache_core::{CacheTier, Entry, Result, TierStats, TieredCache, Version};
 use tiercache_memory::MemoryTier;
 use tiercache_testkit::{FakeSource, FakeTier};

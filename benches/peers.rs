@@ -57,13 +57,13 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use moka::ops::compute::{CompResult, Op as MokaOp};
 use multi_tier_cache::{
     CacheBackend, CacheError, CacheManager, CacheResult, CacheStrategy, MokaCache, MokaCacheConfig,
     RedisCache,
 };
+use tiercache_core::async_trait;
 use tiercache_core::{
     CacheTier, Clock, Counter, Entry, Origin, Peek, Result, TierStats, TieredCache, Version,
 };

@@ -337,7 +337,7 @@ fn bench_tiers(c: &mut Criterion) {
 }
 
 /// A cache tier's or a source's lookups, to bench both the same way.
-#[async_trait::async_trait]
+#[tiercache_core::async_trait]
 trait Lookup: Send + Sync {
     async fn one(&self, key: &str) -> bool;
     async fn many(&self, keys: &[String]) -> usize;
@@ -346,7 +346,7 @@ trait Lookup: Send + Sync {
 struct Cached(Arc<RedisTier<String, UserConfig>>);
 struct Sourced(Arc<PostgresTier<String, UserConfig>>);
 
-#[async_trait::async_trait]
+#[tiercache_core::async_trait]
 impl Lookup for Cached {
     async fn one(&self, key: &str) -> bool {
         self.0.get(&key.to_owned()).await.unwrap().is_some()
@@ -356,7 +356,7 @@ impl Lookup for Cached {
     }
 }
 
-#[async_trait::async_trait]
+#[tiercache_core::async_trait]
 impl Lookup for Sourced {
     async fn one(&self, key: &str) -> bool {
         self.0.get(&key.to_owned()).await.unwrap().is_some()

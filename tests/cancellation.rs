@@ -7,8 +7,8 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use support::{Chain, Key, Val, key, val};
+use tiercache_core::async_trait;
 use tiercache_core::{CacheTier, Entry, Result, Source, TierStats, TieredCache, Version, Written};
 use tiercache_memory::MemoryTier;
 use tiercache_testkit::{FakeSource, FakeTier, Fault, Gate, Op};

@@ -426,7 +426,7 @@ async fn a_clear_of_the_memory_tier_makes_no_second_pass() {
 #[derive(Clone)]
 struct PanickingWrite(FakeSource<Key, Val>);
 
-#[async_trait::async_trait]
+#[tiercache_core::async_trait]
 impl Source<Key, Val> for PanickingWrite {
     fn name(&self) -> &str {
         "panicking-db"

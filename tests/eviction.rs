@@ -123,7 +123,7 @@ struct LateSet {
     delay: Duration,
 }
 
-#[async_trait::async_trait]
+#[tiercache_core::async_trait]
 impl CacheTier<Key, Val> for LateSet {
     fn name(&self) -> &str {
         "late"

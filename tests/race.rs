@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
+use tiercache_core::async_trait;
 use tiercache_core::{
     BreakerPolicy, CacheTier, Entry, Error, Result, Source, TierStats, TieredCache, Version,
     Written,

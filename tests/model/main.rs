@@ -44,8 +44,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use proptest::prelude::*;
+use tiercache_core::async_trait;
 use tiercache_core::{
     BreakerPolicy, CacheTier, Clock, Entry, Error, Origin, Result, Source, TierStats, TieredCache,
     TimeSource, Timestamp, Version, Written,

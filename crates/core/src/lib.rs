@@ -56,6 +56,9 @@ mod source;
 mod stats;
 mod tier;
 
+/// The attribute the traits' implementations take (`#[tiercache_core::async_trait]`), so that a
+/// crate writing its own tier or source needs no dependency of its own on `async-trait`.
+pub use async_trait::async_trait;
 pub use backplane::Backplane;
 pub use breaker::{BreakerPolicy, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD};
 pub use chain::{

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::migrate::{Migration, Migrator};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 use tiercache_core::{Counter, Entry, Error, Result, TierStats};
 
@@ -148,19 +148,52 @@ pub fn valid_identifier(name: &str) -> bool {
 /// The longest identifier, in bytes (PostgreSQL's).
 pub const MAX_IDENTIFIER: usize = 63;
 
+/// A migration compiled into a source's crate with `include_str!` (not `sqlx::migrate!`, whose
+/// proc-macro build pulls in every database driver's macros).
+#[derive(Debug, Clone, Copy)]
+pub struct Embedded {
+    /// Its number, applied in increasing order.
+    pub version: i64,
+    /// Its name in the bookkeeping table (what `sqlx::migrate!` derives from the file name).
+    pub description: &'static str,
+    /// Its SQL, with the table's objects named in braces.
+    pub sql: &'static str,
+}
+
+/// What each source's migrations are called, in order: both sources have the same steps, each
+/// in its own SQL dialect.
+const DESCRIPTIONS: [&str; 2] = ["create entries", "versions and changes"];
+
+/// A source's migrations from their SQL, in order (`include_str!` of its `migrations/` files).
+#[must_use]
+pub const fn embedded(sql: [&'static str; 2]) -> [Embedded; 2] {
+    [
+        Embedded {
+            version: 1,
+            description: DESCRIPTIONS[0],
+            sql: sql[0],
+        },
+        Embedded {
+            version: 2,
+            description: DESCRIPTIONS[1],
+            sql: sql[1],
+        },
+    ]
+}
+
 /// `embedded`'s migrations with the names in their SQL filled in by `fill`, each checksummed
 /// on the SQL it runs (so that two tables' migrations are told apart).
 #[must_use]
-pub fn templated(embedded: &Migrator, fill: impl Fn(&str) -> String) -> Migrator {
+pub fn templated(embedded: &[Embedded], fill: impl Fn(&str) -> String) -> Migrator {
     let migrations: Vec<Migration> = embedded
         .iter()
         .map(|m| {
             Migration::new(
                 m.version,
-                m.description.clone(),
-                m.migration_type,
-                AssertSqlSafe(fill(m.sql.as_str())).into_sql_str(),
-                m.no_tx,
+                m.description.into(),
+                MigrationType::Simple,
+                AssertSqlSafe(fill(m.sql)).into_sql_str(),
+                false,
             )
         })
         .collect();

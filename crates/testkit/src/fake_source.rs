@@ -309,10 +309,9 @@ impl<K: Key, V: Value + PartialEq> Source<K, V> for FakeSource<K, V> {
                     value: Some(old),
                     version,
                 }) = stored
+                    && **old == *value
                 {
-                    if **old == *value {
-                        return Ok(Written::Unchanged(*version));
-                    }
+                    return Ok(Written::Unchanged(*version));
                 }
                 let version = stored.map_or(0, |s| s.version) + 1;
                 rows.insert(

@@ -151,10 +151,10 @@ impl<K: Key, V: Value> ShardState<K, V> {
             slot,
             front: self.moves,
         };
-        if let Some((old, _)) = self.lru.push(key.clone(), held) {
-            if old != key {
-                self.evictions += 1;
-            }
+        if let Some((old, _)) = self.lru.push(key.clone(), held)
+            && old != key
+        {
+            self.evictions += 1;
         }
     }
 }
@@ -367,11 +367,11 @@ impl<K: Key, V: Value> CacheTier<K, V> for MemoryTier<K, V> {
         }
         let entry = entry.expiring_at(expires_at);
         let mut state = self.shard(key).write();
-        if let Some(held) = state.lru.peek(key) {
-            if !held.slot.admits(entry.version, now) {
-                state.rejected_sets += 1;
-                return Ok(false);
-            }
+        if let Some(held) = state.lru.peek(key)
+            && !held.slot.admits(entry.version, now)
+        {
+            state.rejected_sets += 1;
+            return Ok(false);
         }
         state.insert(key.clone(), Slot::Live(entry));
         Ok(true)

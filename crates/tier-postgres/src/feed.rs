@@ -194,11 +194,10 @@ impl<K: StorageKey> Follower<K> {
                             Ok(change) => change,
                             Err(error) => return Ended::Broken(error),
                         };
-                        if let Some(change) = change {
-                            if !sender.send(vec![change]).await {
+                        if let Some(change) = change
+                            && !sender.send(vec![change]).await {
                                 return Ended::ChainGone;
                             }
-                        }
                     }
                     Some(Err(error)) => return Ended::Broken(error),
                     None => {

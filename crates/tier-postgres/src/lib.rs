@@ -333,7 +333,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             self.stats.errors.incr();
             return Err(Error::unavailable(&self.name, NoConnection::FailingFast));
         }
-        let result = match self.migrate().await {
+        let result = match self.migrations.start().await.map(|_| ()) {
             Ok(()) => {
                 let mut result = call().await;
                 let mut retries = if retry_broken {
@@ -637,6 +637,7 @@ pub struct PostgresTierBuilder<K, V> {
     connect_timeout: Duration,
     change_retention: Duration,
     feed_poll: Duration,
+    run_migrations: bool,
     name: String,
     _types: PhantomData<fn() -> (K, V)>,
 }
@@ -654,6 +655,7 @@ impl<K, V> Default for PostgresTierBuilder<K, V> {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             change_retention: DEFAULT_CHANGE_RETENTION,
             feed_poll: DEFAULT_FEED_POLL,
+            run_migrations: true,
             name: DEFAULT_NAME.to_owned(),
             _types: PhantomData,
         }
@@ -754,6 +756,16 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
+    /// Whether the tier applies missing migrations on first use (`true`, the default), or only
+    /// checks that none is missing and fails with a message naming `userconfig migrate`
+    /// (`false`: for a role that may read and write the table but not create objects; run
+    /// [`PostgresTier::migrate`] with a privileged role first). An explicit
+    /// [`PostgresTier::migrate`] applies them either way.
+    pub fn run_migrations(mut self, on: bool) -> Self {
+        self.run_migrations = on;
+        self
+    }
+
     /// Interval of a follower's catch-up read of the change log, besides the announcements it
     /// listens to: it bounds how long a change whose announcement was lost stays unseen, and
     /// how much a reconnect has to read. Defaults to [`DEFAULT_FEED_POLL`].
@@ -842,6 +854,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             name: self.name.clone(),
             acquire_timeout: self.acquire_timeout,
             statement_timeout: self.statement_timeout,
+            apply_on_first_use: self.run_migrations,
             done: OnceCell::new(),
         });
         Ok(PostgresTier {

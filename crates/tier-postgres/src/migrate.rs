@@ -4,14 +4,17 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tiercache_core::{Error, Result};
 use tokio::sync::OnceCell;
 
 use crate::map_error;
 
-static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
+/// The migrations, in order (`include_str!`: no proc-macro build of sqlx's drivers).
+const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
+    include_str!("../migrations/0001_create_entries.sql"),
+    include_str!("../migrations/0002_versions_and_changes.sql"),
+]);
 
 /// One table's migrations, run once per tier (and retried on later calls if they failed).
 pub(crate) struct Migrations {
@@ -21,6 +24,9 @@ pub(crate) struct Migrations {
     pub(crate) name: String,
     pub(crate) acquire_timeout: Duration,
     pub(crate) statement_timeout: Duration,
+    /// Whether the first use applies what is missing (else it only checks that nothing is,
+    /// for a role that may not create objects).
+    pub(crate) apply_on_first_use: bool,
     /// Set once the migrations ran: the `xmin` of a snapshot taken then, before the tier's
     /// first statement (see [`Migrations::start`]).
     pub(crate) done: OnceCell<i64>,
@@ -29,7 +35,7 @@ pub(crate) struct Migrations {
 impl Migrations {
     /// Applies what the table has not had, once it succeeded never again.
     pub(crate) async fn run(&self) -> Result<()> {
-        self.start().await.map(|_| ())
+        self.start_with(true).await.map(|_| ())
     }
 
     /// Runs the migrations once and returns where the tier's history starts: the `xmin` of a
@@ -38,13 +44,55 @@ impl Migrations {
     /// that starts late still catches up on every change that could have replaced what its
     /// chain cached (see the `feed` module).
     pub(crate) async fn start(&self) -> Result<i64> {
+        self.start_with(self.apply_on_first_use).await
+    }
+
+    async fn start_with(&self, apply: bool) -> Result<i64> {
         self.done
             .get_or_try_init(|| async {
-                self.apply().await?;
+                if apply {
+                    self.apply().await?;
+                } else {
+                    self.check().await?;
+                }
                 self.horizon().await
             })
             .await
             .copied()
+    }
+
+    /// Checks that every migration was applied, without applying any (the tier was built with
+    /// `run_migrations(false)`: its role may only read and write).
+    async fn check(&self) -> Result<()> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy_with(self.options.clone());
+        let applied: std::result::Result<Vec<i64>, sqlx::Error> =
+            sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                "SELECT version FROM \"{}\".\"{}\" WHERE success",
+                self.schema,
+                bookkeeping_table(&self.table)
+            )))
+            .fetch_all(&pool)
+            .await;
+        pool.close().await;
+        let applied = match applied {
+            Ok(applied) => applied,
+            // No bookkeeping table: nothing was ever applied.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(map_error(&self.name, self.statement_timeout, e)),
+        };
+        match EMBEDDED.iter().find(|m| !applied.contains(&m.version)) {
+            None => Ok(()),
+            Some(m) => Err(Error::backend(
+                &self.name,
+                NotMigrated {
+                    table: format!("{}.{}", self.schema, self.table),
+                    version: m.version,
+                },
+            )),
+        }
     }
 
     async fn horizon(&self) -> Result<i64> {
@@ -62,7 +110,7 @@ impl Migrations {
 
     async fn apply(&self) -> Result<()> {
         let names = Names::new(&self.schema, &self.table);
-        let mut migrator = tiercache_sql::templated(&EMBEDDED, |sql| names.fill(sql));
+        let mut migrator = tiercache_sql::templated(EMBEDDED, |sql| names.fill(sql));
         migrator.create_schema(Cow::Owned(self.schema.clone()));
         migrator.dangerous_set_table_name(Cow::Owned(format!(
             "\"{}\".\"{}\"",
@@ -87,6 +135,17 @@ impl Migrations {
             other => Error::backend(&self.name, other),
         })
     }
+}
+
+/// A tier that may not migrate found a migration missing.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{table} lacks migration {version}: run `userconfig migrate` (or `PostgresTier::migrate`) \
+     with a role that may create tables, or let this tier migrate (`run_migrations(true)`)"
+)]
+pub(crate) struct NotMigrated {
+    table: String,
+    version: i64,
 }
 
 pub(crate) use tiercache_sql::MAX_IDENTIFIER;
@@ -174,4 +233,25 @@ impl Names {
 /// channel is an identifier; this one fits whatever the names' lengths).
 pub(crate) fn channel(schema: &str, table: &str) -> String {
     format!("tiercache_{:016x}", fnv(&format!("{schema}.{table}")))
+}
+
+#[cfg(test)]
+mod embedded_tests {
+    /// Every file in `migrations/` is embedded, in order: a new migration file that is not
+    /// added to `EMBEDDED` would never run.
+    #[test]
+    fn every_migration_file_is_embedded_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), super::EMBEDDED.len(), "{files:?}");
+        for (file, m) in files.iter().zip(super::EMBEDDED) {
+            let expected = format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"));
+            assert_eq!(file, &expected);
+        }
+    }
 }

@@ -58,7 +58,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::migrate::MigrateError;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -85,7 +85,11 @@ pub const IN_MEMORY: &str = ":memory:";
 /// migration first.
 const MIGRATION_ATTEMPTS: u32 = 3;
 
-static EMBEDDED: Migrator = sqlx::migrate!("./migrations");
+/// The migrations, in order (`include_str!`: no proc-macro build of sqlx's drivers).
+const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
+    include_str!("../migrations/0001_create_entries.sql"),
+    include_str!("../migrations/0002_versions_and_changes.sql"),
+]);
 
 /// The SQLite tier. See the [crate docs](crate).
 pub struct SqliteTier<K, V> {
@@ -258,7 +262,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
     /// to a writer finds the file changed) and its transaction rolls back; it then runs again
     /// and finds the migration applied.
     async fn migrate(&self) -> Result<()> {
-        let mut migrator = tiercache_sql::templated(&EMBEDDED, |sql| fill(&self.table, sql));
+        let mut migrator = tiercache_sql::templated(EMBEDDED, |sql| fill(&self.table, sql));
         migrator
             .dangerous_set_table_name(Cow::Owned(format!("_tiercache_migrations_{}", self.table)));
         let mut attempt = 1;
@@ -562,10 +566,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             return Err(Error::Config("the SQLite path is empty".into()));
         }
         let in_memory = self.path.as_os_str() == IN_MEMORY;
-        if !in_memory {
-            if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| Error::backend(&self.name, e))?;
-            }
+        if !in_memory && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::backend(&self.name, e))?;
         }
         let options = SqliteConnectOptions::new()
             .busy_timeout(self.busy_timeout)
@@ -735,5 +737,26 @@ mod tests {
         let printed = format!("{t:?} {:?}", Tier::builder());
         assert!(printed.contains(":memory:"), "{printed}");
         assert!(!printed.contains("secret-config-value"), "{printed}");
+    }
+}
+
+#[cfg(test)]
+mod embedded_tests {
+    /// Every file in `migrations/` is embedded, in order: a new migration file that is not
+    /// added to `EMBEDDED` would never run.
+    #[test]
+    fn every_migration_file_is_embedded_in_order() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        assert_eq!(files.len(), super::EMBEDDED.len(), "{files:?}");
+        for (file, m) in files.iter().zip(super::EMBEDDED) {
+            let expected = format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_"));
+            assert_eq!(file, &expected);
+        }
     }
 }

@@ -28,20 +28,25 @@
 #[doc = include_str!("../../../README.md")]
 struct ReadmeDoctests;
 
+mod builder;
 mod config;
+mod env;
 mod error;
+mod stats;
 mod storage;
 
+pub use builder::UserConfigStorageBuilder;
 pub use config::{
     Extra, ImageGenerationConfig, MemoryConfig, ModelProfileConfig, NIL_PROFILE_ID,
     PreferencesConfig, RefinementConfig, SummarizationConfig, UserConfig, WebSearchConfig,
 };
+pub use env::ENV_VARS;
 pub use error::{Error, Result};
+pub use stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
 #[cfg(feature = "cluster")]
 pub use storage::REDIS_CLUSTER_NODES_VAR;
 pub use storage::{
-    Answer, CacheStats, DEFAULT_MAX_CONFIG_BYTES, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_TTL,
-    DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, DatabaseStats, FetchedConfig,
-    MAX_MODIFY_ATTEMPTS, MAX_USER_ID_BYTES, MemoryCacheStats, RedisCacheStats, UserConfigStorage,
-    UserConfigStorageBuilder, check_user_id,
+    Answer, DEFAULT_MAX_CONFIG_BYTES, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_TTL,
+    DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, FetchedConfig,
+    MAX_MODIFY_ATTEMPTS, MAX_USER_ID_BYTES, UserConfigStorage, check_user_id,
 };

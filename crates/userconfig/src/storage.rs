@@ -2,21 +2,19 @@
 //! Redis, and a database.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tiercache_core::{
-    CacheTier, ChainStats, Clock, Origin, Source, TierStats, TieredCache, Version,
-};
+use tiercache_core::{CacheTier, Origin, TieredCache, Version};
 use tiercache_memory::MemoryTier;
-use tiercache_postgres::PostgresTier;
-use tiercache_redis::{BackplaneStats, RedisBackplane, RedisTier};
-use tiercache_sqlite::SqliteTier;
+use tiercache_redis::{RedisBackplane, RedisTier};
 
+pub(crate) use crate::builder::Database;
+use crate::builder::UserConfigStorageBuilder;
 use crate::config::UserConfig;
 use crate::error::{Error, Result};
+use crate::stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
 
 /// Default memory tier capacity (the seed's 500 entries).
 pub const DEFAULT_MEMORY_CAPACITY: usize = 500;
@@ -51,43 +49,10 @@ fn conflict_backoff(attempt: u32) -> Duration {
     Duration::from_micros(fastrand::u64(0..=ceiling_us))
 }
 
-type Key = String;
+pub(crate) type Key = String;
 
-/// Which authoritative database the storage reads and writes.
-#[derive(Clone)]
-enum Database {
-    Postgres(Arc<PostgresTier<Key, UserConfig>>),
-    Sqlite(Arc<SqliteTier<Key, UserConfig>>),
-    Custom(Arc<dyn Source<Key, UserConfig>>),
-}
-
-impl Database {
-    fn tier(&self) -> Arc<dyn Source<Key, UserConfig>> {
-        match self {
-            Database::Postgres(t) => t.clone(),
-            Database::Sqlite(t) => t.clone(),
-            Database::Custom(t) => t.clone(),
-        }
-    }
-
-    /// How long after the chain gave up on a write it may still commit, and a margin.
-    fn write_settle(&self) -> Duration {
-        let inside = match self {
-            Database::Postgres(t) => t.longest_write(),
-            Database::Sqlite(t) => t.longest_write(),
-            Database::Custom(_) => return tiercache_core::DEFAULT_WRITE_SETTLE,
-        };
-        inside + Duration::from_secs(1)
-    }
-
-    fn backend(&self) -> &'static str {
-        match self {
-            Database::Postgres(_) => "postgres",
-            Database::Sqlite(_) => "sqlite",
-            Database::Custom(_) => "custom",
-        }
-    }
-}
+/// The key [`UserConfigStorage::ping_database`] reads: no user id has a control character.
+const READINESS_KEY: &str = "\u{1}readiness";
 
 /// User configurations served from memory, then Redis (if configured), then the database.
 ///
@@ -112,12 +77,12 @@ impl Database {
 /// ```
 #[derive(Clone)]
 pub struct UserConfigStorage {
-    cache: TieredCache<Key, UserConfig>,
-    memory: Arc<MemoryTier<Key, UserConfig>>,
-    redis: Option<Arc<RedisTier<Key, UserConfig>>>,
-    backplane: Option<RedisBackplane>,
-    database: Database,
-    max_config_bytes: usize,
+    pub(crate) cache: TieredCache<Key, UserConfig>,
+    pub(crate) memory: Arc<MemoryTier<Key, UserConfig>>,
+    pub(crate) redis: Option<Arc<RedisTier<Key, UserConfig>>>,
+    pub(crate) backplane: Option<RedisBackplane>,
+    pub(crate) database: Database,
+    pub(crate) max_config_bytes: usize,
 }
 
 impl fmt::Debug for UserConfigStorage {
@@ -214,30 +179,15 @@ impl UserConfigStorage {
         UserConfigStorageBuilder::default()
     }
 
-    /// A storage configured from the environment: `REDIS_URL` (optional: without it the chain
-    /// is memory, then the database), or with feature `cluster` `REDIS_CLUSTER_NODES` (a Redis
-    /// Cluster's seed node URLs, comma-separated), and `DATABASE_URL` (`postgres://…`, or
-    /// `sqlite:path`; without it, the embedded default: an SQLite file, `userconfig.sqlite3`).
+    /// A storage configured from the environment (the variables are listed at
+    /// [`UserConfigStorageBuilder::from_env`]); it logs at info which tiers and database it
+    /// chose (never a URL), and warns when it falls back to the embedded SQLite file.
+    ///
+    /// # Errors
+    /// [`Error::Settings`] naming the variable that is malformed; else as
+    /// [`UserConfigStorageBuilder::build`].
     pub async fn from_env() -> Result<Self> {
-        let non_empty = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-        let mut builder = Self::builder();
-        if let Some(url) = non_empty("REDIS_URL") {
-            builder = builder.redis_url(url);
-        }
-        #[cfg(feature = "cluster")]
-        if let Some(nodes) = non_empty(REDIS_CLUSTER_NODES_VAR) {
-            builder = builder.redis_cluster(
-                nodes
-                    .split(',')
-                    .map(str::trim)
-                    .filter(|n| !n.is_empty())
-                    .map(str::to_owned),
-            );
-        }
-        if let Some(url) = non_empty("DATABASE_URL") {
-            builder = builder.database_url(url);
-        }
-        builder.build().await
+        Self::builder().from_env()?.build().await
     }
 
     /// The configuration of `user_id`; an unknown user gets the default configuration (with
@@ -401,10 +351,28 @@ impl UserConfigStorage {
     where
         F: FnMut(&mut UserConfig) + Send,
     {
+        self.try_modify_user_config(user_id, |config| {
+            change(config);
+            Ok(())
+        })
+        .await
+    }
+
+    /// [`modify_user_config`](Self::modify_user_config) with a change that may refuse: an
+    /// error from `change` ends the modification at once, with nothing written (an HTTP merge
+    /// patch that does not fit the stored configuration, say).
+    ///
+    /// # Errors
+    /// `change`'s error; otherwise as [`modify_user_config`](Self::modify_user_config).
+    pub async fn try_modify_user_config<F>(&self, user_id: &str, mut change: F) -> Result<Version>
+    where
+        F: FnMut(&mut UserConfig) -> Result<()> + Send,
+    {
+        check_user_id(user_id)?;
         let mut current = self.fetch_user_config(user_id).await?;
         for attempt in 1..=MAX_MODIFY_ATTEMPTS {
             let mut config = (*current.config).clone();
-            change(&mut config);
+            change(&mut config)?;
             match self
                 .update_user_config_if(user_id, current.version, &config)
                 .await
@@ -424,6 +392,31 @@ impl UserConfigStorage {
             }
         }
         unreachable!("the last attempt returns")
+    }
+
+    /// Whether the database answers: one read of the database itself (no cache, nothing
+    /// cached), for readiness checks.
+    ///
+    /// # Errors
+    /// The database's error.
+    pub async fn ping_database(&self) -> Result<()> {
+        self.database
+            .tier()
+            .get(&READINESS_KEY.to_owned())
+            .await
+            .map(|_| ())
+            .map_err(Error::from)
+    }
+
+    /// Creates or upgrades the database's table, change log and functions now (PostgreSQL:
+    /// what a role that may create them runs once per release, `userconfig migrate`; SQLite:
+    /// done when the storage was built). Returns the database's kind.
+    ///
+    /// # Errors
+    /// The database's error (a role without the privileges gets the database's refusal).
+    pub async fn migrate(&self) -> Result<&'static str> {
+        self.database.migrate().await?;
+        Ok(self.database.backend())
     }
 
     /// The configuration of `user_id` as the database has it now, never a cached copy (the
@@ -617,435 +610,4 @@ pub struct FetchedConfig {
     pub stored: bool,
     /// Which tier answered.
     pub answered_by: Answer,
-}
-
-/// What [`UserConfigStorage::get_cache_stats`] returns: the seed's shape, plus the chain's view.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct CacheStats {
-    /// The in-memory tier.
-    pub memory_cache: MemoryCacheStats,
-    /// The Redis tier.
-    pub redis_cache: RedisCacheStats,
-    /// Cross-instance invalidation over Redis pub/sub, if on.
-    pub backplane: Option<BackplaneStats>,
-    /// The database.
-    pub database: DatabaseStats,
-    /// Every tier as the chain saw it: hits, misses, errors and timeouts per tier, source loads,
-    /// coalesced requests, stale copies served.
-    pub chain: ChainStats,
-}
-
-/// The seed's `memory_cache` block.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct MemoryCacheStats {
-    /// Always true: the memory tier is always on.
-    pub enabled: bool,
-    /// Entries held now.
-    pub entries: u64,
-    /// Capacity.
-    pub max_size: u64,
-    /// Lookups answered.
-    pub hits: u64,
-    /// Lookups not answered.
-    pub misses: u64,
-    /// `hits / total_requests`.
-    pub hit_rate: f64,
-    /// `hits + misses`.
-    pub total_requests: u64,
-    /// Entries evicted to make room.
-    pub evictions: u64,
-}
-
-/// The seed's `redis_cache` block.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct RedisCacheStats {
-    /// Whether a Redis tier is configured.
-    pub enabled: bool,
-    /// Whether its last command reached Redis.
-    pub connected: bool,
-    /// The tier's own counts (hits, misses, errors, corrupt entries deleted), if enabled.
-    #[serde(flatten, skip_serializing_if = "Option::is_none")]
-    pub stats: Option<TierStats>,
-}
-
-/// The seed's `database` block.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct DatabaseStats {
-    /// Always true: the database is the source of truth.
-    pub enabled: bool,
-    /// `postgres`, `sqlite`, or `custom`.
-    pub backend: String,
-    /// Loads that reached the database (after coalescing).
-    pub loads: u64,
-    /// Database calls that failed.
-    pub errors: u64,
-}
-
-/// Configures a [`UserConfigStorage`]; see [`UserConfigStorage::builder`].
-#[must_use]
-pub struct UserConfigStorageBuilder {
-    memory_capacity: usize,
-    memory_ttl: Duration,
-    redis_url: Option<String>,
-    redis_tier: Option<Arc<RedisTier<Key, UserConfig>>>,
-    redis_ttl: Duration,
-    redis_prefix: String,
-    #[cfg(feature = "cluster")]
-    redis_cluster: Vec<String>,
-    backplane: bool,
-    follow_changes: bool,
-    database_url: Option<String>,
-    sqlite_path: Option<PathBuf>,
-    custom_source: Option<Arc<dyn Source<Key, UserConfig>>>,
-    shared_database: Option<Database>,
-    max_config_bytes: usize,
-    max_stale: Option<Duration>,
-    background_backfill: bool,
-    single_flight: bool,
-    clock: Clock,
-}
-
-impl fmt::Debug for UserConfigStorageBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // URLs may hold passwords: say only whether they are set.
-        f.debug_struct("UserConfigStorageBuilder")
-            .field("memory_capacity", &self.memory_capacity)
-            .field("memory_ttl", &self.memory_ttl)
-            .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
-            .field("redis_cluster_nodes", &self.redis_cluster_len())
-            .field("redis_ttl", &self.redis_ttl)
-            .field("database_url", &self.database_url.as_ref().map(|_| "<set>"))
-            .field("sqlite_path", &self.sqlite_path)
-            .field("max_config_bytes", &self.max_config_bytes)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for UserConfigStorageBuilder {
-    fn default() -> Self {
-        UserConfigStorageBuilder {
-            memory_capacity: DEFAULT_MEMORY_CAPACITY,
-            memory_ttl: DEFAULT_MEMORY_TTL,
-            redis_url: None,
-            redis_tier: None,
-            redis_ttl: DEFAULT_REDIS_TTL,
-            redis_prefix: DEFAULT_REDIS_PREFIX.to_owned(),
-            #[cfg(feature = "cluster")]
-            redis_cluster: Vec::new(),
-            backplane: true,
-            follow_changes: true,
-            database_url: None,
-            sqlite_path: None,
-            custom_source: None,
-            shared_database: None,
-            max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
-            max_stale: Some(tiercache_core::DEFAULT_MAX_STALE),
-            background_backfill: true,
-            single_flight: true,
-            clock: Clock::system(),
-        }
-    }
-}
-
-impl UserConfigStorageBuilder {
-    /// Memory tier capacity in entries. Defaults to [`DEFAULT_MEMORY_CAPACITY`].
-    pub fn memory_capacity(mut self, capacity: usize) -> Self {
-        self.memory_capacity = capacity;
-        self
-    }
-
-    /// Memory tier TTL. Defaults to [`DEFAULT_MEMORY_TTL`].
-    pub fn memory_ttl(mut self, ttl: Duration) -> Self {
-        self.memory_ttl = ttl;
-        self
-    }
-
-    /// Adds a Redis tier at `url` (`redis://`, `rediss://` for TLS, `user:password@` for
-    /// AUTH). Without it the chain is memory, then the database.
-    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
-        self.redis_url = Some(url.into());
-        self
-    }
-
-    /// Adds a Redis tier on a Redis Cluster reached through these seed nodes
-    /// (`redis://host:port/` each; the others are discovered), instead of one server
-    /// (feature `cluster`). The backplane listens and publishes on one seed node at a time (a
-    /// cluster forwards every PUBLISH to all its nodes) and moves to the next when it fails.
-    #[cfg(feature = "cluster")]
-    pub fn redis_cluster<I, S>(mut self, nodes: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.redis_cluster = nodes.into_iter().map(Into::into).collect();
-        self
-    }
-
-    fn redis_cluster_len(&self) -> usize {
-        #[cfg(feature = "cluster")]
-        return self.redis_cluster.len();
-        #[cfg(not(feature = "cluster"))]
-        0
-    }
-
-    /// Redis TTL. Defaults to [`DEFAULT_REDIS_TTL`].
-    pub fn redis_ttl(mut self, ttl: Duration) -> Self {
-        self.redis_ttl = ttl;
-        self
-    }
-
-    /// Redis key prefix; several storages may share one Redis with different prefixes.
-    /// Defaults to [`DEFAULT_REDIS_PREFIX`].
-    pub fn redis_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.redis_prefix = prefix.into();
-        self
-    }
-
-    /// Whether the instance follows the database's change feed: every change committed to the
-    /// table, by anyone (another instance, `psql`, another service), is applied to its memory
-    /// and Redis copies as it commits. Defaults to `true`.
-    pub fn follow_changes(mut self, on: bool) -> Self {
-        self.follow_changes = on;
-        self
-    }
-
-    /// Whether instances sharing Redis also tell each other of their updates and
-    /// invalidations through Redis pub/sub (on the channel `<redis prefix>invalidations`),
-    /// besides the database's change feed. The feed is the authority: it carries every
-    /// committed change, by any writer, and keeps working with Redis down. The backplane is a
-    /// fast path for changes made through this crate: it carries the new value, so that
-    /// another instance's hot copy is replaced in place rather than dropped and read again
-    /// (p50 0.16 ms against the feed's 0.87 ms from the write's return, `docs/performance.md`);
-    /// it also carries manual invalidations, which the database does not see. Without Redis it
-    /// does nothing. Defaults to `true`.
-    pub fn backplane(mut self, on: bool) -> Self {
-        self.backplane = on;
-        self
-    }
-
-    /// The database: `postgres://…` / `postgresql://…`, or `sqlite:path`. Defaults to the
-    /// embedded SQLite file [`DEFAULT_SQLITE_PATH`].
-    pub fn database_url(mut self, url: impl Into<String>) -> Self {
-        self.database_url = Some(url.into());
-        self
-    }
-
-    /// The embedded default's SQLite file (used when no database URL is given).
-    pub fn sqlite_path(mut self, path: impl Into<PathBuf>) -> Self {
-        self.sqlite_path = Some(path.into());
-        self
-    }
-
-    /// Uses a Redis tier you built yourself (its own prefix, timeouts, TLS settings) instead of
-    /// [`redis_url`](Self::redis_url).
-    pub fn redis_tier(mut self, tier: Arc<RedisTier<Key, UserConfig>>) -> Self {
-        self.redis_tier = Some(tier);
-        self
-    }
-
-    /// Uses a PostgreSQL tier you built yourself (its own schema, table, pool settings) instead
-    /// of [`database_url`](Self::database_url).
-    pub fn postgres_tier(mut self, tier: Arc<PostgresTier<Key, UserConfig>>) -> Self {
-        self.shared_database = Some(Database::Postgres(tier));
-        self
-    }
-
-    /// Uses an SQLite tier you built yourself instead of [`database_url`](Self::database_url).
-    pub fn sqlite_tier(mut self, tier: Arc<SqliteTier<Key, UserConfig>>) -> Self {
-        self.shared_database = Some(Database::Sqlite(tier));
-        self
-    }
-
-    /// Uses the same database tier (and connection pool) as `other`: several storages in one
-    /// process, standing for several service instances, share one database.
-    pub fn share_database(mut self, other: &UserConfigStorage) -> Self {
-        self.shared_database = Some(other.database.clone());
-        self
-    }
-
-    /// A source tier of your own instead of a database (tests, other stores).
-    pub fn source(mut self, source: Arc<dyn Source<Key, UserConfig>>) -> Self {
-        self.custom_source = Some(source);
-        self
-    }
-
-    /// Largest configuration accepted, serialized as JSON. Defaults to
-    /// [`DEFAULT_MAX_CONFIG_BYTES`].
-    pub fn max_config_bytes(mut self, bytes: usize) -> Self {
-        self.max_config_bytes = bytes;
-        self
-    }
-
-    /// Oldest stale copy served when the database is down (`None`: never). Defaults to
-    /// [`tiercache_core::DEFAULT_MAX_STALE`].
-    pub fn max_stale(mut self, age: Option<Duration>) -> Self {
-        self.max_stale = age;
-        self
-    }
-
-    /// Whether a database read back-fills Redis after answering rather than before (the
-    /// memory tier is always filled first). Defaults to `true`: a miss does not also wait for
-    /// a Redis write.
-    pub fn background_backfill(mut self, on: bool) -> Self {
-        self.background_backfill = on;
-        self
-    }
-
-    /// Whether concurrent misses of one user share one database read. Off only to measure what
-    /// it saves (`userconfig simulate --compare`). Defaults to `true`.
-    pub fn single_flight(mut self, on: bool) -> Self {
-        self.single_flight = on;
-        self
-    }
-
-    /// The clock for every tier. Defaults to [`Clock::system`].
-    pub fn clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
-        self
-    }
-
-    /// Builds the storage. Connections to Redis and PostgreSQL are made lazily: the storage
-    /// builds while they are down.
-    ///
-    /// # Errors
-    /// [`Error::Settings`] for a malformed URL or setting; [`Error::Cache`] if the embedded
-    /// SQLite file cannot be opened.
-    pub async fn build(self) -> Result<UserConfigStorage> {
-        if self.max_config_bytes == 0 {
-            return Err(Error::Settings("max_config_bytes must be positive".into()));
-        }
-        let memory = Arc::new(
-            MemoryTier::builder()
-                .capacity(self.memory_capacity)
-                .ttl(self.memory_ttl)
-                .clock(self.clock.clone())
-                .build()
-                .map_err(settings)?,
-        );
-        let cluster = self.redis_cluster_len() > 0;
-        if cluster && self.redis_url.is_some() {
-            return Err(Error::Settings(
-                "give either one Redis server or a Redis Cluster's nodes, not both".into(),
-            ));
-        }
-        let redis = match (self.redis_tier, &self.redis_url) {
-            (Some(tier), _) => Some(tier),
-            (None, url) if url.is_some() || cluster => {
-                let mut tier = RedisTier::builder()
-                    .prefix(self.redis_prefix.clone())
-                    .ttl(self.redis_ttl)
-                    .clock(self.clock.clone());
-                if let Some(url) = url {
-                    tier = tier.url(url.clone());
-                }
-                #[cfg(feature = "cluster")]
-                if cluster {
-                    tier = tier.cluster(self.redis_cluster.clone());
-                }
-                Some(Arc::new(tier.build().map_err(settings)?))
-            }
-            (None, _) => None,
-        };
-        let database = match (self.shared_database, self.custom_source, &self.database_url) {
-            (Some(database), _, _) => database,
-            (None, Some(source), _) => Database::Custom(source),
-            (None, None, Some(url))
-                if url.starts_with("postgres://") || url.starts_with("postgresql://") =>
-            {
-                Database::Postgres(Arc::new(
-                    PostgresTier::builder()
-                        .url(url.clone())
-                        .build()
-                        .map_err(settings)?,
-                ))
-            }
-            (None, None, Some(url)) if url.starts_with("sqlite:") => {
-                let path = url
-                    .trim_start_matches("sqlite://")
-                    .trim_start_matches("sqlite:");
-                Database::Sqlite(Arc::new(SqliteTier::builder().path(path).build().await?))
-            }
-            (None, None, Some(_)) => {
-                return Err(Error::Settings(
-                    "DATABASE_URL must start with postgres://, postgresql:// or sqlite:".into(),
-                ));
-            }
-            (None, None, None) => {
-                let path = self
-                    .sqlite_path
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_SQLITE_PATH));
-                Database::Sqlite(Arc::new(SqliteTier::builder().path(path).build().await?))
-            }
-        };
-        let backplane = match (&redis, self.backplane) {
-            (Some(redis), true) => Some(
-                RedisBackplane::with_clients(
-                    redis.backplane_clients(),
-                    format!("{}invalidations", redis.prefix()),
-                )
-                .map_err(settings)?,
-            ),
-            _ => None,
-        };
-        let mut chain = TieredCache::builder()
-            .shared_tier(memory.clone(), None)
-            .clock(self.clock)
-            .max_stale(self.max_stale)
-            .background_backfill(self.background_backfill)
-            .single_flight(self.single_flight)
-            // A missed invalidation may leave an old copy in Redis for its whole TTL.
-            .floor_ttl(self.redis_ttl.max(self.memory_ttl))
-            // The database's own limits may let a write commit after the chain's 2 s.
-            .write_settle(database.write_settle())
-            .follow_changes(self.follow_changes);
-        if let Some(redis) = &redis {
-            // A read pays at most the Redis tier's own time limit (50 ms by default), however
-            // Redis fails (slow, partitioned, reconnecting).
-            chain = chain.shared_tier(redis.clone(), Some(redis.timeout()));
-        }
-        if let Some(backplane) = &backplane {
-            chain = chain.backplane(Arc::new(backplane.clone()));
-        }
-        let cache = chain
-            .shared_source(
-                database.tier(),
-                Some(tiercache_core::DEFAULT_SOURCE_TIMEOUT),
-            )
-            .build()
-            .map_err(settings)?;
-        if let Some(backplane) = &backplane {
-            backplane.attach(&cache);
-        }
-        if let Some(redis) = &redis {
-            // Connect now rather than on the first requests, and serve once the backplane's
-            // first subscription is up (or failed): the memory tier filled before it would be
-            // flushed when it comes up. Bounded by a connection attempt.
-            let within = redis.connect_timeout();
-            let subscribed = async {
-                if let Some(backplane) = &backplane {
-                    backplane.first_attempt(within).await;
-                }
-            };
-            tokio::join!(redis.connect_within(within), subscribed);
-        }
-        Ok(UserConfigStorage {
-            cache,
-            memory,
-            redis,
-            backplane,
-            database,
-            max_config_bytes: self.max_config_bytes,
-        })
-    }
-}
-
-fn settings(error: tiercache_core::Error) -> Error {
-    match error {
-        tiercache_core::Error::Config(message) => Error::Settings(message),
-        other => Error::Cache(other),
-    }
 }

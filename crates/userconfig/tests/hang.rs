@@ -116,10 +116,10 @@ async fn a_hung_redis_costs_an_update_its_limit_and_no_instance_serves_a_replace
         for reader in &instances[1..] {
             for user in &users {
                 // A read may fail while the instances reconnect; that is not a stale read.
-                if let Ok(got) = reader.fetch_user_config(user).await {
-                    if got.config.preferences.theme != "during" {
-                        stale += 1;
-                    }
+                if let Ok(got) = reader.fetch_user_config(user).await
+                    && got.config.preferences.theme != "during"
+                {
+                    stale += 1;
                 }
             }
         }

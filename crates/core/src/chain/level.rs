@@ -282,10 +282,10 @@ struct Exit<K: Key, V: Value> {
 
 impl<K: Key, V: Value> Drop for Exit<K, V> {
     fn drop(&mut self) {
-        if self.armed {
-            if let Some(inner) = self.chain.upgrade() {
-                inner.tiers[self.index].repairs.lock().replaying = false;
-            }
+        if self.armed
+            && let Some(inner) = self.chain.upgrade()
+        {
+            inner.tiers[self.index].repairs.lock().replaying = false;
         }
     }
 }

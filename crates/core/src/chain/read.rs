@@ -258,11 +258,10 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 if let Ok(Some(entry)) = level
                     .call("get_stale", level.tier.get_stale(key, max_stale))
                     .await
+                    && inner.floors.allows(key, entry.version, &inner.clock)
                 {
-                    if inner.floors.allows(key, entry.version, &inner.clock) {
-                        tracing::debug!(tier = %level.name, %error, "source failed; serving stale copy");
-                        return Ok(Fetched::from_entry(entry, Origin::Stale(i)));
-                    }
+                    tracing::debug!(tier = %level.name, %error, "source failed; serving stale copy");
+                    return Ok(Fetched::from_entry(entry, Origin::Stale(i)));
                 }
             }
         }

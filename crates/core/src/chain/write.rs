@@ -208,11 +208,11 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     }
 
     pub(super) async fn publish(&self, key: &K, version: Option<Version>, value: Option<Arc<V>>) {
-        if let Some(backplane) = &self.inner.backplane {
-            if let Err(error) = backplane.publish(key, version, value).await {
-                self.inner.counters.backplane_errors.incr();
-                tracing::debug!(%error, "could not publish an invalidation");
-            }
+        if let Some(backplane) = &self.inner.backplane
+            && let Err(error) = backplane.publish(key, version, value).await
+        {
+            self.inner.counters.backplane_errors.incr();
+            tracing::debug!(%error, "could not publish an invalidation");
         }
     }
 }
