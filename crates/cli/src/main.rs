@@ -1,38 +1,48 @@
-//! `userconfig`: the workload simulator for the cache chain, and commands for operators.
+//! `userconfig`: the workload simulator for the cache chain, an HTTP service with a live
+//! dashboard, and commands for operators.
 //!
 //! ```text
-//! userconfig simulate                 # the main job: a realistic workload, per-tier report
-//! userconfig get <user-id>            # the configuration, as JSON (version and tier on stderr)
+//! userconfig simulate [--serve ADDR]  # the main job: a realistic workload, per-tier report
+//! userconfig serve [--listen ADDR]    # the REST API, /stats, /metrics, health, the dashboard
+//! userconfig get <user-id>            # the configuration, as JSON (stored? version? on stderr)
+//!     [--require-stored]              #   exit 4 if nothing is stored
 //! userconfig set <user-id> <json|->   # store a configuration (from the argument or stdin)
 //!     [--if-version N]                #   only if the stored version is still N (0: none)
 //! userconfig delete <user-id>         # delete a stored configuration (defaults again)
 //! userconfig invalidate <user-id>     # drop a user from every cache
-//! userconfig warm <ids..> [--file f]  # load users into the caches ahead of demand
+//! userconfig warm <ids..> [--file f]  # load users into the caches ahead of demand (f: - for stdin)
 //! userconfig stats                    # the cache statistics, as JSON
+//! userconfig migrate                  # create or upgrade the database's tables (privileged role)
 //! ```
 //!
-//! Servers come from `REDIS_URL` and `DATABASE_URL` (or `--redis-url` / `--database-url`);
-//! with neither, everything runs on the embedded default: memory over an SQLite file.
+//! Every command takes `--json`: one JSON document on standard output, errors included
+//! (`{"error": {"kind", "message", "exit_code"}}`). Servers and knobs come from the
+//! environment (`REDIS_URL`, `DATABASE_URL`, `USERCONFIG_*`: README.md's table) or
+//! `--redis-url` / `--database-url`; with neither server, everything runs on the embedded
+//! default: memory over an SQLite file. Exit codes: see `failure.rs` (2 usage, 3 invalid
+//! input, 4 not found, 5 unavailable, 6 conflict, 1 anything else).
 //!
 //! A command that changes something waits (`--flush-timeout-ms`, 5 s by default) for every
 //! cache to take it before it exits; if one could not (Redis unreachable), it says which and
 //! exits with code 5: the database has the change, a cache may still serve the old value.
-//! `set --if-version` refused because someone changed the user since that version exits with
-//! code 6 and names the stored version.
 
 #![forbid(unsafe_code)]
 
+mod failure;
+mod ops;
 mod plot;
+mod serve;
 mod simulate;
 mod workload;
 
-use std::fmt;
-use std::io::Read;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use userconfig::{UserConfig, UserConfigStorage};
+use userconfig::{UserConfigStorage, UserConfigStorageBuilder};
+
+pub(crate) use failure::{Failure, explain};
 
 /// Per-user configuration over memory, Redis and a database.
 #[derive(Debug, Parser)]
@@ -71,15 +81,38 @@ pub(crate) struct Connection {
     pub(crate) flush_timeout_ms: u64,
 }
 
+/// `--json`: one JSON document on standard output (errors too).
+#[derive(Debug, Clone, Copy, clap::Args)]
+struct Output {
+    /// Print the result (or the error) as one JSON document on standard output.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run a realistic workload against the chain and report per-tier hit rates, latencies and
     /// database reads saved.
     Simulate(simulate::SimulateArgs),
-    /// Print a user's configuration as JSON.
+    /// Serve the configurations over HTTP, with /stats, /metrics, /healthz, /readyz and the
+    /// live dashboard at /; stops on SIGTERM or Ctrl-C after finishing in-flight requests.
+    Serve {
+        #[command(flatten)]
+        args: serve::ServeArgs,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Print a user's configuration as JSON (whether one is stored, and its version, on
+    /// standard error).
     Get {
         /// The user id.
         user_id: String,
+        /// Fail with exit code 4 if no configuration is stored (rather than print the
+        /// defaults).
+        #[arg(long)]
+        require_stored: bool,
+        #[command(flatten)]
+        output: Output,
     },
     /// Store a user's configuration (JSON; missing fields get defaults, unknown fields are
     /// kept).
@@ -87,100 +120,86 @@ enum Command {
         /// The user id.
         user_id: String,
         /// The configuration as JSON, or `-` to read it from standard input.
-        json: String,
+        json_config: String,
         /// Store it only if the stored version is still this one (0: nothing stored), as one
         /// step in the database (compare-and-set); otherwise exit with code 6.
         #[arg(long, value_name = "N")]
         if_version: Option<u64>,
+        #[command(flatten)]
+        output: Output,
     },
     /// Delete a user's stored configuration (the user reads as the defaults again).
     Delete {
         /// The user id.
         user_id: String,
+        #[command(flatten)]
+        output: Output,
     },
     /// Remove a user from every cache tier (after a change made to the database directly).
     Invalidate {
         /// The user id.
         user_id: String,
+        #[command(flatten)]
+        output: Output,
     },
     /// Load users' configurations into the caches ahead of demand, in batches.
     Warm {
         /// User ids.
         user_ids: Vec<String>,
-        /// A file of user ids, one per line, read as well.
+        /// A file of user ids, one per line (`-`: standard input), read as well.
         #[arg(long)]
-        file: Option<std::path::PathBuf>,
+        file: Option<PathBuf>,
         /// Users per batch call to each tier.
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        #[command(flatten)]
+        output: Output,
     },
     /// Print the cache statistics as JSON.
-    Stats,
+    Stats {
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Create or upgrade the database's table, change log and functions, then exit. Run it
+    /// once per release with a role that may create them; services can then run with a role
+    /// that may only read and write (`USERCONFIG_RUN_MIGRATIONS=false`; docs/operations.md).
+    Migrate {
+        #[command(flatten)]
+        output: Output,
+    },
 }
 
-/// A failure to report: its message, never a configuration value or a URL, and the exit code.
-#[derive(Debug)]
-pub(crate) struct Failure(String, u8);
-
-/// Exit code of a change the database took but a cache could not (it may serve the old
-/// value until its TTL).
-const EXIT_UNREACHED: u8 = 5;
-/// Exit code of a compare-and-set (`set --if-version`) refused because the stored version moved
-/// on.
-const EXIT_CONFLICT: u8 = 6;
-
-impl Failure {
-    pub(crate) fn new(message: impl Into<String>) -> Self {
-        Failure(message.into(), 1)
-    }
-
-    fn code(&self) -> ExitCode {
-        ExitCode::from(self.1)
-    }
-}
-
-impl fmt::Display for Failure {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// An error and its sources, as one line.
-fn explain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
-}
-
-impl From<userconfig::Error> for Failure {
-    fn from(e: userconfig::Error) -> Self {
-        let code = if e.conflict().is_some() {
-            EXIT_CONFLICT
-        } else {
-            1
-        };
-        Failure(explain(&e), code)
+impl Command {
+    /// Whether the command prints JSON (its errors too).
+    fn json(&self) -> bool {
+        match self {
+            Command::Simulate(args) => args.json_to_stdout(),
+            Command::Serve { output, .. }
+            | Command::Get { output, .. }
+            | Command::Set { output, .. }
+            | Command::Delete { output, .. }
+            | Command::Invalidate { output, .. }
+            | Command::Warm { output, .. }
+            | Command::Stats { output }
+            | Command::Migrate { output } => output.json,
+        }
     }
 }
 
 /// Waits for what `done` changed to reach every cache, within the command's flush time
 /// limit; reports what could not, with exit code 5.
-async fn finish(storage: &UserConfigStorage, done: &str, within: Duration) -> Result<(), Failure> {
+pub(crate) async fn finish(
+    storage: &UserConfigStorage,
+    done: &str,
+    within: Duration,
+) -> Result<(), Failure> {
     match storage.flush(within).await {
         Ok(()) => Ok(()),
-        Err(e) => Err(Failure(
-            format!(
-                "{done}, but not every cache took it ({}); another instance may serve the old \
-                 configuration until its cache entry expires",
-                explain(&e)
-            ),
-            EXIT_UNREACHED,
-        )),
+        Err(e) => Err(Failure::unavailable(format!(
+            "{done}, but not every cache took it ({}); another instance may serve the old \
+             configuration until its cache entry expires",
+            explain(&e)
+        ))),
     }
 }
 
@@ -200,145 +219,63 @@ impl Connection {
         }
     }
 
-    /// Adds the Redis tier, if one is configured.
-    pub(crate) fn redis(
-        &self,
-        mut builder: userconfig::UserConfigStorageBuilder,
-    ) -> userconfig::UserConfigStorageBuilder {
+    /// A builder with the environment's knobs (`USERCONFIG_*`) and this connection's servers.
+    pub(crate) fn builder(&self) -> Result<UserConfigStorageBuilder, Failure> {
+        let mut builder = UserConfigStorage::builder().from_env()?;
         if let Some(url) = &self.redis_url {
             builder = builder.redis_url(url.clone());
         }
         if !self.redis_cluster.is_empty() {
             builder = builder.redis_cluster(self.redis_cluster.clone());
         }
-        builder
-    }
-
-    async fn storage(&self) -> Result<UserConfigStorage, Failure> {
-        let mut builder = self.redis(UserConfigStorage::builder());
         if let Some(url) = &self.database_url {
             builder = builder.database_url(url.clone());
         }
-        Ok(builder.build().await?)
+        Ok(builder)
+    }
+
+    pub(crate) async fn storage(&self) -> Result<UserConfigStorage, Failure> {
+        self.storage_with(|b| b).await
+    }
+
+    pub(crate) async fn storage_with(
+        &self,
+        f: impl FnOnce(UserConfigStorageBuilder) -> UserConfigStorageBuilder,
+    ) -> Result<UserConfigStorage, Failure> {
+        Ok(f(self.builder()?).build().await?)
     }
 }
 
-async fn run(cli: Cli) -> Result<(), Failure> {
-    let connection = cli.connection.normalized();
+async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
+    let connection = connection.normalized();
     let within = Duration::from_millis(connection.flush_timeout_ms);
-    match cli.command {
+    let c = &connection;
+    match command {
         Command::Simulate(args) => simulate::run(args, connection).await,
-        Command::Get { user_id } => {
-            let storage = connection.storage().await?;
-            let fetched = storage.fetch_user_config(&user_id).await?;
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&*fetched.config).expect("configs serialize")
-            );
-            if fetched.stored {
-                eprintln!(
-                    "version {} from {}",
-                    fetched.version,
-                    fetched.answered_by.as_str()
-                );
-            } else {
-                eprintln!(
-                    "not stored: the defaults (from {})",
-                    fetched.answered_by.as_str()
-                );
-            }
-            // Let the back-fill land; a fill that cannot is no error.
-            let _ = storage.flush(within).await;
-            Ok(())
-        }
+        Command::Serve { args, output } => serve::run(args, connection, output.json, within).await,
+        Command::Get {
+            user_id,
+            require_stored,
+            output,
+        } => ops::get(c, &user_id, require_stored, output.json, within).await,
         Command::Set {
             user_id,
-            json,
+            json_config,
             if_version,
-        } => {
-            let text = if json == "-" {
-                let mut buffer = String::new();
-                std::io::stdin()
-                    .read_to_string(&mut buffer)
-                    .map_err(|e| Failure::new(format!("cannot read standard input: {e}")))?;
-                buffer
-            } else {
-                json
-            };
-            let config: UserConfig = serde_json::from_str(&text)
-                .map_err(|e| Failure::new(format!("the configuration is not valid JSON: {e}")))?;
-            let storage = connection.storage().await?;
-            let version = match if_version {
-                Some(expected) => {
-                    storage
-                        .update_user_config_if(&user_id, expected, &config)
-                        .await?
-                }
-                None => storage.update_user_config(&user_id, &config).await?,
-            };
-            eprintln!("stored version {version}");
-            finish(&storage, &format!("stored version {version}"), within).await
-        }
-        Command::Delete { user_id } => {
-            let storage = connection.storage().await?;
-            let version = storage.delete_user_config(&user_id).await?;
-            if version == 0 {
-                eprintln!("nothing was stored");
-                return Ok(());
-            }
-            eprintln!("deleted at version {version}");
-            finish(&storage, &format!("deleted at version {version}"), within).await
-        }
-        Command::Invalidate { user_id } => {
-            let storage = connection.storage().await?;
-            // A tier that could not be reached gets the invalidation replayed: whether it was
-            // in the end is for `finish` to say.
-            if let Err(e) = storage.invalidate_user_config_cache(&user_id).await {
-                if !e.is_transient() {
-                    return Err(e.into());
-                }
-            }
-            finish(&storage, "invalidated what could be reached", within).await?;
-            eprintln!("invalidated");
-            Ok(())
+            output,
+        } => ops::set(c, &user_id, &json_config, if_version, output.json, within).await,
+        Command::Delete { user_id, output } => ops::delete(c, &user_id, output.json, within).await,
+        Command::Invalidate { user_id, output } => {
+            ops::invalidate(c, &user_id, output.json, within).await
         }
         Command::Warm {
-            mut user_ids,
+            user_ids,
             file,
             batch,
-        } => {
-            if let Some(path) = file {
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| Failure::new(format!("cannot read {}: {e}", path.display())))?;
-                user_ids.extend(
-                    text.lines()
-                        .map(str::trim)
-                        .filter(|l| !l.is_empty())
-                        .map(String::from),
-                );
-            }
-            let storage = connection.storage().await?;
-            let ids: Vec<&str> = user_ids.iter().map(String::as_str).collect();
-            let found = storage.warm(&ids, batch).await?;
-            let _ = storage.flush(within).await;
-            eprintln!(
-                "warmed {} users ({found} with a stored configuration)",
-                ids.len()
-            );
-            Ok(())
-        }
-        Command::Stats => {
-            let storage = connection.storage().await?;
-            if let Some(redis) = storage.redis() {
-                // Refresh the `connected` flag before reporting it.
-                let _ = redis.ping().await;
-            }
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&storage.get_cache_stats()).expect("stats serialize")
-            );
-            Ok(())
-        }
+            output,
+        } => ops::warm(c, user_ids, file.as_deref(), batch, output.json, within).await,
+        Command::Stats { .. } => ops::stats(c).await,
+        Command::Migrate { output } => ops::migrate(c, output.json).await,
     }
 }
 
@@ -350,7 +287,9 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    // Usage errors exit with code 2 (clap's own).
     let cli = Cli::parse();
+    let json = cli.command.json();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -361,9 +300,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(cli.command, cli.connection)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&e.to_json()).expect("JSON values print")
+                );
+            }
             eprintln!("error: {e}");
             e.code()
         }

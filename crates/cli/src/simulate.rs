@@ -20,6 +20,7 @@ use serde::Serialize;
 use userconfig::{Answer, CacheStats, UserConfig, UserConfigStorage};
 
 use crate::plot;
+use crate::serve::{self, window::Window};
 use crate::workload::{Latencies, Zipf};
 use crate::{Connection, Failure};
 
@@ -74,15 +75,41 @@ pub(crate) struct SimulateArgs {
     /// Random seed (the run is reproducible up to the interleaving of tasks).
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Write the result as JSON to this file.
-    #[arg(long)]
+    /// Write the result as JSON to this file; `-` or no value: to standard output (the report
+    /// then goes to standard error).
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "-")]
     json: Option<PathBuf>,
+    /// Serve the live dashboard (and /stats, /metrics) of the simulated instances on this
+    /// address while the simulation runs, e.g. 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    serve: Option<std::net::SocketAddr>,
+    /// Keep the synthetic users (`sim-<run>-<n>`) in the database after the run; by default
+    /// they are deleted.
+    #[arg(long)]
+    keep_data: bool,
     /// Write the results (JSON) and the charts (SVG) into this directory.
     #[arg(long)]
     out: Option<PathBuf>,
     /// Do not draw a progress bar.
     #[arg(long)]
     no_progress: bool,
+}
+
+/// `println!`, or `eprintln!` when standard output carries the JSON result.
+macro_rules! say {
+    ($stderr:expr) => {
+        if $stderr { eprintln!() } else { println!() }
+    };
+    ($stderr:expr, $($arg:tt)*) => {
+        if $stderr { eprintln!($($arg)*) } else { println!($($arg)*) }
+    };
+}
+
+impl SimulateArgs {
+    /// Whether the JSON result goes to standard output.
+    pub(crate) fn json_to_stdout(&self) -> bool {
+        self.json.as_deref() == Some(Path::new("-"))
+    }
 }
 
 /// The machine-readable result of one run.
@@ -206,11 +233,11 @@ pub(crate) async fn run(args: SimulateArgs, connection: Connection) -> Result<()
     let mut results = Vec::new();
     for mode in modes {
         let result = run_mode(&args, &connection, mode).await?;
-        print_report(&result);
+        print_report(&result, args.json_to_stdout());
         results.push(result);
     }
     if results.len() == 2 {
-        print_comparison(&results[0], &results[1]);
+        print_comparison(&results[0], &results[1], args.json_to_stdout());
     }
     if let Some(path) = &args.json {
         let text = if results.len() == 1 {
@@ -219,9 +246,13 @@ pub(crate) async fn run(args: SimulateArgs, connection: Connection) -> Result<()
             serde_json::to_string_pretty(&results)
         }
         .expect("results serialize");
-        std::fs::write(path, text)
-            .map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))?;
-        eprintln!("result written to {}", path.display());
+        if args.json_to_stdout() {
+            println!("{text}");
+        } else {
+            std::fs::write(path, text)
+                .map_err(|e| Failure::new(format!("cannot write {}: {e}", path.display())))?;
+            eprintln!("result written to {}", path.display());
+        }
     }
     if let Some(dir) = &args.out {
         write_report(dir, &results)?;
@@ -245,7 +276,8 @@ async fn run_mode(
         .then(|| std::env::temp_dir().join(format!("userconfig-simulate-{run_id}.sqlite3")));
     let mut storages = Vec::with_capacity(args.instances);
     for i in 0..args.instances {
-        let mut builder = UserConfigStorage::builder()
+        let mut builder = connection
+            .builder()?
             .memory_capacity(args.memory_capacity)
             // Simulated users live under their own Redis prefix, apart from real ones.
             .redis_prefix(format!("userconfig-sim:{run_id}:"))
@@ -254,15 +286,30 @@ async fn run_mode(
             // (with Redis) is its fast path.
             .follow_changes(mode == Mode::Tiercache)
             .backplane(mode == Mode::Tiercache);
-        builder = connection.redis(builder);
-        builder = match (i, &connection.database_url, &temp_db) {
-            (0, Some(url), _) => builder.database_url(url.clone()),
-            (0, None, Some(path)) => builder.sqlite_path(path.clone()),
+        builder = match (i, &temp_db) {
+            // The database URL is the connection's (`builder` has it).
+            (0, None) => builder,
+            (0, Some(path)) => builder.sqlite_path(path.clone()),
             _ => builder.share_database(&storages[0]),
         };
         storages.push(builder.build().await?);
     }
-    let result = drive(args, mode, &storages, &run_id).await;
+    let window = Arc::new(Window::default());
+    let server = match args.serve {
+        Some(addr) => {
+            let running = serve::start(addr, storages.clone(), window.clone(), 1024 * 1024).await?;
+            eprintln!("dashboard: http://{}/", running.addr);
+            Some(running)
+        }
+        None => None,
+    };
+    let result = drive(args, mode, &storages, &run_id, &window).await;
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    if temp_db.is_none() && !args.keep_data {
+        remove_users(args, &storages[0], &run_id).await?;
+    }
     if let Some(path) = &temp_db {
         for suffix in ["", "-wal", "-shm"] {
             let mut p = path.clone().into_os_string();
@@ -271,6 +318,39 @@ async fn run_mode(
         }
     }
     result
+}
+
+/// Deletes the run's synthetic users from the database (a temporary SQLite file is simply
+/// removed).
+async fn remove_users(
+    args: &SimulateArgs,
+    storage: &UserConfigStorage,
+    run_id: &str,
+) -> Result<(), Failure> {
+    let bar = progress(args.users as u64, "removing users", args.no_progress);
+    let workers = 8.min(args.users);
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (storage, run_id, bar) = (storage.clone(), run_id.to_owned(), bar.clone());
+        let users = args.users;
+        tasks.push(tokio::spawn(async move {
+            let mut removed = 0u64;
+            for rank in (w..users).step_by(workers) {
+                if storage.delete_user_config(&user_id(&run_id, rank)).await? > 0 {
+                    removed += 1;
+                }
+                bar.inc(1);
+            }
+            Ok::<u64, userconfig::Error>(removed)
+        }));
+    }
+    let mut removed = 0;
+    for t in tasks {
+        removed += t.await.expect("removal task panicked")?;
+    }
+    bar.finish_and_clear();
+    eprintln!("removed the run's {removed} synthetic users (--keep-data keeps them)");
+    Ok(())
 }
 
 fn check(args: &SimulateArgs) -> Result<(), Failure> {
@@ -287,7 +367,7 @@ fn check(args: &SimulateArgs) -> Result<(), Failure> {
     } else {
         return Ok(());
     };
-    Err(Failure::new(problem))
+    Err(Failure::usage(problem))
 }
 
 fn user_id(run_id: &str, rank: usize) -> String {
@@ -296,7 +376,12 @@ fn user_id(run_id: &str, rank: usize) -> String {
 
 fn config_for(user: &str, step: u64) -> UserConfig {
     let mut c = UserConfig::default_for(user);
-    c.preferences.theme = if step % 2 == 0 { "dark" } else { "light" }.to_owned();
+    c.preferences.theme = if step.is_multiple_of(2) {
+        "dark"
+    } else {
+        "light"
+    }
+    .to_owned();
     c.preferences.font_size = 12 + (step % 6) as i64;
     c.memory.limit = 3 + (step % 5) as i64;
     c
@@ -337,6 +422,7 @@ async fn drive(
     mode: Mode,
     storages: &[UserConfigStorage],
     run_id: &str,
+    window: &Arc<Window>,
 ) -> Result<SimulationResult, Failure> {
     // Store the configurations of the `stored` share of users, through instance 0.
     let stored = (args.users as f64 * args.stored).round() as usize;
@@ -399,6 +485,7 @@ async fn drive(
                 args.requests / tasks_total + u64::from(task_index < args.requests % tasks_total);
             let storage = storage.clone();
             let (zipf, done, latest) = (zipf.clone(), done.clone(), latest.clone());
+            let window = window.clone();
             let run_id = run_id.to_owned();
             let write_ratio = args.write_ratio;
             let mut rng = fastrand::Rng::with_seed(args.seed.wrapping_add(task_index));
@@ -422,6 +509,7 @@ async fn drive(
                     } else {
                         let fetched = storage.fetch_user_config(&user).await?;
                         let ended = Instant::now();
+                        window.record(fetched.answered_by, ended - began);
                         outcome
                             .by_tier
                             .entry(fetched.answered_by.as_str())
@@ -436,6 +524,7 @@ async fn drive(
                         }
                         if let Some(late) = latest.staleness(&user, fetched.version, began, ended) {
                             cell.stale_reads += 1;
+                            window.record_lag(late);
                             outcome.staleness.record(late);
                         }
                     }
@@ -528,8 +617,9 @@ async fn drive(
     })
 }
 
-fn print_report(r: &SimulationResult) {
-    println!(
+fn print_report(r: &SimulationResult, stderr: bool) {
+    say!(
+        stderr,
         "[{:?}] {} instances x {} tasks, {} users (Zipf {}), {} requests ({} writes) in {:.2} s: {:.0} requests/s",
         r.mode,
         r.instances,
@@ -541,22 +631,31 @@ fn print_report(r: &SimulationResult) {
         r.elapsed_seconds,
         r.requests_per_second
     );
-    println!(
+    say!(
+        stderr,
         "tiers: memory{} -> {}",
         if r.redis { " -> redis" } else { "" },
         r.database
     );
-    println!();
-    println!(
+    say!(stderr);
+    say!(
+        stderr,
         "{:<10} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
-        "answered", "share", "p50 us", "p90 us", "p99 us", "p99.9 us", "max us"
+        "answered",
+        "share",
+        "p50 us",
+        "p90 us",
+        "p99 us",
+        "p99.9 us",
+        "max us"
     );
     for (tier, p) in &r.latency_us {
         let share = match *tier {
             "writes" => r.writes as f64 / r.requests.max(1) as f64,
             t => r.answered_by.get(t).copied().unwrap_or(0.0),
         };
-        println!(
+        say!(
+            stderr,
             "{:<10} {:>7.1}% {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>10.1}",
             tier,
             share * 100.0,
@@ -567,9 +666,10 @@ fn print_report(r: &SimulationResult) {
             p.max
         );
     }
-    println!("(reads: share of reads; writes: share of requests)");
-    println!();
-    println!(
+    say!(stderr, "(reads: share of reads; writes: share of requests)");
+    say!(stderr);
+    say!(
+        stderr,
         "database reads: {} for {} reads; without a cache: {}; saved: {:.1}%; queries per 1,000 requests: {:.1} (without a cache: 1,000)",
         r.database_reads,
         r.reads,
@@ -578,7 +678,8 @@ fn print_report(r: &SimulationResult) {
         r.database_queries_per_1000_requests
     );
     match &r.staleness_us {
-        Some(s) => println!(
+        Some(s) => say!(
+            stderr,
             "stale reads (a version older than an update that had returned): {} ({:.2} per 1,000 reads); \
              time since the update: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
             r.stale_reads,
@@ -587,31 +688,41 @@ fn print_report(r: &SimulationResult) {
             s.p99,
             s.max
         ),
-        None => println!("stale reads (a version older than an update that had returned): 0"),
+        None => say!(
+            stderr,
+            "stale reads (a version older than an update that had returned): 0"
+        ),
     }
-    println!();
-    println!("stats of instance 0:");
-    println!(
+    say!(stderr);
+    say!(stderr, "stats of instance 0:");
+    say!(
+        stderr,
         "{}",
         serde_json::to_string_pretty(&r.stats[0]).expect("stats serialize")
     );
-    println!();
+    say!(stderr);
 }
 
-fn print_comparison(seed: &SimulationResult, ours: &SimulationResult) {
-    println!("comparison (same workload):");
-    println!(
+fn print_comparison(seed: &SimulationResult, ours: &SimulationResult, stderr: bool) {
+    say!(stderr, "comparison (same workload):");
+    say!(
+        stderr,
         "{:<34} {:>14} {:>14} {:>14}",
-        "", "no cache", "seed design", "tiercache"
+        "",
+        "no cache",
+        "seed design",
+        "tiercache"
     );
-    println!(
+    say!(
+        stderr,
         "{:<34} {:>14.1} {:>14.1} {:>14.1}",
         "database queries / 1,000 requests",
         1000.0,
         seed.database_queries_per_1000_requests,
         ours.database_queries_per_1000_requests
     );
-    println!(
+    say!(
+        stderr,
         "{:<34} {:>14} {:>14.2} {:>14.2}",
         "stale reads / 1,000 reads",
         "-",
@@ -619,7 +730,8 @@ fn print_comparison(seed: &SimulationResult, ours: &SimulationResult) {
         ours.stale_reads as f64 * 1000.0 / ours.reads.max(1) as f64
     );
     let max = |r: &SimulationResult| r.staleness_us.map_or(0.0, |s| s.max / 1000.0);
-    println!(
+    say!(
+        stderr,
         "{:<34} {:>14} {:>14.1} {:>14.1}",
         "longest staleness (ms)",
         "-",

@@ -110,7 +110,11 @@ fn set_get_invalidate_and_stats_serve_operators() {
     assert_eq!(config["preferences"]["theme"], "dark");
     assert_eq!(config["preferences"]["font_size"], 14, "defaults filled in");
     assert_eq!(config["future"][0], 1, "unknown fields kept");
-    assert!(text(&get.stderr).contains("version 1 from database"));
+    assert!(
+        text(&get.stderr).contains("stored, version 1 (from database)"),
+        "{}",
+        text(&get.stderr)
+    );
 
     let unknown = userconfig(&["get", "nobody"], &db);
     assert!(unknown.status.success());
@@ -134,25 +138,126 @@ fn set_get_invalidate_and_stats_serve_operators() {
 #[test]
 fn bad_input_is_a_clear_error_and_a_failing_exit() {
     let (_dir, db) = temp_db("bad_input");
-    let out = userconfig(&["get", ""], &db);
-    assert!(!out.status.success());
+    // Invalid input: exit code 3, before any I/O (the database URL names no server).
+    let nowhere = "postgres://nobody@127.0.0.1:1/none";
+    let out = userconfig(&["get", ""], nowhere);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(
         text(&out.stderr).contains("invalid user id"),
         "{}",
         text(&out.stderr)
     );
-    let out = userconfig(&["set", "bob", "{not json"], &db);
-    assert!(!out.status.success());
+    let out = userconfig(&["set", "bob", "{not json"], nowhere);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("not valid JSON"));
+    // A bad setting: usage, exit code 2, and the URL's secret is never repeated.
     let out = userconfig(&["stats"], "mysql://s3cret-sentinel@db/x");
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     assert!(
         !text(&out.stderr).contains("s3cret-sentinel"),
         "{}",
         text(&out.stderr)
     );
     let out = userconfig(&["simulate", "--users", "0", "--no-progress"], &db);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // An unknown option: clap's usage error, exit code 2.
+    let out = userconfig(&["get", "bob", "--no-such-option"], &db);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    // The database unreachable: exit code 5.
+    let out = userconfig(&["get", "bob"], nowhere);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+}
+
+#[test]
+fn json_on_every_command_and_get_require_stored() {
+    let (_dir, db) = temp_db("json");
+    let json = |args: &[&str]| {
+        let out = userconfig(args, &db);
+        let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{args:?} printed no JSON ({e}): {}{}",
+                text(&out.stdout),
+                text(&out.stderr)
+            )
+        });
+        (out.status.code(), value)
+    };
+    let (code, v) = json(&[
+        "set",
+        "carol",
+        r#"{"preferences":{"theme":"dark"}}"#,
+        "--json",
+    ]);
+    assert_eq!((code, v["version"].as_u64()), (Some(0), Some(1)), "{v}");
+    let (code, v) = json(&["get", "carol", "--json", "--require-stored"]);
+    assert_eq!(code, Some(0));
+    assert_eq!(v["stored"], true);
+    assert_eq!(v["version"], 1);
+    assert_eq!(v["config"]["preferences"]["theme"], "dark");
+    let (code, v) = json(&["set", "carol", "{}", "--if-version", "7", "--json"]);
+    assert_eq!(code, Some(6));
+    assert_eq!(v["error"]["kind"], "conflict");
+    assert_eq!(v["error"]["current_version"], 1);
+    let (code, v) = json(&["get", "nobody", "--json", "--require-stored"]);
+    assert_eq!(code, Some(4));
+    assert_eq!(v["error"]["kind"], "not_found");
+    assert_eq!(v["error"]["exit_code"], 4);
+    let (_, v) = json(&["get", "nobody", "--json"]);
+    assert_eq!(
+        (v["stored"].as_bool(), v["version"].as_u64()),
+        (Some(false), Some(0))
+    );
+    let (code, v) = json(&["invalidate", "carol", "--json"]);
+    assert_eq!(
+        (code, &v["invalidated"]),
+        (Some(0), &serde_json::json!(true))
+    );
+    let (_, v) = json(&["warm", "carol", "nobody", "--json"]);
+    assert_eq!(
+        (v["users"].as_u64(), v["stored"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let (_, v) = json(&["stats", "--json"]);
+    assert_eq!(v["database"]["backend"], "sqlite");
+    let (_, v) = json(&["migrate", "--json"]);
+    assert_eq!(
+        (&v["database"], &v["migrated"]),
+        (&serde_json::json!("sqlite"), &serde_json::json!(true))
+    );
+    let (code, v) = json(&["delete", "carol", "--json"]);
+    assert_eq!((code, &v["deleted"]), (Some(0), &serde_json::json!(true)));
+    let (code, v) = json(&["get", "", "--json"]);
+    assert_eq!(
+        (code, &v["error"]["kind"]),
+        (Some(3), &serde_json::json!("invalid_input"))
+    );
+}
+
+#[test]
+fn warm_reads_user_ids_from_standard_input() {
+    use std::io::Write as _;
+    let (_dir, db) = temp_db("warm_stdin");
+    assert!(userconfig(&["set", "dave", "{}"], &db).status.success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_userconfig"))
+        .args(["warm", "--file", "-", "--json"])
+        .env_remove("REDIS_URL")
+        .env("DATABASE_URL", &db)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"dave\nerin\n\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["users"].as_u64(), v["stored"].as_u64()),
+        (Some(2), Some(1))
+    );
 }
 
 #[test]

@@ -1,0 +1,237 @@
+//! The operator commands: `get`, `set`, `delete`, `invalidate`, `warm`, `stats`, `migrate`.
+//! Each prints a line for people on standard error, and with `--json` one JSON document on
+//! standard output.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use userconfig::UserConfig;
+
+use crate::{Connection, Failure, finish};
+
+/// Prints `value` on standard output if `json`, and `human` on standard error.
+fn report(json: bool, value: &Value, human: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("JSON values print")
+        );
+    }
+    if !human.is_empty() {
+        eprintln!("{human}");
+    }
+}
+
+/// Reads `path`, or standard input for `-`.
+pub(crate) fn read_input(path: &Path) -> Result<String, Failure> {
+    if path == Path::new("-") {
+        let mut buffer = String::new();
+        std::io::stdin()
+            .read_to_string(&mut buffer)
+            .map_err(|e| Failure::new(format!("cannot read standard input: {e}")))?;
+        Ok(buffer)
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::new(format!("cannot read {}: {e}", path.display())))
+    }
+}
+
+pub(crate) async fn get(
+    connection: &Connection,
+    user_id: &str,
+    require_stored: bool,
+    json: bool,
+    within: Duration,
+) -> Result<(), Failure> {
+    userconfig::check_user_id(user_id)?;
+    let storage = connection.storage().await?;
+    let fetched = storage.fetch_user_config(user_id).await?;
+    // Let the back-fill land; a fill that cannot is no error.
+    let _ = storage.flush(within).await;
+    if require_stored && !fetched.stored {
+        return Err(Failure::not_found(format!(
+            "no configuration is stored for {user_id:?}"
+        )));
+    }
+    let config = serde_json::to_value(&*fetched.config).expect("configs serialize");
+    let human = if fetched.stored {
+        format!(
+            "stored, version {} (from {})",
+            fetched.version,
+            fetched.answered_by.as_str()
+        )
+    } else {
+        format!(
+            "not stored: the defaults (from {})",
+            fetched.answered_by.as_str()
+        )
+    };
+    if json {
+        report(
+            true,
+            &json!({
+                "user_id": user_id,
+                "stored": fetched.stored,
+                "version": fetched.version,
+                "answered_by": fetched.answered_by.as_str(),
+                "config": config,
+            }),
+            &human,
+        );
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&config).expect("configs serialize")
+        );
+        eprintln!("{human}");
+    }
+    Ok(())
+}
+
+pub(crate) async fn set(
+    connection: &Connection,
+    user_id: &str,
+    text: &str,
+    if_version: Option<u64>,
+    json: bool,
+    within: Duration,
+) -> Result<(), Failure> {
+    userconfig::check_user_id(user_id)?;
+    let text = if text == "-" {
+        read_input(Path::new("-"))?
+    } else {
+        text.to_owned()
+    };
+    let config: UserConfig = serde_json::from_str(&text)
+        .map_err(|e| Failure::invalid(format!("the configuration is not valid JSON: {e}")))?;
+    let storage = connection.storage().await?;
+    let version = match if_version {
+        Some(expected) => {
+            storage
+                .update_user_config_if(user_id, expected, &config)
+                .await?
+        }
+        None => storage.update_user_config(user_id, &config).await?,
+    };
+    let done = format!("stored version {version}");
+    report(
+        json,
+        &json!({ "user_id": user_id, "version": version }),
+        &done,
+    );
+    finish(&storage, &done, within).await
+}
+
+pub(crate) async fn delete(
+    connection: &Connection,
+    user_id: &str,
+    json: bool,
+    within: Duration,
+) -> Result<(), Failure> {
+    userconfig::check_user_id(user_id)?;
+    let storage = connection.storage().await?;
+    let version = storage.delete_user_config(user_id).await?;
+    let done = if version == 0 {
+        "nothing was stored".to_owned()
+    } else {
+        format!("deleted at version {version}")
+    };
+    report(
+        json,
+        &json!({ "user_id": user_id, "deleted": version > 0, "version": version }),
+        &done,
+    );
+    if version == 0 {
+        return Ok(());
+    }
+    finish(&storage, &done, within).await
+}
+
+pub(crate) async fn invalidate(
+    connection: &Connection,
+    user_id: &str,
+    json: bool,
+    within: Duration,
+) -> Result<(), Failure> {
+    userconfig::check_user_id(user_id)?;
+    let storage = connection.storage().await?;
+    // A tier that could not be reached gets the invalidation replayed: whether it was in the
+    // end is for `finish` to say.
+    if let Err(e) = storage.invalidate_user_config_cache(user_id).await
+        && !e.is_transient()
+    {
+        return Err(e.into());
+    }
+    finish(&storage, "invalidated what could be reached", within).await?;
+    report(
+        json,
+        &json!({ "user_id": user_id, "invalidated": true }),
+        "invalidated",
+    );
+    Ok(())
+}
+
+pub(crate) async fn warm(
+    connection: &Connection,
+    mut user_ids: Vec<String>,
+    file: Option<&Path>,
+    batch: usize,
+    json: bool,
+    within: Duration,
+) -> Result<(), Failure> {
+    if let Some(path) = file {
+        user_ids.extend(
+            read_input(path)?
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+    }
+    for id in &user_ids {
+        userconfig::check_user_id(id)?;
+    }
+    if batch == 0 {
+        return Err(Failure::usage("--batch must be at least 1"));
+    }
+    let storage = connection.storage().await?;
+    let ids: Vec<&str> = user_ids.iter().map(String::as_str).collect();
+    let found = storage.warm(&ids, batch).await?;
+    let _ = storage.flush(within).await;
+    report(
+        json,
+        &json!({ "users": ids.len(), "stored": found }),
+        &format!(
+            "warmed {} users ({found} with a stored configuration)",
+            ids.len()
+        ),
+    );
+    Ok(())
+}
+
+pub(crate) async fn stats(connection: &Connection) -> Result<(), Failure> {
+    let storage = connection.storage().await?;
+    if let Some(redis) = storage.redis() {
+        // Refresh the `connected` flag before reporting it.
+        let _ = redis.ping().await;
+    }
+    // JSON either way: `--json` is accepted for uniformity.
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&storage.get_cache_stats()).expect("stats serialize")
+    );
+    Ok(())
+}
+
+pub(crate) async fn migrate(connection: &Connection, json: bool) -> Result<(), Failure> {
+    let storage = connection.storage_with(|b| b.run_migrations(true)).await?;
+    let backend = storage.migrate().await?;
+    report(
+        json,
+        &json!({ "database": backend, "migrated": true }),
+        &format!("the {backend} database's tables, log and functions are up to date"),
+    );
+    Ok(())
+}

@@ -1,0 +1,281 @@
+//! `userconfig serve`: the storage over HTTP, its statistics, Prometheus metrics, health
+//! checks and the live dashboard.
+//!
+//! | route | what |
+//! |---|---|
+//! | `GET /v1/users/{id}/config` | the configuration (defaults if none is stored); `ETag` is its version |
+//! | `PUT /v1/users/{id}/config` | store it; with `If-Match: "N"` only if the stored version is still N (else 412) |
+//! | `PATCH /v1/users/{id}/config` | a JSON merge patch (RFC 7386), retried on conflicts; `If-Match` makes it one attempt |
+//! | `DELETE /v1/users/{id}/config` | delete it (404 if none is stored) |
+//! | `GET /stats` | the seed's statistics JSON (an array with several instances) |
+//! | `GET /metrics` | Prometheus text, rendered from the live statistics at each scrape |
+//! | `GET /healthz` | the process answers |
+//! | `GET /readyz` | the database answers (Redis down is `degraded`, still ready) |
+//! | `GET /` | the live dashboard (`GET /dashboard/data`: its figures) |
+
+mod api;
+mod dashboard;
+mod prometheus;
+pub(crate) mod window;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use clap::Args;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use userconfig::UserConfigStorage;
+
+pub(crate) use dashboard::Board;
+use window::Window;
+
+use crate::{Connection, Failure};
+
+/// Options of `userconfig serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    /// Address to listen on (port 0: any free port; the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    max_body_bytes: usize,
+}
+
+/// What the handlers share.
+pub(crate) struct App {
+    pub(crate) board: Arc<Board>,
+    /// Requests by route template and status, for `/metrics`.
+    http: Mutex<BTreeMap<(String, u16), u64>>,
+}
+
+impl App {
+    /// The storage the REST routes use (the first instance).
+    pub(crate) fn storage(&self) -> &UserConfigStorage {
+        &self.board.storages()[0]
+    }
+
+    pub(crate) fn window(&self) -> &Window {
+        &self.board.window
+    }
+}
+
+/// The routes over `storages` (the first serves the REST routes; all are on the dashboard).
+pub(crate) fn router(board: Arc<Board>, max_body_bytes: usize) -> Router {
+    let app = Arc::new(App {
+        board,
+        http: Mutex::new(BTreeMap::new()),
+    });
+    Router::new()
+        .route(
+            "/v1/users/{id}/config",
+            get(api::get_config)
+                .put(api::put_config)
+                .patch(api::patch_config)
+                .delete(api::delete_config),
+        )
+        .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(api::ready))
+        .route("/", get(|| async { Html(dashboard::PAGE) }))
+        .route("/dashboard/data", get(dashboard_data))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        .layer(middleware::from_fn_with_state(app.clone(), count))
+        .with_state(app)
+}
+
+/// Counts each request by its route template (never the user id) and status.
+async fn count(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    *app.http
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .entry((format!("{method} {route}"), status))
+        .or_default() += 1;
+    response
+}
+
+async fn stats(State(app): State<Arc<App>>) -> Response {
+    let storages = app.board.storages();
+    let body = if storages.len() == 1 {
+        serde_json::to_vec_pretty(&storages[0].get_cache_stats())
+    } else {
+        serde_json::to_vec_pretty(
+            &storages
+                .iter()
+                .map(UserConfigStorage::get_cache_stats)
+                .collect::<Vec<_>>(),
+        )
+    }
+    .expect("stats serialize");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> Response {
+    let stats: Vec<_> = app
+        .board
+        .storages()
+        .iter()
+        .map(UserConfigStorage::get_cache_stats)
+        .collect();
+    let http: Vec<_> = app
+        .http
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        prometheus::render(&stats, &http),
+    )
+        .into_response()
+}
+
+async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
+    (
+        StatusCode::OK,
+        [(header::CACHE_CONTROL, "no-store")],
+        axum::Json(app.board.data()),
+    )
+        .into_response()
+}
+
+/// A running server: its address, and what stops it.
+pub(crate) struct Running {
+    pub(crate) addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    sampler: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish, and returns once the server is done.
+    pub(crate) async fn stop(mut self) -> Result<(), Failure> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.sampler.abort();
+        match (&mut self.task).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Failure::new(format!("the server failed: {e}"))),
+            Err(e) => Err(Failure::new(format!("the server task failed: {e}"))),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.sampler.abort();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Serves `storages` on `listen` until [`Running::stop`]; `window` is what the callers record
+/// latencies into (the REST routes do too).
+pub(crate) async fn start(
+    listen: SocketAddr,
+    storages: Vec<UserConfigStorage>,
+    window: Arc<Window>,
+    max_body_bytes: usize,
+) -> Result<Running, Failure> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| Failure::unavailable(format!("cannot listen on {listen}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Failure::new(format!("cannot read the listening address: {e}")))?;
+    let board = Board::new(storages, window);
+    let sampler = dashboard::spawn_sampler(board.clone());
+    let app = router(board, max_body_bytes);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    Ok(Running {
+        addr,
+        stop: Some(stop),
+        task,
+        sampler,
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// `userconfig serve`: until SIGTERM or Ctrl-C, then in-flight requests finish, what the
+/// storage has pending is flushed, and the process exits 0.
+pub(crate) async fn run(
+    args: ServeArgs,
+    connection: Connection,
+    json: bool,
+    within: Duration,
+) -> Result<(), Failure> {
+    let storage = connection.storage().await?;
+    let running = start(
+        args.listen,
+        vec![storage.clone()],
+        Arc::new(Window::default()),
+        args.max_body_bytes,
+    )
+    .await?;
+    // The one line on stdout: where to connect (tests and scripts read it).
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({ "listening": format!("http://{}", running.addr) })
+        );
+    } else {
+        println!("listening on http://{}", running.addr);
+    }
+    tracing::info!(addr = %running.addr, "serving");
+    shutdown_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    running.stop().await?;
+    crate::finish(&storage, "served", within).await?;
+    eprintln!("stopped");
+    Ok(())
+}
