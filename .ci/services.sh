@@ -83,6 +83,14 @@ ensure_postgres() {
   fi
 }
 
+ensure_chromium() {
+  # The dashboard's browser test (crates/cli/tests/browser.rs) drives Debian's Chromium.
+  if command -v chromium >/dev/null 2>&1; then return 0; fi
+  echo "installing chromium"
+  apt_install --no-install-recommends chromium || echo "chromium could not be installed" >&2
+}
+
 ensure_build_deps
 ensure_redis
 ensure_postgres
+ensure_chromium

@@ -12,7 +12,7 @@
 //! userconfig invalidate <user-id>     # drop a user from every cache
 //! userconfig warm <ids..> [--file f]  # load users into the caches ahead of demand (f: - for stdin)
 //! userconfig stats                    # the cache statistics, as JSON
-//! userconfig migrate                  # create or upgrade the database's tables (privileged role)
+//! userconfig migrate [--grant-to ROLE] # create or upgrade the database's objects (privileged role)
 //! ```
 //!
 //! Every command takes `--json`: one JSON document on standard output, errors included
@@ -164,6 +164,10 @@ enum Command {
     /// once per release with a role that may create them; services can then run with a role
     /// that may only read and write (`USERCONFIG_RUN_MIGRATIONS=false`; docs/operations.md).
     Migrate {
+        /// Also grant this PostgreSQL role what a service needs (read and write the table,
+        /// follow its change log) and nothing more.
+        #[arg(long, value_name = "ROLE")]
+        grant_to: Option<String>,
         #[command(flatten)]
         output: Output,
     },
@@ -181,7 +185,7 @@ impl Command {
             | Command::Invalidate { output, .. }
             | Command::Warm { output, .. }
             | Command::Stats { output }
-            | Command::Migrate { output } => output.json,
+            | Command::Migrate { output, .. } => output.json,
         }
     }
 }
@@ -275,7 +279,9 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
             output,
         } => ops::warm(c, user_ids, file.as_deref(), batch, output.json, within).await,
         Command::Stats { .. } => ops::stats(c).await,
-        Command::Migrate { output } => ops::migrate(c, output.json).await,
+        Command::Migrate { grant_to, output } => {
+            ops::migrate(c, grant_to.as_deref(), output.json).await
+        }
     }
 }
 

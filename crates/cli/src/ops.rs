@@ -225,13 +225,26 @@ pub(crate) async fn stats(connection: &Connection) -> Result<(), Failure> {
     Ok(())
 }
 
-pub(crate) async fn migrate(connection: &Connection, json: bool) -> Result<(), Failure> {
+pub(crate) async fn migrate(
+    connection: &Connection,
+    grant_to: Option<&str>,
+    json: bool,
+) -> Result<(), Failure> {
     let storage = connection.storage_with(|b| b.run_migrations(true)).await?;
     let backend = storage.migrate().await?;
+    if let Some(role) = grant_to {
+        storage.grant_to(role).await?;
+    }
     report(
         json,
-        &json!({ "database": backend, "migrated": true }),
-        &format!("the {backend} database's tables, log and functions are up to date"),
+        &json!({ "database": backend, "migrated": true, "granted_to": grant_to }),
+        &match grant_to {
+            Some(role) => format!(
+                "the {backend} database's tables, log and functions are up to date; {role} may \
+                 read and write them"
+            ),
+            None => format!("the {backend} database's tables, log and functions are up to date"),
+        },
     );
     Ok(())
 }

@@ -202,6 +202,34 @@ fn stats_metrics_health_and_the_dashboard_are_served() {
         "{text}"
     );
 
+    // Every metric the Grafana dashboard draws is one /metrics serves.
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../../../docs/grafana-dashboard.json")).unwrap();
+    let mut drawn = 0;
+    for target in dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap())
+    {
+        let expr = target["expr"].as_str().unwrap();
+        for (at, _) in expr
+            .match_indices("tiercache_")
+            .chain(expr.match_indices("userconfig_"))
+        {
+            let name: String = expr[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                .collect();
+            assert!(
+                text.contains(&format!("# TYPE {name} ")),
+                "Grafana draws {name}, /metrics lacks it"
+            );
+            drawn += 1;
+        }
+    }
+    assert!(drawn >= 10, "{drawn}");
+
     assert_eq!(get(addr, "/healthz").status, 200);
     let ready = get(addr, "/readyz");
     assert_eq!(ready.status, 200);

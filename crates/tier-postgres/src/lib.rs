@@ -315,6 +315,69 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         self.migrations.run().await
     }
 
+    /// What a service's role needs on this tier's objects, and nothing more: to read and write
+    /// the table (through its functions), have versions numbered, log changes and follow the
+    /// log (read it, prune it), and check the migrations. Applied with the privileges of this
+    /// tier's own role (the migrations' owner). See docs/operations.md.
+    ///
+    /// # Errors
+    /// [`Error::Config`] if `role` is not a plain identifier (lower-case letters, digits and
+    /// `_`); the database's refusal otherwise.
+    pub async fn grant_to(&self, role: &str) -> Result<()> {
+        if !tiercache_sql::valid_identifier(role) {
+            return Err(Error::Config(format!(
+                "role {role:?} must be a lower-case identifier of letters, digits and _"
+            )));
+        }
+        self.migrate().await?;
+        let names = self.names();
+        let role = format!("\"{role}\"");
+        let log_sequence: Option<String> = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT pg_get_serial_sequence('{}', 'position')",
+            names.get("{changes}").replace('\'', "''")
+        )))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| map_error(&self.name, self.statement_timeout, e))?;
+        let mut statements = vec![
+            format!("GRANT USAGE ON SCHEMA \"{}\" TO {role}", self.schema),
+            names.fill(&format!(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON {{table}} TO {role}"
+            )),
+            names.fill(&format!(
+                "GRANT SELECT, INSERT, DELETE ON {{changes}} TO {role}"
+            )),
+            names.fill(&format!("GRANT SELECT, UPDATE ON {{feed}} TO {role}")),
+            names.fill(&format!("GRANT USAGE ON SEQUENCE {{versions}} TO {role}")),
+            names.fill(&format!("GRANT EXECUTE ON FUNCTION {{write_fn}} TO {role}")),
+            names.fill(&format!(
+                "GRANT EXECUTE ON FUNCTION {{delete_fn}} TO {role}"
+            )),
+            format!(
+                "GRANT SELECT ON \"{}\".\"{}\" TO {role}",
+                self.schema,
+                migrate::bookkeeping_table(&self.table)
+            ),
+        ];
+        if let Some(sequence) = log_sequence {
+            statements.push(format!("GRANT USAGE ON SEQUENCE {sequence} TO {role}"));
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| map_error(&self.name, self.statement_timeout, e))?;
+        for statement in statements {
+            sqlx::query(AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| map_error(&self.name, self.statement_timeout, e))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| map_error(&self.name, self.statement_timeout, e))
+    }
+
     fn now_nanos(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }

@@ -653,3 +653,120 @@ async fn plain_sql_writers_get_versions_and_log_entries_too() {
     assert_eq!(*versions.last().unwrap() as u64, v5);
     postgres_env::drop_schema(&pool, &schema).await;
 }
+
+/// The least-privilege set-up of docs/operations.md: the migrations run once with a privileged
+/// role, `grant_to` gives the service's role what it needs, and a tier with that role and
+/// `run_migrations(false)` reads, writes, deletes, compare-and-sets and follows the change
+/// feed, while it may not create anything.
+#[tokio::test]
+async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() {
+    use std::str::FromStr as _;
+
+    use sqlx::postgres::PgConnectOptions;
+    use tiercache_core::Change;
+
+    let admin_pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&admin_pool).await;
+    let role = unique_name("svc");
+    sqlx::query(AssertSqlSafe(format!("CREATE ROLE \"{role}\" LOGIN")))
+        .execute(&admin_pool)
+        .await
+        .unwrap();
+    let as_role = || -> Tier {
+        let options = PgConnectOptions::from_str(&env::database_url())
+            .unwrap()
+            .username(&role);
+        PostgresTier::builder()
+            .connect_options(options)
+            .schema(schema.clone())
+            .run_migrations(false)
+            .build()
+            .unwrap()
+    };
+    let value = contract::value;
+
+    // A tier that may not migrate, on a table nobody migrated: an error that says what to run.
+    let unmigrated: Tier = PostgresTier::builder()
+        .url(env::database_url())
+        .schema(schema.clone())
+        .run_migrations(false)
+        .build()
+        .unwrap();
+    let error = unmigrated.get(&"k".to_owned()).await.unwrap_err();
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(s) = source {
+        text = format!("{text}: {s}");
+        source = s.source();
+    }
+    assert!(text.contains("userconfig migrate"), "{text}");
+    assert!(!error.is_transient(), "{error}");
+
+    let admin = tier(&schema);
+    admin.migrate().await.unwrap();
+    // Without the grants the service's role can do nothing.
+    assert!(as_role().get(&"k".to_owned()).await.is_err());
+    admin.grant_to(&role).await.unwrap();
+    assert!(admin.grant_to("Robert'); DROP").await.is_err());
+
+    let service = as_role();
+    let mut feed = service.follow().expect("the tier has a change feed");
+    let key = "alice".to_owned();
+    let Written::Changed(v1) = service.write(&key, value(1), None).await.unwrap() else {
+        panic!("a first write changes");
+    };
+    assert_eq!(service.get(&key).await.unwrap().unwrap().version, v1);
+    let conflict = service.write(&key, value(2), Some(v1 + 100)).await;
+    assert!(
+        matches!(conflict, Err(Error::Conflict { .. })),
+        "{conflict:?}"
+    );
+    // A change by someone else reaches the service's follower.
+    let Written::Changed(v2) = admin.write(&key, value(3), Some(v1)).await.unwrap() else {
+        panic!("the admin's write changes");
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    'seen: loop {
+        let batch = tokio::time::timeout_at(deadline, feed.recv())
+            .await
+            .expect("the change arrives")
+            .expect("the feed is open");
+        for change in batch {
+            if matches!(&change, Change::Key { key: k, version, .. } if *k == key && *version == v2)
+            {
+                break 'seen;
+            }
+        }
+    }
+    service.delete(&key, Some(v2)).await.unwrap();
+    assert!(service.get(&key).await.unwrap().is_none());
+    service.prune_changes().await.unwrap();
+
+    // And nothing else: the role may not create objects in the schema.
+    let options = PgConnectOptions::from_str(&env::database_url())
+        .unwrap()
+        .username(&role);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let create = sqlx::query(AssertSqlSafe(format!(
+        "CREATE TABLE \"{schema}\".intruder (id int)"
+    )))
+    .execute(&pool)
+    .await;
+    assert!(create.is_err(), "the service role created a table");
+    pool.close().await;
+    drop((service, feed));
+
+    postgres_env::drop_schema(&admin_pool, &schema).await;
+    sqlx::query(AssertSqlSafe(format!("DROP OWNED BY \"{role}\"")))
+        .execute(&admin_pool)
+        .await
+        .unwrap();
+    sqlx::query(AssertSqlSafe(format!("DROP ROLE \"{role}\"")))
+        .execute(&admin_pool)
+        .await
+        .unwrap();
+}

@@ -67,6 +67,18 @@ impl Database {
         }
     }
 
+    /// Grants `role` what a service needs on the database's objects (PostgreSQL only).
+    pub(crate) async fn grant_to(&self, role: &str) -> Result<()> {
+        match self {
+            #[cfg(feature = "postgres")]
+            Database::Postgres(t) => Ok(t.grant_to(role).await?),
+            _ => Err(Error::Settings(format!(
+                "roles are a PostgreSQL matter; the {} database has none",
+                self.backend()
+            ))),
+        }
+    }
+
     pub(crate) fn backend(&self) -> &'static str {
         match self {
             #[cfg(feature = "postgres")]

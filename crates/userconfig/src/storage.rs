@@ -419,6 +419,18 @@ impl UserConfigStorage {
         Ok(self.database.backend())
     }
 
+    /// Grants a PostgreSQL role what a service needs on the database's objects and nothing
+    /// more (read and write the table, number versions, log and follow changes; no creating):
+    /// the storage's own role runs it once, after [`migrate`](Self::migrate), and services
+    /// then connect as `role` with [`run_migrations(false)`](UserConfigStorageBuilder::run_migrations).
+    ///
+    /// # Errors
+    /// [`Error::Settings`] for another database or a role that is not a plain lower-case
+    /// identifier; the database's refusal otherwise.
+    pub async fn grant_to(&self, role: &str) -> Result<()> {
+        self.database.grant_to(role).await
+    }
+
     /// The configuration of `user_id` as the database has it now, never a cached copy (the
     /// caches are filled with it).
     ///
