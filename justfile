@@ -6,6 +6,18 @@ default: ci
 run:
     cargo run --release -p userconfig-cli -- simulate
 
+# The main job with its live dashboard at http://127.0.0.1:8080/.
+watch:
+    cargo run --release -p userconfig-cli -- simulate --serve 127.0.0.1:8080
+
+# The HTTP service and its dashboard on http://127.0.0.1:8080/.
+serve:
+    cargo run --release -p userconfig-cli -- serve --listen 127.0.0.1:8080
+
+# The workspace's rust-version against what its dependency tree needs.
+rust-version:
+    cargo metadata --format-version 1 --all-features | python3 .ci/rust-version.py
+
 fmt:
     cargo fmt --all -- --check
 
@@ -21,7 +33,15 @@ test:
 bench:
     cargo bench --bench memory_hit
 
-ci: fmt clippy doc test
+# The HTTP service's own overhead: a memory hit through GET against a bare axum handler.
+bench-http:
+    cargo bench -p userconfig-cli --bench http
+
+# README's picture of the dashboard, from the browser test (needs Chromium).
+screenshot:
+    DASHBOARD_SCREENSHOT=docs/img/dashboard.png cargo test -p userconfig-cli --test browser
+
+ci: fmt rust-version clippy doc test
 
 # Mutation testing of the core's and the memory tier's rule-bearing files (not in CI: over an
 # hour on two cores). Results and the fast per-change subset: docs/testing.md.

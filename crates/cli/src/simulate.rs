@@ -116,6 +116,11 @@ impl SimulateArgs {
 #[derive(Debug, Serialize)]
 struct SimulationResult {
     mode: Mode,
+    /// The synthetic users are `sim-<run_id>-<rank>`.
+    run_id: String,
+    /// How many of them were deleted from the database after the run (none with a temporary
+    /// SQLite file, which is removed, or with `--keep-data`).
+    users_removed: Option<u64>,
     users: usize,
     instances: usize,
     concurrency: usize,
@@ -307,9 +312,13 @@ async fn run_mode(
     if let Some(server) = server {
         server.stop().await?;
     }
-    if temp_db.is_none() && !args.keep_data {
-        remove_users(args, &storages[0], &run_id).await?;
-    }
+    let result = match result {
+        Ok(mut result) if temp_db.is_none() && !args.keep_data => {
+            result.users_removed = Some(remove_users(args, &storages[0], &run_id).await?);
+            Ok(result)
+        }
+        other => other,
+    };
     if let Some(path) = &temp_db {
         for suffix in ["", "-wal", "-shm"] {
             let mut p = path.clone().into_os_string();
@@ -326,7 +335,7 @@ async fn remove_users(
     args: &SimulateArgs,
     storage: &UserConfigStorage,
     run_id: &str,
-) -> Result<(), Failure> {
+) -> Result<u64, Failure> {
     let bar = progress(args.users as u64, "removing users", args.no_progress);
     let workers = 8.min(args.users);
     let mut tasks = Vec::new();
@@ -350,7 +359,7 @@ async fn remove_users(
     }
     bar.finish_and_clear();
     eprintln!("removed the run's {removed} synthetic users (--keep-data keeps them)");
-    Ok(())
+    Ok(removed)
 }
 
 fn check(args: &SimulateArgs) -> Result<(), Failure> {
@@ -591,6 +600,8 @@ async fn drive(
     let requests = reads + writes.len() as u64;
     Ok(SimulationResult {
         mode,
+        run_id: run_id.to_owned(),
+        users_removed: None,
         users: args.users,
         instances: args.instances,
         concurrency: args.concurrency,

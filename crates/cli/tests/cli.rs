@@ -335,3 +335,45 @@ fn set_if_version_is_a_compare_and_set_and_delete_restores_the_defaults() {
         text(&recreated.stderr)
     );
 }
+
+#[test]
+fn simulate_removes_its_synthetic_users_unless_told_to_keep_them() {
+    let (_dir, db) = temp_db("sim_cleanup");
+    let run = |extra: &[&str]| -> serde_json::Value {
+        let out = Command::new(env!("CARGO_BIN_EXE_userconfig"))
+            .args([
+                "simulate",
+                "--users",
+                "50",
+                "--requests",
+                "400",
+                "--instances",
+                "1",
+                "--no-progress",
+                "--json",
+                "-",
+            ])
+            .args(extra)
+            .env_remove("REDIS_URL")
+            .env("DATABASE_URL", &db)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        // The JSON alone on stdout: the report went to stderr.
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out.stdout)))
+    };
+    let first_user =
+        |result: &serde_json::Value| format!("sim-{}-0", result["run_id"].as_str().unwrap());
+
+    let removed = run(&[]);
+    // 90% of 50 were stored first; a write may have created another.
+    let count = removed["users_removed"].as_u64().unwrap();
+    assert!((45..=50).contains(&count), "{count}");
+    let gone = userconfig(&["get", &first_user(&removed), "--require-stored"], &db);
+    assert_eq!(gone.status.code(), Some(4), "{}", text(&gone.stderr));
+
+    let kept = run(&["--keep-data", "--seed", "7"]);
+    assert!(kept["users_removed"].is_null());
+    let there = userconfig(&["get", &first_user(&kept), "--require-stored"], &db);
+    assert_eq!(there.status.code(), Some(0), "{}", text(&there.stderr));
+}

@@ -738,7 +738,11 @@ async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() 
             }
         }
     }
-    service.delete(&key, Some(v2)).await.unwrap();
+    let deleted = service.delete(&key, Some(v2)).await.unwrap();
+    assert!(
+        matches!(deleted, Written::Changed(v) if v > v2),
+        "{deleted:?}"
+    );
     assert!(service.get(&key).await.unwrap().is_none());
     service.prune_changes().await.unwrap();
 

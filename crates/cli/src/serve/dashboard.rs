@@ -230,13 +230,15 @@ impl Board {
     }
 }
 
-/// Samples `board` every [`TICK`] until the returned guard is dropped.
-pub(crate) fn spawn_sampler(board: Arc<Board>) -> tokio::task::JoinHandle<()> {
+/// Samples `board` every [`TICK`] while something else holds it (the router's state).
+pub(crate) fn spawn_sampler(board: &Arc<Board>) -> tokio::task::JoinHandle<()> {
+    let board = Arc::downgrade(board);
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let Some(board) = board.upgrade() else { return };
             board.sample();
         }
     })

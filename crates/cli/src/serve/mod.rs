@@ -68,7 +68,15 @@ impl App {
     }
 }
 
-/// The routes over `storages` (the first serves the REST routes; all are on the dashboard).
+/// The routes over `storages`, with a sampler that runs as long as the router lives.
+pub(crate) fn router_for(storages: Vec<UserConfigStorage>, max_body_bytes: usize) -> Router {
+    let board = Board::new(storages, Arc::new(Window::default()));
+    dashboard::spawn_sampler(&board);
+    router(board, max_body_bytes)
+}
+
+/// The routes over `board`'s storages (the first serves the REST routes; all are on the
+/// dashboard).
 pub(crate) fn router(board: Arc<Board>, max_body_bytes: usize) -> Router {
     let app = Arc::new(App {
         board,
@@ -206,7 +214,7 @@ pub(crate) async fn start(
         .local_addr()
         .map_err(|e| Failure::new(format!("cannot read the listening address: {e}")))?;
     let board = Board::new(storages, window);
-    let sampler = dashboard::spawn_sampler(board.clone());
+    let sampler = dashboard::spawn_sampler(&board);
     let app = router(board, max_body_bytes);
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
