@@ -21,6 +21,10 @@ where
     let tier = PostgresTier::builder()
         .url(env::database_url())
         .schema(&schema)
+        // The contract is about versions, not time: 50 writers queue for one row over ten
+        // connections while the other checks migrate their schemas, and on a loaded 2-core
+        // machine the default 1 s wait for a connection ran out once (PoolBusy, in CI).
+        .acquire_timeout(std::time::Duration::from_secs(10))
         .build()
         .unwrap();
     check(Arc::new(tier)).await;
