@@ -123,7 +123,7 @@ pub(crate) async fn get_config(
     let began = Instant::now();
     let fetched = app.storage().fetch_user_config(&id).await?;
     app.window().record(fetched.answered_by, began.elapsed());
-    let body = serde_json::to_vec(&*fetched.config).expect("configs serialize");
+    let body = app.encoded.get(&id, &fetched.config);
     let mut response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
     let headers = response.headers_mut();
     headers.insert(header::ETAG, etag(fetched.version));

@@ -15,6 +15,7 @@
 
 mod api;
 mod dashboard;
+mod encoded;
 mod prometheus;
 pub(crate) mod window;
 
@@ -53,8 +54,11 @@ pub(crate) struct ServeArgs {
 /// What the handlers share.
 pub(crate) struct App {
     pub(crate) board: Arc<Board>,
-    /// Requests by route template and status, for `/metrics`.
-    http: Mutex<BTreeMap<(String, u16), u64>>,
+    /// The JSON of the configurations `GET` served, while the chain's copy lives.
+    pub(crate) encoded: encoded::Encoded,
+    /// Requests by route template, method and status, for `/metrics` (indexes into
+    /// [`ROUTES`] and [`METHODS`]: counting allocates nothing).
+    http: Mutex<BTreeMap<(u8, u8, u16), u64>>,
 }
 
 impl App {
@@ -78,8 +82,10 @@ pub(crate) fn router_for(storages: Vec<UserConfigStorage>, max_body_bytes: usize
 /// The routes over `board`'s storages (the first serves the REST routes; all are on the
 /// dashboard).
 pub(crate) fn router(board: Arc<Board>, max_body_bytes: usize) -> Router {
+    let capacity = board.storages()[0].get_cache_stats().memory_cache.max_size;
     let app = Arc::new(App {
         board,
+        encoded: encoded::Encoded::new(usize::try_from(capacity).unwrap_or(usize::MAX)),
         http: Mutex::new(BTreeMap::new()),
     });
     Router::new()
@@ -101,19 +107,38 @@ pub(crate) fn router(board: Arc<Board>, max_body_bytes: usize) -> Router {
         .with_state(app)
 }
 
-/// Counts each request by its route template (never the user id) and status.
+/// The route templates requests are counted by; anything else is `unmatched`.
+const ROUTES: [&str; 8] = [
+    "/v1/users/{id}/config",
+    "/stats",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/",
+    "/dashboard/data",
+    "unmatched",
+];
+
+/// The methods requests are counted by; anything else is `OTHER`.
+const METHODS: [&str; 5] = ["GET", "PUT", "PATCH", "DELETE", "OTHER"];
+
+/// Counts each request by its route template (never the user id), method and status.
 async fn count(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().as_str().to_owned();
+        .and_then(|p| ROUTES.iter().position(|r| *r == p.as_str()))
+        .unwrap_or(ROUTES.len() - 1);
+    let method = METHODS
+        .iter()
+        .position(|m| *m == request.method().as_str())
+        .unwrap_or(METHODS.len() - 1);
     let response = next.run(request).await;
     let status = response.status().as_u16();
     *app.http
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .entry((format!("{method} {route}"), status))
+        .entry((route as u8, method as u8, status))
         .or_default() += 1;
     response
 }
@@ -146,7 +171,10 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .iter()
-        .map(|(k, v)| (k.clone(), *v))
+        .map(|(&(route, method, status), n)| {
+            let label = format!("{} {}", METHODS[method as usize], ROUTES[route as usize]);
+            ((label, status), *n)
+        })
         .collect();
     (
         [(
