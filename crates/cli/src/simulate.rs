@@ -329,6 +329,10 @@ async fn run_mode(
     result
 }
 
+/// Most retries of one user's store while the users are stored before the run (100 ms apart:
+/// long enough for an open breaker's cool-down to pass).
+const SEED_RETRIES: u32 = 100;
+
 /// Deletes the run's synthetic users from the database (a temporary SQLite file is simply
 /// removed).
 async fn remove_users(
@@ -437,17 +441,36 @@ async fn drive(
     let stored = (args.users as f64 * args.stored).round() as usize;
     let bar = progress(stored as u64, "storing", args.no_progress);
     let seeders = 8.min(stored.max(1));
+    let retried = Arc::new(AtomicU64::new(0));
     let mut seeding = Vec::new();
     for s in 0..seeders {
         let storage = storages[0].clone();
+        let retried = retried.clone();
         let run_id = run_id.to_owned();
         let bar = bar.clone();
         seeding.push(tokio::spawn(async move {
             for rank in (s..stored).step_by(seeders) {
                 let user = user_id(&run_id, rank);
-                storage
-                    .update_user_config(&user, &config_for(&user, 0))
-                    .await?;
+                // A transient failure (a busy pool at start-up, say) is retried: storing
+                // the users is set-up, not what is measured. Each retry is reported.
+                let mut attempt = 0;
+                loop {
+                    match storage
+                        .update_user_config(&user, &config_for(&user, 0))
+                        .await
+                    {
+                        Ok(_) => break,
+                        Err(e) if e.is_transient() && attempt < SEED_RETRIES => {
+                            attempt += 1;
+                            retried.fetch_add(1, Ordering::Relaxed);
+                            if attempt == 1 {
+                                tracing::warn!(error = %crate::explain(&e), "storing a user failed; retrying");
+                            }
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
                 bar.inc(1);
             }
             Ok::<(), userconfig::Error>(())
@@ -457,6 +480,10 @@ async fn drive(
         s.await.expect("seeding task panicked")?;
     }
     bar.finish_and_clear();
+    let retried = retried.load(Ordering::Relaxed);
+    if retried > 0 {
+        eprintln!("storing the users met {retried} transient failures, each retried");
+    }
     // Start from cold caches, as a fresh deployment would, and count only the run.
     for storage in storages {
         storage.clear_memory_cache().await;
