@@ -1080,6 +1080,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             ))
         };
         let client = match self.root_certificate {
+            #[cfg(any(feature = "native-tls", feature = "rustls"))]
             Some(pem) => Client::build_with_tls(
                 self.url.as_str(),
                 redis::TlsCertificates {
@@ -1088,6 +1089,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                 },
             )
             .map_err(bad_url)?,
+            #[cfg(not(any(feature = "native-tls", feature = "rustls")))]
+            Some(_) => {
+                return Err(Error::Config(
+                    "a root certificate needs TLS: feature `native-tls` or `rustls`".into(),
+                ));
+            }
             None => Client::open(self.url.as_str()).map_err(bad_url)?,
         };
         #[cfg(feature = "cluster")]

@@ -68,6 +68,7 @@ impl Database {
     }
 
     /// Grants `role` what a service needs on the database's objects (PostgreSQL only).
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
     pub(crate) async fn grant_to(&self, role: &str) -> Result<()> {
         match self {
             #[cfg(feature = "postgres")]
@@ -468,6 +469,7 @@ fn settings(error: tiercache_core::Error) -> Error {
 }
 
 /// The database a URL names, or the embedded SQLite file without one.
+#[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
 async fn open_database(
     url: Option<&str>,
     sqlite_path: Option<PathBuf>,
