@@ -305,3 +305,41 @@ fn sigterm_finishes_and_exits_zero() {
     assert!(status.success(), "{status:?}: {said:?}");
     assert!(said.iter().any(|l| l.contains("stopped")), "{said:?}");
 }
+
+#[test]
+fn sigterm_lets_a_request_in_flight_finish() {
+    use std::io::{Read as _, Write as _};
+
+    let dir = TempDir::new("serve_in_flight");
+    let server = Server::serve(&dir.sqlite_url());
+    let mut stream = std::net::TcpStream::connect(&server.addr).unwrap();
+    // The head is sent and the handler waits for the body: in flight when SIGTERM arrives.
+    stream
+        .write_all(
+            b"PUT /v1/users/zed/config HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\
+              Connection: close\r\n\r\n{",
+        )
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    server.sigterm();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The request in flight is still served.
+    stream.write_all(b"}").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let (status, said) = server.wait();
+    assert!(status.success(), "{status:?}: {said:?}");
+    // And the write it carried is stored.
+    let get = std::process::Command::new(env!("CARGO_BIN_EXE_userconfig"))
+        .args(["get", "zed", "--require-stored"])
+        .env_remove("REDIS_URL")
+        .env("DATABASE_URL", dir.sqlite_url())
+        .output()
+        .unwrap();
+    assert!(
+        get.status.success(),
+        "{}",
+        String::from_utf8_lossy(&get.stderr)
+    );
+}

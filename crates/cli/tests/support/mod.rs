@@ -212,13 +212,23 @@ impl Server {
         )
     }
 
-    /// Sends SIGTERM and waits for the exit.
-    pub fn terminate(mut self) -> (std::process::ExitStatus, Vec<String>) {
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .unwrap();
         assert!(status.success());
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(self) -> (std::process::ExitStatus, Vec<String>) {
+        self.sigterm();
+        self.wait()
+    }
+
+    /// Waits for the exit.
+    pub fn wait(mut self) -> (std::process::ExitStatus, Vec<String>) {
         let exit = self.child.wait().unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let said = self.stderr.try_iter().collect();
