@@ -27,7 +27,10 @@ pub struct LatencySummary {
     pub max_us: f64,
 }
 
-pub(crate) struct LatencyHistogram {
+/// A latency histogram of atomics: recording is one `fetch_add` (and a `fetch_max`), safe from
+/// any thread. The chain keeps one per tier; `userconfig serve`'s dashboard keeps one per
+/// second and answering tier.
+pub struct LatencyHistogram {
     buckets: Box<[AtomicU64]>,
     max_nanos: AtomicU64,
 }
@@ -63,14 +66,34 @@ fn upper_bound(index: usize) -> u64 {
     base + (base * (fraction + 1)) / u64::from(SUB)
 }
 
+impl std::fmt::Debug for LatencyHistogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LatencyHistogram")
+            .field(&self.summary())
+            .finish()
+    }
+}
+
 impl LatencyHistogram {
-    pub(crate) fn record(&self, took: Duration) {
+    /// Counts one call that took `took`.
+    pub fn record(&self, took: Duration) {
         let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
         self.buckets[bucket(nanos)].fetch_add(1, Ordering::Relaxed);
         self.max_nanos.fetch_max(nanos, Ordering::Relaxed);
     }
 
-    pub(crate) fn summary(&self) -> LatencySummary {
+    /// Adds `other`'s calls to this histogram (to summarize several together).
+    pub fn merge(&self, other: &LatencyHistogram) {
+        for (mine, theirs) in self.buckets.iter().zip(other.buckets.iter()) {
+            mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.max_nanos
+            .fetch_max(other.max_nanos.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    /// The percentiles of what was recorded (all zero, with `count` 0, for nothing).
+    #[must_use]
+    pub fn summary(&self) -> LatencySummary {
         let counts: Vec<u64> = self
             .buckets
             .iter()
@@ -121,6 +144,17 @@ mod tests {
         assert!(near(s.p99_us, 990.0), "{s:?}");
         assert_eq!(s.max_us, 1000.0);
         assert_eq!(LatencyHistogram::default().summary().count, 0);
+        // Below a microsecond too (a memory hit).
+        let fast = LatencyHistogram::default();
+        fast.record(Duration::from_nanos(300));
+        let q = fast.summary().p50_us;
+        assert!((0.3..=0.375).contains(&q), "{q}");
+        let merged = LatencyHistogram::default();
+        merged.record(Duration::from_micros(2000));
+        merged.merge(&h);
+        let m = merged.summary();
+        assert_eq!((m.count, m.max_us), (1001, 2000.0));
+        assert!(near(m.p50_us, 500.0), "{m:?}");
     }
 
     proptest! {

@@ -71,7 +71,7 @@ pub use entry::{Entry, Slot, Version};
 pub use error::{BoxError, Error, Result};
 pub use feed::{Change, ChangeFeed};
 pub use key::StorageKey;
-pub use latency::LatencySummary;
+pub use latency::{LatencyHistogram, LatencySummary};
 #[cfg(feature = "mock")]
 pub use source::MockSource;
 pub use source::{Source, Written};

@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use userconfig::{CacheStats, UserConfigStorage};
 
-use super::window::{Quantiles, SECONDS, TIERS, Window};
+use tiercache_core::LatencySummary;
+
+use super::window::{SECONDS, TIERS, Window};
 
 /// The page: one file, its script and style inline, so that a machine without internet shows
 /// it.
@@ -93,10 +95,10 @@ pub(crate) struct Sample {
     hit_rate: HitRates,
     database_queries_per_s: f64,
     /// Per answering tier: `memory`, `redis`, `database`, `stale`.
-    latency: BTreeMap<&'static str, Quantiles>,
+    latency: BTreeMap<&'static str, LatencySummary>,
     /// How long after a change other instances served the replaced version (the simulator
     /// measures it; one `serve` instance has no other instance to compare with).
-    lag: Quantiles,
+    lag: LatencySummary,
     memory_entries: u64,
     memory_capacity: u64,
     breakers: Vec<Breaker>,
@@ -114,8 +116,8 @@ pub(crate) struct Data {
     hit_rate_total: HitRates,
     /// Over the last minute.
     hit_rate_minute: HitRates,
-    latency_minute: BTreeMap<&'static str, Quantiles>,
-    lag_minute: Quantiles,
+    latency_minute: BTreeMap<&'static str, LatencySummary>,
+    lag_minute: LatencySummary,
     samples: Vec<Sample>,
 }
 
