@@ -181,6 +181,32 @@ pub const fn embedded(sql: [&'static str; 2]) -> [Embedded; 2] {
     ]
 }
 
+/// Whether `embedded` holds every `.sql` file of `dir`, in order, each named
+/// `<version, four digits>_<description with _ for spaces>.sql`: a new migration file that is
+/// not embedded would never run (each source's tests call this on its `migrations/`).
+///
+/// # Errors
+/// What does not match.
+pub fn check_embedded(dir: &std::path::Path, embedded: &[Embedded]) -> Result<(), String> {
+    let mut files: Vec<String> = std::fs::read_dir(dir)
+        .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.ends_with(".sql"))
+        .collect();
+    files.sort();
+    let expected: Vec<String> = embedded
+        .iter()
+        .map(|m| format!("{:04}_{}.sql", m.version, m.description.replace(' ', "_")))
+        .collect();
+    if files == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "migrations/ holds {files:?}, the code embeds {expected:?}"
+        ))
+    }
+}
+
 /// `embedded`'s migrations with the names in their SQL filled in by `fill`, each checksummed
 /// on the SQL it runs (so that two tables' migrations are told apart).
 #[must_use]

@@ -61,6 +61,7 @@
 #![forbid(unsafe_code)]
 
 mod backplane;
+mod capture;
 #[cfg(feature = "contract")]
 pub mod contract;
 pub mod env;
@@ -75,6 +76,7 @@ mod proxy;
 pub mod redis_env;
 
 pub use backplane::{BackplaneHandle, BackplaneHub};
+pub use capture::Captured;
 pub use fake::{Calls, DEFAULT_FAKE_TTL, FakeTier};
 pub use fake_source::FakeSource;
 pub use fault::{Fault, FaultSwitch, Faulty, Gate, InjectedFault, Op};

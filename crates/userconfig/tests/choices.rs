@@ -1,32 +1,8 @@
 //! What a storage says when it is built: at info, which tiers and database it chose (never a
 //! URL); a warning, naming the file, when it falls back to the embedded SQLite file.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
-use tiercache_testkit::env;
+use tiercache_testkit::{Captured, env};
 use userconfig::UserConfigStorage;
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    /// What was logged since the last call.
-    fn take(&self) -> String {
-        String::from_utf8_lossy(&std::mem::take(&mut *self.0.lock().unwrap())).into_owned()
-    }
-}
 
 #[tokio::test]
 async fn a_storage_says_which_tiers_it_chose_and_warns_of_the_embedded_fallback() {

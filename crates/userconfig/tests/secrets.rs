@@ -5,44 +5,18 @@
 //! The Redis user of this test has the least-privilege ACL of `docs/security.md`: the test
 //! also proves that ACL is enough.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::AssertSqlSafe;
 use tiercache_core::{CacheTier, Source};
 use tiercache_postgres::PostgresTier;
 use tiercache_redis::RedisTier;
-use tiercache_testkit::{env, postgres_env, redis_env};
+use tiercache_testkit::{Captured, env, postgres_env, redis_env};
 use userconfig::{Answer, UserConfig, UserConfigStorage};
 
 const PASSWORD: &str = "s3cret-sentinel-pw-7d1e";
 const CONFIG_VALUE: &str = "sentinel-config-value-4b9c";
-
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn note(&self, text: String) {
-        self.0.lock().unwrap().extend_from_slice(text.as_bytes());
-        self.0.lock().unwrap().push(b'\n');
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn chain_of(e: &dyn std::error::Error) -> String {
     let mut text = format!("{e} / {e:?}");
