@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::AssertSqlSafe;
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::{env, postgres_env, redis_env};
 use userconfig::{UserConfig, UserConfigStorage};
@@ -62,8 +62,8 @@ async fn setup(schema: &str, pool: &sqlx::PgPool, redis_prefix: &str, feed: bool
     let mut instances = Vec::new();
     for _ in 0..INSTANCES {
         let mut builder = UserConfigStorage::builder()
-            .postgres_tier(Arc::new(
-                PostgresTier::builder()
+            .postgres_source(Arc::new(
+                PostgresSource::builder()
                     .url(env::database_url())
                     .schema(schema)
                     .build()
@@ -281,7 +281,7 @@ fn main() {
 
         // 100,000 writes through the tier (8 at a time), then the log's size.
         let tier = Arc::new(
-            PostgresTier::<String, UserConfig>::builder()
+            PostgresSource::<String, UserConfig>::builder()
                 .url(env::database_url())
                 .schema(&schema)
                 .build()

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use sqlx::AssertSqlSafe;
 use tiercache_core::{CacheTier, Entry, Source};
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_redis::envelope::{self, Stored};
 use tiercache_testkit::{env, postgres_env, redis_env};
@@ -96,7 +96,7 @@ fn bench_tiers(c: &mut Criterion) {
         let pool = postgres_env::postgres_pool().await;
         let schema = postgres_env::fresh_schema(&pool).await;
         let postgres = Arc::new(
-            PostgresTier::<String, UserConfig>::builder()
+            PostgresSource::<String, UserConfig>::builder()
                 .url(env::database_url())
                 .schema(schema.clone())
                 .build()
@@ -183,7 +183,7 @@ fn bench_tiers(c: &mut Criterion) {
             .memory_capacity(8)
             .redis_tier(short_lived)
             .backplane(false)
-            .postgres_tier(postgres.clone())
+            .postgres_source(postgres.clone())
             .build()
             .await
             .unwrap()
@@ -344,7 +344,7 @@ trait Lookup: Send + Sync {
 }
 
 struct Cached(Arc<RedisTier<String, UserConfig>>);
-struct Sourced(Arc<PostgresTier<String, UserConfig>>);
+struct Sourced(Arc<PostgresSource<String, UserConfig>>);
 
 #[tiercache_core::async_trait]
 impl Lookup for Cached {

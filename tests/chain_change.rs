@@ -303,7 +303,11 @@ async fn everything_lost_empties_every_tier() {
     let (db, redis, [a, _b]) = followers();
     db.put(key("k"), "v1".to_string());
     a.get(&key("k")).await.unwrap();
-    a.apply_change(tiercache_core::Change::Everything).await;
+    a.apply(tiercache_core::Changes::from_feed(
+        tiercache_core::Scope::All,
+        vec![tiercache_core::Change::Everything],
+    ))
+    .await;
     assert!(redis.is_empty());
     assert_eq!(a.fetch(&key("k")).await.unwrap().origin, Origin::Source);
     assert_eq!(a.stats().feed_flushes, 1);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{Key, Val, key, val};
-use tiercache_core::{CacheTier, Entry, Fetched, TieredCache};
+use tiercache_core::{CacheTier, Change, Changes, Entry, Fetched, TieredCache};
 use tiercache_memory::MemoryTier;
 use tiercache_testkit::{FakeSource, Fault, Gate, Op};
 
@@ -92,7 +92,11 @@ async fn a_remote_invalidation_of_a_key_not_held_evicts_nothing() {
     assert_eq!(memory.len(), 2);
     for other in 0..10 {
         cache
-            .apply_remote_invalidation(&key(&format!("cold{other}")), Some(5), None)
+            .apply(Changes::from_backplane(vec![Change::announced(
+                key(&format!("cold{other}")),
+                Some(5),
+                None,
+            )]))
             .await;
     }
     assert_eq!(held(&memory, "hot1").await, Some(1), "hot entry kept");
@@ -106,7 +110,11 @@ async fn a_remote_update_refuses_a_slow_readers_old_version_of_a_key_not_held() 
     // Another instance wrote version 2 and says so; this one holds nothing of "a".
     db.put(key("a"), "v2".to_string());
     cache
-        .apply_remote_invalidation(&key("a"), Some(2), None)
+        .apply(Changes::from_backplane(vec![Change::announced(
+            key("a"),
+            Some(2),
+            None,
+        )]))
         .await;
     gate.open();
     reader.await.unwrap().unwrap();

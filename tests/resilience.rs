@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{Key, Val, key, val};
-use tiercache_core::{BreakerPolicy, CacheTier, Error, Origin, TieredCache};
+use tiercache_core::{BreakerPolicy, CacheTier, Change, Changes, Error, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
 use tiercache_testkit::{BackplaneHub, FakeSource, FakeTier, Fault, Op};
 
@@ -294,7 +294,11 @@ async fn the_backplane_evicts_older_copies_from_other_instances() {
 
     // A late message never evicts a newer entry.
     instances[2]
-        .apply_remote_invalidation(&key("k"), Some(1), None)
+        .apply(Changes::from_backplane(vec![Change::announced(
+            key("k"),
+            Some(1),
+            None,
+        )]))
         .await;
     assert_eq!(
         instances[2].fetch(&key("k")).await.unwrap().origin,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use support::{Chain, Key, Val, key, val};
-use tiercache_core::{BreakerPolicy, CacheTier, Error, Origin, TieredCache};
+use tiercache_core::{BreakerPolicy, CacheTier, Change, Changes, Error, Origin, TieredCache};
 use tiercache_memory::MemoryTier;
 use tiercache_testkit::{FakeSource, FakeTier, Fault, Faulty, Op};
 
@@ -297,7 +297,11 @@ async fn a_remote_update_replaces_the_held_copy_or_drops_it() {
         .unwrap();
     cache.get(&key("a")).await.unwrap();
     cache
-        .apply_remote_invalidation(&key("a"), Some(2), Some(val("v2")))
+        .apply(Changes::from_backplane(vec![Change::announced(
+            key("a"),
+            Some(2),
+            Some(val("v2")),
+        )]))
         .await;
     let held = memory.get_ref().get(&key("a")).await.unwrap().unwrap();
     assert_eq!(held.version, 2, "replaced, not dropped");
@@ -305,7 +309,11 @@ async fn a_remote_update_replaces_the_held_copy_or_drops_it() {
     // The replacement of version 3 fails to store: version 2 must not stay.
     memory.faults().set_for(Op::Set, Fault::Error);
     cache
-        .apply_remote_invalidation(&key("a"), Some(3), Some(val("v3")))
+        .apply(Changes::from_backplane(vec![Change::announced(
+            key("a"),
+            Some(3),
+            Some(val("v3")),
+        )]))
         .await;
     memory.faults().clear();
     assert!(

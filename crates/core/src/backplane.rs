@@ -12,12 +12,14 @@ use crate::error::Result;
 ///
 /// After an update the chain publishes the key, its new version and the new value (an
 /// implementation may leave the value out, for instance above a size); after a manual
-/// invalidation, the key alone. Every other instance applies it with
-/// [`TieredCache::apply_remote_invalidation`](crate::TieredCache::apply_remote_invalidation):
-/// if its top (in-process) tier holds the key and the value came along, the copy is replaced
-/// by the new version; otherwise copies older than the version are dropped and refused
-/// afterwards. Fills (read-through back-fills) are never published. An implementation ignores its own messages, and when it may
-/// have missed messages (its subscription dropped), tells its instance to flush its top tier
+/// invalidation, the key alone. Every other instance takes it through its one door for
+/// remote changes, [`TieredCache::apply`](crate::TieredCache::apply), for its local tiers
+/// ([`Changes::from_backplane`](crate::Changes::from_backplane) of
+/// [`Change::announced`](crate::Change::announced)): if a local (in-process) tier holds the
+/// key and the value came along, the copy is replaced by the new version; otherwise copies
+/// older than the version are dropped and refused afterwards. Fills (read-through back-fills)
+/// are never published. An implementation ignores its own messages, and when it may have
+/// missed messages (its subscription dropped), tells its instance to flush its local tiers
 /// ([`TieredCache::flush_local`](crate::TieredCache::flush_local)).
 #[async_trait]
 pub trait Backplane<K, V>: Send + Sync {

@@ -69,13 +69,13 @@ pub use chain::{
 pub use clock::{Clock, ManualClock, TimeSource, Timestamp};
 pub use entry::{Entry, Slot, Version};
 pub use error::{BoxError, Error, Result};
-pub use feed::{Change, ChangeFeed};
+pub use feed::{Applied, Change, ChangeFeed, Changes, FeedHealth, Scope, Via};
 pub use key::StorageKey;
 pub use latency::{LatencyHistogram, LatencySummary};
 #[cfg(feature = "mock")]
 pub use source::MockSource;
 pub use source::{Source, Written};
-pub use stats::{ChainStats, ChainTierStats, Counter, TierStats, hit_rate};
+pub use stats::{ChainStats, ChainTierStats, Counter, FeedStats, TierStats, hit_rate};
 #[cfg(feature = "mock")]
 pub use tier::MockCacheTier;
 pub use tier::{CacheTier, Key, Peek, Value};

@@ -91,7 +91,7 @@ pub trait Source<K: Key, V: Value>: Send + Sync {
     /// which stops when the feed is dropped. `None` (the default): the source has no feed;
     /// its chains learn only of the changes made through them (and, with a backplane, through
     /// the other instances).
-    fn follow(&self) -> Option<ChangeFeed<K>> {
+    fn follow(&self) -> Option<ChangeFeed<K, V>> {
         None
     }
 
@@ -123,7 +123,7 @@ macro_rules! forward_source {
             async fn delete(&self, key: &K, expected: Option<Version>) -> Result<Written> {
                 (**self).delete(key, expected).await
             }
-            fn follow(&self) -> Option<ChangeFeed<K>> {
+            fn follow(&self) -> Option<ChangeFeed<K, V>> {
                 (**self).follow()
             }
             fn stats(&self) -> TierStats {

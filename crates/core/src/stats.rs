@@ -143,7 +143,8 @@ pub struct ChainStats {
     /// Updates and deletes that changed the source.
     pub updates: u64,
     /// Changes applied from the source's feed (every committed change, by any writer, this
-    /// chain's own included).
+    /// chain's own included), whether this chain's follower read them or the follower the
+    /// source elected relayed them.
     pub feed_changes: u64,
     /// Times the feed said changes may have been lost (or every key changed), and every cache
     /// tier was emptied.
@@ -175,8 +176,27 @@ pub struct ChainStats {
     /// Version floors alive (left by writes that could not reach every cache tier).
     #[serde(default)]
     pub floors: u64,
+    /// The source's change feed as this chain follows it; `None` when the chain does not
+    /// follow one.
+    #[serde(default)]
+    pub feed: Option<FeedStats>,
     /// `sum(tiers[i].hits) / requests`: the share of requests the caches answered.
     pub cache_hit_rate: f64,
+}
+
+/// How a chain's follower of the source's change feed is doing.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedStats {
+    /// Whether the follower is connected (changes arrive as they commit). While it is not,
+    /// changes are caught up (or, past the log's retention, every cache emptied) when it is
+    /// again.
+    pub connected: bool,
+    /// Whether this chain's follower is the one elected to read the source's log for every
+    /// instance (it applies each change to the shared tiers, once for the fleet).
+    pub elected: bool,
+    /// From a change's commit (the time its log entry was written) to this chain having
+    /// applied it, over every change that carried the time.
+    pub lag: crate::latency::LatencySummary,
 }
 
 /// Stripes owned by one thread each; a thread that finds them all taken shares the overflow

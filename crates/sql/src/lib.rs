@@ -160,25 +160,26 @@ pub struct Embedded {
     pub sql: &'static str,
 }
 
-/// What each source's migrations are called, in order: both sources have the same steps, each
-/// in its own SQL dialect.
-const DESCRIPTIONS: [&str; 2] = ["create entries", "versions and changes"];
-
-/// A source's migrations from their SQL, in order (`include_str!` of its `migrations/` files).
+/// A source's migrations from their names and SQL, in order (`include_str!` of its
+/// `migrations/` files): each is numbered from 1 and named as `sqlx::migrate!` would name its
+/// file (`0002_versions_and_changes.sql` is "versions and changes").
 #[must_use]
-pub const fn embedded(sql: [&'static str; 2]) -> [Embedded; 2] {
-    [
-        Embedded {
-            version: 1,
-            description: DESCRIPTIONS[0],
-            sql: sql[0],
-        },
-        Embedded {
-            version: 2,
-            description: DESCRIPTIONS[1],
-            sql: sql[1],
-        },
-    ]
+pub const fn embedded<const N: usize>(files: [(&'static str, &'static str); N]) -> [Embedded; N] {
+    let mut out = [Embedded {
+        version: 0,
+        description: "",
+        sql: "",
+    }; N];
+    let mut i = 0;
+    while i < N {
+        out[i] = Embedded {
+            version: i as i64 + 1,
+            description: files[i].0,
+            sql: files[i].1,
+        };
+        i += 1;
+    }
+    out
 }
 
 /// Whether `embedded` holds every `.sql` file of `dir`, in order, each named

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tiercache_core::{Backplane, Key, Result, TieredCache, Value, Version};
+use tiercache_core::{Backplane, Change, Changes, Key, Result, TieredCache, Value, Version};
 
 struct Member<K, V> {
     id: u64,
@@ -190,7 +190,11 @@ impl<K: Key, V: Value> Backplane<K, V> for BackplaneHandle<K, V> {
             self.hub.delivered.fetch_add(1, Ordering::Relaxed);
             if max.is_zero() {
                 chain
-                    .apply_remote_invalidation(key, version, value.clone())
+                    .apply(Changes::from_backplane(vec![Change::announced(
+                        key.clone(),
+                        version,
+                        value.clone(),
+                    )]))
                     .await;
             } else {
                 let delay = max.mul_f64(
@@ -203,7 +207,11 @@ impl<K: Key, V: Value> Backplane<K, V> for BackplaneHandle<K, V> {
                 let (key, value) = (key.clone(), value.clone());
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
-                    chain.apply_remote_invalidation(&key, version, value).await;
+                    chain
+                        .apply(Changes::from_backplane(vec![Change::announced(
+                            key, version, value,
+                        )]))
+                        .await;
                 });
             }
         }

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 use tiercache_core::feed::ChangeSender;
 use tiercache_core::{
-    Change, ChangeFeed, Entry, Error, Key, Result, Source, TierStats, Value, Version, Written,
+    Change, ChangeFeed, Entry, Error, Key, Result, Scope, Source, TierStats, Value, Version,
+    Written,
 };
 
 use crate::fake::{Calls, bump};
@@ -36,7 +37,7 @@ struct Inner<K, V> {
     calls: Counters,
     faults: FaultSwitch,
     /// With a feed: the chains following it.
-    followers: Option<Mutex<Vec<ChangeSender<K>>>>,
+    followers: Option<Mutex<Vec<ChangeSender<K, V>>>>,
 }
 
 /// An in-memory [`Source`] for tests. It numbers each key's changes 1, 2, 3, ... (a delete is
@@ -136,13 +137,13 @@ impl<K: Key, V: Value> FakeSource<K, V> {
         let mut followers = followers.lock().unwrap_or_else(PoisonError::into_inner);
         followers.retain(|f| !f.is_closed());
         for follower in followers.iter() {
-            let change = Change::Key {
-                key: key.clone(),
-                version,
-                deleted,
+            let change = if deleted {
+                Change::deleted(key.clone(), version)
+            } else {
+                Change::written(key.clone(), version)
             };
             assert!(
-                follower.try_send(vec![change]),
+                follower.try_send(Scope::All, vec![change]),
                 "a chain following the fake source fell too far behind"
             );
         }
@@ -350,7 +351,7 @@ impl<K: Key, V: Value + PartialEq> Source<K, V> for FakeSource<K, V> {
             .await
     }
 
-    fn follow(&self) -> Option<ChangeFeed<K>> {
+    fn follow(&self) -> Option<ChangeFeed<K, V>> {
         let followers = self.inner.followers.as_ref()?;
         let (sender, feed) = tiercache_core::feed::channel();
         followers

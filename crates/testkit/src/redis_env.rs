@@ -332,7 +332,13 @@ impl LocalCluster {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             let attempt = async {
-                let mut con = client.get_multiplexed_async_connection().await?;
+                // Generous: a node forking for a replica's first sync may take a while to answer
+                // (the client's default gives up after half a second).
+                let config = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut con = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
                 redis::cmd("PING").query_async::<String>(&mut con).await?;
                 Ok::<_, redis::RedisError>(con)
             };

@@ -8,12 +8,22 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tiercache_core::{Error, Result};
 use tokio::sync::OnceCell;
 
-use crate::map_error;
+use crate::error::map_error;
 
 /// The migrations, in order (`include_str!`: no proc-macro build of sqlx's drivers).
 const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
-    include_str!("../migrations/0001_create_entries.sql"),
-    include_str!("../migrations/0002_versions_and_changes.sql"),
+    (
+        "create entries",
+        include_str!("../migrations/0001_create_entries.sql"),
+    ),
+    (
+        "versions and changes",
+        include_str!("../migrations/0002_versions_and_changes.sql"),
+    ),
+    (
+        "feed off the commit path",
+        include_str!("../migrations/0003_feed_off_the_commit_path.sql"),
+    ),
 ]);
 
 /// One table's migrations, run once per tier (and retried on later calls if they failed).
@@ -27,9 +37,9 @@ pub(crate) struct Migrations {
     /// Whether the first use applies what is missing (else it only checks that nothing is,
     /// for a role that may not create objects).
     pub(crate) apply_on_first_use: bool,
-    /// Set once the migrations ran: the `xmin` of a snapshot taken then, before the tier's
-    /// first statement (see [`Migrations::start`]).
-    pub(crate) done: OnceCell<i64>,
+    /// Set once the migrations ran: a snapshot taken then, before the tier's first statement
+    /// (see [`Migrations::start`]).
+    pub(crate) done: OnceCell<String>,
 }
 
 impl Migrations {
@@ -38,16 +48,16 @@ impl Migrations {
         self.start_with(true).await.map(|_| ())
     }
 
-    /// Runs the migrations once and returns where the tier's history starts: the `xmin` of a
-    /// snapshot taken after they ran and before the tier's first statement. Every change that
-    /// commits after anything this tier reads has a transaction id at least this, so a follower
+    /// Runs the migrations once and returns where the tier's history starts: a snapshot
+    /// (`pg_snapshot` text) taken after they ran and before the tier's first statement. Every
+    /// change that commits after anything this tier reads is invisible in it, so a follower
     /// that starts late still catches up on every change that could have replaced what its
     /// chain cached (see the `feed` module).
-    pub(crate) async fn start(&self) -> Result<i64> {
+    pub(crate) async fn start(&self) -> Result<String> {
         self.start_with(self.apply_on_first_use).await
     }
 
-    async fn start_with(&self, apply: bool) -> Result<i64> {
+    async fn start_with(&self, apply: bool) -> Result<String> {
         self.done
             .get_or_try_init(|| async {
                 if apply {
@@ -58,7 +68,7 @@ impl Migrations {
                 self.horizon().await
             })
             .await
-            .copied()
+            .cloned()
     }
 
     /// Checks that every migration was applied, without applying any (the tier was built with
@@ -95,17 +105,16 @@ impl Migrations {
         }
     }
 
-    async fn horizon(&self) -> Result<i64> {
+    async fn horizon(&self) -> Result<String> {
         let pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(self.acquire_timeout)
             .connect_lazy_with(self.options.clone());
-        let xmin =
-            sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint")
-                .fetch_one(&pool)
-                .await;
+        let snapshot = sqlx::query_scalar("SELECT pg_current_snapshot()::text")
+            .fetch_one(&pool)
+            .await;
         pool.close().await;
-        xmin.map_err(|e| map_error(&self.name, self.statement_timeout, e))
+        snapshot.map_err(|e| map_error(&self.name, self.statement_timeout, e))
     }
 
     async fn apply(&self) -> Result<()> {
@@ -140,7 +149,7 @@ impl Migrations {
 /// A tier that may not migrate found a migration missing.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{table} lacks migration {version}: run `userconfig migrate` (or `PostgresTier::migrate`) \
+    "{table} lacks migration {version}: run `userconfig migrate` (or `PostgresSource::migrate`) \
      with a role that may create tables, or let this tier migrate (`run_migrations(true)`)"
 )]
 pub(crate) struct NotMigrated {
@@ -236,7 +245,26 @@ pub(crate) fn channel(schema: &str, table: &str) -> String {
 }
 
 #[cfg(test)]
-mod embedded_tests {
+mod tests {
+    use super::*;
+    #[test]
+    fn bookkeeping_tables_fit_in_an_identifier_and_stay_apart() {
+        assert_eq!(
+            bookkeeping_table("tiercache_entries"),
+            "_tiercache_migrations_tiercache_entries"
+        );
+        let long_a = format!("{}a", "t".repeat(62));
+        let long_b = format!("{}b", "t".repeat(62));
+        let (a, b) = (bookkeeping_table(&long_a), bookkeeping_table(&long_b));
+        assert_ne!(a, b);
+        assert!(
+            a.len() <= MAX_IDENTIFIER && tiercache_sql::valid_identifier(&a),
+            "{a}"
+        );
+        assert_eq!(a, bookkeeping_table(&long_a), "stable");
+        assert_eq!(bookkeeping_table(&"t".repeat(41)).len(), 63);
+    }
+
     /// Every file in `migrations/` is embedded, in order: a new migration file that is not
     /// added to `EMBEDDED` would never run.
     #[test]

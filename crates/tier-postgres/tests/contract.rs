@@ -4,11 +4,11 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_testkit::contract::{self, ContractValue};
 use tiercache_testkit::{env, postgres_env};
 
-type Tier = PostgresTier<String, ContractValue>;
+type Tier = PostgresSource<String, ContractValue>;
 
 /// Runs `check` on a tier in a new schema, then drops the schema.
 async fn in_fresh_schema<F, Fut>(check: F)
@@ -18,7 +18,7 @@ where
 {
     let pool = postgres_env::postgres_pool().await;
     let schema = postgres_env::fresh_schema(&pool).await;
-    let tier = PostgresTier::builder()
+    let tier = PostgresSource::builder()
         .url(env::database_url())
         .schema(&schema)
         // The contract is about versions, not time: 50 writers queue for one row over ten

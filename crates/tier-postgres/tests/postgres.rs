@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use sqlx::{AssertSqlSafe, SqlSafeStr};
 use tiercache_core::{Error, Source, Written};
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_testkit::contract::{self, ContractValue};
 use tiercache_testkit::env::unique_name;
 use tiercache_testkit::{env, postgres_env};
 
-type Tier = PostgresTier<String, ContractValue>;
+type Tier = PostgresSource<String, ContractValue>;
 
 fn tier(schema: &str) -> Tier {
-    PostgresTier::builder()
+    PostgresSource::builder()
         .url(env::database_url())
         .schema(schema)
         .build()
@@ -65,7 +65,7 @@ async fn a_row_that_does_not_decode_is_an_error_naming_the_key() {
 async fn a_server_that_refuses_connections_is_a_transient_unavailable_error() {
     // Default settings: sqlx retries a refused connection until the acquire time limit (1 s),
     // then the tier's own connection attempt finds the server refusing.
-    let t: Tier = PostgresTier::builder()
+    let t: Tier = PostgresSource::builder()
         .url("postgres://postgres:s3cret-sentinel@127.0.0.1:1/test")
         .build()
         .expect("building needs no server");
@@ -96,7 +96,7 @@ async fn a_server_that_refuses_connections_is_a_transient_unavailable_error() {
 /// first call after the window tries the server again.
 #[tokio::test]
 async fn an_unreachable_server_opens_a_fail_fast_window_that_ends() {
-    let t: Tier = PostgresTier::builder()
+    let t: Tier = PostgresSource::builder()
         .url("postgres://postgres@127.0.0.1:1/test")
         .acquire_timeout(Duration::from_millis(100))
         .connect_timeout(Duration::from_millis(100))
@@ -149,7 +149,7 @@ async fn migrations_are_idempotent_and_tables_are_isolated() {
         .unwrap();
     assert_eq!(b.get(&"k".into()).await.unwrap().unwrap().version, 1);
     // Another table in the same schema is another store.
-    let other: Tier = PostgresTier::builder()
+    let other: Tier = PostgresSource::builder()
         .url(env::database_url())
         .schema(&schema)
         .table("other_entries")
@@ -175,7 +175,7 @@ async fn a_slow_statement_is_a_timeout() {
     // Migrated under the default time limit first: creating the functions and triggers can
     // take longer than 200 ms on a loaded machine (it failed so once in CI).
     tier(&schema).migrate().await.unwrap();
-    let t: Tier = PostgresTier::builder()
+    let t: Tier = PostgresSource::builder()
         .url(env::database_url())
         .schema(&schema)
         .statement_timeout(Duration::from_millis(200))
@@ -257,7 +257,7 @@ async fn a_missing_schema_is_created_and_long_table_names_work() {
     // Not created beforehand: the first call's migrations create it.
     let schema = unique_name("created");
     let long_table = format!("t{}", "x".repeat(62));
-    let t: Tier = PostgresTier::builder()
+    let t: Tier = PostgresSource::builder()
         .url(env::database_url())
         .schema(&schema)
         .table(&long_table)
@@ -454,7 +454,7 @@ async fn lock_table(
 async fn a_busy_pool_is_probed_once_not_once_per_waiter() {
     let pool = postgres_env::postgres_pool().await;
     let schema = postgres_env::fresh_schema(&pool).await;
-    let t: Tier = PostgresTier::builder()
+    let t: Tier = PostgresSource::builder()
         .url(env::database_url())
         .schema(&schema)
         .max_connections(1)
@@ -643,7 +643,7 @@ async fn plain_sql_writers_get_versions_and_log_entries_too() {
         "the delete had a version of its own: {v5} after {v3}"
     );
     let log: Vec<(String, i64, String)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT key, version, op FROM {} ORDER BY position",
+        "SELECT key, version, op::text FROM {} ORDER BY version",
         t.changes_table()
     )))
     .fetch_all(&pool)
@@ -679,7 +679,7 @@ async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() 
         let options = PgConnectOptions::from_str(&env::database_url())
             .unwrap()
             .username(&role);
-        PostgresTier::builder()
+        PostgresSource::builder()
             .connect_options(options)
             .schema(schema.clone())
             .run_migrations(false)
@@ -689,7 +689,7 @@ async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() 
     let value = contract::value;
 
     // A tier that may not migrate, on a table nobody migrated: an error that says what to run.
-    let unmigrated: Tier = PostgresTier::builder()
+    let unmigrated: Tier = PostgresSource::builder()
         .url(env::database_url())
         .schema(schema.clone())
         .run_migrations(false)
@@ -734,8 +734,8 @@ async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() 
             .await
             .expect("the change arrives")
             .expect("the feed is open");
-        for change in batch {
-            if matches!(&change, Change::Key { key: k, version, .. } if *k == key && *version == v2)
+        for change in batch.changes {
+            if matches!(&change, Change::Key { key: k, version, .. } if *k == key && *version == Some(v2))
             {
                 break 'seen;
             }

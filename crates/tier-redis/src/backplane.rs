@@ -4,16 +4,16 @@
 //! * After an update, the chain publishes `key`, the new version and the new value (as JSON,
 //!   when it serializes to at most 16 KiB: [`RedisBackplane::set_carry_values_up_to`]); after a
 //!   manual invalidation, `key` alone. Fills are never published.
-//! * Each instance subscribes to the channel and applies the others' messages to its top tier
-//!   ([`TieredCache::apply_remote_invalidation`]): a copy it holds is replaced by the new
+//! * Each instance subscribes to the channel and applies the others' messages to its local tiers
+//!   ([`TieredCache::apply`], for their local tiers): a copy it holds is replaced by the new
 //!   version when the value came along (no Redis round trip on the next read), else copies
 //!   older than the version are dropped and refused afterwards. A late message never evicts
 //!   or replaces a newer entry. Its own messages are ignored (each carries the sender's random
 //!   instance id).
 //! * **Missed messages**: while the subscription is down, messages are lost. When it comes up
-//!   (the first time too: reads may have filled the top tier before the subscription existed),
+//!   (the first time too: reads may have filled the memory tier before the subscription existed),
 //!   or after a health check found it dead (a PING every second that must answer within the
-//!   command time limit), the instance flushes its top tier ([`TieredCache::flush_local`])
+//!   command time limit), the instance flushes its local tiers ([`TieredCache::flush_local`])
 //!   before applying anything else: whatever it held might have been invalidated meanwhile.
 //!   Reconnections wait a jittered backoff of at most a quarter second, so that instances do
 //!   not reconnect in step after a restart, and a recovered Redis is noticed quickly.
@@ -43,7 +43,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tiercache_core::{
-    Backplane, Counter, Error, Result, StorageKey, TieredCache, Value, Version, WeakTieredCache,
+    Backplane, Change, Changes, Counter, Error, Result, StorageKey, TieredCache, Value, Version,
+    WeakTieredCache,
 };
 
 use tokio::task::JoinHandle;
@@ -272,7 +273,7 @@ pub struct BackplaneStats {
     pub received: u64,
     /// Publishes that failed (and were kept for retry).
     pub publish_errors: u64,
-    /// Times the subscription was found lost and the top tier flushed.
+    /// Times the subscription was found lost and the local tiers flushed.
     pub gaps: u64,
     /// Whether the subscription is up now.
     pub subscribed: bool,
@@ -309,7 +310,7 @@ impl RedisBackplane {
     /// every PUBLISH to all of its nodes). The subscription and the publisher each use one
     /// node at a time, the first to begin with, and move on to the next when theirs fails, so
     /// that a node that dies for good (or a master replaced after a failover) does not cut the
-    /// instance off. Moving to another node is a gap like any other: the top tier is flushed.
+    /// instance off. Moving to another node is a gap like any other: the local tiers are flushed.
     ///
     /// # Errors
     /// [`Error::Config`] for an empty channel or no client.
@@ -416,7 +417,7 @@ impl RedisBackplane {
     }
 
     /// Waits, for at most `within`, until the first subscription attempt is over: subscribed
-    /// (and the top tier flushed), or failed. A service that waits for this before it serves
+    /// (and the local tiers flushed), or failed. A service that waits for this before it serves
     /// fills nothing that the first subscription's flush would throw away. Returns whether
     /// the subscription is up.
     pub async fn first_attempt(&self, within: Duration) -> bool {
@@ -611,7 +612,7 @@ impl RedisBackplane {
     }
 }
 
-/// The subscriber: (re)subscribes, flushes the top tier each time it does (messages sent
+/// The subscriber: (re)subscribes, flushes the local tiers each time it does (messages sent
 /// before were not heard), applies messages, and checks the subscription. Ends when the chain
 /// or the backplane is dropped, without waiting for a message.
 async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
@@ -658,7 +659,7 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
         inner.subscribed.store(true, Ordering::Relaxed);
         {
             // Messages sent while there was no subscription (before the first one too, while
-            // reads filled the top tier) were not heard.
+            // reads filled the memory tier) were not heard.
             if !first {
                 inner.gaps.incr();
             }
@@ -715,7 +716,8 @@ async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
                         .and_then(|j| serde_json::from_str::<V>(&j).ok())
                         .map(Arc::new);
                     if let Some(key) = K::from_storage_key(&text) {
-                        chain.apply_remote_invalidation(&key, version, value).await;
+                        let change = Change::announced(key, version, value);
+                        chain.apply(Changes::from_backplane(vec![change])).await;
                     }
                 }
             }

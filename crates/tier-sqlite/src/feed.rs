@@ -3,8 +3,9 @@
 //! transaction, so positions are in commit order and reading past a position skips nothing.
 //! Across processes (and across this process's other pools), a commit is noticed with
 //! `PRAGMA data_version` on the follower's own connection, polled; this tier's own commits wake
-//! its followers at once. The log is pruned by age; a follower whose position is below what
-//! pruning removed reports [`Change::Everything`].
+//! its followers at once. Every follower applies every change to every cache tier: SQLite is
+//! one machine's database, and its instances few. The log is pruned by age, in batches; a
+//! follower whose position is below what pruning removed reports [`Change::Everything`].
 
 use std::marker::PhantomData;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 use tiercache_core::feed::{self, ChangeSender};
-use tiercache_core::{Change, ChangeFeed, StorageKey};
+use tiercache_core::{Change, ChangeFeed, Counter, Scope, StorageKey};
 use tokio::sync::Notify;
 
 /// Default interval at which a follower looks for other connections' commits.
@@ -25,9 +26,11 @@ pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(3600);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Entries read per query.
 const BATCH: i64 = 1024;
+/// Entries deleted per transaction when pruning (the write lock is let go between them).
+const PRUNE_BATCH: i64 = 1000;
 
 /// What a follower needs of its tier.
-pub(crate) struct Follower<K> {
+pub(crate) struct Follower<K, V> {
     /// The database file, for a connection of the follower's own; `None` in memory (the
     /// tier's one connection is shared).
     pub(crate) file: Option<PathBuf>,
@@ -41,21 +44,23 @@ pub(crate) struct Follower<K> {
     pub(crate) since_sql: String,
     /// `SELECT pruned_through FROM feed`.
     pub(crate) pruned_sql: String,
-    /// Raises `pruned_through` and deletes, for entries older than `?1` (`-N seconds`).
-    pub(crate) prune_sql: [String; 2],
+    /// See [`prune_sql`].
+    pub(crate) prune_sql: Arc<PruneSql>,
+    /// Prunes that failed.
+    pub(crate) prune_failures: Arc<Counter>,
     pub(crate) retention: Duration,
     pub(crate) poll: Duration,
-    pub(crate) _keys: PhantomData<fn() -> K>,
+    pub(crate) _keys: PhantomData<fn() -> (K, V)>,
 }
 
-impl<K: StorageKey> Follower<K> {
-    pub(crate) fn start(self) -> ChangeFeed<K> {
+impl<K: StorageKey, V: Send + Sync + 'static> Follower<K, V> {
+    pub(crate) fn start(self) -> ChangeFeed<K, V> {
         let (sender, feed) = feed::channel();
         tokio::spawn(self.run(sender));
         feed
     }
 
-    async fn run(self, sender: ChangeSender<K>) {
+    async fn run(self, sender: ChangeSender<K, V>) {
         let mut cursor = self.start;
         let mut failing = false;
         let mut own: Option<SqliteConnection> = None;
@@ -83,7 +88,8 @@ impl<K: StorageKey> Follower<K> {
                 }
                 _ = prune.tick() => {
                     if let Err(error) = self.prune().await {
-                        tracing::debug!(tier = %self.name, %error, "could not prune the change log");
+                        self.prune_failures.incr();
+                        tracing::warn!(tier = %self.name, %error, "could not prune the change log");
                     }
                     continue;
                 }
@@ -135,7 +141,7 @@ impl<K: StorageKey> Follower<K> {
     async fn catch_up(
         &self,
         cursor: &mut i64,
-        sender: &ChangeSender<K>,
+        sender: &ChangeSender<K, V>,
     ) -> Result<bool, sqlx::Error> {
         loop {
             let mut conn = self.pool.acquire().await?;
@@ -160,7 +166,7 @@ impl<K: StorageKey> Follower<K> {
                     .and_then(|r| r.try_get::<i64, _>(0).ok())
                     .unwrap_or(pruned_through);
                 *cursor = last.max(pruned_through);
-                if !sender.send(vec![Change::Everything]).await {
+                if !sender.send(Scope::All, vec![Change::Everything]).await {
                     return Ok(false);
                 }
                 continue;
@@ -176,14 +182,14 @@ impl<K: StorageKey> Follower<K> {
                 if let (Some(key), Ok(version)) =
                     (K::from_storage_key(&key), u64::try_from(version))
                 {
-                    batch.push(Change::Key {
-                        key,
-                        version,
-                        deleted: op == "D",
+                    batch.push(if op == "D" {
+                        Change::deleted(key, version)
+                    } else {
+                        Change::written(key, version)
                     });
                 }
             }
-            if !sender.send(batch).await {
+            if !sender.send(Scope::All, batch).await {
                 return Ok(false);
             }
             if !full {
@@ -197,37 +203,66 @@ impl<K: StorageKey> Follower<K> {
     }
 }
 
-/// The statements that prune a log: raise `pruned_through` past the entries older than the
-/// retention, then delete them.
-pub(crate) fn prune_sql(fill: impl Fn(&str) -> String) -> [String; 2] {
-    let cutoff = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)";
-    [
-        fill(&format!(
-            "UPDATE {{feed}} SET pruned_through = max(pruned_through, \
-             COALESCE((SELECT max(position) FROM {{changes}} WHERE at < {cutoff}), 0)) \
-             WHERE id = 1"
-        )),
-        fill(&format!("DELETE FROM {{changes}} WHERE at < {cutoff}")),
-    ]
+/// The statements that prune a log.
+pub(crate) struct PruneSql {
+    /// `?1` the age (`-N seconds`): the last position older than the retention.
+    through: String,
+    /// `?1` that position: raises `pruned_through` to it.
+    raise: String,
+    /// `?1` that position, `?2` a batch size: deletes a batch of the entries up to it.
+    delete: String,
 }
 
-/// Prunes the log in one immediate transaction; returns the entries deleted.
+/// The statements that prune a log: the retention's cutoff is evaluated once (a second
+/// `'now'` would be a later one, and delete past what was recorded).
+pub(crate) fn prune_sql(fill: impl Fn(&str) -> String) -> PruneSql {
+    PruneSql {
+        through: fill(
+            "SELECT max(position) FROM {changes} \
+             WHERE at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)",
+        ),
+        raise: fill("UPDATE {feed} SET pruned_through = max(pruned_through, ?1) WHERE id = 1"),
+        delete: fill(
+            "DELETE FROM {changes} WHERE position IN \
+             (SELECT position FROM {changes} WHERE position <= ?1 ORDER BY position LIMIT ?2)",
+        ),
+    }
+}
+
+/// Prunes the log: records how far, then deletes in batches of [`PRUNE_BATCH`], each in an
+/// immediate transaction of its own (writers wait for one batch at most); returns the entries
+/// deleted.
 pub(crate) async fn prune(
     pool: &SqlitePool,
-    sql: &[String; 2],
+    sql: &PruneSql,
     retention: Duration,
 ) -> Result<u64, sqlx::Error> {
     let modifier = format!("-{:.3} seconds", retention.as_secs_f64());
-    let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-    sqlx::query(AssertSqlSafe(sql[0].as_str()))
+    let through: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql.through.as_str()))
         .bind(&modifier)
-        .execute(&mut *tx)
+        .fetch_one(pool)
         .await?;
-    let deleted = sqlx::query(AssertSqlSafe(sql[1].as_str()))
-        .bind(&modifier)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-    tx.commit().await?;
-    Ok(deleted)
+    let Some(through) = through else {
+        return Ok(0);
+    };
+    // Recorded before anything is deleted: a follower never finds an entry gone unannounced.
+    sqlx::query(AssertSqlSafe(sql.raise.as_str()))
+        .bind(through)
+        .execute(pool)
+        .await?;
+    let mut deleted = 0;
+    loop {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let gone = sqlx::query(AssertSqlSafe(sql.delete.as_str()))
+            .bind(through)
+            .bind(PRUNE_BATCH)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        deleted += gone;
+        if gone < PRUNE_BATCH as u64 {
+            return Ok(deleted);
+        }
+    }
 }

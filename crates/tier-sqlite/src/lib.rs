@@ -16,7 +16,7 @@
 //! migrator that loses the race to apply a migration runs again and finds it applied). A row
 //! that does not decode is [`Error::Corrupt`] naming the key.
 //!
-//! * [`SqliteTierBuilder::build`] is `async`: it opens (or creates, with its directory) the file
+//! * [`SqliteSourceBuilder::build`] is `async`: it opens (or creates, with its directory) the file
 //!   and runs the migrations before it returns.
 //! * [`IN_MEMORY`] (`":memory:"`) keeps the database in one connection that is never closed:
 //!   it lives as long as the tier, and statements run one at a time.
@@ -29,9 +29,9 @@
 //! # async fn main() -> tiercache_core::Result<()> {
 //! use std::sync::Arc;
 //! use tiercache_core::{Source, Written};
-//! use tiercache_sqlite::SqliteTier;
+//! use tiercache_sqlite::SqliteSource;
 //!
-//! let db = SqliteTier::<String, String>::builder().path(":memory:").build().await?;
+//! let db = SqliteSource::<String, String>::builder().path(":memory:").build().await?;
 //! let written = db.write(&"alice".into(), Arc::new("dark".into()), None).await?;
 //! assert_eq!(written, Written::Changed(1));
 //! assert_eq!(db.get(&"alice".into()).await?.unwrap().version, 1);
@@ -81,18 +81,24 @@ pub const DEFAULT_NAME: &str = "sqlite";
 /// The path that keeps the database in memory (one connection, gone when the tier is).
 pub const IN_MEMORY: &str = ":memory:";
 
-/// How many times [`SqliteTier::migrate`] runs the migrator when another one applied the same
+/// How many times [`SqliteSource::migrate`] runs the migrator when another one applied the same
 /// migration first.
 const MIGRATION_ATTEMPTS: u32 = 3;
 
 /// The migrations, in order (`include_str!`: no proc-macro build of sqlx's drivers).
 const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
-    include_str!("../migrations/0001_create_entries.sql"),
-    include_str!("../migrations/0002_versions_and_changes.sql"),
+    (
+        "create entries",
+        include_str!("../migrations/0001_create_entries.sql"),
+    ),
+    (
+        "versions and changes",
+        include_str!("../migrations/0002_versions_and_changes.sql"),
+    ),
 ]);
 
 /// The SQLite tier. See the [crate docs](crate).
-pub struct SqliteTier<K, V> {
+pub struct SqliteSource<K, V> {
     pool: SqlitePool,
     path: PathBuf,
     /// The change log's last position when the tier was opened: where its followers start.
@@ -106,6 +112,9 @@ pub struct SqliteTier<K, V> {
     name: String,
     busy_timeout: Duration,
     stats: RowStats,
+    prune_sql: Arc<feed::PruneSql>,
+    /// The followers' prunes that failed.
+    prune_failures: Arc<tiercache_core::Counter>,
     _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -118,9 +127,9 @@ struct Statements {
     last_version: String,
 }
 
-impl<K, V> fmt::Debug for SqliteTier<K, V> {
+impl<K, V> fmt::Debug for SqliteSource<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteTier")
+        f.debug_struct("SqliteSource")
             .field("path", &self.path)
             .field("table", &self.table)
             .field("name", &self.name)
@@ -199,10 +208,10 @@ fn fill(table: &str, sql: &str) -> String {
     sql
 }
 
-impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> SqliteTier<K, V> {
+impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> SqliteSource<K, V> {
     /// Starts configuring a tier.
-    pub fn builder() -> SqliteTierBuilder<K, V> {
-        SqliteTierBuilder::default()
+    pub fn builder() -> SqliteSourceBuilder<K, V> {
+        SqliteSourceBuilder::default()
     }
 
     /// The longest a write can still take to commit after it was started: its busy time limit
@@ -234,15 +243,14 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
     }
 
     /// Deletes the change log's entries older than the retention
-    /// ([`change_retention`](SqliteTierBuilder::change_retention)) and records what it removed,
+    /// ([`change_retention`](SqliteSourceBuilder::change_retention)) and records what it removed,
     /// so that a follower that missed them empties its caches instead. Followers do it by
     /// themselves once a minute. Returns the entries deleted.
     ///
     /// # Errors
     /// [`Error::Timeout`] if another connection holds the write lock past the busy timeout.
     pub async fn prune_changes(&self) -> Result<u64> {
-        let sql = feed::prune_sql(|sql| fill(&self.table, sql));
-        feed::prune(&self.pool, &sql, self.change_retention)
+        feed::prune(&self.pool, &self.prune_sql, self.change_retention)
             .await
             .map_err(|e| self.failed(e))
     }
@@ -356,7 +364,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Sql
 }
 
 #[async_trait]
-impl<K, V> Source<K, V> for SqliteTier<K, V>
+impl<K, V> Source<K, V> for SqliteSource<K, V>
 where
     K: StorageKey,
     V: Serialize + DeserializeOwned + Send + Sync + 'static,
@@ -420,8 +428,8 @@ where
 
     /// Reads the change log past the last position applied: at once after this tier's own
     /// commits, and when `PRAGMA data_version` on a connection of the follower's own says
-    /// another connection committed (polled every [`feed_poll`](SqliteTierBuilder::feed_poll)).
-    fn follow(&self) -> Option<ChangeFeed<K>> {
+    /// another connection committed (polled every [`feed_poll`](SqliteSourceBuilder::feed_poll)).
+    fn follow(&self) -> Option<ChangeFeed<K, V>> {
         let table = self.table.clone();
         let in_memory = self.path.as_os_str() == IN_MEMORY;
         let follower = feed::Follower {
@@ -437,7 +445,8 @@ where
                  WHERE position > ?1 ORDER BY position LIMIT ?2",
             ),
             pruned_sql: fill(&table, "SELECT pruned_through FROM {feed} WHERE id = 1"),
-            prune_sql: feed::prune_sql(|sql| fill(&table, sql)),
+            prune_sql: Arc::clone(&self.prune_sql),
+            prune_failures: Arc::clone(&self.prune_failures),
             retention: self.change_retention,
             poll: self.feed_poll,
             _keys: PhantomData,
@@ -450,9 +459,9 @@ where
     }
 }
 
-/// Configures a [`SqliteTier`]; see [`SqliteTier::builder`].
+/// Configures a [`SqliteSource`]; see [`SqliteSource::builder`].
 #[must_use]
-pub struct SqliteTierBuilder<K, V> {
+pub struct SqliteSourceBuilder<K, V> {
     path: PathBuf,
     table: String,
     max_connections: u32,
@@ -463,9 +472,9 @@ pub struct SqliteTierBuilder<K, V> {
     _types: PhantomData<fn() -> (K, V)>,
 }
 
-impl<K, V> Default for SqliteTierBuilder<K, V> {
+impl<K, V> Default for SqliteSourceBuilder<K, V> {
     fn default() -> Self {
-        SqliteTierBuilder {
+        SqliteSourceBuilder {
             path: PathBuf::from(DEFAULT_PATH),
             table: DEFAULT_TABLE.to_owned(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
@@ -478,9 +487,9 @@ impl<K, V> Default for SqliteTierBuilder<K, V> {
     }
 }
 
-impl<K, V> fmt::Debug for SqliteTierBuilder<K, V> {
+impl<K, V> fmt::Debug for SqliteSourceBuilder<K, V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteTierBuilder")
+        f.debug_struct("SqliteSourceBuilder")
             .field("path", &self.path)
             .field("table", &self.table)
             .finish_non_exhaustive()
@@ -488,7 +497,7 @@ impl<K, V> fmt::Debug for SqliteTierBuilder<K, V> {
 }
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
-    SqliteTierBuilder<K, V>
+    SqliteSourceBuilder<K, V>
 {
     /// The database file, created (with its directory) if missing, or [`IN_MEMORY`]. Defaults
     /// to [`DEFAULT_PATH`] in the working directory.
@@ -544,7 +553,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     /// (`^[a-z_][a-z0-9_]{0,62}$`), a pool of zero connections, a zero busy timeout or an empty
     /// path; [`Error::Unavailable`], [`Error::Timeout`] or [`Error::Backend`] if the file cannot
     /// be created, opened or migrated.
-    pub async fn build(self) -> Result<SqliteTier<K, V>> {
+    pub async fn build(self) -> Result<SqliteSource<K, V>> {
         if !valid_identifier(&self.table) {
             return Err(Error::Config(format!(
                 "table `{}` is not a plain identifier ([a-z_][a-z0-9_]*, at most 63 characters)",
@@ -603,7 +612,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             .await
             .map_err(|e| map_error(&self.name, self.busy_timeout, e))?;
         let t = format!("\"{}\"", self.table);
-        let mut tier = SqliteTier {
+        let mut tier = SqliteSource {
             pool,
             path: self.path,
             start: 0,
@@ -625,6 +634,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                 delete: format!("DELETE FROM {t} WHERE key = ?1"),
                 last_version: fill(&self.table, "SELECT last FROM {versions}"),
             },
+            prune_sql: Arc::new(feed::prune_sql(|sql| fill(&self.table, sql))),
+            prune_failures: Arc::default(),
             table: self.table,
             name: self.name,
             busy_timeout: self.busy_timeout,
@@ -651,7 +662,7 @@ mod tests {
     use super::*;
     use sqlx::Connection;
 
-    type Tier = SqliteTier<String, serde_json::Value>;
+    type Tier = SqliteSource<String, serde_json::Value>;
 
     #[test]
     fn errors_are_classified() {

@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tiercache_sqlite::{IN_MEMORY, SqliteTier};
+use tiercache_sqlite::{IN_MEMORY, SqliteSource};
 use tiercache_testkit::contract::{self, ContractValue};
 use tiercache_testkit::env;
 
-type Tier = SqliteTier<String, ContractValue>;
+type Tier = SqliteSource<String, ContractValue>;
 
 /// A database file no other test uses; the file and its WAL files are removed when dropped.
 struct TempDb(PathBuf);

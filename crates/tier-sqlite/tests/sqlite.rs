@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use sqlx::AssertSqlSafe;
 use tiercache_core::{Source, Written};
-use tiercache_sqlite::{IN_MEMORY, SqliteTier};
+use tiercache_sqlite::{IN_MEMORY, SqliteSource};
 use tiercache_testkit::contract::{self, ContractValue};
 use tiercache_testkit::env;
 
-type Tier = SqliteTier<String, ContractValue>;
+type Tier = SqliteSource<String, ContractValue>;
 
 /// A directory for one test's files, removed when dropped.
 struct TempDir(PathBuf);
@@ -411,9 +411,12 @@ async fn a_follower_past_the_pruned_log_reports_everything_lost() {
     let mut feed = covered.follow().expect("SQLite has a feed");
     let mut seen = Vec::new();
     while seen.len() < 3 {
-        for change in feed.recv().await.unwrap() {
+        for change in feed.recv().await.unwrap().changes {
             match change {
-                Change::Key { version, .. } => seen.push(version),
+                Change::Key {
+                    version: Some(version),
+                    ..
+                } => seen.push(version),
                 other => panic!("{other:?}"),
             }
         }
@@ -422,5 +425,5 @@ async fn a_follower_past_the_pruned_log_reports_everything_lost() {
     tokio::time::sleep(Duration::from_millis(5)).await;
     assert_eq!(writer.prune_changes().await.unwrap(), 3);
     let mut feed = late.follow().expect("SQLite has a feed");
-    assert_eq!(feed.recv().await.unwrap(), vec![Change::Everything]);
+    assert_eq!(feed.recv().await.unwrap().changes, vec![Change::Everything]);
 }

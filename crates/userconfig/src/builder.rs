@@ -8,10 +8,10 @@ use std::time::Duration;
 use tiercache_core::{Clock, Source, TieredCache};
 use tiercache_memory::MemoryTier;
 #[cfg(feature = "postgres")]
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_redis::{RedisBackplane, RedisTier};
 #[cfg(feature = "sqlite")]
-use tiercache_sqlite::SqliteTier;
+use tiercache_sqlite::SqliteSource;
 
 use crate::config::UserConfig;
 use crate::error::{Error, Result};
@@ -24,14 +24,14 @@ use crate::storage::{
 #[derive(Clone)]
 pub(crate) enum Database {
     #[cfg(feature = "postgres")]
-    Postgres(Arc<PostgresTier<Key, UserConfig>>),
+    Postgres(Arc<PostgresSource<Key, UserConfig>>),
     #[cfg(feature = "sqlite")]
-    Sqlite(Arc<SqliteTier<Key, UserConfig>>),
+    Sqlite(Arc<SqliteSource<Key, UserConfig>>),
     Custom(Arc<dyn Source<Key, UserConfig>>),
 }
 
 impl Database {
-    pub(crate) fn tier(&self) -> Arc<dyn Source<Key, UserConfig>> {
+    pub(crate) fn source(&self) -> Arc<dyn Source<Key, UserConfig>> {
         match self {
             #[cfg(feature = "postgres")]
             Database::Postgres(t) => t.clone(),
@@ -269,14 +269,14 @@ impl UserConfigStorageBuilder {
     #[cfg(feature = "postgres")]
     /// Uses a PostgreSQL tier you built yourself (its own schema, table, pool settings) instead
     /// of [`database_url`](Self::database_url).
-    pub fn postgres_tier(mut self, tier: Arc<PostgresTier<Key, UserConfig>>) -> Self {
+    pub fn postgres_source(mut self, tier: Arc<PostgresSource<Key, UserConfig>>) -> Self {
         self.shared_database = Some(Database::Postgres(tier));
         self
     }
 
     #[cfg(feature = "sqlite")]
     /// Uses an SQLite tier you built yourself instead of [`database_url`](Self::database_url).
-    pub fn sqlite_tier(mut self, tier: Arc<SqliteTier<Key, UserConfig>>) -> Self {
+    pub fn sqlite_source(mut self, tier: Arc<SqliteSource<Key, UserConfig>>) -> Self {
         self.shared_database = Some(Database::Sqlite(tier));
         self
     }
@@ -430,7 +430,7 @@ impl UserConfigStorageBuilder {
         }
         let cache = chain
             .shared_source(
-                database.tier(),
+                database.source(),
                 Some(tiercache_core::DEFAULT_SOURCE_TIMEOUT),
             )
             .build()
@@ -479,7 +479,7 @@ async fn open_database(
         Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
             #[cfg(feature = "postgres")]
             return Ok(Database::Postgres(Arc::new(
-                PostgresTier::builder()
+                PostgresSource::builder()
                     .url(url.to_owned())
                     .run_migrations(run_migrations)
                     .build()
@@ -515,7 +515,7 @@ async fn open_database(
 #[cfg(feature = "sqlite")]
 async fn open_sqlite(path: PathBuf) -> Result<Database> {
     Ok(Database::Sqlite(Arc::new(
-        SqliteTier::builder().path(path).build().await?,
+        SqliteSource::builder().path(path).build().await?,
     )))
 }
 

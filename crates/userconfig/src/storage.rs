@@ -401,7 +401,7 @@ impl UserConfigStorage {
     /// The database's error.
     pub async fn ping_database(&self) -> Result<()> {
         self.database
-            .tier()
+            .source()
             .get(&READINESS_KEY.to_owned())
             .await
             .map(|_| ())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tiercache_core::CacheTier;
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::{FaultProxy, ProxyMode, env, postgres_env, redis_env};
 use userconfig::{Answer, UserConfig, UserConfigStorage};
@@ -77,7 +77,7 @@ async fn rig(tag: &str) -> Rig {
 
     let postgres = |url: String| {
         Arc::new(
-            PostgresTier::builder()
+            PostgresSource::builder()
                 .url(url)
                 .schema(schema.clone())
                 .build()
@@ -95,13 +95,13 @@ async fn rig(tag: &str) -> Rig {
     };
     let faulty = UserConfigStorage::builder()
         .redis_tier(redis(format!("redis://{}/", redis_proxy.addr())))
-        .postgres_tier(postgres(pg_url))
+        .postgres_source(postgres(pg_url))
         .build()
         .await
         .unwrap();
     let healthy = UserConfigStorage::builder()
         .redis_tier(redis(redis_url))
-        .postgres_tier(postgres(env::database_url()))
+        .postgres_source(postgres(env::database_url()))
         .build()
         .await
         .unwrap();

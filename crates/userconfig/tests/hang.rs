@@ -14,7 +14,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::redis_env::LocalRedis;
 use tiercache_testkit::{env, postgres_env, redis_env};
@@ -47,7 +47,7 @@ async fn a_hung_redis_costs_an_update_its_limit_and_no_instance_serves_a_replace
     let pool = postgres_env::postgres_pool().await;
     let schema = postgres_env::fresh_schema(&pool).await;
     let postgres = Arc::new(
-        PostgresTier::builder()
+        PostgresSource::builder()
             .url(env::database_url())
             .schema(schema.clone())
             .build()
@@ -64,7 +64,7 @@ async fn a_hung_redis_costs_an_update_its_limit_and_no_instance_serves_a_replace
             .unwrap();
         let storage = UserConfigStorage::builder()
             .redis_tier(Arc::new(tier))
-            .postgres_tier(postgres.clone())
+            .postgres_source(postgres.clone())
             .backplane(true)
             .build()
             .await

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use sqlx::AssertSqlSafe;
 use tiercache_core::{CacheTier, Source};
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::{Captured, env, postgres_env, redis_env};
 use userconfig::{Answer, UserConfig, UserConfigStorage};
@@ -103,7 +103,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
             .unwrap(),
     );
     let postgres = Arc::new(
-        PostgresTier::builder()
+        PostgresSource::builder()
             .url(&pg_url)
             .schema(&schema)
             .build()
@@ -115,7 +115,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
     captured.note(format!("{builder:?}"));
     let storage = UserConfigStorage::builder()
         .redis_tier(redis.clone())
-        .postgres_tier(postgres.clone())
+        .postgres_source(postgres.clone())
         .backplane(true)
         .build()
         .await
@@ -222,7 +222,7 @@ async fn no_secret_or_configuration_value_is_ever_logged_or_printed() {
     let err = stranger.get(&"alice".into()).await.unwrap_err();
     captured.note(chain_of(&err));
 
-    let down: PostgresTier<String, UserConfig> = PostgresTier::builder()
+    let down: PostgresSource<String, UserConfig> = PostgresSource::builder()
         .url(format!("postgres://postgres:{PASSWORD}@127.0.0.1:1/test"))
         .build()
         .unwrap();

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::json;
 use sqlx::AssertSqlSafe;
 use tiercache_core::{CacheTier, Entry, Source};
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_testkit::{env, postgres_env, redis_env};
 use userconfig::{Answer, UserConfig, UserConfigStorage};
 
@@ -295,7 +295,7 @@ async fn the_storage_starts_while_redis_is_down_and_serves_from_the_database() {
     let pool = postgres_env::postgres_pool().await;
     let schema = postgres_env::fresh_schema(&pool).await;
     let postgres = Arc::new(
-        PostgresTier::builder()
+        PostgresSource::builder()
             .url(env::database_url())
             .schema(schema.clone())
             .build()
@@ -303,7 +303,7 @@ async fn the_storage_starts_while_redis_is_down_and_serves_from_the_database() {
     );
     let storage = UserConfigStorage::builder()
         .redis_url("redis://127.0.0.1:1/")
-        .postgres_tier(postgres)
+        .postgres_source(postgres)
         .build()
         .await
         .unwrap();

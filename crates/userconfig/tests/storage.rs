@@ -230,12 +230,12 @@ async fn clearing_memory_stops_a_read_in_flight_from_filling_it_again() {
 
 #[tokio::test]
 async fn a_failed_database_call_is_counted_once() {
-    let postgres = tiercache_postgres::PostgresTier::builder()
+    let postgres = tiercache_postgres::PostgresSource::builder()
         .url("postgres://postgres@127.0.0.1:1/nothing")
         .build()
         .unwrap();
     let s = UserConfigStorage::builder()
-        .postgres_tier(Arc::new(postgres))
+        .postgres_source(Arc::new(postgres))
         .max_stale(None)
         .build()
         .await

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tiercache_sqlite::SqliteTier;
+use tiercache_sqlite::SqliteSource;
 use tiercache_testkit::env;
 use userconfig::{Error, UserConfig, UserConfigStorage};
 
@@ -90,10 +90,10 @@ async fn concurrent_modifications_lose_nothing_on_sqlite() {
     let file = dir.join("shared.sqlite3");
     let mut instances = Vec::new();
     for _ in 0..INSTANCES {
-        let sqlite = SqliteTier::builder().path(&file).build().await.unwrap();
+        let sqlite = SqliteSource::builder().path(&file).build().await.unwrap();
         instances.push(
             UserConfigStorage::builder()
-                .sqlite_tier(Arc::new(sqlite))
+                .sqlite_source(Arc::new(sqlite))
                 .build()
                 .await
                 .unwrap(),

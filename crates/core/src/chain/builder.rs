@@ -133,7 +133,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
     }
 
     /// Publishes every update and invalidation to the other instances through `backplane`.
-    /// Apply theirs with [`TieredCache::apply_remote_invalidation`].
+    /// Apply theirs with [`TieredCache::apply`] (see [`Backplane`]).
     pub fn backplane(mut self, backplane: Arc<dyn Backplane<K, V>>) -> Self {
         self.backplane = Some(backplane);
         self
@@ -275,10 +275,13 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
                 marks: Marks::new(),
                 tasks: Arc::default(),
                 counters: ChainCounters::default(),
+                feed_health: super::feed::Health::default(),
+                feed_lag: crate::latency::LatencyHistogram::default(),
                 _feed_stop: stop,
             }),
         };
         if let (Some(feed), Some(stopped)) = (feed, stopped) {
+            chain.inner.feed_health.starting();
             super::feed::follow(chain.downgrade(), feed, stopped);
         }
         Ok(chain)

@@ -1,105 +1,45 @@
-//! The source's change feed, applied: every change the source committed, by any writer (this
-//! chain, another instance, `psql`), reaches this chain's cache tiers within the feed's delay,
-//! whether or not any other path (the write path, the backplane) told it already.
+//! Following the source's change feed: a task of the chain's own takes every batch the source's
+//! follower hands over through the one door (`remote.rs`), and records how the follower is
+//! doing (connected or not, elected or not) for the statistics.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::Poll;
-use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-use super::read::Filled;
-use super::{TieredCache, WeakTieredCache};
-use crate::entry::{Entry, Version};
-use crate::feed::{Change, ChangeFeed};
+use super::WeakTieredCache;
+use crate::feed::{ChangeFeed, FeedHealth, Item};
 use crate::tier::{Key, Value};
 
-impl<K: Key, V: Value> TieredCache<K, V> {
-    /// Applies one change the source committed (its feed does this by itself; call it to
-    /// replay a change you learned of otherwise). Copies of the key older than the change's
-    /// version are dropped from every cache tier, bottom first (newer copies survive, so a late
-    /// or repeated change is harmless; a local tier that does not hold the key is not touched),
-    /// loads running now skip their back-fill, and a delete leaves "not found" at its version
-    /// for the negative TTL where it dropped a copy. A tier that cannot be reached
-    /// gets the invalidation replayed before it serves the key again, and this chain refuses
-    /// older versions of the key meanwhile (a floor). [`Change::Everything`] empties every
-    /// cache tier.
-    pub async fn apply_change(&self, change: Change<K>) {
-        match change {
-            Change::Key {
-                key,
-                version,
-                deleted,
-            } => self.apply_key_change(&key, version, deleted).await,
-            Change::Everything => {
-                self.inner.counters.feed_flushes.incr();
-                tracing::info!(
-                    "the source's feed may have lost changes: emptying every cache tier"
-                );
-                if let Err(error) = self.clear().await {
-                    tracing::warn!(%error, "a cache tier could not be emptied");
-                }
-            }
+/// The follower's last report, for the statistics: 0 none (no feed), 1 down, 2 following, 3
+/// following and elected.
+#[derive(Default)]
+pub(super) struct Health(AtomicU8);
+
+impl Health {
+    fn set(&self, health: FeedHealth) {
+        let code = match health {
+            FeedHealth::Down => 1,
+            FeedHealth::Following { elected: false } => 2,
+            FeedHealth::Following { elected: true } => 3,
+        };
+        self.0.store(code, Ordering::Relaxed);
+    }
+
+    /// `None` without a feed; else whether it is connected, and whether elected.
+    pub(super) fn get(&self) -> Option<(bool, bool)> {
+        match self.0.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some((false, false)),
+            2 => Some((true, false)),
+            _ => Some((true, true)),
         }
     }
 
-    async fn apply_key_change(&self, key: &K, version: Version, deleted: bool) {
-        let inner = &*self.inner;
-        inner.counters.feed_changes.incr();
-        let ticket = inner.marks.mark(key, Some(version));
-        inner.flights.forget(key);
-        let absent = if deleted {
-            inner
-                .policy
-                .negative_ttl
-                .map(|ttl| Entry::absent(version).expiring_at(inner.clock.now() + ttl))
-        } else {
-            None
-        };
-        // Just below the change, so that the change itself can be filled; at a delete itself
-        // when no "not found" will be filled.
-        let dead = if deleted && absent.is_none() {
-            version
-        } else {
-            version.saturating_sub(1)
-        };
-        // Bottom first, like every invalidation. A local tier that does not hold the key (or
-        // holds the change already) is left alone: only this process fills it, and the mark
-        // refuses the fills of loads that began before; a tombstone there would only take the
-        // place of a hot entry (most changes are of keys an instance does not hold).
-        let levels = inner.tiers.len();
-        let mut missed = vec![false; levels];
-        let mut reached = vec![false; levels];
-        for index in (0..levels).rev() {
-            let level = &inner.tiers[index];
-            if level.tier.is_local() {
-                let held = level
-                    .call("get_stale", level.tier.get_stale(key, Duration::MAX))
-                    .await;
-                match held {
-                    Ok(None) => continue,
-                    Ok(Some(entry)) if entry.version >= version => continue,
-                    _ => {}
-                }
-            }
-            if self.invalidate_at(index, key, Some(dead)).await.is_err() {
-                missed[index] = true;
-            } else {
-                reached[index] = true;
-            }
-        }
-        if let Some(entry) = &absent {
-            for (index, _) in reached.iter().enumerate().rev().filter(|(_, r)| **r) {
-                if self.fill(index, key, entry, ticket).await == Filled::Refused {
-                    break;
-                }
-            }
-        }
-        if missed.iter().any(|m| *m) {
-            self.raise_floor(key, version);
-        }
-        inner.marks.mark(key, Some(version));
+    pub(super) fn starting(&self) {
+        self.0.store(1, Ordering::Relaxed);
     }
 }
 
@@ -107,27 +47,34 @@ impl<K: Key, V: Value> TieredCache<K, V> {
 /// the chain only while it applies a batch.
 pub(super) fn follow<K: Key, V: Value>(
     chain: WeakTieredCache<K, V>,
-    mut feed: ChangeFeed<K>,
+    mut feed: ChangeFeed<K, V>,
     mut stop: oneshot::Receiver<()>,
 ) {
     tokio::spawn(async move {
         loop {
-            // The chain's drop (stop) or the next batch, whichever comes first.
+            // The chain's drop (stop) or the next item, whichever comes first.
             let next = std::future::poll_fn(|cx| {
                 if Pin::new(&mut stop).poll(cx).is_ready() {
                     return Poll::Ready(None);
                 }
-                feed.poll_recv(cx).map(Some)
+                feed.poll_item(cx).map(Some)
             })
             .await;
-            let Some(batch) = next else { return };
-            let Some(batch) = batch else {
-                tracing::warn!("the source's change feed ended");
-                return;
-            };
+            let Some(item) = next else { return };
             let Some(this) = chain.upgrade() else { return };
-            for change in batch {
-                this.apply_change(change).await;
+            match item {
+                Some(Item::Changes(changes, done)) => {
+                    let applied = this.apply(changes).await;
+                    if let Some(done) = done {
+                        let _ = done.send(applied);
+                    }
+                }
+                Some(Item::Health(health)) => this.inner.feed_health.set(health),
+                None => {
+                    tracing::warn!("the source's change feed ended");
+                    this.inner.feed_health.set(FeedHealth::Down);
+                    return;
+                }
             }
         }
     });

@@ -4,13 +4,9 @@
 //! removed, and goes bottom first, so that no reader copies an old value up from a tier not yet
 //! reached.
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use super::TieredCache;
-use super::read::Filled;
 use super::tasks::join;
-use crate::entry::{Entry, Version};
+use crate::entry::Version;
 use crate::error::{Error, Result};
 use crate::tier::{Key, Value};
 
@@ -83,97 +79,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         first_error.map_or(Ok(()), Err)
     }
 
-    /// Invalidates `key` at `version` (see [`CacheTier::invalidate`](crate::CacheTier::invalidate))
-    /// in every cache tier, bottom first: were the top tier emptied first, a reader could miss
-    /// it, find the old copy still below and copy it back up. A tier that fails gets the
-    /// invalidation replayed later. Returns which tiers missed it, and the first failure.
-    pub(super) async fn invalidate_tiers(
-        &self,
-        key: &K,
-        version: Option<Version>,
-    ) -> (Vec<bool>, Option<Error>) {
-        let inner = &*self.inner;
-        let mut missed = vec![false; inner.tiers.len()];
-        let mut first_error = None;
-        for i in (0..inner.tiers.len()).rev() {
-            if let Err(error) = self.invalidate_at(i, key, version).await {
-                missed[i] = true;
-                first_error.get_or_insert(error);
-            }
-        }
-        (missed, first_error)
-    }
-
-    /// Invalidates `key` at `version` in cache tier `index`; if the tier fails, the
-    /// invalidation is remembered and replayed later.
-    pub(super) async fn invalidate_at(
-        &self,
-        index: usize,
-        key: &K,
-        version: Option<Version>,
-    ) -> Result<()> {
-        let level = &self.inner.tiers[index];
-        let done = level
-            .call("invalidate", level.tier.invalidate(key, version))
-            .await;
-        if done.is_err() {
-            self.remember(index, key, version);
-        }
-        done
-    }
-
-    /// Applies another instance's update or invalidation (from a [`Backplane`](crate::Backplane))
-    /// to the top tier. With a `value` (the value at `version`) and a copy of `key` held, the
-    /// copy is replaced by the new version, so that a hot key stays hot; otherwise copies older
-    /// than `version` are dropped (`None`: whatever is held). Loads running now in this chain
-    /// skip their back-fill of the key. A key not held costs nothing in the tier (no tombstone
-    /// that could evict a hot entry). The tier's version rules make a late message harmless:
-    /// it never replaces or evicts a newer entry.
-    pub async fn apply_remote_invalidation(
-        &self,
-        key: &K,
-        version: Option<Version>,
-        value: Option<Arc<V>>,
-    ) {
-        let inner = &*self.inner;
-        inner.counters.remote_invalidations.incr();
-        // Marked before the tier is looked at: a load that fills the key after this either sees
-        // the mark, or filled it before the look below, which then finds it.
-        let ticket = inner.marks.mark(key, version);
-        inner.flights.forget(key);
-        let Some(top) = inner.tiers.first() else {
-            return;
-        };
-        let below = version.map(|v| v.saturating_sub(1));
-        let held = match top
-            .call("get_stale", top.tier.get_stale(key, Duration::MAX))
-            .await
-        {
-            Ok(Some(entry)) => Some(entry.version),
-            // Not held: nothing to drop.
-            Ok(None) => {
-                inner.marks.mark(key, version);
-                return;
-            }
-            // The tier cannot say: drop whatever it holds (now or when it answers again).
-            Err(_) => None,
-        };
-        let current = match (held, version, value) {
-            // A late message: what is held is as new.
-            (Some(held), Some(version), _) if held >= version => true,
-            // Like any fill: a later change (a newer version's message overtaking this one)
-            // wins over it, and then the held copy is dropped below.
-            (Some(_), Some(version), Some(value)) => {
-                self.fill(0, key, &Entry::new(value, version), ticket).await == Filled::Stored
-            }
-            _ => false,
-        };
-        if !current {
-            let _ = self.invalidate_at(0, key, below).await;
-        }
-        inner.marks.mark(key, version);
-    }
-
     /// Replays now the invalidations cache tiers missed while they were unreachable (a task of
     /// each tier's own replays them anyway, retrying with a backoff; no read uses a tier for a
     /// key whose replay is pending). Returns the first failure; what failed stays for the next
@@ -186,17 +91,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             }
         }
         first_error.map_or(Ok(()), Err)
-    }
-
-    /// Empties the top (in-process) tier, for when this instance may have missed invalidations
-    /// (its backplane subscription dropped). Loads running now skip their back-fill.
-    pub async fn flush_local(&self) {
-        if self.inner.tiers.is_empty() {
-            self.inner.marks.mark_all();
-        } else {
-            let _ = self.clear_pass(0).await;
-        }
-        tracing::info!("top tier flushed: invalidations may have been missed");
     }
 
     /// Empties every cache tier (never the source), bottom first. Every tier is tried; the
@@ -243,7 +137,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         join(task).await
     }
 
-    async fn clear_pass(&self, index: usize) -> Result<()> {
+    pub(super) async fn clear_pass(&self, index: usize) -> Result<()> {
         self.inner.marks.mark_all();
         // No request that starts after the clear joins a load that began before it.
         self.inner.flights.forget_all();

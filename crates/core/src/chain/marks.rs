@@ -126,6 +126,12 @@ impl<K: Key> Marks<K> {
         self.cleared.fetch_max(n, Ordering::SeqCst);
     }
 
+    /// The newest version a mark announced for `key` (0: none known). A copy older than it
+    /// is stale, whatever tier holds it.
+    pub(super) fn newest(&self, key: &K) -> Version {
+        self.shard(key).last.get(key).map_or(0, |m| m.version)
+    }
+
     /// Whether a fill holding `ticket` may still store `version` of `key`: no mark announced a
     /// newer version, and none without a version (a manual invalidation, a clear: whatever
     /// was read before it is suspect) came after the ticket.

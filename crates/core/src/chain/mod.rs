@@ -2,10 +2,12 @@
 //!
 //! One file per path: `read.rs` (get, fetch, batches, warming, back-fill, fail-safe),
 //! `write.rs` (update, conditional update, delete, writes of unknown outcome, publish),
-//! `invalidate.rs` (manual and remote invalidation, flushes, clears), `feed.rs` (the source's
-//! change feed, applied), `level.rs` (one tier's limit, breaker, counters,
-//! missed invalidations and their replay), `marks.rs` (what changed since a load began),
-//! `floors.rs`, `tasks.rs` (background work) and `builder.rs`.
+//! `invalidate.rs` (manual invalidation, replays, clears), `remote.rs` (the one door for
+//! remote changes: the source's feed and the backplane), `feed.rs` (following the source's
+//! feed), `steps.rs` (what those paths share: may a tier serve a key, a marked fill and its
+//! taking back, an invalidation at a version, a floor), `level.rs` (one tier's limit,
+//! breaker, counters, missed invalidations and their replay), `marks.rs` (what changed since
+//! a load began), `floors.rs`, `tasks.rs` (background work) and `builder.rs`.
 
 mod builder;
 mod feed;
@@ -14,6 +16,8 @@ mod invalidate;
 mod level;
 mod marks;
 mod read;
+mod remote;
+mod steps;
 mod tasks;
 mod write;
 
@@ -169,6 +173,10 @@ struct Inner<K, V> {
     /// Background work, counted for [`TieredCache::flush`].
     tasks: Arc<Tasks>,
     counters: ChainCounters,
+    /// How the source's feed follower is doing.
+    feed_health: feed::Health,
+    /// From a change's commit to its application here.
+    feed_lag: crate::latency::LatencyHistogram,
     /// Dropped with the chain: stops the task that applies the source's change feed.
     _feed_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -267,12 +275,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// Starts a chain: add cache tiers top first, then the source.
     pub fn builder() -> TieredCacheBuilder<K, V> {
         TieredCacheBuilder::new()
-    }
-
-    /// Remembers that cache tier `index` missed an invalidation of `key`; a task of the level's
-    /// own replays it.
-    fn remember(&self, index: usize, key: &K, version: Option<Version>) {
-        self.inner.tiers[index].remember(key, version, &Arc::downgrade(&self.inner), index);
     }
 
     /// Waits, for at most `within`, for the work that outlives its callers: updates and
@@ -432,6 +434,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             load_callers: inner.flights.callers() as u64,
             background_tasks: inner.tasks.running() as u64,
             floors: inner.floors.len() as u64,
+            feed: inner
+                .feed_health
+                .get()
+                .map(|(connected, elected)| crate::stats::FeedStats {
+                    connected,
+                    elected,
+                    lag: inner.feed_lag.summary(),
+                }),
         }
     }
 }

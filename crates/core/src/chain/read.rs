@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use super::marks::{Ticket, Verdict};
+use super::marks::Ticket;
+use super::steps::Filled;
 use super::{Fetched, Miss, Origin, TieredCache, Top};
-use crate::entry::{Entry, Version};
+use crate::entry::Entry;
 use crate::error::{Error, Result};
 use crate::tier::{Key, Peek, Value};
 
@@ -188,25 +189,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             .await)
     }
 
-    /// Cache tier `i`'s answer for `key`, if it may be served: not below the key's floor, and
-    /// no replay of a missed invalidation of it pending. An entry refused by its floor is
-    /// counted as refused; anything not served counts as the tier's miss (its hits are
-    /// counted with the request's outcome).
-    fn usable(&self, i: usize, key: &K, found: Option<Entry<V>>) -> Option<Entry<V>> {
-        let inner = &*self.inner;
-        if let Some(entry) = found {
-            let floored = !inner.floors.allows(key, entry.version, &inner.clock);
-            if !floored && !inner.tiers[i].repairs.blocks(key) {
-                return Some(entry);
-            }
-            if floored {
-                inner.counters.refused.incr();
-            }
-        }
-        inner.tiers[i].misses.incr();
-        None
-    }
-
     /// The source's answer for `key`, back-filled into every cache tier: the entry without an
     /// expiry (each tier applies its own TTL), or a "not found" cached for the negative TTL.
     async fn sourced(
@@ -328,55 +310,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         }
     }
 
-    /// Stores `entry` in cache tier `index` if no change to `key` came after `ticket` and none
-    /// announced a newer version, checked before the set and again after it: a set that
-    /// landed after such a change is taken back. Whatever the tier's LRU evicted meanwhile, an
-    /// older version is not put back. (A failed set is counted by the level.)
-    pub(super) async fn fill(
-        &self,
-        index: usize,
-        key: &K,
-        entry: &Entry<V>,
-        ticket: Ticket,
-    ) -> Filled {
-        let marks = &self.inner.marks;
-        let level = &self.inner.tiers[index];
-        if !marks.admits(key, ticket, entry.version) {
-            return Filled::Refused;
-        }
-        // If the caller gives up between the set and the check after it, the check still runs
-        // (in a task).
-        let mut guard = FillGuard {
-            chain: self,
-            key,
-            index,
-            ticket,
-            version: entry.version,
-            armed: true,
-        };
-        let stored = level.call("set", level.tier.set(key, entry.clone())).await;
-        let verdict = marks.check(key, ticket, entry.version);
-        // A set that failed (timed out) may land all the same: take it back too.
-        if !matches!(stored, Ok(false)) && verdict != Verdict::Admit {
-            self.inner.counters.backfills_skipped.incr();
-            self.take_back(index, key, verdict, entry.version).await;
-            guard.armed = false;
-            return Filled::Refused;
-        }
-        guard.armed = false;
-        if matches!(stored, Ok(true)) {
-            Filled::Stored
-        } else {
-            Filled::NotStored
-        }
-    }
-
-    /// Takes back a fill of `version` that may have landed in tier `index` after a change the
-    /// marks judged by `verdict`; if the tier cannot be reached, it is replayed later.
-    async fn take_back(&self, index: usize, key: &K, verdict: Verdict, version: Version) {
-        let _ = self.invalidate_at(index, key, verdict.undo(version)).await;
-    }
-
     /// Loads `keys` into the cache tiers ahead of demand, `batch` keys per
     /// [`get_many`](TieredCache::get_many) (one batch call per tier), every tier filled before
     /// it returns. Returns how many keys the source had.
@@ -476,50 +409,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         }
         Ok(answers.into_iter().map(|f| f.value).collect())
     }
-}
-
-/// A back-fill's set in progress. Dropped before the check that follows the set (its caller
-/// gave up), it runs the check in a task: were the key changed meanwhile, the filled copy is
-/// taken back.
-struct FillGuard<'a, K: Key, V: Value> {
-    chain: &'a TieredCache<K, V>,
-    key: &'a K,
-    index: usize,
-    ticket: Ticket,
-    version: Version,
-    armed: bool,
-}
-
-impl<K: Key, V: Value> Drop for FillGuard<'_, K, V> {
-    fn drop(&mut self) {
-        if !self.armed || tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
-        let (chain, key, index, ticket, version) = (
-            self.chain.clone(),
-            self.key.clone(),
-            self.index,
-            self.ticket,
-            self.version,
-        );
-        self.chain.inner.tasks.spawn(async move {
-            let verdict = chain.inner.marks.check(&key, ticket, version);
-            if verdict != Verdict::Admit {
-                chain.take_back(index, &key, verdict, version).await;
-            }
-        });
-    }
-}
-
-/// What became of a fill.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Filled {
-    /// The tier holds the entry.
-    Stored,
-    /// The tier failed, or kept what it held (a newer version, a tombstone).
-    NotStored,
-    /// The key changed since the load began: not stored, or taken back.
-    Refused,
 }
 
 /// Runs both futures at once, `first` polled first each time; ends when both have.

@@ -5,10 +5,9 @@
 //! write whose outcome is unknown is settled.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::TieredCache;
-use super::read::Filled;
+use super::steps::Filled;
 use super::tasks::join;
 use crate::entry::{Entry, Version};
 use crate::error::Result;
@@ -174,14 +173,6 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         inner.marks.mark(key, Some(version));
         self.publish(key, Some(version), value).await;
         Ok(version)
-    }
-
-    /// Refuses versions of `key` older than `version` at every tier for the floor TTL.
-    pub(super) fn raise_floor(&self, key: &K, version: Version) {
-        let inner = &*self.inner;
-        // A stale copy may be served up to max-stale past its expiry: outlive that too.
-        let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);
-        inner.floors.raise(key, version, inner.clock.now(), life);
     }
 
     /// Settles a write whose outcome is unknown: every tier drops `key` now (a reader then

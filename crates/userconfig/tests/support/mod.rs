@@ -7,14 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tiercache_core::CacheTier;
-use tiercache_postgres::PostgresTier;
+use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::{env, postgres_env, redis_env};
 use userconfig::{UserConfig, UserConfigStorage};
 
 pub struct Servers {
     pub redis: Arc<RedisTier<String, UserConfig>>,
-    pub postgres: Arc<PostgresTier<String, UserConfig>>,
+    pub postgres: Arc<PostgresSource<String, UserConfig>>,
     pub pool: sqlx::PgPool,
     pub schema: String,
 }
@@ -37,7 +37,7 @@ impl Servers {
                 .unwrap(),
         );
         let postgres = Arc::new(
-            PostgresTier::builder()
+            PostgresSource::builder()
                 .url(env::database_url())
                 .schema(schema.clone())
                 .build()
@@ -55,7 +55,7 @@ impl Servers {
     pub async fn instance(&self) -> UserConfigStorage {
         UserConfigStorage::builder()
             .redis_tier(self.redis.clone())
-            .postgres_tier(self.postgres.clone())
+            .postgres_source(self.postgres.clone())
             .backplane(true)
             .build()
             .await

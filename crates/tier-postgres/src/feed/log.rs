@@ -1,0 +1,281 @@
+//! The change log as the feed reads it: the changes a cursor has not seen, in bounded pages;
+//! the feed row (the elected follower's cursor, its history, what was pruned); pruning in
+//! bounded batches. Every statement is one round trip on the follower's own connection, in no
+//! transaction of its own: nothing is held open between them.
+
+use std::time::Duration;
+
+use sqlx::postgres::PgConnection;
+use sqlx::{AssertSqlSafe, Row};
+
+use super::snapshot::{Snapshot, Xid};
+use super::wire::Entry;
+use crate::migrate::Names;
+
+/// Entries read per statement.
+pub(crate) const PAGE: i64 = 500;
+/// Entries deleted per statement when pruning.
+pub(crate) const PRUNE_BATCH: i64 = 1000;
+
+/// The statements, with the table's names filled in.
+pub(crate) struct Statements {
+    /// `$1` cursor, `$2` target snapshot (NULL: this statement's own), `$3`/`$4` the last
+    /// entry read (txid, version), `$5` page size. Returns one row at least: the statement's
+    /// snapshot and what was pruned, then each entry (NULL columns when there is none).
+    page: String,
+    /// `$1` txid, `$2` version: the key of one entry.
+    key_of: String,
+    /// The feed row.
+    state: String,
+    /// `$1` the elected follower's cursor.
+    save_cursor: String,
+    /// `$1` the history (jsonb).
+    save_history: String,
+    /// `$1` the cursor pruned through, `$2` batch size: records it, deletes a batch of the
+    /// entries it saw, returns how many.
+    prune: String,
+}
+
+impl Statements {
+    pub(crate) fn new(names: &Names) -> Self {
+        // Entries not seen at the cursor: its transactions in progress, and those that began
+        // after it. Both through the primary key; the second page on is limited to what the
+        // first page's snapshot saw (a later transaction is the next read's).
+        let branch = |which: &str| {
+            format!(
+                "(SELECT txid, version, key, op, at FROM {{changes}} \
+                 WHERE {which} AND (txid, version) > ($3::xid8, $4) \
+                   AND ($2::pg_snapshot IS NULL OR pg_visible_in_snapshot(txid, $2::pg_snapshot)) \
+                 ORDER BY txid, version LIMIT $5)"
+            )
+        };
+        let page = names.fill(&format!(
+            "SELECT pg_current_snapshot()::text, f.pruned, \
+                    c.txid::text, c.version, c.key, c.op::text, \
+                    (extract(epoch FROM c.at) * 1000)::float8 \
+             FROM {{feed}} f LEFT JOIN LATERAL ( \
+               SELECT * FROM ({} UNION ALL {}) u ORDER BY txid, version LIMIT $5 \
+             ) c ON true WHERE f.id = 1",
+            branch("txid = ANY(ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))"),
+            branch("txid >= pg_snapshot_xmax($1::pg_snapshot)"),
+        ));
+        Statements {
+            page,
+            key_of: names.fill("SELECT key FROM {changes} WHERE txid = $1::xid8 AND version = $2"),
+            state: names.fill("SELECT cursor, history::text, pruned FROM {feed} WHERE id = 1"),
+            save_cursor: names.fill("UPDATE {feed} SET cursor = $1 WHERE id = 1"),
+            save_history: names.fill("UPDATE {feed} SET history = $1::jsonb WHERE id = 1"),
+            prune: names.fill(
+                "WITH raised AS (UPDATE {feed} SET pruned = $1 WHERE id = 1 RETURNING 1), \
+                 victims AS (SELECT txid, version FROM {changes} \
+                   WHERE txid < pg_snapshot_xmax($1::pg_snapshot) \
+                     AND pg_visible_in_snapshot(txid, $1::pg_snapshot) \
+                   ORDER BY txid, version LIMIT $2), \
+                 gone AS (DELETE FROM {changes} c USING victims v \
+                   WHERE c.txid = v.txid AND c.version = v.version RETURNING 1) \
+                 SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM raised)",
+            ),
+        }
+    }
+}
+
+/// What one read of the log found.
+pub(crate) struct Read {
+    /// The snapshot the read saw the log in: the cursor once every page is applied.
+    pub(crate) seen: Snapshot,
+    /// What pruning removed (everything visible in it, at most).
+    pub(crate) pruned: Option<Snapshot>,
+    pub(crate) entries: Vec<Entry>,
+    /// Whether more pages follow.
+    pub(crate) more: bool,
+}
+
+/// Reads one page of the entries not visible at `cursor`: the first page (`target` `None`)
+/// in the statement's own snapshot, the next ones limited to `target` (the first page's),
+/// after the last entry read.
+pub(crate) async fn page(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    cursor: &Snapshot,
+    target: Option<&Snapshot>,
+    after: (Xid, u64),
+) -> Result<Read, sqlx::Error> {
+    let rows = sqlx::query(AssertSqlSafe(sql.page.as_str()))
+        .bind(cursor.to_string())
+        .bind(target.map(ToString::to_string))
+        .bind(after.0.to_string())
+        .bind(i64::try_from(after.1).unwrap_or(i64::MAX))
+        .bind(PAGE)
+        .fetch_all(conn)
+        .await?;
+    let mut seen = None;
+    let mut pruned = None;
+    let mut entries = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let snap: String = row.try_get(0)?;
+        seen = Snapshot::parse(&snap);
+        let p: Option<String> = row.try_get(1)?;
+        pruned = p.as_deref().and_then(Snapshot::parse);
+        let Some(txid) = row.try_get::<Option<String>, _>(2)? else {
+            continue;
+        };
+        let version: i64 = row.try_get(3)?;
+        let key: String = row.try_get(4)?;
+        let op: String = row.try_get(5)?;
+        let at_ms: f64 = row.try_get(6)?;
+        entries.push(Entry {
+            txid: txid.parse().map_err(|_| protocol("a transaction id"))?,
+            version: u64::try_from(version).map_err(|_| protocol("a version"))?,
+            op: *op.as_bytes().first().ok_or_else(|| protocol("an op"))?,
+            shared_missed: false,
+            // Whole milliseconds since the epoch, well within f64's exact integers.
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            at_ms: at_ms.max(0.0) as u64,
+            key: Some(key),
+        });
+    }
+    let seen = seen.ok_or_else(|| protocol("the snapshot"))?;
+    let more = entries.len() as i64 == PAGE;
+    Ok(Read {
+        seen,
+        pruned,
+        entries,
+        more,
+    })
+}
+
+/// The key of one entry (one too long to carry in a notification); `None` once pruned.
+pub(crate) async fn key_of(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    txid: Xid,
+    version: u64,
+) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(AssertSqlSafe(sql.key_of.as_str()))
+        .bind(txid.to_string())
+        .bind(i64::try_from(version).unwrap_or(i64::MAX))
+        .fetch_optional(conn)
+        .await
+}
+
+/// The feed row.
+pub(crate) struct State {
+    /// Where the last elected follower got to.
+    pub(crate) cursor: Option<Snapshot>,
+    /// Its cursors over time (milliseconds since the epoch), a minute or so apart, oldest
+    /// first.
+    pub(crate) history: Vec<(u64, Snapshot)>,
+}
+
+pub(crate) async fn state(conn: &mut PgConnection, sql: &Statements) -> Result<State, sqlx::Error> {
+    let row = sqlx::query(AssertSqlSafe(sql.state.as_str()))
+        .fetch_one(conn)
+        .await?;
+    let cursor: Option<String> = row.try_get(0)?;
+    let history: String = row.try_get(1)?;
+    let history: Vec<(u64, String)> = serde_json::from_str(&history).unwrap_or_default();
+    Ok(State {
+        cursor: cursor.as_deref().and_then(Snapshot::parse),
+        history: history
+            .into_iter()
+            .filter_map(|(at, s)| Some((at, Snapshot::parse(&s)?)))
+            .collect(),
+    })
+}
+
+pub(crate) async fn save_cursor(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    cursor: &Snapshot,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(sql.save_cursor.as_str()))
+        .bind(cursor.to_string())
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Adds `cursor` to the history at `now` (milliseconds since the epoch) and keeps what pruning may
+/// still need: every entry newer than the retention, and the newest one older.
+pub(crate) async fn record_history(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    mut history: Vec<(u64, Snapshot)>,
+    now: u64,
+    cursor: Snapshot,
+    retention: Duration,
+) -> Result<Vec<(u64, Snapshot)>, sqlx::Error> {
+    history.push((now, cursor));
+    let cutoff = now.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+    let old = history.iter().filter(|(at, _)| *at <= cutoff).count();
+    if old > 1 {
+        history.drain(..old - 1);
+    }
+    let json: Vec<(u64, String)> = history.iter().map(|(at, s)| (*at, s.to_string())).collect();
+    sqlx::query(AssertSqlSafe(sql.save_history.as_str()))
+        .bind(serde_json::to_string(&json).expect("plain data"))
+        .execute(conn)
+        .await?;
+    Ok(history)
+}
+
+/// The cursor pruning may delete through at `now`: the newest one held at least a retention
+/// ago (every follower cut off for less than the retention has seen all it covers).
+pub(crate) fn prunable(
+    history: &[(u64, Snapshot)],
+    now: u64,
+    retention: Duration,
+) -> Option<&Snapshot> {
+    let cutoff = now.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+    history
+        .iter()
+        .rev()
+        .find(|(at, _)| *at <= cutoff)
+        .map(|(_, s)| s)
+}
+
+/// Deletes, in batches, the entries visible at `through`, having recorded it as pruned (in
+/// the same statement as each batch, so that a follower never finds an entry gone without
+/// knowing). Stops after `budget`; returns how many it deleted.
+pub(crate) async fn prune(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    through: &Snapshot,
+    budget: Duration,
+) -> Result<u64, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut deleted = 0u64;
+    loop {
+        let (gone, _): (i64, i64) = sqlx::query_as(AssertSqlSafe(sql.prune.as_str()))
+            .bind(through.to_string())
+            .bind(PRUNE_BATCH)
+            .fetch_one(&mut *conn)
+            .await?;
+        deleted += u64::try_from(gone).unwrap_or(0);
+        if gone < PRUNE_BATCH || started.elapsed() >= budget {
+            return Ok(deleted);
+        }
+    }
+}
+
+fn protocol(what: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!(
+        "the change log returned {what} this version cannot read"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pruning_goes_through_the_newest_cursor_a_retention_old() {
+        let s = |t: &str| Snapshot::parse(t).unwrap();
+        let history = vec![(100, s("1:2:")), (160, s("3:4:")), (220, s("5:6:"))];
+        let hour = Duration::from_millis(100);
+        assert_eq!(prunable(&history, 199, hour), None);
+        assert_eq!(prunable(&history, 200, hour), Some(&s("1:2:")));
+        assert_eq!(prunable(&history, 300, hour), Some(&s("3:4:")));
+        assert_eq!(prunable(&history, 10_000, hour), Some(&s("5:6:")));
+    }
+}

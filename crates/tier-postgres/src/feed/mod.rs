@@ -1,0 +1,693 @@
+//! The change feed on PostgreSQL, off every writer's commit path.
+//!
+//! Writers only add an entry to the change log (a trigger): no `NOTIFY` in their
+//! transactions, nothing that makes commits wait for each other. Each chain's follower holds
+//! one connection of its own, on which it `LISTEN`s on the table's channel and, every
+//! [`DEFAULT_ELECT_EVERY`], tries to take a session advisory lock: the follower holding it is
+//! the **elected** one, for every instance of every process. It alone reads the log, every
+//! [`feed_poll`](crate::PostgresSourceBuilder::feed_poll): each read returns the entries not
+//! visible at its cursor (a snapshot, see `snapshot.rs`) in pages, in the read's own snapshot,
+//! which becomes the cursor. It applies them to its chain's tiers, shared ones included (one
+//! Redis operation per change for the whole fleet), waits until they are applied, then tells
+//! the others with `NOTIFY` from a short transaction that writes nothing (see `wire.rs`),
+//! which they apply to their local tiers. It saves its cursor in the feed row once a second, so
+//! that the next one elected (when its session ends, the lock goes with it) resumes there:
+//! nothing is lost across a handover, and changes committed while no instance ran are applied
+//! when one starts.
+//!
+//! **A follower that was not elected** applies what the elected one tells it, after
+//! skipping what its cursor has seen (each change is applied once per instance). After every
+//! (re)connect it first `LISTEN`s, then reads the log since its own cursor (in pages); a
+//! message that does not follow on from what it has (a gap) makes it read the log again. If no
+//! elected follower is heard from for [`LEADER_SILENCE`] (its session is stuck, say), each
+//! follower reads the log itself and applies it everywhere until one is heard again.
+//!
+//! **Pruning** (the elected follower, once a minute): entries visible at the cursor it held a
+//! whole retention ago are deleted in batches, after recording that cursor as pruned. A
+//! follower whose cursor does not cover it (cut off for longer than the retention) may have
+//! lost changes, and reports [`Change::Everything`] instead of reading on.
+
+mod log;
+mod snapshot;
+mod wire;
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::de::DeserializeOwned;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
+use tiercache_core::feed::ChangeSender;
+use tiercache_core::{Change, ChangeFeed, Counter, FeedHealth, Scope, StorageKey};
+
+pub(crate) use self::log::{Statements, prunable, prune, state};
+
+use self::snapshot::Snapshot;
+use self::wire::{Entry, Message};
+use crate::migrate::Migrations;
+
+/// Default time an entry stays in the change log: how long a follower may be cut off and still
+/// catch up without emptying its caches.
+pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(3600);
+/// Default interval at which the elected follower reads the log: the longest a change made
+/// with plain SQL waits before it is applied (a change made through a chain is applied by its
+/// own write path at once).
+pub const DEFAULT_FEED_POLL: Duration = Duration::from_millis(10);
+/// How often a follower that is not elected tries to be.
+pub const DEFAULT_ELECT_EVERY: Duration = Duration::from_millis(500);
+/// How long the others wait without a word from the elected follower before each reads the
+/// log itself.
+pub(crate) const LEADER_SILENCE: Duration = Duration::from_secs(6);
+/// How often the elected follower speaks when nothing changed (others know it is alive, and
+/// their cursors keep up: well within the retention, so that pruning never passes them): two
+/// seconds, or an eighth of a shorter retention.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How often the elected follower saves its cursor.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// How often the elected follower records its cursor in the history and prunes: a minute, or a
+/// quarter of a shorter retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// The longest one prune runs.
+const PRUNE_BUDGET: Duration = Duration::from_secs(1);
+/// First and longest wait before a follower reconnects.
+const RECONNECT: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
+/// SQLSTATE of a statement a read-only server (a standby) refuses.
+const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+
+/// The feed's counters, shared by the source and its followers.
+#[derive(Default)]
+pub(crate) struct FeedCounters {
+    pub(crate) reads: Counter,
+    pub(crate) entries_read: Counter,
+    pub(crate) announced: Counter,
+    pub(crate) pruned: Counter,
+    pub(crate) prune_failures: Counter,
+    pub(crate) gaps: Counter,
+    pub(crate) elections: Counter,
+}
+
+/// What a follower needs of its source.
+pub(crate) struct Follower<K, V> {
+    pub(crate) migrations: Arc<Migrations>,
+    /// For the follower's own connection.
+    pub(crate) options: PgConnectOptions,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) name: String,
+    pub(crate) channel: String,
+    /// The advisory lock the elected follower holds.
+    pub(crate) lock_key: i64,
+    pub(crate) sql: Arc<Statements>,
+    pub(crate) retention: Duration,
+    pub(crate) poll: Duration,
+    pub(crate) elect_every: Duration,
+    pub(crate) counters: Arc<FeedCounters>,
+    pub(crate) _types: PhantomData<fn() -> (K, V)>,
+}
+
+/// Why a session ended.
+enum Ended {
+    /// The chain dropped the feed: stop.
+    ChainGone,
+    /// The connection broke or a statement failed: reconnect.
+    Broken(sqlx::Error),
+}
+
+impl From<sqlx::Error> for Ended {
+    fn from(error: sqlx::Error) -> Self {
+        Ended::Broken(error)
+    }
+}
+
+/// A follower's place in the feed, kept across its sessions.
+struct Place {
+    /// Every change visible here has been applied to this chain.
+    cursor: Option<Snapshot>,
+    /// This follower's id in the messages.
+    me: u64,
+}
+
+/// A session's state besides the connection.
+struct Session {
+    elected: bool,
+    /// When the elected follower (this one, or another) was last heard of.
+    heard: Instant,
+    /// Whether the next message is the first since the last read of the log (it cannot leave
+    /// a gap: see `accept`).
+    fresh: bool,
+    /// A batch whose parts are arriving: its end cursor.
+    partial: Option<Snapshot>,
+    /// The last attempt to be elected (`None`: none yet this session).
+    last_elect: Option<Instant>,
+    last_spoke: Instant,
+    /// Where the elected follower's last message ended: the next one starts there, so that
+    /// the messages make one unbroken chain (reads that found nothing are folded into the next
+    /// message).
+    announced: Option<Snapshot>,
+    last_saved: Instant,
+    saved: Option<Snapshot>,
+    last_pruned_at: Instant,
+    history: Vec<(u64, Snapshot)>,
+    pruned_through: Option<Snapshot>,
+    degraded: bool,
+}
+
+impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> {
+    /// Starts the follower's task; it stops when the returned feed is dropped.
+    pub(crate) fn start(self) -> ChangeFeed<K, V> {
+        let (sender, feed) = tiercache_core::feed::channel();
+        tokio::spawn(self.run(sender));
+        feed
+    }
+
+    async fn run(self, sender: ChangeSender<K, V>) {
+        let mut place = Place {
+            cursor: None,
+            me: random_id(),
+        };
+        let mut failures = 0u32;
+        loop {
+            let ended = self.session(&mut place, &sender, &mut failures).await;
+            if !sender.health(FeedHealth::Down).await {
+                return;
+            }
+            let error = match ended {
+                Ended::ChainGone => return,
+                Ended::Broken(error) => error,
+            };
+            let standby = matches!(&error, sqlx::Error::Database(db)
+                if db.code().as_deref() == Some(READ_ONLY_SQL_TRANSACTION));
+            if failures == 0 || standby {
+                if standby {
+                    tracing::error!(tier = %self.name, %error,
+                        "change feed: the database is a read-only standby; point DATABASE_URL \
+                         at the primary");
+                } else {
+                    tracing::warn!(tier = %self.name, %error, "change feed cut off; reconnecting");
+                }
+            }
+            failures = failures.saturating_add(1);
+            let wait = if standby {
+                Duration::from_secs(30)
+            } else {
+                RECONNECT
+                    .0
+                    .saturating_mul(1 << failures.min(6))
+                    .min(RECONNECT.1)
+            };
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = sender.closed() => return,
+            }
+        }
+    }
+
+    /// One connection's life.
+    async fn session(
+        &self,
+        place: &mut Place,
+        sender: &ChangeSender<K, V>,
+        failures: &mut u32,
+    ) -> Ended {
+        // The log must exist before the first read, and the first cursor is where the
+        // source's history starts: before anything its chain could have cached.
+        match self.migrations.start().await {
+            Ok(start) => {
+                if place.cursor.is_none() {
+                    place.cursor = Snapshot::parse(&start);
+                }
+            }
+            Err(error) => {
+                return Ended::Broken(sqlx::Error::Protocol(format!(
+                    "the migrations did not run: {error}"
+                )));
+            }
+        }
+        // A pool of one connection per session, closed with it: the session's advisory lock
+        // must go with the session, never back to a pool.
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.connect_timeout.max(Duration::from_secs(1)))
+            .connect_lazy_with(self.options.clone().options([
+                // A client that vanished (a partition) gives up the lock within ~25 s.
+                ("tcp_keepalives_idle", "10"),
+                ("tcp_keepalives_interval", "5"),
+                ("tcp_keepalives_count", "3"),
+            ]));
+        let ended = self.run_session(&pool, place, sender, failures).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), pool.close()).await;
+        ended
+    }
+
+    async fn run_session(
+        &self,
+        pool: &sqlx::PgPool,
+        place: &mut Place,
+        sender: &ChangeSender<K, V>,
+        failures: &mut u32,
+    ) -> Ended {
+        let mut conn = match PgListener::connect_with(pool).await {
+            Ok(listener) => listener,
+            Err(error) => return Ended::Broken(error),
+        };
+        // A dead connection is reported, not silently replaced: the session ends with it.
+        conn.eager_reconnect(false);
+        if let Err(error) = conn.listen(&self.channel).await {
+            return Ended::Broken(error);
+        }
+        let now = Instant::now();
+        let mut session = Session {
+            elected: false,
+            heard: now,
+            fresh: true,
+            partial: None,
+            last_elect: None,
+            last_spoke: now,
+            announced: None,
+            last_saved: now,
+            saved: None,
+            last_pruned_at: now,
+            history: Vec::new(),
+            pruned_through: None,
+            degraded: false,
+        };
+        // Elected now, or catch up with what this follower missed (the elected one applied it
+        // to the shared tiers).
+        if let Err(ended) = self.elect(&mut conn, place, &mut session).await {
+            return ended;
+        }
+        if !session.elected
+            && let Err(ended) = self
+                .read_log(&mut conn, place, sender, Scope::Local, None)
+                .await
+        {
+            return ended;
+        }
+        if *failures > 0 {
+            tracing::info!(tier = %self.name, "change feed reconnected and caught up");
+            *failures = 0;
+        }
+        if !sender
+            .health(FeedHealth::Following {
+                elected: session.elected,
+            })
+            .await
+        {
+            return Ended::ChainGone;
+        }
+        let mut tick = tokio::time::interval(self.poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                // Cancel-safe (sqlx 0.9 reads a whole message or none).
+                message = conn.try_recv() => match message {
+                    Ok(Some(notification)) => {
+                        if session.elected {
+                            continue;
+                        }
+                        let Some(message) = wire::decode(notification.payload()) else {
+                            continue;
+                        };
+                        if message.sender() == place.me {
+                            continue;
+                        }
+                        session.heard = Instant::now();
+                        if session.degraded {
+                            tracing::info!(tier = %self.name, "change feed: the elected follower is heard again");
+                            session.degraded = false;
+                        }
+                        if let Err(ended) =
+                            self.hear(&mut conn, place, &mut session, sender, message).await
+                        {
+                            return ended;
+                        }
+                    }
+                    Ok(None) => {
+                        return Ended::Broken(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::ConnectionAborted,
+                            "the feed's connection was lost",
+                        )));
+                    }
+                    Err(error) => return Ended::Broken(error),
+                },
+                _ = tick.tick() => {
+                    let was = session.elected;
+                    if let Err(ended) = self.elect(&mut conn, place, &mut session).await {
+                        return ended;
+                    }
+                    if session.elected != was
+                        && !sender.health(FeedHealth::Following { elected: true }).await
+                    {
+                        return Ended::ChainGone;
+                    }
+                    let result = if session.elected {
+                        self.lead(&mut conn, place, &mut session, sender).await
+                    } else if session.heard.elapsed() > LEADER_SILENCE {
+                        if !session.degraded {
+                            tracing::warn!(tier = %self.name,
+                                "change feed: no elected follower heard; reading the log here");
+                            session.degraded = true;
+                        }
+                        self.read_log(&mut conn, place, sender, Scope::All, None).await
+                    } else {
+                        Ok(())
+                    };
+                    if let Err(ended) = result {
+                        return ended;
+                    }
+                }
+                () = sender.closed() => return Ended::ChainGone,
+            }
+        }
+    }
+
+    /// Tries to be the elected follower (at most every `elect_every`); on success, resumes
+    /// from where the last one got to.
+    async fn elect(
+        &self,
+        conn: &mut PgListener,
+        place: &mut Place,
+        session: &mut Session,
+    ) -> Result<(), Ended> {
+        if session.elected
+            || session
+                .last_elect
+                .is_some_and(|at| at.elapsed() < self.elect_every)
+        {
+            return Ok(());
+        }
+        session.last_elect = Some(Instant::now());
+        let won: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(self.lock_key)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !won {
+            return Ok(());
+        }
+        let state = log::state(db(conn).await?, &self.sql).await?;
+        self.counters.elections.incr();
+        tracing::info!(tier = %self.name, "change feed: this follower is elected to read the log");
+        // Resume where the last elected follower got to: what it read after that, it may not
+        // have applied to the shared tiers. Without one, from this follower's own cursor.
+        if let Some(resume) = state.cursor {
+            place.cursor = Some(resume);
+        }
+        session.elected = true;
+        session.announced = place.cursor.clone();
+        session.saved = place.cursor.clone();
+        session.history = state.history;
+        session.last_pruned_at = Instant::now();
+        Ok(())
+    }
+
+    /// The elected follower's round: read what committed since the cursor, apply it here (the
+    /// shared tiers included), tell the others, save the cursor now and then, prune.
+    async fn lead(
+        &self,
+        conn: &mut PgListener,
+        place: &mut Place,
+        session: &mut Session,
+        sender: &ChangeSender<K, V>,
+    ) -> Result<(), Ended> {
+        self.read_log(conn, place, sender, Scope::All, Some(&mut *session))
+            .await?;
+        self.housekeeping(conn, place, session).await;
+        Ok(())
+    }
+
+    /// Saves the cursor (once a second), records it in the history and prunes (once a
+    /// minute). Failures are warnings and counters: the feed goes on.
+    async fn housekeeping(&self, conn: &mut PgListener, place: &Place, session: &mut Session) {
+        let cursor = place.cursor.clone().expect("set");
+        if session.saved.as_ref() != Some(&cursor) && session.last_saved.elapsed() >= SAVE_EVERY {
+            match self.save(conn, &cursor).await {
+                Ok(()) => {
+                    session.saved = Some(cursor.clone());
+                    session.last_saved = Instant::now();
+                }
+                Err(error) => {
+                    tracing::warn!(tier = %self.name, %error, "change feed: could not save the cursor");
+                }
+            }
+        }
+        if session.last_pruned_at.elapsed() < (self.retention / 4).min(PRUNE_EVERY) {
+            return;
+        }
+        session.last_pruned_at = Instant::now();
+        let now = unix_now();
+        if let Err(error) = self.prune(conn, session, now, cursor).await {
+            self.counters.prune_failures.incr();
+            tracing::warn!(tier = %self.name, %error, "change feed: could not prune the log");
+        }
+    }
+
+    async fn save(&self, conn: &mut PgListener, cursor: &Snapshot) -> Result<(), sqlx::Error> {
+        log::save_cursor(db(conn).await?, &self.sql, cursor).await
+    }
+
+    async fn prune(
+        &self,
+        conn: &mut PgListener,
+        session: &mut Session,
+        now: u64,
+        cursor: Snapshot,
+    ) -> Result<(), sqlx::Error> {
+        let history = std::mem::take(&mut session.history);
+        session.history = log::record_history(
+            db(conn).await?,
+            &self.sql,
+            history,
+            now,
+            cursor,
+            self.retention,
+        )
+        .await?;
+        let Some(through) = log::prunable(&session.history, now, self.retention).cloned() else {
+            return Ok(());
+        };
+        if session.pruned_through.as_ref() == Some(&through) {
+            return Ok(());
+        }
+        let deleted = log::prune(db(conn).await?, &self.sql, &through, PRUNE_BUDGET).await?;
+        self.counters.pruned.add(deleted);
+        tracing::debug!(tier = %self.name, deleted, "change log pruned");
+        session.pruned_through = Some(through);
+        Ok(())
+    }
+
+    /// Tells the other followers of a batch: `NOTIFY`, in one short transaction that writes
+    /// nothing, so its commit waits for no disk and holds the instance's notification lock
+    /// only for a moment.
+    async fn announce(
+        &self,
+        conn: &mut PgListener,
+        me: u64,
+        from: &Snapshot,
+        to: &Snapshot,
+        entries: &[Entry],
+    ) -> Result<(), sqlx::Error> {
+        let payloads = wire::encode(me, from, to, entries);
+        sqlx::query(
+            "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n",
+        )
+        .bind(&self.channel)
+        .bind(&payloads)
+        .execute(db(conn).await?)
+        .await?;
+        self.counters.announced.add(payloads.len() as u64);
+        Ok(())
+    }
+
+    /// A message of the elected follower, heard by another.
+    async fn hear(
+        &self,
+        conn: &mut PgListener,
+        place: &mut Place,
+        session: &mut Session,
+        sender: &ChangeSender<K, V>,
+        message: Message,
+    ) -> Result<(), Ended> {
+        let Message::Batch {
+            part,
+            parts,
+            from,
+            to,
+            entries,
+            ..
+        } = message
+        else {
+            // Too large to describe: read the log.
+            self.counters.gaps.incr();
+            session.fresh = true;
+            return self.read_log(conn, place, sender, Scope::Local, None).await;
+        };
+        let cursor = place.cursor.clone().expect("set before the first session");
+        if part == 1 {
+            // The first message since this follower last read the log follows on from it: a
+            // batch it did not hear ended after it began listening, so it was in that read.
+            let follows = session.fresh || cursor.covers(&from);
+            session.fresh = false;
+            if !follows {
+                self.counters.gaps.incr();
+                tracing::debug!(tier = %self.name, "change feed: a gap; reading the log");
+                session.partial = None;
+                session.fresh = true;
+                return self.read_log(conn, place, sender, Scope::Local, None).await;
+            }
+            session.partial = Some(to.clone());
+        } else if session.partial.as_ref() != Some(&to) {
+            // A part of a batch whose start was not heard: nothing else arrives that way.
+            self.counters.gaps.incr();
+            session.fresh = true;
+            return self.read_log(conn, place, sender, Scope::Local, None).await;
+        }
+        // What this follower's cursor has seen was applied already (by a read of the log).
+        let fresh: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| !cursor.sees(e.txid))
+            .collect();
+        let changes = self.changes(conn, &fresh).await?;
+        if !sender.send(Scope::Local, changes).await {
+            return Err(Ended::ChainGone);
+        }
+        if part == parts {
+            session.partial = None;
+            place.cursor = Some(cursor.later(to));
+        }
+        Ok(())
+    }
+
+    /// Reads what committed since this follower's cursor, in pages, applies it (`scope`: its
+    /// local tiers, or all of them when it is the elected follower or no elected follower is
+    /// heard), waits until it is applied, then moves the cursor. The elected follower
+    /// (`leading`) tells the others of each page once it is applied.
+    async fn read_log(
+        &self,
+        conn: &mut PgListener,
+        place: &mut Place,
+        sender: &ChangeSender<K, V>,
+        scope: Scope,
+        mut leading: Option<&mut Session>,
+    ) -> Result<(), Ended> {
+        let from = place.cursor.clone().expect("set before the first session");
+        let mut target: Option<Snapshot> = None;
+        let mut after = (0, 0);
+        loop {
+            let read = log::page(db(conn).await?, &self.sql, &from, target.as_ref(), after).await?;
+            self.counters.reads.incr();
+            if target.is_none() && !covers_pruned(&from, read.pruned.as_ref()) {
+                // Cut off (or, elected, resumed where the last one stopped) for longer than the
+                // log keeps changes: what was missed cannot be known.
+                tracing::warn!(tier = %self.name,
+                    "the change log no longer covers what this follower has not seen");
+                sender
+                    .apply(scope, vec![Change::Everything])
+                    .await
+                    .ok_or(Ended::ChainGone)?;
+                place.cursor = Some(read.seen);
+                return Ok(());
+            }
+            let seen = target.clone().unwrap_or_else(|| read.seen.clone());
+            if let Some(last) = read.entries.last() {
+                after = (last.txid, last.version);
+            }
+            let more = read.more;
+            let mut entries = read.entries;
+            self.counters.entries_read.add(entries.len() as u64);
+            let changes = self.changes(conn, &entries).await?;
+            let applied = sender.apply(scope, changes).await.ok_or(Ended::ChainGone)?;
+            if let Some(session) = leading.as_deref_mut() {
+                for (entry, missed) in entries.iter_mut().zip(&applied.shared_missed) {
+                    entry.shared_missed = *missed;
+                }
+                let spoke_recently =
+                    session.last_spoke.elapsed() < (self.retention / 8).min(HEARTBEAT);
+                if !entries.is_empty() || !spoke_recently {
+                    // A read of several pages moves the others' cursors at its last page only.
+                    let start = session.announced.clone().unwrap_or_else(|| from.clone());
+                    let to = if more { start.clone() } else { seen.clone() };
+                    self.announce(conn, place.me, &start, &to, &entries).await?;
+                    session.announced = Some(to);
+                    session.last_spoke = Instant::now();
+                }
+            }
+            if !more {
+                place.cursor = Some(seen);
+                return Ok(());
+            }
+            // The next page is of the same read.
+            target = Some(seen);
+        }
+    }
+
+    /// The chain's changes for log entries (a key too long for a message is read from the
+    /// log; one this chain's key type cannot hold is skipped).
+    async fn changes(
+        &self,
+        conn: &mut PgListener,
+        entries: &[Entry],
+    ) -> Result<Vec<Change<K, V>>, sqlx::Error> {
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            if entry.op == b'T' {
+                out.push(Change::Everything);
+                continue;
+            }
+            let key = match &entry.key {
+                Some(key) => Some(key.clone()),
+                None => log::key_of(db(conn).await?, &self.sql, entry.txid, entry.version).await?,
+            };
+            let Some(key) = key.as_deref().and_then(K::from_storage_key) else {
+                continue;
+            };
+            let mut change = if entry.op == b'D' {
+                Change::deleted(key, entry.version)
+            } else {
+                Change::written(key, entry.version)
+            };
+            if entry.shared_missed {
+                change = change.missed_by_shared_tiers();
+            }
+            if let Some(at) = entry.committed_at() {
+                change = change.committed_at(at);
+            }
+            out.push(change);
+        }
+        Ok(out)
+    }
+}
+
+/// The connection under a listener, for a statement.
+async fn db(listener: &mut PgListener) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
+    use sqlx::Acquire;
+    listener.acquire().await
+}
+
+/// Whether a follower at `cursor` has seen every entry pruning removed.
+fn covers_pruned(cursor: &Snapshot, pruned: Option<&Snapshot>) -> bool {
+    pruned.is_none_or(|pruned| cursor.covers(pruned))
+}
+
+/// The advisory lock of a change log's elected follower.
+pub(crate) fn lead_lock(changes_table: &str) -> i64 {
+    i64::from_ne_bytes(crate::migrate::fnv(&format!("lead:{changes_table}")).to_ne_bytes())
+}
+
+/// Milliseconds since the epoch.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A follower's id in its messages: random enough that two never share one.
+fn random_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
