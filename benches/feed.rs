@@ -1,15 +1,16 @@
 //! The database's change feed, measured on the real servers in one run: how long after a
 //! change every one of four instances serves it, for a write through the chain and for a write
-//! made with plain SQL, side by side with the Redis pub/sub backplane (which never learns of the
-//! SQL write); what the versions trigger and the change log cost a write, against the plain
-//! upsert of before; and how large the log is after 100,000 writes.
+//! made with plain SQL, with the machine idle and with readers keeping both cores busy, side by
+//! side with the Redis pub/sub backplane (which never learns of the SQL write); and how large
+//! the log is after 100,000 writes. (What the feed costs the writers: `benches/write_cost.rs`.)
 //!
 //! ```text
 //! cargo bench --bench feed              # 300 rounds each; DATABASE_URL and REDIS_URL or local
 //! cargo bench --bench feed -- 1000      # rounds
 //! ```
 //!
-//! A round: every instance holds the key in memory; then a change; then every instance reads
+//! A round: every instance holds the key in memory; then, after a random pause of up to 20 ms,
+//! a change; then every instance reads
 //! the key (a memory hit until its copy is dropped, then a database read) until it serves the
 //! new version. A round's latency is the slowest instance's, from before the change was sent
 //! (for a write through the chain, the call's start: an upper bound of the time from commit;
@@ -98,6 +99,9 @@ async fn round(setup: &Setup, writer: Writer, user: &str, n: u64) -> Option<(Dur
     }
     let mut config = UserConfig::default_for(user);
     config.preferences.language = format!("l{n}");
+    // At a random moment of the elected follower's read cycle, not right after the last one
+    // (which is when the previous round ended).
+    tokio::time::sleep(Duration::from_micros(fastrand::u64(0..20_000))).await;
     let started = Instant::now();
     let version = match writer {
         Writer::Chain => setup.instances[0]
@@ -176,55 +180,42 @@ async fn latency(setup: &Setup, writer: Writer, rounds: u64) -> String {
     )
 }
 
-/// The cost of a write: the plain versioned upsert of before (no trigger, no log) against the
-/// write function on the table with the trigger and the log, one connection, sequential.
-async fn write_cost(pool: &sqlx::PgPool, schema: &str, writes: usize) -> (Duration, Duration) {
-    let plain = format!("\"{schema}\".\"plain\"");
-    sqlx::query(AssertSqlSafe(format!(
-        "CREATE TABLE {plain} (key text PRIMARY KEY, value jsonb NOT NULL, \
-         version bigint NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
-    )))
-    .execute(pool)
-    .await
-    .unwrap();
-    let upsert = format!(
-        "INSERT INTO {plain} AS t (key, value, version) VALUES ($1, $2::jsonb, 1) \
-         ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, version = t.version + 1, \
-         updated_at = now() RETURNING version"
-    );
-    let function = format!(
-        "SELECT outcome, version FROM \"{schema}\".\"tiercache_entries_write\"($1, $2::jsonb, NULL)"
-    );
-    let mut conn = pool.acquire().await.unwrap();
-    let mut plain_total = Duration::ZERO;
-    let mut logged_total = Duration::ZERO;
-    // Alternately, so that the machine's noise falls on both.
-    for _ in 0..4 {
-        plain_total += timed(&mut conn, &upsert, writes).await;
-        logged_total += timed(&mut conn, &function, writes).await;
-    }
-    (plain_total, logged_total)
+/// Readers that keep both cores busy until dropped: each loops over the instances and the
+/// bench's users.
+struct Busy {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-/// `writes` writes of `sql` (key, value) on one connection, sequentially.
-async fn timed(
-    conn: &mut sqlx::pool::PoolConnection<sqlx::Postgres>,
-    sql: &str,
-    writes: usize,
-) -> Duration {
-    let started = Instant::now();
-    for i in 0..writes {
-        let user = format!("cost-{}", i % 100);
-        let mut config = UserConfig::default_for(&user);
-        config.preferences.language = format!("l{i}");
-        sqlx::query(AssertSqlSafe(sql.to_owned()))
-            .bind(user)
-            .bind(serde_json::to_string(&config).unwrap())
-            .execute(&mut **conn)
-            .await
-            .unwrap();
+impl Busy {
+    fn start(setup: &Setup) -> Busy {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..8)
+            .map(|t| {
+                let instances = setup.instances.clone();
+                let stop = Arc::clone(&stop);
+                tokio::spawn(async move {
+                    let mut n = t;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let storage = &instances[n % instances.len()];
+                        let _ = storage.get_user_config(&format!("bench-{}", n % 8)).await;
+                        n += 1;
+                        if n % 64 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Busy { stop, tasks }
     }
-    started.elapsed()
+
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
 }
 
 fn main() {
@@ -252,6 +243,16 @@ fn main() {
             "  feed,      write with plain SQL:    {}",
             latency(&feed, Writer::Sql, rounds).await
         );
+        let busy = Busy::start(&feed);
+        println!(
+            "  feed, readers busy, write through the chain: {}",
+            latency(&feed, Writer::Chain, rounds).await
+        );
+        println!(
+            "  feed, readers busy, write with plain SQL:    {}",
+            latency(&feed, Writer::Sql, rounds).await
+        );
+        busy.stop().await;
         drop(feed);
         let backplane = setup(&schema, &pool, &prefix, false).await;
         println!(
@@ -267,17 +268,6 @@ fn main() {
             let _ = redis.clear().await;
         }
         drop(backplane);
-
-        let writes = 2_000;
-        let (plain, logged) = write_cost(&pool, &schema, writes).await;
-        let per = |d: Duration| d / (4 * writes as u32);
-        println!(
-            "a write, one connection: plain upsert {:.1?}, with the trigger and the log {:.1?} \
-             ({:.2}x)",
-            per(plain),
-            per(logged),
-            logged.as_secs_f64() / plain.as_secs_f64()
-        );
 
         // 100,000 writes through the tier (8 at a time), then the log's size.
         let tier = Arc::new(
@@ -315,7 +305,7 @@ fn main() {
         .unwrap();
         println!(
             "{LOG_WRITES} writes in {took:.1?}; the change log then holds {rows} entries, \
-             {:.1} MiB with its indexes (default retention {:?}; pruned once a minute)",
+             {:.1} MiB with its index (default retention {:?}; pruned once a minute)",
             bytes as f64 / (1024.0 * 1024.0),
             tiercache_postgres::DEFAULT_CHANGE_RETENTION
         );

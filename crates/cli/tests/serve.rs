@@ -195,6 +195,15 @@ fn stats_metrics_health_and_the_dashboard_are_served() {
         text.contains("# TYPE tiercache_breaker_open gauge"),
         "{text}"
     );
+    // The change feed's health: the embedded database's follower is connected.
+    assert!(
+        text.contains("tiercache_feed_connected{instance=\"0\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE tiercache_feed_lag_seconds gauge"),
+        "{text}"
+    );
     assert!(
         text.contains(
             "userconfig_http_requests_total{route=\"GET /v1/users/{id}/config\",status=\"200\"} 4"
@@ -235,6 +244,11 @@ fn stats_metrics_health_and_the_dashboard_are_served() {
     assert_eq!(ready.status, 200);
     assert_eq!(ready.json()["status"], "ready");
     assert_eq!(ready.json()["redis"], "none");
+    assert_eq!(
+        ready.json()["feed"],
+        "ok",
+        "the embedded database's feed follows"
+    );
 
     let page = get(addr, "/");
     assert_eq!(page.status, 200);

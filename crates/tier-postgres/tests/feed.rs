@@ -308,6 +308,10 @@ async fn the_elected_follower_hands_over_without_losing_a_change() {
     }
     let second = fleet.elected();
     assert_ne!(second, first, "another follower took over");
+    eventually("the cut-off follower says so", || async {
+        (!fleet.chains[first].stats().feed.unwrap().connected).then_some(())
+    })
+    .await;
     // The first one comes back and catches up, without flushing.
     fleet.proxies[first].set_mode(ProxyMode::Pass);
     fleet

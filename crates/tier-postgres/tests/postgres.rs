@@ -683,6 +683,8 @@ async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() 
             .connect_options(options)
             .schema(schema.clone())
             .run_migrations(false)
+            // Its elected follower prunes what is older than this: the test waits for it.
+            .change_retention(Duration::from_millis(300))
             .build()
             .unwrap()
     };
@@ -741,12 +743,33 @@ async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() 
             }
         }
     }
+    // The follower waits for each batch to be taken: keep taking them.
+    let draining = tokio::spawn(async move { while feed.recv().await.is_some() {} });
     let deleted = service.delete(&key, Some(v2)).await.unwrap();
     assert!(
         matches!(deleted, Written::Changed(v) if v > v2),
         "{deleted:?}"
     );
     assert!(service.get(&key).await.unwrap().is_none());
+    // The service's follower (the elected one: it is alone) prunes the log as the service's
+    // role: every entry, once a retention has passed.
+    let changes = service.changes_table();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left: i64 =
+            sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {changes}")))
+                .fetch_one(&admin_pool)
+                .await
+                .unwrap();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the service's follower never pruned the log ({left} entries left)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     service.prune_changes().await.unwrap();
 
     // And nothing else: the role may not create objects in the schema.
@@ -765,7 +788,8 @@ async fn a_role_that_may_only_read_and_write_serves_once_migrated_and_granted() 
     .await;
     assert!(create.is_err(), "the service role created a table");
     pool.close().await;
-    drop((service, feed));
+    drop(service);
+    draining.abort();
 
     postgres_env::drop_schema(&admin_pool, &schema).await;
     sqlx::query(AssertSqlSafe(format!("DROP OWNED BY \"{role}\"")))

@@ -15,7 +15,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqlitePool};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 use tiercache_core::feed::{self, ChangeSender};
-use tiercache_core::{Change, ChangeFeed, Counter, Scope, StorageKey};
+use tiercache_core::{Change, ChangeFeed, Counter, FeedHealth, Scope, StorageKey};
 use tokio::sync::Notify;
 
 /// Default interval at which a follower looks for other connections' commits.
@@ -81,6 +81,9 @@ impl<K: StorageKey, V: Send + Sync + 'static> Follower<K, V> {
                             if !failing {
                                 tracing::warn!(tier = %self.name, %error, "change feed failing");
                                 failing = true;
+                                if !sender.health(FeedHealth::Down).await {
+                                    return;
+                                }
                             }
                             continue;
                         }
@@ -100,6 +103,9 @@ impl<K: StorageKey, V: Send + Sync + 'static> Follower<K, V> {
                     if failing {
                         tracing::info!(tier = %self.name, "change feed caught up");
                         failing = false;
+                        if !sender.health(FeedHealth::Following { elected: true }).await {
+                            return;
+                        }
                     }
                 }
                 Ok(false) => return,
@@ -107,6 +113,9 @@ impl<K: StorageKey, V: Send + Sync + 'static> Follower<K, V> {
                     if !failing {
                         tracing::warn!(tier = %self.name, %error, "change feed failing");
                         failing = true;
+                        if !sender.health(FeedHealth::Down).await {
+                            return;
+                        }
                     }
                 }
             }

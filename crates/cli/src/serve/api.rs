@@ -255,15 +255,19 @@ pub(crate) async fn ready(State(app): State<Arc<App>>) -> Response {
         Some(r) if r.ping().await.is_ok() => "ok",
         Some(_) => "down",
     };
-    let (status, state) = match (&database, redis) {
-        (Err(_), _) => (StatusCode::SERVICE_UNAVAILABLE, "unready"),
-        (Ok(()), "down") => (StatusCode::OK, "degraded"),
-        (Ok(()), _) => (StatusCode::OK, "ready"),
+    // While the change feed is down, changes by other writers are not applied (they are once
+    // it is back, or every cache is flushed): served, but perhaps stale.
+    let feed = match storage.get_cache_stats().chain.feed {
+        None => "none",
+        Some(f) if f.connected => "ok",
+        Some(_) => "down",
     };
+    let (status, state) = readiness(database.is_ok(), redis, feed);
     let mut body = json!({
         "status": state,
         "database": if database.is_ok() { "ok" } else { "down" },
         "redis": redis,
+        "feed": feed,
     });
     if let Err(e) = &database {
         body["error"] = json!(crate::explain(e));
@@ -277,9 +281,31 @@ pub(crate) async fn ready(State(app): State<Arc<App>>) -> Response {
     response
 }
 
+/// The status and the word `/readyz` answers with: unready without the database; degraded
+/// (still ready: the chain serves without them) with Redis down or the change feed cut off.
+fn readiness(database: bool, redis: &str, feed: &str) -> (StatusCode, &'static str) {
+    match (database, redis, feed) {
+        (false, _, _) => (StatusCode::SERVICE_UNAVAILABLE, "unready"),
+        (true, "down", _) | (true, _, "down") => (StatusCode::OK, "degraded"),
+        (true, _, _) => (StatusCode::OK, "ready"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn readiness_is_degraded_while_redis_or_the_feed_is_down() {
+        let ready = (StatusCode::OK, "ready");
+        let degraded = (StatusCode::OK, "degraded");
+        assert_eq!(readiness(true, "ok", "ok"), ready);
+        assert_eq!(readiness(true, "none", "none"), ready);
+        assert_eq!(readiness(true, "down", "ok"), degraded);
+        assert_eq!(readiness(true, "ok", "down"), degraded);
+        assert_eq!(readiness(true, "none", "down"), degraded);
+        assert_eq!(readiness(false, "ok", "ok").1, "unready");
+    }
 
     /// RFC 7386, appendix A.
     #[test]

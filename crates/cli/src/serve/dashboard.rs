@@ -86,6 +86,18 @@ pub(crate) struct Breaker {
     open: bool,
 }
 
+/// An instance's follower of the database's change feed.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Feed {
+    instance: usize,
+    connected: bool,
+    elected: bool,
+    changes: u64,
+    flushes: u64,
+    /// From a change's commit to its application here, since the start.
+    lag: LatencySummary,
+}
+
 /// One second of every instance.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Sample {
@@ -102,6 +114,8 @@ pub(crate) struct Sample {
     memory_entries: u64,
     memory_capacity: u64,
     breakers: Vec<Breaker>,
+    /// Each instance's follower of the change feed (none without one).
+    feeds: Vec<Feed>,
 }
 
 /// What `GET /dashboard/data` returns.
@@ -195,6 +209,21 @@ impl Board {
                             tier: t.name.clone(),
                             open: t.breaker_open,
                         })
+                })
+                .collect(),
+            feeds: stats
+                .iter()
+                .enumerate()
+                .filter_map(|(instance, s)| {
+                    let feed = s.chain.feed.as_ref()?;
+                    Some(Feed {
+                        instance,
+                        connected: feed.connected,
+                        elected: feed.elected,
+                        changes: s.chain.feed_changes,
+                        flushes: s.chain.feed_flushes,
+                        lag: feed.lag,
+                    })
                 })
                 .collect(),
         };

@@ -10,7 +10,7 @@
 //! | `GET /stats` | the seed's statistics JSON (an array with several instances) |
 //! | `GET /metrics` | Prometheus text, rendered from the live statistics at each scrape |
 //! | `GET /healthz` | the process answers |
-//! | `GET /readyz` | the database answers (Redis down is `degraded`, still ready) |
+//! | `GET /readyz` | the database answers (Redis or the change feed down is `degraded`, still ready) |
 //! | `GET /` | the live dashboard (`GET /dashboard/data`: its figures) |
 
 mod api;

@@ -236,6 +236,53 @@ pub(crate) fn render(stats: &[CacheStats], http: &[((String, u16), u64)]) -> Str
             if s.redis_cache.connected { 1.0 } else { 0.0 }
         },
     );
+    // The database's change feed, for the instances that follow one.
+    let feeds: Vec<(&String, &tiercache_core::FeedStats)> = instances
+        .iter()
+        .zip(stats)
+        .filter_map(|(i, s)| s.chain.feed.as_ref().map(|f| (i, f)))
+        .collect();
+    for (name, help, value) in [
+        (
+            "tiercache_feed_connected",
+            "1 while the instance's follower of the database's change feed is connected.",
+            (|f| f.connected) as fn(&tiercache_core::FeedStats) -> bool,
+        ),
+        (
+            "tiercache_feed_elected",
+            "1 while the instance's follower is the one elected to read the change log.",
+            |f| f.elected,
+        ),
+    ] {
+        let mut f = Family::start(&mut out, name, "gauge", help);
+        for (i, feed) in &feeds {
+            f.sample(
+                name,
+                &[("instance", i.as_str())],
+                if value(feed) { 1.0 } else { 0.0 },
+            );
+        }
+    }
+    {
+        let name = "tiercache_feed_lag_seconds";
+        let mut f = Family::start(
+            &mut out,
+            name,
+            "gauge",
+            "From a change's commit (its log entry's time) to the instance having applied it, \
+             since the start, by quantile.",
+        );
+        for (i, feed) in &feeds {
+            for (q, us) in [
+                ("0.5", feed.lag.p50_us),
+                ("0.9", feed.lag.p90_us),
+                ("0.99", feed.lag.p99_us),
+                ("1", feed.lag.max_us),
+            ] {
+                f.sample(name, &[("instance", i.as_str()), ("quantile", q)], us / 1e6);
+            }
+        }
+    }
     {
         let name = "userconfig_http_requests_total";
         let mut f = Family::start(

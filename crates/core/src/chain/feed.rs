@@ -38,8 +38,10 @@ impl Health {
         }
     }
 
+    /// A feed that never says otherwise is taken as connected, its chain applying every change
+    /// everywhere (a source whose follower reports its health says so before anything else).
     pub(super) fn starting(&self) {
-        self.0.store(1, Ordering::Relaxed);
+        self.0.store(3, Ordering::Relaxed);
     }
 }
 

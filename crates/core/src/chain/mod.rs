@@ -348,10 +348,13 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// `not_found`, `stale`, `failed`), `tiercache_tier_errors_total{tier}`,
     /// `tiercache_tier_timeouts_total{tier}`, `tiercache_tier_skipped_total{tier}`,
     /// `tiercache_source_loads_total`, `tiercache_coalesced_total`, `tiercache_updates_total`,
-    /// `tiercache_remote_invalidations_total`; gauges `tiercache_breaker_open{tier}` (0 or 1)
-    /// and `tiercache_tier_latency_seconds{tier, quantile}`. Call it before each scrape; the
-    /// histogram `tiercache_tier_call_seconds{tier}` is recorded on every call as it happens
-    /// (install the recorder before building the chain).
+    /// `tiercache_remote_invalidations_total`, `tiercache_feed_changes_total`,
+    /// `tiercache_feed_flushes_total`; gauges `tiercache_breaker_open{tier}` (0 or 1),
+    /// `tiercache_tier_latency_seconds{tier, quantile}`, and for a chain that follows its
+    /// source's feed `tiercache_feed_connected`, `tiercache_feed_elected` (0 or 1) and
+    /// `tiercache_feed_lag_seconds{quantile}` (from a change's commit to its application).
+    /// Call it before each scrape; the histogram `tiercache_tier_call_seconds{tier}` is
+    /// recorded on every call as it happens (install the recorder before building the chain).
     ///
     /// Counting stays in the chain's own per-thread counters, so the hot path pays nothing for
     /// metrics.
@@ -392,6 +395,20 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         metrics::counter!("tiercache_coalesced_total").absolute(s.coalesced);
         metrics::counter!("tiercache_updates_total").absolute(s.updates);
         metrics::counter!("tiercache_remote_invalidations_total").absolute(s.remote_invalidations);
+        metrics::counter!("tiercache_feed_changes_total").absolute(s.feed_changes);
+        metrics::counter!("tiercache_feed_flushes_total").absolute(s.feed_flushes);
+        if let Some(feed) = &s.feed {
+            metrics::gauge!("tiercache_feed_connected").set(if feed.connected { 1.0 } else { 0.0 });
+            metrics::gauge!("tiercache_feed_elected").set(if feed.elected { 1.0 } else { 0.0 });
+            for (quantile, us) in [
+                ("0.5", feed.lag.p50_us),
+                ("0.9", feed.lag.p90_us),
+                ("0.99", feed.lag.p99_us),
+                ("1", feed.lag.max_us),
+            ] {
+                metrics::gauge!("tiercache_feed_lag_seconds", "quantile" => quantile).set(us / 1e6);
+            }
+        }
     }
 
     /// Statistics of the chain and of every tier.

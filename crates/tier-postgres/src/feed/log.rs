@@ -20,8 +20,10 @@ pub(crate) const PRUNE_BATCH: i64 = 1000;
 /// The statements, with the table's names filled in.
 pub(crate) struct Statements {
     /// `$1` cursor, `$2` target snapshot (NULL: this statement's own), `$3`/`$4` the last
-    /// entry read (txid, version), `$5` page size. Returns one row at least: the statement's
-    /// snapshot and what was pruned, then each entry (NULL columns when there is none).
+    /// entry read (txid, version), `$5` page size, `$6`/`$7` where the entries of the
+    /// transactions that began after the cursor start. Returns one row at least: the
+    /// statement's snapshot and what was pruned, then each entry (NULL columns when there is
+    /// none).
     page: String,
     /// `$1` txid, `$2` version: the key of one entry.
     key_of: String,
@@ -39,25 +41,28 @@ pub(crate) struct Statements {
 impl Statements {
     pub(crate) fn new(names: &Names) -> Self {
         // Entries not seen at the cursor: its transactions in progress, and those that began
-        // after it. Both through the primary key; the second page on is limited to what the
-        // first page's snapshot saw (a later transaction is the next read's).
-        let branch = |which: &str| {
-            format!(
-                "(SELECT txid, version, key, op, at FROM {{changes}} \
-                 WHERE {which} AND (txid, version) > ($3::xid8, $4) \
-                   AND ($2::pg_snapshot IS NULL OR pg_visible_in_snapshot(txid, $2::pg_snapshot)) \
-                 ORDER BY txid, version LIMIT $5)"
-            )
-        };
+        // after it, both through the primary key. Each branch starts after the last entry read
+        // (`$3`, `$4`); the second one from `$6`, `$7`, the later of that and the cursor's
+        // `xmax`, as one row comparison: the index scan then starts there, instead of at the
+        // first entry with a filter on the rest. The second page on is limited to what the first
+        // page's snapshot saw (a later transaction is the next read's).
+        let visible = "($2::pg_snapshot IS NULL OR pg_visible_in_snapshot(txid, $2::pg_snapshot))";
         let page = names.fill(&format!(
             "SELECT pg_current_snapshot()::text, f.pruned, \
                     c.txid::text, c.version, c.key, c.op::text, \
                     (extract(epoch FROM c.at) * 1000)::float8 \
              FROM {{feed}} f LEFT JOIN LATERAL ( \
-               SELECT * FROM ({} UNION ALL {}) u ORDER BY txid, version LIMIT $5 \
-             ) c ON true WHERE f.id = 1",
-            branch("txid = ANY(ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot)))"),
-            branch("txid >= pg_snapshot_xmax($1::pg_snapshot)"),
+               SELECT * FROM ( \
+                 (SELECT txid, version, key, op, at FROM {{changes}} \
+                  WHERE txid = ANY(ARRAY(SELECT pg_snapshot_xip($1::pg_snapshot))) \
+                    AND (txid, version) > ($3::xid8, $4) AND {visible} \
+                  ORDER BY txid, version LIMIT $5) \
+                 UNION ALL \
+                 (SELECT txid, version, key, op, at FROM {{changes}} \
+                  WHERE (txid, version) > ($6::xid8, $7) AND {visible} \
+                  ORDER BY txid, version LIMIT $5) \
+               ) u ORDER BY txid, version LIMIT $5 \
+             ) c ON true WHERE f.id = 1"
         ));
         Statements {
             page,
@@ -100,12 +105,17 @@ pub(crate) async fn page(
     target: Option<&Snapshot>,
     after: (Xid, u64),
 ) -> Result<Read, sqlx::Error> {
+    let after = (after.0, i64::try_from(after.1).unwrap_or(i64::MAX));
+    // `(txid, version) > (xmax - 1, MAX)` is `txid >= xmax`.
+    let later = after.max((cursor.xmax().saturating_sub(1), i64::MAX));
     let rows = sqlx::query(AssertSqlSafe(sql.page.as_str()))
         .bind(cursor.to_string())
         .bind(target.map(ToString::to_string))
         .bind(after.0.to_string())
-        .bind(i64::try_from(after.1).unwrap_or(i64::MAX))
+        .bind(after.1)
         .bind(PAGE)
+        .bind(later.0.to_string())
+        .bind(later.1)
         .fetch_all(conn)
         .await?;
     let mut seen = None;

@@ -165,6 +165,10 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             me: random_id(),
         };
         let mut failures = 0u32;
+        // Not following until the first session has caught up.
+        if !sender.health(FeedHealth::Down).await {
+            return;
+        }
         loop {
             let ended = self.session(&mut place, &sender, &mut failures).await;
             if !sender.health(FeedHealth::Down).await {

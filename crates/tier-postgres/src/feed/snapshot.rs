@@ -45,6 +45,11 @@ impl Snapshot {
         })
     }
 
+    /// The first transaction id not yet assigned when the snapshot was taken.
+    pub(crate) fn xmax(&self) -> Xid {
+        self.xmax
+    }
+
     /// Whether transaction `xid` had ended (committed, if it wrote anything still in the log)
     /// when the snapshot was taken.
     pub(crate) fn sees(&self, xid: Xid) -> bool {
