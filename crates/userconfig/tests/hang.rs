@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::redis_env::LocalRedis;
-use tiercache_testkit::{env, postgres_env, redis_env};
+use tiercache_testkit::{FaultProxy, ProxyMode, env, postgres_env, redis_env};
 use userconfig::{UserConfig, UserConfigStorage};
 
 const USERS: usize = 10;
@@ -155,4 +155,113 @@ async fn a_hung_redis_costs_an_update_its_limit_and_no_instance_serves_a_replace
         storage.flush(Duration::from_secs(5)).await.unwrap();
     }
     postgres_env::drop_schema(&pool, &schema).await;
+}
+
+/// Redis hangs for 1.2 s (a partition: a proxy swallows everything, so nothing sent meanwhile
+/// ever runs) while every user is changed with plain SQL: the database takes the changes, the
+/// feed's elected follower cannot apply them to Redis, which keeps the replaced copies. An
+/// instance started 100 ms after Redis answers again knows nothing of what was missed: it reads
+/// the replaced copies from Redis into its memory. The instances that missed the changes replay
+/// them as soon as Redis answers (not at the end of a back-off) and tell the others on the
+/// backplane, so that the new instance serves no replaced version after the first second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_is_repaired_within_a_second_of_answering_again_for_an_instance_started_after() {
+    let redis_url = redis_env::redis_url().await;
+    let proxy = FaultProxy::start(&host_port(&redis_url)).await;
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let prefix = redis_env::unique_prefix("repair");
+    let instance = |url: String| {
+        let (prefix, schema) = (prefix.clone(), schema.clone());
+        async move {
+            let tier = RedisTier::builder()
+                .url(url)
+                .prefix(prefix)
+                .build()
+                .unwrap();
+            let source = PostgresSource::builder()
+                .url(env::database_url())
+                .schema(schema)
+                .build()
+                .unwrap();
+            UserConfigStorage::builder()
+                .redis_tier(Arc::new(tier))
+                .postgres_source(Arc::new(source))
+                .build()
+                .await
+                .unwrap()
+        }
+    };
+    let through_proxy = format!("redis://{}/", proxy.addr());
+    let (a, b) = (
+        instance(through_proxy.clone()).await,
+        instance(through_proxy).await,
+    );
+    let users: Vec<String> = (0..USERS).map(|i| format!("repair-{i}")).collect();
+    for user in &users {
+        a.update_user_config(user, &themed(user, "before"))
+            .await
+            .unwrap();
+        assert_eq!(
+            b.fetch_user_config(user)
+                .await
+                .unwrap()
+                .config
+                .preferences
+                .theme,
+            "before"
+        );
+    }
+    proxy.set_mode(ProxyMode::Blackhole);
+    let hung = Instant::now();
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE \"{schema}\".tiercache_entries \
+         SET value = jsonb_set(value, '{{preferences,theme}}', '\"during\"')"
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(hung.elapsed())).await;
+    // Redis answers again (the swallowed connections are reset, new ones pass).
+    proxy.set_mode(ProxyMode::Pass);
+    proxy.kill_connections();
+    let resumed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Straight to Redis: it knows nothing of the proxy's past.
+    let fresh = instance(redis_url).await;
+    let mut last_stale = None;
+    let mut stale_reads = 0;
+    while resumed.elapsed() < Duration::from_secs(3) {
+        for user in &users {
+            if let Ok(got) = fresh.fetch_user_config(user).await
+                && got.config.preferences.theme == "before"
+            {
+                last_stale = Some(resumed.elapsed());
+                stale_reads += 1;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eprintln!(
+        "the new instance served {stale_reads} replaced versions, the last {last_stale:?} after \
+         Redis answered"
+    );
+    assert!(
+        last_stale.is_none_or(|at| at <= Duration::from_secs(1)),
+        "the new instance served a replaced version {last_stale:?} after Redis answered again"
+    );
+    for storage in [&a, &b, &fresh] {
+        storage.flush(Duration::from_secs(5)).await.unwrap();
+    }
+    if let Some(redis) = fresh.redis() {
+        use tiercache_core::CacheTier as _;
+        let _ = redis.clear().await;
+    }
+    postgres_env::drop_schema(&pool, &schema).await;
+}
+
+fn host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap();
+    let host = rest.rsplit('@').next().unwrap();
+    host.split('/').next().unwrap().to_string()
 }

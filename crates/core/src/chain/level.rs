@@ -150,7 +150,11 @@ impl<K: Key, V: Value, T: Described + ?Sized> Level<K, V, T> {
         {
             match &result {
                 Err(error) => tracing::warn!(tier = %self.name, op, %error, "tier failing"),
-                Ok(_) => tracing::info!(tier = %self.name, "tier answers again"),
+                Ok(_) => {
+                    tracing::info!(tier = %self.name, "tier answers again");
+                    // What it missed is replayed now, not at the end of a back-off.
+                    self.repairs.wake.notify_one();
+                }
             }
         }
         result
@@ -248,13 +252,38 @@ async fn replay<K: Key, V: Value>(chain: Weak<Inner<K, V>>, index: usize) {
         index,
         armed: true,
     };
+    let Some(wake) = chain
+        .upgrade()
+        .map(|inner| Arc::clone(&inner.tiers[index].repairs.wake))
+    else {
+        return;
+    };
     let mut failures = 0u32;
     loop {
         let ok = {
             let Some(inner) = chain.upgrade() else { return };
             let level = &inner.tiers[index];
             match level.repairs.take(true) {
-                Next::Job(job) => level.run(job).await.is_ok(),
+                Next::Job(job) => {
+                    // A shared tier's copies may have been read by other instances before the
+                    // replay (one started meanwhile knows nothing of what was missed): tell
+                    // them, so that they drop what they copied.
+                    let told = match (&job, level.tier.is_local()) {
+                        (Job::Batch(keys), false) => keys.clone(),
+                        _ => Vec::new(),
+                    };
+                    let ok = level.run(job).await.is_ok();
+                    if ok {
+                        let this = super::TieredCache {
+                            inner: Arc::clone(&inner),
+                        };
+                        for (key, dead) in told {
+                            this.publish(&key, dead.map(|v| v.saturating_add(1)), None)
+                                .await;
+                        }
+                    }
+                    ok
+                }
                 // Another replay (`TieredCache::repair`) holds the rest: wait for it.
                 Next::Wait => false,
                 Next::Done => {
@@ -267,7 +296,18 @@ async fn replay<K: Key, V: Value>(chain: Weak<Inner<K, V>>, index: usize) {
             failures = 0;
         } else {
             failures += 1;
-            tokio::time::sleep(backoff(failures)).await;
+            // The back-off, or sooner if the tier answers again meanwhile (another call to it
+            // succeeded).
+            let (sleep, woken) = (tokio::time::sleep(backoff(failures)), wake.notified());
+            let (mut sleep, mut woken) = (std::pin::pin!(sleep), std::pin::pin!(woken));
+            std::future::poll_fn(|cx| {
+                if sleep.as_mut().poll(cx).is_ready() || woken.as_mut().poll(cx).is_ready() {
+                    std::task::Poll::Ready(())
+                } else {
+                    std::task::Poll::Pending
+                }
+            })
+            .await;
         }
     }
 }
@@ -326,6 +366,8 @@ pub(super) enum Next<K> {
 /// The invalidations a level missed. See the [module docs](self).
 pub(super) struct Repairs<K> {
     state: Mutex<RepairState<K>>,
+    /// Told when the tier answers again: the replay task stops waiting out its back-off.
+    wake: Arc<tokio::sync::Notify>,
     /// Keys pending or in flight, plus one while a clear is wanted or running: 0 lets reads
     /// skip the lock.
     len: AtomicUsize,
@@ -356,6 +398,7 @@ fn merge(a: Option<Version>, b: Option<Version>) -> Option<Version> {
 impl<K: Key> Repairs<K> {
     fn new(max: usize) -> Self {
         Repairs {
+            wake: Arc::default(),
             state: Mutex::new(RepairState {
                 pending: Map::default(),
                 in_flight: Map::default(),
