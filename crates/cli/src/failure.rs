@@ -114,6 +114,8 @@ impl From<userconfig::Error> for Failure {
             Failure::usage(message)
         } else if e.is_transient() {
             Failure::unavailable(message)
+        } else if e.is_read_only() {
+            Failure::with("read_only", EXIT_UNAVAILABLE, message)
         } else {
             Failure::new(message)
         };

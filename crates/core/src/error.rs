@@ -65,6 +65,17 @@ pub enum Error {
         #[source]
         source: BoxError,
     },
+    /// The source only reads: it is a server in recovery (a standby) or read-only by
+    /// configuration. Writing there will not work until it is promoted or the source points at
+    /// the primary: a configuration to fix, not a fault to retry.
+    #[error("tier `{tier}` only reads (a standby, or read-only): point it at the primary")]
+    ReadOnly {
+        /// The tier's name.
+        tier: String,
+        /// What the server said.
+        #[source]
+        source: BoxError,
+    },
     /// Stored bytes for a key could not be decoded.
     #[error("tier `{tier}` holds data it cannot decode")]
     Corrupt {
@@ -166,6 +177,17 @@ impl Error {
         }
     }
 
+    /// Wraps the refusal of a server that only reads.
+    pub fn read_only(
+        tier: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Error::ReadOnly {
+            tier: tier.into(),
+            source: Arc::new(source),
+        }
+    }
+
     /// The error a tier returns for an operation it does not have.
     pub fn unsupported(tier: impl Into<String>, operation: &'static str) -> Self {
         Error::Unsupported {
@@ -215,6 +237,12 @@ impl Error {
         }
     }
 
+    /// Whether the source only reads (a standby): a write will not work there.
+    #[must_use]
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Error::ReadOnly { .. })
+    }
+
     /// Whether stored data could not be decoded.
     #[must_use]
     pub fn is_corrupt(&self) -> bool {
@@ -235,6 +263,7 @@ impl Error {
             | Error::Unavailable { tier, .. }
             | Error::Interrupted { tier, .. }
             | Error::Backend { tier, .. }
+            | Error::ReadOnly { tier, .. }
             | Error::Corrupt { tier, .. }
             | Error::CircuitOpen { tier }
             | Error::Conflict { tier, .. }
@@ -287,6 +316,9 @@ mod tests {
         assert_eq!(down.conflict(), None);
         let bad = Error::corrupt("redis", std::fmt::Error);
         assert!(bad.is_corrupt() && !bad.is_transient());
+        let standby = Error::read_only("postgres", std::fmt::Error);
+        assert!(standby.is_read_only() && !standby.is_transient() && !standby.outcome_unknown());
+        assert_eq!(standby.tier(), Some("postgres"));
     }
 
     #[test]

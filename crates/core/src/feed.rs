@@ -37,9 +37,14 @@ pub enum Change<K, V> {
         committed_at: Option<SystemTime>,
     },
     /// Every key may have changed (a `TRUNCATE`), or the messenger may have lost changes (a
-    /// follower cut off for longer than the log keeps them, a database whose history changed):
-    /// every cached copy is suspect.
+    /// follower cut off for longer than the log keeps them): every cached copy is suspect.
     Everything,
+    /// The source's history changed (a failover to a server with another history, a
+    /// restore, a version counter set back): every cached copy is suspect, and so is every
+    /// version the chain knows of, since the source may number its next changes below them.
+    /// Like [`Change::Everything`], and the chain forgets its record of versions (marks and
+    /// floors) and the invalidations still to replay (at versions of the old history).
+    Reset,
 }
 
 impl<K, V> Change<K, V> {
@@ -124,11 +129,11 @@ impl<K, V> Change<K, V> {
         self
     }
 
-    /// The key, unless the change is [`Change::Everything`].
+    /// The key, for a change of one key.
     pub fn key(&self) -> Option<&K> {
         match self {
             Change::Key { key, .. } => Some(key),
-            Change::Everything => None,
+            Change::Everything | Change::Reset => None,
         }
     }
 
@@ -136,7 +141,7 @@ impl<K, V> Change<K, V> {
     pub fn version(&self) -> Option<Version> {
         match self {
             Change::Key { version, .. } => *version,
-            Change::Everything => None,
+            Change::Everything | Change::Reset => None,
         }
     }
 }
@@ -162,6 +167,7 @@ impl<K: std::fmt::Debug, V> std::fmt::Debug for Change<K, V> {
                 .field("committed_at", committed_at)
                 .finish(),
             Change::Everything => f.write_str("Everything"),
+            Change::Reset => f.write_str("Reset"),
         }
     }
 }

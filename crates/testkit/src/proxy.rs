@@ -41,7 +41,8 @@ pub enum ProxyMode {
 }
 
 struct Shared {
-    upstream: SocketAddr,
+    /// Where new connections go (a failover moves it).
+    upstream: std::sync::Mutex<SocketAddr>,
     mode: watch::Sender<ProxyMode>,
     /// Bumped to kill every open connection.
     generation: watch::Sender<u64>,
@@ -66,7 +67,7 @@ impl std::fmt::Debug for FaultProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FaultProxy")
             .field("addr", &self.addr)
-            .field("upstream", &self.shared.upstream)
+            .field("upstream", &self.shared.upstream())
             .field("mode", &*self.shared.mode.borrow())
             .finish()
     }
@@ -86,7 +87,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let shared = Arc::new(Shared {
-            upstream,
+            upstream: std::sync::Mutex::new(upstream),
             mode: watch::channel(ProxyMode::Pass).0,
             generation: watch::channel(0).0,
             connections: AtomicU64::new(0),
@@ -111,10 +112,37 @@ impl FaultProxy {
         self.shared.generation.send_modify(|g| *g += 1);
     }
 
+    /// Sends new connections to `upstream` (`host:port`) from now on (a failover: open
+    /// connections stay where they are; kill them to move everyone).
+    ///
+    /// # Panics
+    /// If `upstream` does not resolve.
+    pub async fn set_upstream(&self, upstream: &str) {
+        let upstream = tokio::net::lookup_host(upstream)
+            .await
+            .expect("upstream resolves")
+            .next()
+            .expect("upstream has an address");
+        *self
+            .shared
+            .upstream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = upstream;
+    }
+
     /// Connections accepted so far.
     #[must_use]
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
+    }
+}
+
+impl Shared {
+    fn upstream(&self) -> SocketAddr {
+        *self
+            .upstream
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -155,7 +183,7 @@ async fn serve(client: TcpStream, shared: Arc<Shared>) {
             _ => break,
         }
     }
-    let Ok(server) = TcpStream::connect(shared.upstream).await else {
+    let Ok(server) = TcpStream::connect(shared.upstream()).await else {
         reset(&client);
         return;
     };

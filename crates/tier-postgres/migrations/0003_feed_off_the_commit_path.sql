@@ -24,14 +24,18 @@ CREATE TABLE {changes} (
 
 -- The feed's state, one row: where the elected follower is (the next one elected resumes
 -- there), the cursors it held over time (a minute apart, for pruning: only what was visible a
--- whole retention ago is deleted), and what was pruned (a follower whose cursor does not
--- cover it may have lost changes).
+-- whole retention ago is deleted), what was pruned (a follower whose cursor does not cover it
+-- may have lost changes), and the history the cursor belongs to: the server's system
+-- identifier and timeline, and the highest version seen (a failover, a restore or a version
+-- counter set back shows as a change of these, and every cache is flushed once).
 DROP TABLE IF EXISTS {feed};
 CREATE TABLE {feed} (
-    id      int   PRIMARY KEY CHECK (id = 1),
-    cursor  text,
-    history jsonb NOT NULL DEFAULT '[]',
-    pruned  text
+    id         int    PRIMARY KEY CHECK (id = 1),
+    cursor     text,
+    history    jsonb  NOT NULL DEFAULT '[]',
+    pruned     text,
+    identity   text,
+    high_water bigint NOT NULL DEFAULT 0
 );
 INSERT INTO {feed} (id) VALUES (1);
 

@@ -75,7 +75,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                 "GRANT SELECT, INSERT, DELETE ON {{changes}} TO {role}"
             )),
             names.fill(&format!("GRANT SELECT, UPDATE ON {{feed}} TO {role}")),
-            names.fill(&format!("GRANT USAGE ON SEQUENCE {{versions}} TO {role}")),
+            names.fill(&format!(
+                "GRANT USAGE, SELECT, UPDATE ON SEQUENCE {{versions}} TO {role}"
+            )),
             names.fill(&format!("GRANT EXECUTE ON FUNCTION {{write_fn}} TO {role}")),
             names.fill(&format!(
                 "GRANT EXECUTE ON FUNCTION {{delete_fn}} TO {role}"

@@ -4,6 +4,19 @@ use std::time::Duration;
 
 use tiercache_core::Error;
 
+/// SQLSTATE `query_canceled`: `statement_timeout` ran out.
+pub(crate) const QUERY_CANCELED: &str = "57014";
+/// SQLSTATE `read_only_sql_transaction`: a standby in recovery (or a read-only transaction)
+/// refused a write, a `LISTEN`.
+pub(crate) const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+/// SQLSTATE `too_many_connections`.
+pub(crate) const TOO_MANY_CONNECTIONS: &str = "53300";
+/// SQLSTATEs of the server ending a session: `admin_shutdown`, `crash_shutdown`,
+/// `cannot_connect_now`.
+pub(crate) const SESSION_ENDED: [&str; 3] = ["57P01", "57P02", "57P03"];
+/// SQLSTATE class `connection_exception`.
+pub(crate) const CONNECTION_EXCEPTION_CLASS: &str = "08";
+
 /// The write or delete function answered with an outcome this version does not know (the
 /// migrations and the code disagree).
 #[derive(Debug, thiserror::Error)]
@@ -29,13 +42,15 @@ pub(crate) fn map_error(tier: &str, statement_timeout: Duration, error: sqlx::Er
         }
         sqlx::Error::PoolTimedOut => Error::unavailable(tier, NoConnection::PoolBusy),
         sqlx::Error::Database(db) => match db.code().as_deref() {
-            Some("57014") => Error::Timeout {
+            Some(QUERY_CANCELED) => Error::Timeout {
                 tier: tier.to_owned(),
                 after: statement_timeout,
             },
+            Some(READ_ONLY_SQL_TRANSACTION) => Error::read_only(tier, error),
             Some(code)
-                if code.starts_with("08")
-                    || matches!(code, "57P01" | "57P02" | "57P03" | "53300") =>
+                if code.starts_with(CONNECTION_EXCEPTION_CLASS)
+                    || SESSION_ENDED.contains(&code)
+                    || code == TOO_MANY_CONNECTIONS =>
             {
                 Error::unavailable(tier, error)
             }
@@ -51,7 +66,7 @@ pub(crate) fn broken_connection(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_) => true,
         sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+            code.starts_with(CONNECTION_EXCEPTION_CLASS) || SESSION_ENDED.contains(&&*code)
         }),
         _ => false,
     }

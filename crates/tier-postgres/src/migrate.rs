@@ -60,7 +60,8 @@ impl Migrations {
     async fn start_with(&self, apply: bool) -> Result<String> {
         self.done
             .get_or_try_init(|| async {
-                if apply {
+                // A standby replays the primary's migrations; it can apply none of its own.
+                if apply && !self.in_recovery().await? {
                     self.apply().await?;
                 } else {
                     self.check().await?;
@@ -103,6 +104,19 @@ impl Migrations {
                 },
             )),
         }
+    }
+
+    /// Whether the server is a standby in recovery.
+    async fn in_recovery(&self) -> Result<bool> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(self.acquire_timeout)
+            .connect_lazy_with(self.options.clone());
+        let found = sqlx::query_scalar("SELECT pg_is_in_recovery()")
+            .fetch_one(&pool)
+            .await;
+        pool.close().await;
+        found.map_err(|e| map_error(&self.name, self.statement_timeout, e))
     }
 
     async fn horizon(&self) -> Result<String> {

@@ -374,3 +374,64 @@ async fn a_change_the_shared_tier_missed_is_replayed_by_every_chain_before_it_re
     let _ = fleet.shared.clear().await;
     fleet.cleanup().await;
 }
+
+/// The version counter set back behind every cache's back (a restore of the counter, a
+/// logical switchover that does not carry sequences): the caches hold versions the database
+/// will hand out again, and would refuse its next changes as older. The elected follower
+/// notices, every cache is flushed once (its memory and the shared tier, and every other
+/// chain's memory), the counter is set past what the caches held, and every chain serves the
+/// database's changes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_counter_set_back_flushes_every_cache_once_and_versions_go_on_up() {
+    let fleet = Fleet::new(2, None, false).await;
+    let keys = seeded(&fleet, 10).await;
+    let held = fleet.versions(&keys).await;
+    let high = *held.iter().max().unwrap();
+    let flushed: Vec<u64> = fleet
+        .chains
+        .iter()
+        .map(|c| c.stats().feed_flushes)
+        .collect();
+    fleet
+        .sql(format!(
+            "SELECT setval('\"{}\".\"tiercache_entries_versions\"', 1)",
+            fleet.schema
+        ))
+        .await;
+    fleet
+        .sql(format!(
+            "UPDATE {} SET value = '{{\"n\": -1}}' WHERE key = 'k0'",
+            fleet.table()
+        ))
+        .await;
+    for (i, chain) in fleet.chains.iter().enumerate() {
+        fleet
+            .current(
+                chain,
+                &keys,
+                &format!("chain {i} serves the database's versions"),
+            )
+            .await;
+        assert_eq!(
+            chain.stats().feed_flushes,
+            flushed[i] + 1,
+            "chain {i} flushed once"
+        );
+    }
+    // The next change is numbered past every version the caches held.
+    fleet
+        .sql(format!(
+            "UPDATE {} SET value = '{{\"n\": -2}}' WHERE key = 'k1'",
+            fleet.table()
+        ))
+        .await;
+    let after = fleet.versions(&keys[1..2]).await[0];
+    assert!(after > high, "{after} after {high}");
+    for (i, chain) in fleet.chains.iter().enumerate() {
+        fleet
+            .current(chain, &keys, &format!("chain {i} serves the next change"))
+            .await;
+        assert_eq!(chain.stats().feed_flushes, flushed[i] + 1, "chain {i}");
+    }
+    fleet.cleanup().await;
+}

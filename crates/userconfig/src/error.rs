@@ -96,6 +96,13 @@ impl Error {
         }
     }
 
+    /// Whether the database only reads (a standby in recovery, or read-only): writes will not
+    /// work until it points at the primary.
+    #[must_use]
+    pub fn is_read_only(&self) -> bool {
+        matches!(self, Error::Cache(e) if e.is_read_only())
+    }
+
     /// Whether stored data for the user could not be decoded (it is never replaced by
     /// defaults: a later update would destroy the user's data).
     #[must_use]

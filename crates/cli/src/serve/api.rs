@@ -47,6 +47,9 @@ impl From<userconfig::Error> for ApiError {
             (StatusCode::CONFLICT, "too_many_conflicts")
         } else if e.is_transient() {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        } else if e.is_read_only() {
+            // A standby: this instance may serve reads, not writes.
+            (StatusCode::SERVICE_UNAVAILABLE, "read_only")
         } else {
             (StatusCode::INTERNAL_SERVER_ERROR, "internal")
         };

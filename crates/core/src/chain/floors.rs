@@ -90,6 +90,14 @@ impl<K: Key> Floors<K> {
     }
 
     /// Floors alive, or dead but not yet dropped (dropped at the next check or raise).
+    /// Drops every floor (the source's history changed: its versions start over).
+    pub(super) fn clear(&self) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.map.clear();
+        state.queue.clear();
+        self.len.store(0, Ordering::Relaxed);
+    }
+
     pub(super) fn len(&self) -> usize {
         self.len.load(Ordering::Relaxed)
     }

@@ -428,6 +428,15 @@ impl<K: Key> Repairs<K> {
         self.len.load(Ordering::Acquire)
     }
 
+    /// Forgets the invalidations still to replay (they are at versions of a history the source
+    /// no longer has; the tier is being cleared anyway). One in flight finishes as it may.
+    pub(super) fn forget(&self) {
+        let mut state = self.lock();
+        state.pending.clear();
+        state.clear_wanted = false;
+        self.publish_len(&state);
+    }
+
     /// Whether a read of `key` must skip this tier: its replay is pending, or the whole tier
     /// is to be cleared.
     #[inline]

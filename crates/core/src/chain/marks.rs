@@ -126,6 +126,17 @@ impl<K: Key> Marks<K> {
         self.cleared.fetch_max(n, Ordering::SeqCst);
     }
 
+    /// Forgets the versions of every mark (the source's history changed: its next versions may
+    /// be below them), and refuses every load that began before.
+    pub(super) fn forget_versions(&self) {
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            shard.last.clear();
+            shard.order.clear();
+        }
+        self.mark_all();
+    }
+
     /// The newest version a mark announced for `key` (0: none known). A copy older than it
     /// is stale, whatever tier holds it.
     pub(super) fn newest(&self, key: &K) -> Version {

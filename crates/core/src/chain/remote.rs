@@ -22,7 +22,9 @@
 //! 5. The key is marked once more (a fill that raced the steps above is refused afterwards).
 //!
 //! [`Change::Everything`] empties every cache tier in scope (a clear, with its second pass
-//! for shared tiers).
+//! for shared tiers); [`Change::Reset`] also forgets every version the chain knows of (marks,
+//! floors, replays still to run): the source's history changed, and its next versions may be
+//! below them.
 
 use std::time::{Duration, SystemTime};
 
@@ -83,11 +85,14 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let mut run = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
-                Change::Everything => {
+                Change::Everything | Change::Reset => {
                     let keys = std::mem::take(&mut run);
                     applied
                         .shared_missed
                         .extend(self.apply_keys(scope, via, keys).await);
+                    if matches!(change, Change::Reset) {
+                        self.forget_versions();
+                    }
                     self.apply_everything(scope, via).await;
                     applied.shared_missed.push(false);
                 }
@@ -104,6 +109,18 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// changes (its backplane subscription dropped). Loads running now skip their back-fill.
     pub async fn flush_local(&self) {
         self.apply_everything(Scope::Local, Via::Backplane).await;
+    }
+
+    /// Forgets every version this chain knows of: the marks' versions, the floors, the
+    /// invalidations still to replay (all of them of a history the source no longer has).
+    fn forget_versions(&self) {
+        let inner = &*self.inner;
+        tracing::warn!("the source's history changed: forgetting every version known");
+        inner.marks.forget_versions();
+        inner.floors.clear();
+        for level in &inner.tiers {
+            level.repairs.forget();
+        }
     }
 
     async fn apply_everything(&self, scope: Scope, via: Via) {

@@ -29,8 +29,13 @@ pub(crate) struct Statements {
     key_of: String,
     /// The feed row.
     state: String,
-    /// `$1` the elected follower's cursor.
+    /// `$1` the elected follower's cursor, `$2` the highest version it saw, `$3` the history
+    /// they belong to.
     save_cursor: String,
+    /// The server's history (system identifier and timeline) and whether it is a standby.
+    identity: String,
+    /// `$1`: the version counter's next value, at least.
+    raise_versions: String,
     /// `$1` the history (jsonb).
     save_history: String,
     /// `$1` the cursor pruned through, `$2` batch size: records it, deletes a batch of the
@@ -50,7 +55,8 @@ impl Statements {
         let page = names.fill(&format!(
             "SELECT pg_current_snapshot()::text, f.pruned, \
                     c.txid::text, c.version, c.key, c.op::text, \
-                    (extract(epoch FROM c.at) * 1000)::float8 \
+                    (extract(epoch FROM c.at) * 1000)::float8, \
+                    (SELECT last_value FROM {{versions}}) \
              FROM {{feed}} f LEFT JOIN LATERAL ( \
                SELECT * FROM ( \
                  (SELECT txid, version, key, op, at FROM {{changes}} \
@@ -67,8 +73,25 @@ impl Statements {
         Statements {
             page,
             key_of: names.fill("SELECT key FROM {changes} WHERE txid = $1::xid8 AND version = $2"),
-            state: names.fill("SELECT cursor, history::text, pruned FROM {feed} WHERE id = 1"),
-            save_cursor: names.fill("UPDATE {feed} SET cursor = $1 WHERE id = 1"),
+            state: names.fill(
+                "SELECT cursor, history::text, identity, high_water, \
+                        (SELECT last_value FROM {versions}), pg_current_snapshot()::text \
+                 FROM {feed} WHERE id = 1",
+            ),
+            save_cursor: names.fill(
+                "UPDATE {feed} SET cursor = $1, high_water = GREATEST(high_water, $2), \
+                 identity = $3 WHERE id = 1",
+            ),
+            // The timeline from the WAL being written (the last checkpoint's lags a promotion);
+            // a standby writes none, and says it is in recovery.
+            identity: "SELECT s.system_identifier::text || ':' || CASE WHEN pg_is_in_recovery() \
+                       THEN '' ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END, \
+                       pg_is_in_recovery() \
+                       FROM pg_control_system() s"
+                .to_owned(),
+            raise_versions: names.fill(
+                "SELECT setval('{versions}', GREATEST($1, (SELECT last_value FROM {versions})))",
+            ),
             save_history: names.fill("UPDATE {feed} SET history = $1::jsonb WHERE id = 1"),
             prune: names.fill(
                 "WITH raised AS (UPDATE {feed} SET pruned = $1 WHERE id = 1 RETURNING 1), \
@@ -90,6 +113,8 @@ pub(crate) struct Read {
     pub(crate) seen: Snapshot,
     /// What pruning removed (everything visible in it, at most).
     pub(crate) pruned: Option<Snapshot>,
+    /// The version counter's last value when the read ran.
+    pub(crate) last_version: u64,
     pub(crate) entries: Vec<Entry>,
     /// Whether more pages follow.
     pub(crate) more: bool,
@@ -120,12 +145,15 @@ pub(crate) async fn page(
         .await?;
     let mut seen = None;
     let mut pruned = None;
+    let mut last_version = 0;
     let mut entries = Vec::with_capacity(rows.len());
     for row in &rows {
         let snap: String = row.try_get(0)?;
         seen = Snapshot::parse(&snap);
         let p: Option<String> = row.try_get(1)?;
         pruned = p.as_deref().and_then(Snapshot::parse);
+        let last: i64 = row.try_get(7)?;
+        last_version = u64::try_from(last).unwrap_or(0);
         let Some(txid) = row.try_get::<Option<String>, _>(2)? else {
             continue;
         };
@@ -149,6 +177,7 @@ pub(crate) async fn page(
     Ok(Read {
         seen,
         pruned,
+        last_version,
         entries,
         more,
     })
@@ -172,6 +201,14 @@ pub(crate) async fn key_of(
 pub(crate) struct State {
     /// Where the last elected follower got to.
     pub(crate) cursor: Option<Snapshot>,
+    /// The history that cursor belongs to (system identifier and timeline).
+    pub(crate) identity: Option<String>,
+    /// The highest version the elected followers saw.
+    pub(crate) high_water: u64,
+    /// The version counter's last value now.
+    pub(crate) last_version: u64,
+    /// A snapshot taken now.
+    pub(crate) now: Snapshot,
     /// Its cursors over time (milliseconds since the epoch), a minute or so apart, oldest
     /// first.
     pub(crate) history: Vec<(u64, Snapshot)>,
@@ -183,9 +220,17 @@ pub(crate) async fn state(conn: &mut PgConnection, sql: &Statements) -> Result<S
         .await?;
     let cursor: Option<String> = row.try_get(0)?;
     let history: String = row.try_get(1)?;
+    let identity: Option<String> = row.try_get(2)?;
+    let high_water: i64 = row.try_get(3)?;
+    let last_version: i64 = row.try_get(4)?;
+    let now: String = row.try_get(5)?;
     let history: Vec<(u64, String)> = serde_json::from_str(&history).unwrap_or_default();
     Ok(State {
         cursor: cursor.as_deref().and_then(Snapshot::parse),
+        identity,
+        high_water: u64::try_from(high_water).unwrap_or(0),
+        last_version: u64::try_from(last_version).unwrap_or(0),
+        now: Snapshot::parse(&now).ok_or_else(|| protocol("the snapshot"))?,
         history: history
             .into_iter()
             .filter_map(|(at, s)| Some((at, Snapshot::parse(&s)?)))
@@ -197,9 +242,38 @@ pub(crate) async fn save_cursor(
     conn: &mut PgConnection,
     sql: &Statements,
     cursor: &Snapshot,
+    high_water: u64,
+    identity: &str,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(AssertSqlSafe(sql.save_cursor.as_str()))
         .bind(cursor.to_string())
+        .bind(i64::try_from(high_water).unwrap_or(i64::MAX))
+        .bind(identity)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// The server's history (`system identifier:timeline`) and whether it is in recovery (a
+/// standby).
+pub(crate) async fn identity(
+    conn: &mut PgConnection,
+    sql: &Statements,
+) -> Result<(String, bool), sqlx::Error> {
+    sqlx::query_as(AssertSqlSafe(sql.identity.as_str()))
+        .fetch_one(conn)
+        .await
+}
+
+/// Sets the version counter to at least `next` (the versions of a history the server no
+/// longer has may still be in caches somewhere: the next ones must pass them).
+pub(crate) async fn raise_versions(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    next: u64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(sql.raise_versions.as_str()))
+        .bind(i64::try_from(next).unwrap_or(i64::MAX))
         .execute(conn)
         .await?;
     Ok(())

@@ -44,6 +44,7 @@ pub(crate) use self::log::{Statements, prunable, prune, state};
 
 use self::snapshot::Snapshot;
 use self::wire::{Entry, Message};
+use crate::error::READ_ONLY_SQL_TRANSACTION;
 use crate::migrate::Migrations;
 
 /// Default time an entry stays in the change log: how long a follower may be cut off and still
@@ -71,8 +72,6 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 const PRUNE_BUDGET: Duration = Duration::from_secs(1);
 /// First and longest wait before a follower reconnects.
 const RECONNECT: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(2));
-/// SQLSTATE of a statement a read-only server (a standby) refuses.
-const READ_ONLY_SQL_TRANSACTION: &str = "25006";
 
 /// The feed's counters, shared by the source and its followers.
 #[derive(Default)]
@@ -84,6 +83,7 @@ pub(crate) struct FeedCounters {
     pub(crate) prune_failures: Counter,
     pub(crate) gaps: Counter,
     pub(crate) elections: Counter,
+    pub(crate) resets: Counter,
 }
 
 /// What a follower needs of its source.
@@ -110,6 +110,9 @@ enum Ended {
     ChainGone,
     /// The connection broke or a statement failed: reconnect.
     Broken(sqlx::Error),
+    /// The server is a standby (in recovery): it cannot be followed (no `LISTEN`, no log
+    /// written there); try again much later, in case it is promoted.
+    Standby,
 }
 
 impl From<sqlx::Error> for Ended {
@@ -124,6 +127,13 @@ struct Place {
     cursor: Option<Snapshot>,
     /// This follower's id in the messages.
     me: u64,
+    /// The server history the cursor belongs to (`system identifier:timeline`).
+    identity: Option<String>,
+    /// The highest version seen in the log (the version counter never goes below it unless
+    /// the history changed).
+    high_water: u64,
+    /// The history this follower last flushed its chain for (it does not flush twice for one).
+    reset_for: Option<String>,
 }
 
 /// A session's state besides the connection.
@@ -163,6 +173,9 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         let mut place = Place {
             cursor: None,
             me: random_id(),
+            identity: None,
+            high_water: 0,
+            reset_for: None,
         };
         let mut failures = 0u32;
         // Not following until the first session has caught up.
@@ -174,20 +187,24 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             if !sender.health(FeedHealth::Down).await {
                 return;
             }
-            let error = match ended {
+            let (error, standby) = match ended {
                 Ended::ChainGone => return,
-                Ended::Broken(error) => error,
-            };
-            let standby = matches!(&error, sqlx::Error::Database(db)
-                if db.code().as_deref() == Some(READ_ONLY_SQL_TRANSACTION));
-            if failures == 0 || standby {
-                if standby {
-                    tracing::error!(tier = %self.name, %error,
-                        "change feed: the database is a read-only standby; point DATABASE_URL \
-                         at the primary");
-                } else {
-                    tracing::warn!(tier = %self.name, %error, "change feed cut off; reconnecting");
+                Ended::Standby => (None, true),
+                Ended::Broken(error) => {
+                    let standby = matches!(&error, sqlx::Error::Database(db)
+                        if db.code().as_deref() == Some(READ_ONLY_SQL_TRANSACTION));
+                    (Some(error), standby)
                 }
+            };
+            if standby {
+                // Said every time (every 30 s): it needs an operator.
+                tracing::error!(tier = %self.name,
+                    "change feed: the database is a standby in recovery, which can be neither \
+                     written nor followed; point the database URL at the primary");
+            } else if failures == 0
+                && let Some(error) = &error
+            {
+                tracing::warn!(tier = %self.name, %error, "change feed cut off; reconnecting");
             }
             failures = failures.saturating_add(1);
             let wait = if standby {
@@ -255,8 +272,27 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         };
         // A dead connection is reported, not silently replaced: the session ends with it.
         conn.eager_reconnect(false);
+        // A standby is said so, clearly, rather than failed at `LISTEN`.
+        let (identity, standby) = match log::identity(
+            match db(&mut conn).await {
+                Ok(c) => c,
+                Err(error) => return Ended::Broken(error),
+            },
+            &self.sql,
+        )
+        .await
+        {
+            Ok(found) => found,
+            Err(error) => return Ended::Broken(error),
+        };
+        if standby {
+            return Ended::Standby;
+        }
         if let Err(error) = conn.listen(&self.channel).await {
             return Ended::Broken(error);
+        }
+        if let Err(ended) = self.same_history(&mut conn, place, sender, identity).await {
+            return ended;
         }
         let now = Instant::now();
         let mut session = Session {
@@ -276,7 +312,7 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         };
         // Elected now, or catch up with what this follower missed (the elected one applied it
         // to the shared tiers).
-        if let Err(ended) = self.elect(&mut conn, place, &mut session).await {
+        if let Err(ended) = self.elect(&mut conn, place, &mut session, sender).await {
             return ended;
         }
         if !session.elected
@@ -335,7 +371,7 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                 },
                 _ = tick.tick() => {
                     let was = session.elected;
-                    if let Err(ended) = self.elect(&mut conn, place, &mut session).await {
+                    if let Err(ended) = self.elect(&mut conn, place, &mut session, sender).await {
                         return ended;
                     }
                     if session.elected != was
@@ -364,6 +400,40 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         }
     }
 
+    /// After a (re)connect: whether the server's history is the one this follower's cursor
+    /// belongs to. Not after a failover to a server with another history, or a restore (another
+    /// timeline, another system): every change it knows of may be gone, and the next ones may
+    /// be numbered below what its caches hold. Every tier of its chain is flushed, the shared
+    /// ones included (a failover is rare; were it to wait for the elected follower to empty
+    /// them, it could copy their old entries back meanwhile), its version record forgotten,
+    /// once, and it starts over from now.
+    async fn same_history(
+        &self,
+        conn: &mut PgListener,
+        place: &mut Place,
+        sender: &ChangeSender<K, V>,
+        identity: String,
+    ) -> Result<(), Ended> {
+        if place
+            .identity
+            .as_ref()
+            .is_some_and(|known| *known != identity)
+        {
+            tracing::warn!(tier = %self.name,
+                "the database's history changed (a failover or a restore): flushing once");
+            sender
+                .apply(Scope::All, vec![Change::Reset])
+                .await
+                .ok_or(Ended::ChainGone)?;
+            let state = log::state(db(conn).await?, &self.sql).await?;
+            place.cursor = Some(state.now);
+            place.high_water = 0;
+            place.reset_for = Some(identity.clone());
+        }
+        place.identity = Some(identity);
+        Ok(())
+    }
+
     /// Tries to be the elected follower (at most every `elect_every`); on success, resumes
     /// from where the last one got to.
     async fn elect(
@@ -371,6 +441,7 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         conn: &mut PgListener,
         place: &mut Place,
         session: &mut Session,
+        sender: &ChangeSender<K, V>,
     ) -> Result<(), Ended> {
         if session.elected
             || session
@@ -390,16 +461,89 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         let state = log::state(db(conn).await?, &self.sql).await?;
         self.counters.elections.incr();
         tracing::info!(tier = %self.name, "change feed: this follower is elected to read the log");
-        // Resume where the last elected follower got to: what it read after that, it may not
-        // have applied to the shared tiers. Without one, from this follower's own cursor.
-        if let Some(resume) = state.cursor {
-            place.cursor = Some(resume);
-        }
+        let identity = place
+            .identity
+            .clone()
+            .expect("known before the first election");
+        let high_water = state.high_water.max(place.high_water);
+        // The last elected follower's place belongs to another history (a failover, a
+        // restore: another system or timeline, transaction ids or versions behind it): the
+        // caches may hold what the server no longer has, and versions it will hand out again.
+        let moved = state
+            .identity
+            .as_ref()
+            .is_some_and(|known| *known != identity)
+            || state
+                .cursor
+                .as_ref()
+                .is_some_and(|c| c.xmax() > state.now.xmax())
+            || high_water > state.last_version;
         session.elected = true;
+        if moved && place.reset_for.as_ref() == Some(&identity) {
+            // This follower flushed its chain, shared tiers included, for this very change of
+            // history when it reconnected: the others do the same for themselves. The last
+            // elected follower's place belongs to the old history: start from here.
+            place.high_water = place.high_water.max(state.last_version);
+            session.announced = place.cursor.clone();
+        } else if moved {
+            self.reset(conn, place, session, sender, high_water, state.now)
+                .await?;
+            place.reset_for = Some(identity);
+        } else {
+            // Resume where the last elected follower got to: what it read after that, it may
+            // not have applied to the shared tiers. Without one, from this follower's own
+            // cursor.
+            if let Some(resume) = state.cursor {
+                place.cursor = Some(resume);
+            }
+            place.high_water = high_water;
+        }
         session.announced = place.cursor.clone();
         session.saved = place.cursor.clone();
         session.history = state.history;
         session.last_pruned_at = Instant::now();
+        Ok(())
+    }
+
+    /// The source's history changed under the elected follower: every cache tier is emptied
+    /// once, here and (told) everywhere, every version known is forgotten, the version counter
+    /// is set past what caches may still hold (if this role may), and the cursor starts from
+    /// `now`.
+    async fn reset(
+        &self,
+        conn: &mut PgListener,
+        place: &mut Place,
+        session: &mut Session,
+        sender: &ChangeSender<K, V>,
+        high_water: u64,
+        now: Snapshot,
+    ) -> Result<(), Ended> {
+        tracing::warn!(tier = %self.name,
+            "the database's history changed (a failover, a restore, versions set back): \
+             every cache is flushed once");
+        self.counters.resets.incr();
+        sender
+            .apply(Scope::All, vec![Change::Reset])
+            .await
+            .ok_or(Ended::ChainGone)?;
+        if let Err(error) = log::raise_versions(db(conn).await?, &self.sql, high_water + 1).await {
+            tracing::warn!(tier = %self.name, %error,
+                "could not set the version counter past the versions caches may hold \
+                 (the role may lack UPDATE on it): flushed caches only");
+        }
+        let from = session.announced.clone().unwrap_or_else(|| now.clone());
+        let reset = Entry {
+            txid: u64::MAX,
+            version: 0,
+            op: b'X',
+            shared_missed: false,
+            at_ms: 0,
+            key: Some(String::new()),
+        };
+        self.announce(conn, place.me, &from, &now, &[reset]).await?;
+        session.announced = Some(now.clone());
+        place.cursor = Some(now);
+        place.high_water = high_water;
         Ok(())
     }
 
@@ -423,7 +567,8 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
     async fn housekeeping(&self, conn: &mut PgListener, place: &Place, session: &mut Session) {
         let cursor = place.cursor.clone().expect("set");
         if session.saved.as_ref() != Some(&cursor) && session.last_saved.elapsed() >= SAVE_EVERY {
-            match self.save(conn, &cursor).await {
+            let identity = place.identity.clone().unwrap_or_default();
+            match self.save(conn, &cursor, place.high_water, &identity).await {
                 Ok(()) => {
                     session.saved = Some(cursor.clone());
                     session.last_saved = Instant::now();
@@ -444,8 +589,14 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         }
     }
 
-    async fn save(&self, conn: &mut PgListener, cursor: &Snapshot) -> Result<(), sqlx::Error> {
-        log::save_cursor(db(conn).await?, &self.sql, cursor).await
+    async fn save(
+        &self,
+        conn: &mut PgListener,
+        cursor: &Snapshot,
+        high_water: u64,
+        identity: &str,
+    ) -> Result<(), sqlx::Error> {
+        log::save_cursor(db(conn).await?, &self.sql, cursor, high_water, identity).await
     }
 
     async fn prune(
@@ -590,10 +741,25 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                 place.cursor = Some(read.seen);
                 return Ok(());
             }
+            if let Some(session) = leading.as_deref_mut()
+                && target.is_none()
+                && read.last_version < place.high_water
+            {
+                // The version counter was set back behind every cache's back.
+                let now = read.seen.clone();
+                return self
+                    .reset(conn, place, session, sender, place.high_water, now)
+                    .await;
+            }
             let seen = target.clone().unwrap_or_else(|| read.seen.clone());
             if let Some(last) = read.entries.last() {
                 after = (last.txid, last.version);
             }
+            place.high_water = read
+                .entries
+                .iter()
+                .map(|e| e.version)
+                .fold(place.high_water, u64::max);
             let more = read.more;
             let mut entries = read.entries;
             self.counters.entries_read.add(entries.len() as u64);
@@ -634,6 +800,10 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         for entry in entries {
             if entry.op == b'T' {
                 out.push(Change::Everything);
+                continue;
+            }
+            if entry.op == b'X' {
+                out.push(Change::Reset);
                 continue;
             }
             let key = match &entry.key {
