@@ -7,9 +7,9 @@
 //! 1. The key is marked (with the change's version, or without one for a manual invalidation)
 //!    and its load in flight is detached: loads running now fill nothing older, and no request
 //!    that starts after this joins a load that began before it.
-//! 2. **Shared tiers** (Redis), when the batch's scope is [`Scope::All`], bottom first: one
-//!    batch call per tier ([`CacheTier::invalidate_many`](crate::CacheTier::invalidate_many))
-//!    drops every copy older than its change. A newer copy survives, so a late or repeated
+//! 2. **Shared tiers** (Redis), when the batch's scope is [`Scope::All`], bottom first: batch
+//!    calls of 64 keys ([`CacheTier::invalidate_many`](crate::CacheTier::invalidate_many))
+//!    drop every copy older than its change. A newer copy survives, so a late or repeated
 //!    change is harmless. A tier that fails gets the batch remembered for replay, and its
 //!    keys a floor. With [`Scope::Local`], a change another instance could not apply to the
 //!    shared tiers (`shared_missed`) is remembered for replay here too: no read of this chain
@@ -34,6 +34,10 @@ use super::steps::Filled;
 use crate::entry::{Entry, Version};
 use crate::feed::{Applied, Change, Changes, Scope, Via};
 use crate::tier::{Key, Value};
+
+/// Changes per call to a shared tier: one round trip each (Redis runs a script per key), small
+/// enough to finish within the tier's time limit on a busy machine.
+const SHARED_BATCH: usize = 64;
 
 /// One key's change, as the door works on it.
 struct Step<K, V> {
@@ -211,17 +215,21 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             }
             match scope {
                 Scope::All => {
-                    let batch: Vec<(K, Option<Version>)> =
-                        steps.iter().map(|s| (s.key.clone(), dead(s))).collect();
-                    let done = level
-                        .call("invalidate_many", level.tier.invalidate_many(&batch))
-                        .await;
-                    for (step, (key, at)) in steps.iter_mut().zip(&batch) {
-                        if done.is_ok() {
-                            step.reached[index] = true;
-                        } else {
-                            step.missed[index] = true;
-                            self.remember(index, key, *at);
+                    // In calls small enough to finish within the tier's time limit (a page of
+                    // the log is 500 changes).
+                    for chunk in steps.chunks_mut(SHARED_BATCH) {
+                        let batch: Vec<(K, Option<Version>)> =
+                            chunk.iter().map(|s| (s.key.clone(), dead(s))).collect();
+                        let done = level
+                            .call("invalidate_many", level.tier.invalidate_many(&batch))
+                            .await;
+                        for (step, (key, at)) in chunk.iter_mut().zip(&batch) {
+                            if done.is_ok() {
+                                step.reached[index] = true;
+                            } else {
+                                step.missed[index] = true;
+                                self.remember(index, key, *at);
+                            }
                         }
                     }
                 }
