@@ -36,9 +36,35 @@ pub struct PostgresSourceBuilder<K, V> {
     change_retention: Duration,
     feed_poll: Duration,
     elect_every: Duration,
+    logical: bool,
     run_migrations: bool,
     name: String,
     _types: PhantomData<fn() -> (K, V)>,
+}
+
+/// The password in a `postgres://user:password@host/…` URL (percent-decoded), if any.
+#[cfg(feature = "logical")]
+fn password_of(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let encoded = parsed.password()?.as_bytes();
+    let mut bytes = Vec::with_capacity(encoded.len());
+    let mut i = 0;
+    while i < encoded.len() {
+        let hex = encoded
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
+        match (encoded[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(byte)) => {
+                bytes.push(byte);
+                i += 3;
+            }
+            (byte, _) => {
+                bytes.push(byte);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 impl<K, V> Default for PostgresSourceBuilder<K, V> {
@@ -55,6 +81,7 @@ impl<K, V> Default for PostgresSourceBuilder<K, V> {
             change_retention: DEFAULT_CHANGE_RETENTION,
             feed_poll: DEFAULT_FEED_POLL,
             elect_every: DEFAULT_ELECT_EVERY,
+            logical: true,
             run_migrations: true,
             name: DEFAULT_NAME.to_owned(),
             _types: PhantomData,
@@ -176,6 +203,17 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
+    /// Whether the elected follower streams the WAL (logical decoding, feature `logical`)
+    /// where the server allows it: `wal_level = logical`, a role with `REPLICATION`, a free
+    /// replication slot, the publication the migrations create, the password in the URL (or
+    /// `PGPASSWORD`), no TLS. Writers then emit a logical message instead of a log entry, and
+    /// changes reach every instance as they commit rather than at the next read of the log.
+    /// Where it does not, the feed reads the log, and says why at info. Defaults to `true`.
+    pub fn logical_decoding(mut self, on: bool) -> Self {
+        self.logical = on;
+        self
+    }
+
     /// How often a follower that is not elected tries to be (the longest a handover waits
     /// after the elected follower's session ended). Defaults to [`DEFAULT_ELECT_EVERY`].
     pub fn elect_every(mut self, interval: Duration) -> Self {
@@ -267,6 +305,14 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             apply_on_first_use: self.run_migrations,
             done: OnceCell::new(),
         });
+        #[cfg(feature = "logical")]
+        let logical = self.logical.then(|| {
+            crate::feed::LogicalSettings::new(
+                &options,
+                self.url.as_deref().and_then(password_of),
+                crate::migrate::channel(&self.schema, &self.table),
+            )
+        });
         Ok(PostgresSource {
             pool,
             options,
@@ -289,6 +335,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             stats: RowStats::default(),
             probes: Counter::default(),
             feed_counters: Arc::default(),
+            #[cfg(feature = "logical")]
+            logical,
             _types: PhantomData,
         })
     }

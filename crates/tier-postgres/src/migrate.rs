@@ -24,6 +24,10 @@ const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
         "feed off the commit path",
         include_str!("../migrations/0003_feed_off_the_commit_path.sql"),
     ),
+    (
+        "logical decoding",
+        include_str!("../migrations/0004_logical_decoding.sql"),
+    ),
 ]);
 
 /// One table's migrations, run once per tier (and retried on later calls if they failed).

@@ -50,6 +50,9 @@ pub struct PostgresSource<K, V> {
     pub(crate) stats: RowStats,
     pub(crate) probes: Counter,
     pub(crate) feed_counters: Arc<FeedCounters>,
+    /// How the feed may stream the WAL (logical decoding); `None`: it reads the log.
+    #[cfg(feature = "logical")]
+    pub(crate) logical: Option<feed::LogicalSettings>,
     pub(crate) _types: PhantomData<fn() -> (K, V)>,
 }
 
@@ -286,6 +289,8 @@ where
             poll: self.feed_poll,
             elect_every: self.elect_every,
             counters: Arc::clone(&self.feed_counters),
+            #[cfg(feature = "logical")]
+            logical: self.logical.clone(),
             _types: PhantomData,
         };
         Some(follower.start())

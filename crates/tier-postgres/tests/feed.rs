@@ -230,6 +230,31 @@ async fn every_change_reaches_every_chain_once_and_the_shared_tier_once_for_the_
         200,
         "one invalidation of the shared tier per change, for the whole fleet"
     );
+    // This server cannot stream the WAL (`wal_level` is not `logical`): the migrations and
+    // the followers made nothing outside the schema (a publication is database-wide, and
+    // would outlive it).
+    let channel = PostgresSource::<String, serde_json::Value>::builder()
+        .url(env::database_url())
+        .schema(fleet.schema.clone())
+        .build()
+        .unwrap()
+        .channel();
+    let wal_level: String = sqlx::query_scalar("SELECT current_setting('wal_level')")
+        .fetch_one(&fleet.pool)
+        .await
+        .unwrap();
+    if wal_level != "logical" {
+        let published: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+                .bind(&channel)
+                .fetch_one(&fleet.pool)
+                .await
+                .unwrap();
+        assert!(
+            !published,
+            "publication {channel} made on a server that cannot stream"
+        );
+    }
     fleet.cleanup().await;
 }
 

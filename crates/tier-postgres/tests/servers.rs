@@ -16,6 +16,36 @@ fn source(url: String) -> PostgresSource<String, Value> {
     PostgresSource::builder().url(url).build().unwrap()
 }
 
+/// A chain of a memory tier and `shared` before a source at `url` whose feed streams the WAL
+/// where the server allows it (`logical`).
+async fn logical_chain(
+    url: String,
+    shared: FakeTier<String, Value>,
+    logical: bool,
+) -> TieredCache<String, Value> {
+    let source = PostgresSource::<String, Value>::builder()
+        .url(url)
+        .elect_every(Duration::from_millis(100))
+        .logical_decoding(logical)
+        .build()
+        .unwrap();
+    source.migrate().await.unwrap();
+    TieredCache::builder()
+        .tier(FakeTier::<String, Value>::cache("memory").with_peek())
+        .tier(shared)
+        .source(source)
+        .build()
+        .unwrap()
+}
+
+/// Whether the feed row tells writers to emit logical messages (else they write the log).
+async fn writers_emit(admin: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar("SELECT logical FROM public.tiercache_entries_feed WHERE id = 1")
+        .fetch_one(admin)
+        .await
+        .unwrap()
+}
+
 /// A source pointed at a standby in recovery: a write is a clear, typed error (not a retry,
 /// not a loop), reads work, and the follower says once, loudly, that it cannot follow a
 /// standby, instead of reconnecting in a loop.
@@ -195,5 +225,252 @@ async fn after_a_failover_every_follower_flushes_once_and_carries_on() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(chain.stats().feed_flushes, flushed[i] + 1, "chain {i}");
+    }
+}
+
+/// Where the server allows logical decoding (`wal_level = logical`, a role that may replicate),
+/// the elected follower streams the WAL: writers add nothing to the log (they emit a logical
+/// message), every chain applies every change, the shared tier once for the fleet; a handover
+/// resumes from the slot without losing a change; a slot dropped behind the fleet's back is
+/// made anew and every cache flushed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn where_the_server_allows_it_the_feed_streams_the_wal() {
+    let Some(server) = LocalPostgres::start(&[("wal_level", "logical")]).await else {
+        return;
+    };
+    let shared = FakeTier::<String, Value>::cache("shared");
+    let chain = |shared: FakeTier<String, Value>| logical_chain(server.url(), shared, true);
+    let mut chains = vec![chain(shared.clone()).await, chain(shared.clone()).await];
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let flag = || writers_emit(&admin);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !flag().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never streamed the WAL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sql = |statement: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::query(sqlx::AssertSqlSafe(statement))
+                .execute(&admin)
+                .await
+                .unwrap();
+        }
+    };
+    sql("INSERT INTO public.tiercache_entries (key, value) \
+         SELECT 'k' || i, jsonb_build_object('n', i) FROM generate_series(0, 99) i"
+        .into())
+    .await;
+    let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+    let versions = || async {
+        let mut out = Vec::new();
+        for key in &keys {
+            let v: i64 =
+                sqlx::query_scalar("SELECT version FROM public.tiercache_entries WHERE key = $1")
+                    .bind(key)
+                    .fetch_one(&admin)
+                    .await
+                    .unwrap();
+            out.push(v as u64);
+        }
+        out
+    };
+    let current = |chain: &TieredCache<String, Value>, want: Vec<u64>, what: String| {
+        let (chain, keys) = (chain.clone(), keys.clone());
+        async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+            'again: loop {
+                assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+                for (key, want) in keys.iter().zip(&want) {
+                    if chain.fetch(key).await.unwrap().version != *want {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue 'again;
+                    }
+                }
+                return;
+            }
+        }
+    };
+    let want = versions().await;
+    for (i, c) in chains.iter().enumerate() {
+        current(c, want.clone(), format!("chain {i} caches the inserts")).await;
+    }
+    let shared_before = shared.calls().invalidate;
+    let applied_before: Vec<u64> = chains.iter().map(|c| c.stats().feed_changes).collect();
+    // (A follower that catches up while writers emit messages empties its memory: the log
+    // cannot tell it what it missed. The second one did, when it started.)
+    let flushed: Vec<u64> = chains.iter().map(|c| c.stats().feed_flushes).collect();
+    sql("UPDATE public.tiercache_entries SET value = value || '{\"m\": 1}'".into()).await;
+    let want = versions().await;
+    for (i, c) in chains.iter().enumerate() {
+        current(c, want.clone(), format!("chain {i} serves the update")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logged: i64 = sqlx::query_scalar("SELECT count(*) FROM public.tiercache_entries_changes")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(logged, 0, "writers emitted messages, not log entries");
+    for (i, c) in chains.iter().enumerate() {
+        assert_eq!(
+            c.stats().feed_changes - applied_before[i],
+            100,
+            "chain {i}: once each"
+        );
+    }
+    assert_eq!(
+        shared.calls().invalidate - shared_before,
+        100,
+        "the shared tier once per change for the fleet"
+    );
+
+    // The elected chain goes away; changes meanwhile reach the other once it is elected.
+    let elected = chains
+        .iter()
+        .position(|c| c.stats().feed.unwrap().elected)
+        .unwrap();
+    drop(chains.remove(elected));
+    let flushed = flushed[1 - elected];
+    sql("UPDATE public.tiercache_entries SET value = value || '{\"m\": 2}'".into()).await;
+    let want = versions().await;
+    current(
+        &chains[0],
+        want,
+        "the other chain after the handover".into(),
+    )
+    .await;
+    assert!(chains[0].stats().feed.unwrap().elected);
+    assert_eq!(
+        chains[0].stats().feed_flushes,
+        flushed,
+        "nothing was lost: no flush"
+    );
+
+    // The slot dropped behind the feed's back (its stream ended first): made anew, and every
+    // cache flushed once, since what writers emitted meanwhile is gone.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        sql(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE active".into(),
+        )
+        .await;
+        let dropped =
+            sqlx::query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots")
+                .execute(&admin)
+                .await;
+        if dropped.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot could not be dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sql("UPDATE public.tiercache_entries SET value = value || '{\"m\": 3}'".into()).await;
+    let want = versions().await;
+    current(
+        &chains[0],
+        want,
+        "the chain after the slot was made anew".into(),
+    )
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while chains[0].stats().feed_flushes == flushed {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never flushed for the lost slot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Writers stop emitting messages when the elected follower cannot stream (here: the next one
+/// elected has logical decoding off). A writer whose trigger emitted before the change and
+/// who commits after the flush that went with it would be lost to every cache: a second flush
+/// waits for every transaction that ran at the change. And no slot is left keeping WAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_that_emitted_before_the_feed_stopped_streaming_is_not_lost() {
+    let Some(server) = LocalPostgres::start(&[("wal_level", "logical")]).await else {
+        return;
+    };
+    let shared = FakeTier::<String, Value>::cache("shared");
+    let streaming = logical_chain(server.url(), shared.clone(), true).await;
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let flag = || writers_emit(&admin);
+    let until = |what: &'static str| {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        move || assert!(tokio::time::Instant::now() < deadline, "timed out: {what}")
+    };
+    let check = until("streaming");
+    while !flag().await {
+        check();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let reading = logical_chain(server.url(), shared.clone(), false).await;
+    let key = "alice".to_owned();
+    let first = reading
+        .update(&key, Arc::new(serde_json::json!({"n": 1})))
+        .await
+        .unwrap();
+
+    // A writer's trigger runs (and emits) while the flag is set; it commits later.
+    let mut writer = admin.begin().await.unwrap();
+    let second: i64 = sqlx::query_scalar(
+        "UPDATE public.tiercache_entries SET value = '{\"n\": 2}' WHERE key = 'alice' \
+         RETURNING version",
+    )
+    .fetch_one(&mut *writer)
+    .await
+    .unwrap();
+
+    // The streaming chain goes; the other is elected and reads the log.
+    drop(streaming);
+    let check = until("the flag cleared");
+    while flag().await {
+        check();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let flushes = reading.stats().feed_flushes;
+    assert!(flushes >= 1, "flushed when the flag was cleared");
+    // Cached again meanwhile, as it is before the writer commits.
+    assert_eq!(reading.fetch(&key).await.unwrap().version, first);
+    assert_eq!(reading.fetch(&key).await.unwrap().version, first);
+    writer.commit().await.unwrap();
+
+    let check = until("the writer's change reached the cache");
+    while reading.fetch(&key).await.unwrap().version != second as u64 {
+        check();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(reading.stats().feed_flushes > flushes, "by the flush owed");
+    let owed: Option<Vec<String>> =
+        sqlx::query_scalar("SELECT flush_owed FROM public.tiercache_entries_feed WHERE id = 1")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+    assert_eq!(owed, None, "no flush owed once made");
+    let check = until("the slot dropped");
+    loop {
+        let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots")
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        if slots == 0 {
+            break;
+        }
+        check();
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -36,6 +36,14 @@ pub(crate) struct Statements {
     identity: String,
     /// `$1`: the version counter's next value, at least.
     raise_versions: String,
+    /// `$1`: whether writers emit logical messages (else they write the log); returns what it
+    /// was.
+    set_logical: String,
+    /// Whether writers emit logical messages.
+    #[cfg(feature = "logical")]
+    logical: String,
+    /// `$1`: the flush owed that was made (it is no longer owed, unless owed anew).
+    flushed: String,
     /// `$1` the history (jsonb).
     save_history: String,
     /// `$1` the cursor pruned through, `$2` batch size: records it, deletes a batch of the
@@ -56,7 +64,7 @@ impl Statements {
             "SELECT pg_current_snapshot()::text, f.pruned, \
                     c.txid::text, c.version, c.key, c.op::text, \
                     (extract(epoch FROM c.at) * 1000)::float8, \
-                    (SELECT last_value FROM {{versions}}) \
+                    (SELECT last_value FROM {{versions}}), f.logical, f.flush_owed \
              FROM {{feed}} f LEFT JOIN LATERAL ( \
                SELECT * FROM ( \
                  (SELECT txid, version, key, op, at FROM {{changes}} \
@@ -89,6 +97,18 @@ impl Statements {
                        pg_is_in_recovery() \
                        FROM pg_control_system() s"
                 .to_owned(),
+            set_logical: names.fill(
+                "WITH old AS (SELECT logical FROM {feed} WHERE id = 1) \
+                 UPDATE {feed} SET logical = $1, flush_owed = CASE WHEN logical AND NOT $1 \
+                   THEN ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x) \
+                   ELSE flush_owed END \
+                 WHERE id = 1 RETURNING (SELECT logical FROM old)",
+            ),
+            #[cfg(feature = "logical")]
+            logical: names.fill("SELECT logical FROM {feed} WHERE id = 1"),
+            flushed: names.fill(
+                "UPDATE {feed} SET flush_owed = NULL WHERE id = 1 AND flush_owed = $1::text[]",
+            ),
             raise_versions: names.fill(
                 "SELECT setval('{versions}', GREATEST($1, (SELECT last_value FROM {versions})))",
             ),
@@ -115,6 +135,11 @@ pub(crate) struct Read {
     pub(crate) pruned: Option<Snapshot>,
     /// The version counter's last value when the read ran.
     pub(crate) last_version: u64,
+    /// Whether writers emit logical messages (their changes are not in the log).
+    pub(crate) logical: bool,
+    /// Writers stopped emitting messages, and every cache is to be flushed (once more) when
+    /// these transactions, which ran then, have ended.
+    pub(crate) flush_owed: Option<Vec<String>>,
     pub(crate) entries: Vec<Entry>,
     /// Whether more pages follow.
     pub(crate) more: bool,
@@ -146,6 +171,8 @@ pub(crate) async fn page(
     let mut seen = None;
     let mut pruned = None;
     let mut last_version = 0;
+    let mut logical = false;
+    let mut flush_owed = None;
     let mut entries = Vec::with_capacity(rows.len());
     for row in &rows {
         let snap: String = row.try_get(0)?;
@@ -154,6 +181,8 @@ pub(crate) async fn page(
         pruned = p.as_deref().and_then(Snapshot::parse);
         let last: i64 = row.try_get(7)?;
         last_version = u64::try_from(last).unwrap_or(0);
+        logical = row.try_get(8)?;
+        flush_owed = row.try_get(9)?;
         let Some(txid) = row.try_get::<Option<String>, _>(2)? else {
             continue;
         };
@@ -178,6 +207,8 @@ pub(crate) async fn page(
         seen,
         pruned,
         last_version,
+        logical,
+        flush_owed,
         entries,
         more,
     })
@@ -251,6 +282,71 @@ pub(crate) async fn save_cursor(
         .bind(identity)
         .execute(conn)
         .await?;
+    Ok(())
+}
+
+/// Sets whether writers emit logical messages (`on`) or write the log; returns what it was.
+pub(crate) async fn set_logical(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    on: bool,
+) -> Result<bool, sqlx::Error> {
+    let was: Option<bool> = sqlx::query_scalar(AssertSqlSafe(sql.set_logical.as_str()))
+        .bind(on)
+        .fetch_optional(conn)
+        .await?;
+    Ok(was.unwrap_or(false))
+}
+
+/// Whether writers emit logical messages now.
+#[cfg(feature = "logical")]
+pub(crate) async fn logical(
+    conn: &mut PgConnection,
+    sql: &Statements,
+) -> Result<bool, sqlx::Error> {
+    let on: Option<bool> = sqlx::query_scalar(AssertSqlSafe(sql.logical.as_str()))
+        .fetch_optional(conn)
+        .await?;
+    Ok(on.unwrap_or(false))
+}
+
+/// Whether any of these transactions still runs.
+pub(crate) async fn still_running(
+    conn: &mut PgConnection,
+    xids: &[String],
+) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM unnest($1::text[]) x \
+                        WHERE pg_xact_status(x::xid8) = 'in progress')",
+    )
+    .bind(xids)
+    .fetch_one(conn)
+    .await
+}
+
+/// The flush owed (`xids`) was made.
+pub(crate) async fn flushed(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    xids: &[String],
+) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(sql.flushed.as_str()))
+        .bind(xids)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// Drops this feed's replication slot if there is one and nothing reads it (it would keep
+/// the server's WAL for nobody).
+pub(crate) async fn drop_slot(conn: &mut PgConnection, name: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+         WHERE slot_name = $1 AND database = current_database() AND NOT active",
+    )
+    .bind(name)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -28,6 +28,9 @@
 //! lost changes, and reports [`Change::Everything`] instead of reading on.
 
 mod log;
+#[cfg(feature = "logical")]
+mod logical;
+mod mode;
 mod snapshot;
 mod wire;
 
@@ -42,6 +45,9 @@ use tiercache_core::{Change, ChangeFeed, Counter, FeedHealth, Scope, StorageKey}
 
 pub(crate) use self::log::{Statements, prunable, prune, state};
 
+#[cfg(feature = "logical")]
+use self::mode::SetupTask;
+use self::mode::next_event;
 use self::snapshot::Snapshot;
 use self::wire::{Entry, Message};
 use crate::error::READ_ONLY_SQL_TRANSACTION;
@@ -101,8 +107,14 @@ pub(crate) struct Follower<K, V> {
     pub(crate) poll: Duration,
     pub(crate) elect_every: Duration,
     pub(crate) counters: Arc<FeedCounters>,
+    /// How to stream the WAL (logical decoding), where the server allows it.
+    #[cfg(feature = "logical")]
+    pub(crate) logical: Option<logical::Settings>,
     pub(crate) _types: PhantomData<fn() -> (K, V)>,
 }
+
+#[cfg(feature = "logical")]
+pub(crate) use logical::Settings as LogicalSettings;
 
 /// Why a session ended.
 enum Ended {
@@ -159,6 +171,23 @@ struct Session {
     history: Vec<(u64, Snapshot)>,
     pruned_through: Option<Snapshot>,
     degraded: bool,
+    /// The elected follower's stream of the WAL (logical decoding), while it runs.
+    #[cfg(feature = "logical")]
+    stream: Option<logical::Stream>,
+    /// When to try to stream again.
+    #[cfg(feature = "logical")]
+    stream_at: Instant,
+    /// An attempt to stream that runs.
+    #[cfg(feature = "logical")]
+    setup: Option<SetupTask>,
+    /// Attempts that failed in a row.
+    #[cfg(feature = "logical")]
+    failures: u32,
+    /// The elected follower's last read of the feed row: a flush is owed once these
+    /// transactions have ended (writers stopped emitting messages while they ran).
+    flush_owed: Option<Vec<String>>,
+    /// The mode last said at info (said again when it changes).
+    mode: Option<String>,
 }
 
 impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> {
@@ -309,6 +338,16 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             history: Vec::new(),
             pruned_through: None,
             degraded: false,
+            #[cfg(feature = "logical")]
+            stream: None,
+            #[cfg(feature = "logical")]
+            stream_at: now,
+            #[cfg(feature = "logical")]
+            setup: None,
+            #[cfg(feature = "logical")]
+            failures: 0,
+            flush_owed: None,
+            mode: None,
         };
         // Elected now, or catch up with what this follower missed (the elected one applied it
         // to the shared tiers).
@@ -369,6 +408,11 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                     }
                     Err(error) => return Ended::Broken(error),
                 },
+                step = next_event(&mut session) => {
+                    if let Err(ended) = self.streamed(&mut conn, place, &mut session, sender, step).await {
+                        return ended;
+                    }
+                }
                 _ = tick.tick() => {
                     let was = session.elected;
                     if let Err(ended) = self.elect(&mut conn, place, &mut session, sender).await {
@@ -380,7 +424,10 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                         return Ended::ChainGone;
                     }
                     let result = if session.elected {
-                        self.lead(&mut conn, place, &mut session, sender).await
+                        match self.choose_mode(&mut conn, place, &mut session, sender).await {
+                            Ok(()) => self.lead(&mut conn, place, &mut session, sender).await,
+                            Err(ended) => Err(ended),
+                        }
                     } else if session.heard.elapsed() > LEADER_SILENCE {
                         if !session.degraded {
                             tracing::warn!(tier = %self.name,
@@ -547,6 +594,26 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         Ok(())
     }
 
+    /// Tells the others of changes that do not move their cursors (the WAL stream's, a
+    /// flush).
+    async fn tell(
+        &self,
+        conn: &mut PgListener,
+        place: &Place,
+        session: &mut Session,
+        entries: &[Entry],
+    ) -> Result<(), sqlx::Error> {
+        let at = session
+            .announced
+            .clone()
+            .or_else(|| place.cursor.clone())
+            .expect("set before the first session");
+        self.announce(conn, place.me, &at, &at, entries).await?;
+        session.announced = Some(at);
+        session.last_spoke = Instant::now();
+        Ok(())
+    }
+
     /// The elected follower's round: read what committed since the cursor, apply it here (the
     /// shared tiers included), tell the others, save the cursor now and then, prune.
     async fn lead(
@@ -558,6 +625,7 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
     ) -> Result<(), Ended> {
         self.read_log(conn, place, sender, Scope::All, Some(&mut *session))
             .await?;
+        self.flush_when_done(conn, place, session, sender).await?;
         self.housekeeping(conn, place, session).await;
         Ok(())
     }
@@ -706,7 +774,12 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         }
         if part == parts {
             session.partial = None;
-            place.cursor = Some(cursor.later(to));
+            // Everything the batch's start covered was applied (it followed on), and so is
+            // the batch: its end is the cursor, even when this follower's own was taken a
+            // moment later (two snapshots taken at about the same time may each see a commit
+            // the other does not: the next batch would not follow on from the later of them).
+            // The worst it costs is a change applied twice.
+            place.cursor = Some(to);
         }
         Ok(())
     }
@@ -750,6 +823,24 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                 return self
                     .reset(conn, place, session, sender, place.high_water, now)
                     .await;
+            }
+            if target.is_none()
+                && let Some(session) = leading.as_deref_mut()
+            {
+                session.flush_owed = read.flush_owed.clone();
+            }
+            if leading.is_none() && scope == Scope::Local && target.is_none() && read.logical {
+                // Writers emit their changes to the elected follower's WAL stream, not to the
+                // log: what this follower missed (it was away, or did not hear a message)
+                // cannot be read back. Its local tiers go. (Not when it reads the log because
+                // no elected follower is heard: it missed nothing, and the messages wait in
+                // the slot for the next one elected.)
+                tracing::info!(tier = %self.name,
+                    "change feed: caught up in logical decoding mode; emptying the local tiers");
+                sender
+                    .apply(scope, vec![Change::Everything])
+                    .await
+                    .ok_or(Ended::ChainGone)?;
             }
             let seen = target.clone().unwrap_or_else(|| read.seen.clone());
             if let Some(last) = read.entries.last() {
@@ -830,10 +921,23 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
     }
 }
 
+/// What the elected follower's stream of the WAL brought (nothing ever, without one).
 /// The connection under a listener, for a statement.
 async fn db(listener: &mut PgListener) -> Result<&mut sqlx::PgConnection, sqlx::Error> {
     use sqlx::Acquire;
     listener.acquire().await
+}
+
+/// An entry that tells the others to empty their local tiers (like a `TRUNCATE`).
+fn everything() -> Entry {
+    Entry {
+        txid: u64::MAX,
+        version: 0,
+        op: b'T',
+        shared_missed: false,
+        at_ms: 0,
+        key: Some(String::new()),
+    }
 }
 
 /// Whether a follower at `cursor` has seen every entry pruning removed.

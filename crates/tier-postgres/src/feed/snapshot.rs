@@ -67,12 +67,6 @@ impl Snapshot {
                 .take_while(|&&x| x < other.xmax)
                 .all(|x| other.xip.binary_search(x).is_ok())
     }
-
-    /// The later of two snapshots (either, when neither covers the other: both were taken at
-    /// about the same time).
-    pub(crate) fn later(self, other: Snapshot) -> Snapshot {
-        if other.covers(&self) { other } else { self }
-    }
 }
 
 impl fmt::Display for Snapshot {
@@ -135,8 +129,6 @@ mod tests {
         let a = s("10:20:12");
         let b = s("10:20:15");
         assert!(!a.covers(&b) && !b.covers(&a));
-        assert_eq!(early.clone().later(late.clone()), late);
-        assert_eq!(late.clone().later(early), late);
     }
 
     #[test]
