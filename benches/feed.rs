@@ -7,7 +7,12 @@
 //! ```text
 //! cargo bench --bench feed              # 300 rounds each; DATABASE_URL and REDIS_URL or local
 //! cargo bench --bench feed -- 1000      # rounds
+//! cargo bench --bench feed -- --logical  # the log against the WAL stream
 //! ```
+//!
+//! `--logical` starts a PostgreSQL of its own with `wal_level = logical` and measures, in one
+//! run, the feed reading the log (`logical_decoding(false)`) and the elected follower
+//! streaming the WAL, each with four instances of its own (idle, then readers busy).
 //!
 //! A round: every instance holds the key in memory; then, after a random pause of up to 20 ms,
 //! a change; then every instance reads
@@ -60,13 +65,27 @@ struct Setup {
 }
 
 async fn setup(schema: &str, pool: &sqlx::PgPool, redis_prefix: &str, feed: bool) -> Setup {
+    setup_on(&env::database_url(), schema, pool, redis_prefix, feed, true).await
+}
+
+/// Four instances on `url`; where `logical`, the elected follower streams the WAL when the
+/// server allows it.
+async fn setup_on(
+    url: &str,
+    schema: &str,
+    pool: &sqlx::PgPool,
+    redis_prefix: &str,
+    feed: bool,
+    logical: bool,
+) -> Setup {
     let mut instances = Vec::new();
     for _ in 0..INSTANCES {
         let mut builder = UserConfigStorage::builder()
             .postgres_source(Arc::new(
                 PostgresSource::builder()
-                    .url(env::database_url())
+                    .url(url)
                     .schema(schema)
+                    .logical_decoding(logical)
                     .build()
                     .unwrap(),
             ))
@@ -218,7 +237,63 @@ impl Busy {
     }
 }
 
+/// Whether `schema`'s writers emit logical messages (its follower streams the WAL).
+async fn writers_emit(pool: &sqlx::PgPool, schema: &str) -> bool {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT logical FROM \"{schema}\".tiercache_entries_feed WHERE id = 1"
+    )))
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false) // migrated on first use
+}
+
+/// The `--logical` run: the feed reading the log against the WAL stream, on a server of its
+/// own.
+async fn logical(rounds: u64) {
+    let Some(server) = postgres_env::LocalPostgres::start(&[("wal_level", "logical")]).await else {
+        return;
+    };
+    let url = server.url();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    for (schema, streams) in [("stock", false), ("streaming", true)] {
+        let side = setup_on(&url, schema, &pool, "", true, streams).await;
+        side.instances[0].get_user_config("warm-up").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while streams && !writers_emit(&pool, schema).await {
+            assert!(
+                Instant::now() < deadline,
+                "the follower never streamed the WAL"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let name = if streams {
+            "streams the WAL"
+        } else {
+            "reads the log  "
+        };
+        println!(
+            "  feed {name}, write through the chain: {}",
+            latency(&side, Writer::Chain, rounds).await
+        );
+        println!(
+            "  feed {name}, write with plain SQL:    {}",
+            latency(&side, Writer::Sql, rounds).await
+        );
+        let busy = Busy::start(&side);
+        println!(
+            "  feed {name}, readers busy, plain SQL:  {}",
+            latency(&side, Writer::Sql, rounds).await
+        );
+        busy.stop().await;
+    }
+}
+
 fn main() {
+    let logical_run = std::env::args().any(|a| a == "--logical");
     let rounds: u64 = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
@@ -228,6 +303,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if logical_run {
+        println!("every one of {INSTANCES} instances serves a change, from the change's start:");
+        rt.block_on(logical(rounds));
+        return;
+    }
     rt.block_on(async {
         let pool = postgres_env::postgres_pool().await;
         let schema = postgres_env::fresh_schema(&pool).await;

@@ -8,7 +8,13 @@
 //! ```text
 //! cargo bench --bench write_cost            # 4 s per run, 3 rounds; DATABASE_URL or local
 //! cargo bench --bench write_cost -- 6 5     # seconds per run, rounds
+//! cargo bench --bench write_cost -- --logical 4 3
 //! ```
+//!
+//! `--logical` starts a PostgreSQL of its own with `wal_level = logical` (and `fsync = on`)
+//! and compares, in one run, the plain upsert, the crate's writes with the feed reading the
+//! log (`logical_decoding(false)`) and with the elected follower streaming the WAL (writers
+//! emit a logical message instead of a log entry), four chains following each.
 //!
 //! Each client has a connection of its own and writes a random key among 10,000 (a user's
 //! 2.3 KiB configuration, one field changed each time) as fast as the server commits it
@@ -141,7 +147,118 @@ async fn other_database(admin: &sqlx::PgPool, options: &PgConnectOptions) -> Opt
     })
 }
 
+/// Four chains following `schema`'s feed on `url`, streaming the WAL where `logical`.
+async fn followers(url: &str, schema: &str, logical: bool) -> Vec<TieredCache<String, UserConfig>> {
+    let mut chains = Vec::new();
+    for _ in 0..4 {
+        let source = PostgresSource::<String, UserConfig>::builder()
+            .url(url)
+            .schema(schema)
+            .logical_decoding(logical)
+            .build()
+            .unwrap();
+        source.migrate().await.unwrap();
+        chains.push(
+            TieredCache::builder()
+                .tier(MemoryTier::new())
+                .source(source)
+                .build()
+                .unwrap(),
+        );
+    }
+    chains
+}
+
+fn write_function(schema: &str) -> String {
+    format!(
+        "SELECT outcome, version FROM \"{schema}\".\"tiercache_entries_write\"($1, $2::jsonb, NULL)"
+    )
+}
+
+/// The `--logical` run: the log against the WAL stream, on a server of its own.
+async fn logical(secs: f64, rounds: usize) {
+    let Some(server) =
+        postgres_env::LocalPostgres::start(&[("wal_level", "logical"), ("fsync", "on")]).await
+    else {
+        return;
+    };
+    let url = server.url();
+    let options: PgConnectOptions = url.parse().unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&url)
+        .await
+        .unwrap();
+    let _log = followers(&url, "stock", false).await;
+    let _stream = followers(&url, "streaming", true).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let on: bool =
+            sqlx::query_scalar("SELECT logical FROM streaming.tiercache_entries_feed WHERE id = 1")
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        if on {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower never streamed the WAL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    sqlx::query(
+        "CREATE TABLE public.plain (key text PRIMARY KEY, value jsonb NOT NULL, \
+         version bigint NOT NULL DEFAULT 1, updated_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let plain = Side {
+        name: "plain upsert",
+        sql: "INSERT INTO public.plain (key, value) VALUES ($1, $2::jsonb) \
+              ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+            .into(),
+    };
+    let log = Side {
+        name: "ours, feed reads the log",
+        sql: write_function("stock"),
+    };
+    let stream = Side {
+        name: "ours, feed streams the WAL",
+        sql: write_function("streaming"),
+    };
+    println!(
+        "{secs} s per run, {rounds} rounds, medians; wal_level = logical, fsync = on; \
+         4 chains follow each schema"
+    );
+    for clients in [1, 16, 64] {
+        let m = compare(&options, &[&plain, &log, &stream], clients, secs, rounds).await;
+        println!(
+            "{clients:>3} clients: {} {:>6.0} tps | {} {:>6.0} tps ({:.2}x) | {} {:>6.0} tps \
+             ({:.2}x)",
+            plain.name,
+            m[0],
+            log.name,
+            m[1],
+            m[1] / m[0],
+            stream.name,
+            m[2],
+            m[2] / m[0]
+        );
+    }
+    let wal: String = sqlx::query_scalar(
+        "SELECT coalesce(pg_size_pretty(pg_wal_lsn_diff(pg_current_wal_lsn(), \
+         confirmed_flush_lsn)), 'no slot') FROM pg_replication_slots LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap_or_else(|_| "no slot".into());
+    println!("WAL the slot still holds at the end: {wal}");
+}
+
 fn main() {
+    let logical_run = std::env::args().any(|a| a == "--logical");
     let mut args = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse::<f64>().ok());
@@ -152,27 +269,17 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    if logical_run {
+        rt.block_on(logical(secs, rounds));
+        return;
+    }
     rt.block_on(async {
         let pool = postgres_env::postgres_pool().await;
         let schema = postgres_env::fresh_schema(&pool).await;
         let options: PgConnectOptions = env::database_url().parse().unwrap();
-        // Four chains follow the feed: one of them is elected and reads the log every 10 ms.
-        let mut chains = Vec::new();
-        for _ in 0..4 {
-            let source = PostgresSource::<String, UserConfig>::builder()
-                .url(env::database_url())
-                .schema(&schema)
-                .build()
-                .unwrap();
-            source.migrate().await.unwrap();
-            chains.push(
-                TieredCache::builder()
-                    .tier(MemoryTier::new())
-                    .source(source)
-                    .build()
-                    .unwrap(),
-            );
-        }
+        // Four chains follow the feed: one of them is elected and reads the log every 10 ms
+        // (this server's wal_level is its own: where it is logical, the WAL is streamed).
+        let chains = followers(&env::database_url(), &schema, true).await;
         sqlx::query(AssertSqlSafe(format!(
             "CREATE TABLE \"{schema}\".plain (key text PRIMARY KEY, value jsonb NOT NULL, \
              version bigint NOT NULL DEFAULT 1, updated_at timestamptz NOT NULL DEFAULT now())"
@@ -189,10 +296,7 @@ fn main() {
         };
         let ours = Side {
             name: "the crate's write function",
-            sql: format!(
-                "SELECT outcome, version FROM \"{schema}\".\"tiercache_entries_write\"\
-                 ($1, $2::jsonb, NULL)"
-            ),
+            sql: write_function(&schema),
         };
         println!("{secs} s per run, {rounds} rounds, medians; feed on (4 chains following)");
         let mut ours_at = Vec::new();
