@@ -206,8 +206,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
     /// Whether the elected follower streams the WAL (logical decoding, feature `logical`)
     /// where the server allows it: `wal_level = logical`, a role with `REPLICATION`, a free
     /// replication slot, `CREATE` on the database the first time (for the publication), the
-    /// password in the URL (or `PGPASSWORD`), no TLS. Writers then emit a logical message instead of a log entry, and
-    /// changes reach every instance as they commit rather than at the next read of the log.
+    /// password in the URL (or `PGPASSWORD`), no TLS. Writers then emit a logical message
+    /// instead of a log entry, and changes reach every instance as they commit rather than at
+    /// the next read of the log.
     /// Where it does not, the feed reads the log, and says why at info. Defaults to `true`.
     pub fn logical_decoding(mut self, on: bool) -> Self {
         self.logical = on;

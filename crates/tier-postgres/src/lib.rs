@@ -22,7 +22,10 @@
 //!   every [`feed_poll`](PostgresSourceBuilder::feed_poll), with a snapshot as its cursor (so
 //!   that no transaction held open anywhere holds it back); it applies each change to its
 //!   chain's shared tiers and tells the others with `NOTIFY` from short transactions of its own
-//!   that write nothing, on [`channel`](PostgresSource::channel). See the `feed` module.
+//!   that write nothing, on [`channel`](PostgresSource::channel). Where the server allows
+//!   logical decoding (feature `logical`, on by default), it streams the WAL through a
+//!   replication slot instead ([`logical_decoding`](PostgresSourceBuilder::logical_decoding)).
+//!   See the `feed` module.
 //! * Reads: one prepared primary-key `SELECT`; `get_many` one `= ANY($1)` query. Writes and
 //!   deletes: one call of a function the migrations create (`<table>_write`,
 //!   `<table>_delete`), which locks the row, checks the expected version (compare-and-set),

@@ -26,6 +26,10 @@
 //! whole retention ago are deleted in batches, after recording that cursor as pruned. A
 //! follower whose cursor does not cover it (cut off for longer than the retention) may have
 //! lost changes, and reports [`Change::Everything`] instead of reading on.
+//!
+//! **Where the server allows logical decoding** the elected follower streams the WAL through
+//! a replication slot instead, and writers emit a logical message rather than a log entry
+//! (`mode.rs` chooses, `logical.rs` streams); the others hear of the changes the same way.
 
 mod log;
 #[cfg(feature = "logical")]
