@@ -240,7 +240,7 @@ impl Busy {
 /// Whether `schema`'s writers emit logical messages (its follower streams the WAL).
 async fn writers_emit(pool: &sqlx::PgPool, schema: &str) -> bool {
     sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT logical FROM \"{schema}\".tiercache_entries_feed WHERE id = 1"
+        "SELECT last_value = 1 FROM \"{schema}\".tiercache_entries_emit"
     )))
     .fetch_one(pool)
     .await

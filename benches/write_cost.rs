@@ -194,7 +194,7 @@ async fn logical(secs: f64, rounds: usize) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let on: bool =
-            sqlx::query_scalar("SELECT logical FROM streaming.tiercache_entries_feed WHERE id = 1")
+            sqlx::query_scalar("SELECT last_value = 1 FROM streaming.tiercache_entries_emit")
                 .fetch_one(&pool)
                 .await
                 .unwrap();

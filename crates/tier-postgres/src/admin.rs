@@ -78,6 +78,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             names.fill(&format!(
                 "GRANT USAGE, SELECT, UPDATE ON SEQUENCE {{versions}} TO {role}"
             )),
+            names.fill(&format!(
+                "GRANT SELECT, UPDATE ON SEQUENCE {{emit}} TO {role}"
+            )),
             names.fill(&format!("GRANT EXECUTE ON FUNCTION {{write_fn}} TO {role}")),
             names.fill(&format!(
                 "GRANT EXECUTE ON FUNCTION {{delete_fn}} TO {role}"

@@ -230,6 +230,7 @@ impl Names {
                 format!("\"{}\"", derived(table, "_changes_at")),
             ),
             ("{feed}", q(&derived(table, "_feed"))),
+            ("{emit}", q(&derived(table, "_emit"))),
             ("{stamp}", q(&derived(table, "_stamp"))),
             ("{announce}", q(&derived(table, "_announce"))),
             ("{truncated}", q(&derived(table, "_truncated"))),

@@ -38,9 +38,9 @@ async fn logical_chain(
         .unwrap()
 }
 
-/// Whether the feed row tells writers to emit logical messages (else they write the log).
+/// Whether the switch tells writers to emit logical messages (else they write the log).
 async fn writers_emit(admin: &sqlx::PgPool) -> bool {
-    sqlx::query_scalar("SELECT logical FROM public.tiercache_entries_feed WHERE id = 1")
+    sqlx::query_scalar("SELECT last_value = 1 FROM public.tiercache_entries_emit")
         .fetch_one(admin)
         .await
         .unwrap()
@@ -425,6 +425,24 @@ async fn a_writer_that_emitted_before_the_feed_stopped_streaming_is_not_lost() {
         .await
         .unwrap();
 
+    let bob = "bob".to_owned();
+    reading
+        .update(&bob, Arc::new(serde_json::json!({"n": 1})))
+        .await
+        .unwrap();
+    // A transaction whose snapshot is taken while writers emit, and that writes only after
+    // they stopped: what it does must follow the switch as it is then, not as its snapshot
+    // saw it (its change would go to a slot nobody reads).
+    let mut late = admin.begin().await.unwrap();
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *late)
+        .await
+        .unwrap();
+    sqlx::query("SELECT count(*) FROM public.tiercache_entries")
+        .execute(&mut *late)
+        .await
+        .unwrap();
+
     // A writer's trigger runs (and emits) while the flag is set; it commits later.
     let mut writer = admin.begin().await.unwrap();
     let second: i64 = sqlx::query_scalar(
@@ -447,6 +465,21 @@ async fn a_writer_that_emitted_before_the_feed_stopped_streaming_is_not_lost() {
     // Cached again meanwhile, as it is before the writer commits.
     assert_eq!(reading.fetch(&key).await.unwrap().version, first);
     assert_eq!(reading.fetch(&key).await.unwrap().version, first);
+    let bob_before = reading.fetch(&bob).await.unwrap().version;
+    let bob_after: i64 = sqlx::query_scalar(
+        "UPDATE public.tiercache_entries SET value = '{\"n\": 2}' WHERE key = 'bob' \
+         RETURNING version",
+    )
+    .fetch_one(&mut *late)
+    .await
+    .unwrap();
+    late.commit().await.unwrap();
+    let check = until("the late writer's change reached the cache");
+    while reading.fetch(&bob).await.unwrap().version == bob_before {
+        check();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(reading.fetch(&bob).await.unwrap().version, bob_after as u64);
     writer.commit().await.unwrap();
 
     let check = until("the writer's change reached the cache");
@@ -473,4 +506,65 @@ async fn a_writer_that_emitted_before_the_feed_stopped_streaming_is_not_lost() {
         check();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// While only other tables change, the slot still lets go of the WAL: transactions with
+/// nothing for the feed are not sent at all, so the follower confirms the server's keepalive
+/// positions when it has nothing pending (else the slot would keep every byte of the
+/// database's WAL until the next change of this table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_lets_go_of_the_wal_while_only_other_tables_change() {
+    let Some(server) = LocalPostgres::start(&[("wal_level", "logical")]).await else {
+        return;
+    };
+    let chain = logical_chain(server.url(), FakeTier::cache("shared"), true).await;
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !writers_emit(&admin).await {
+        assert!(tokio::time::Instant::now() < deadline, "never streamed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    chain
+        .update(&"k".to_owned(), Arc::new(serde_json::json!({"n": 1})))
+        .await
+        .unwrap();
+    for statement in [
+        "CREATE TABLE other (n int, pad text)",
+        "INSERT INTO other SELECT n, repeat('x', 200) FROM generate_series(1, 100000) n",
+    ] {
+        sqlx::query(statement).execute(&admin).await.unwrap();
+    }
+    let written: String = sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    let behind = || async {
+        sqlx::query_scalar::<_, f64>(
+            "SELECT pg_wal_lsn_diff($1::pg_lsn, confirmed_flush_lsn)::float8 \
+             FROM pg_replication_slots",
+        )
+        .bind(&written)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    let at_first = behind().await;
+    assert!(at_first > 10e6, "the insert wrote {at_first} bytes of WAL");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = behind().await;
+        if left < 64e3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot still holds {left} bytes of WAL written for other tables"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(chain);
 }

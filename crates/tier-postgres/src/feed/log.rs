@@ -36,11 +36,13 @@ pub(crate) struct Statements {
     identity: String,
     /// `$1`: the version counter's next value, at least.
     raise_versions: String,
-    /// `$1`: whether writers emit logical messages (else they write the log); returns what it
-    /// was.
-    set_logical: String,
+    /// `$1`: the switch's new value (1: writers emit logical messages, 0: they write the log).
+    set_switch: String,
+    /// A flush is owed, for transactions not yet recorded (`{*}`).
+    owe: String,
+    /// The transactions running now are those the flush owed waits for (replacing `{*}`).
+    owe_running: String,
     /// Whether writers emit logical messages.
-    #[cfg(feature = "logical")]
     logical: String,
     /// `$1`: the flush owed that was made (it is no longer owed, unless owed anew).
     flushed: String,
@@ -64,7 +66,8 @@ impl Statements {
             "SELECT pg_current_snapshot()::text, f.pruned, \
                     c.txid::text, c.version, c.key, c.op::text, \
                     (extract(epoch FROM c.at) * 1000)::float8, \
-                    (SELECT last_value FROM {{versions}}), f.logical, f.flush_owed \
+                    (SELECT last_value FROM {{versions}}), \
+                    (SELECT last_value = 1 FROM {{emit}}), f.flush_owed \
              FROM {{feed}} f LEFT JOIN LATERAL ( \
                SELECT * FROM ( \
                  (SELECT txid, version, key, op, at FROM {{changes}} \
@@ -97,15 +100,14 @@ impl Statements {
                        pg_is_in_recovery() \
                        FROM pg_control_system() s"
                 .to_owned(),
-            set_logical: names.fill(
-                "WITH old AS (SELECT logical FROM {feed} WHERE id = 1) \
-                 UPDATE {feed} SET logical = $1, flush_owed = CASE WHEN logical AND NOT $1 \
-                   THEN ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x) \
-                   ELSE flush_owed END \
-                 WHERE id = 1 RETURNING (SELECT logical FROM old)",
+            set_switch: names.fill("SELECT setval('{emit}', $1, true)"),
+            owe: names.fill("UPDATE {feed} SET flush_owed = '{*}' WHERE id = 1"),
+            owe_running: names.fill(
+                "UPDATE {feed} SET flush_owed = \
+                   ARRAY(SELECT x::text FROM pg_snapshot_xip(pg_current_snapshot()) x) \
+                 WHERE id = 1 AND flush_owed = '{*}'",
             ),
-            #[cfg(feature = "logical")]
-            logical: names.fill("SELECT logical FROM {feed} WHERE id = 1"),
+            logical: names.fill("SELECT last_value = 1 FROM {emit}"),
             flushed: names.fill(
                 "UPDATE {feed} SET flush_owed = NULL WHERE id = 1 AND flush_owed = $1::text[]",
             ),
@@ -286,28 +288,54 @@ pub(crate) async fn save_cursor(
 }
 
 /// Sets whether writers emit logical messages (`on`) or write the log; returns what it was.
+/// Turning it off owes a flush for the transactions that run just after (one of them may
+/// have emitted a message before, and commit after the flush that goes with the change): the
+/// debt is recorded before the switch turns (`{*}`), and its transactions just after, each in
+/// a statement of its own (a statement's snapshot is taken when it starts), so that a follower
+/// gone in between leaves a debt the next one elected settles ([`owe_running`]).
 pub(crate) async fn set_logical(
     conn: &mut PgConnection,
     sql: &Statements,
     on: bool,
 ) -> Result<bool, sqlx::Error> {
-    let was: Option<bool> = sqlx::query_scalar(AssertSqlSafe(sql.set_logical.as_str()))
-        .bind(on)
-        .fetch_optional(conn)
+    let was = logical(&mut *conn, sql).await?;
+    if was == on {
+        return Ok(was);
+    }
+    if !on {
+        sqlx::query(AssertSqlSafe(sql.owe.as_str()))
+            .execute(&mut *conn)
+            .await?;
+    }
+    sqlx::query(AssertSqlSafe(sql.set_switch.as_str()))
+        .bind(i64::from(on))
+        .execute(&mut *conn)
         .await?;
-    Ok(was.unwrap_or(false))
+    if !on {
+        owe_running(conn, sql).await?;
+    }
+    Ok(was)
+}
+
+/// Records the transactions running now as those a flush owed (`{*}`) waits for.
+pub(crate) async fn owe_running(
+    conn: &mut PgConnection,
+    sql: &Statements,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(AssertSqlSafe(sql.owe_running.as_str()))
+        .execute(conn)
+        .await?;
+    Ok(())
 }
 
 /// Whether writers emit logical messages now.
-#[cfg(feature = "logical")]
 pub(crate) async fn logical(
     conn: &mut PgConnection,
     sql: &Statements,
 ) -> Result<bool, sqlx::Error> {
-    let on: Option<bool> = sqlx::query_scalar(AssertSqlSafe(sql.logical.as_str()))
-        .fetch_optional(conn)
-        .await?;
-    Ok(on.unwrap_or(false))
+    sqlx::query_scalar(AssertSqlSafe(sql.logical.as_str()))
+        .fetch_one(conn)
+        .await
 }
 
 /// Whether any of these transactions still runs.

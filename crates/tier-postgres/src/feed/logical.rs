@@ -5,9 +5,9 @@
 //! (`pg_logical_emit_message`, prefix the table's channel, content `op version key`), a WAL
 //! record and nothing else, decoded in commit order through a replication slot with the
 //! built-in `pgoutput` plugin (its publication has no table: only the messages are sent). The
-//! feed row's `logical` flag tells the trigger which to do; the elected follower sets it once
-//! its stream runs, and clears it (flushing every cache once) when it cannot run one. The log
-//! is still read every `feed_poll` meanwhile: a writer that read the flag before it changed
+//! switch `<table>_emit` tells the trigger which to do; the elected follower turns it on once
+//! its stream runs, and off (flushing every cache) when it cannot run one (`mode.rs`). The log
+//! is still read every `feed_poll` meanwhile: a writer that read the switch before it turned
 //! wrote an entry there.
 //!
 //! A slot has one consumer at a time: only the elected follower streams. When its session ends
@@ -298,9 +298,32 @@ impl Stream {
                 prefix, content, ..
             } if prefix == self.prefix => {
                 let at_ms = self.pending.first().map_or(0, |b| b.at_ms);
-                if let Some(entry) = parse(&content, at_ms) {
-                    self.pending.push(entry);
-                }
+                // A message that does not parse is a change nobody can name: every key.
+                let entry = parse(&content, at_ms).unwrap_or_else(|| {
+                    tracing::warn!(prefix = %self.prefix,
+                        "change feed: a writer's message does not parse: every cache is flushed");
+                    Entry {
+                        txid: u64::MAX,
+                        version: 0,
+                        op: b'T',
+                        shared_missed: false,
+                        at_ms,
+                        key: Some(String::new()),
+                    }
+                });
+                self.pending.push(entry);
+                Step::Nothing
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. }
+                if self.pending.is_empty()
+                    && self.committed.is_empty()
+                    && self.through.is_none() =>
+            {
+                // The server has decoded and sent everything before `wal_end` (its `sentPtr`),
+                // and every transaction of ours in it is applied: the slot may let go of it.
+                // Without this, while only other tables change (transactions with nothing for
+                // us are not sent at all), the slot would keep the database's WAL for ever.
+                self.client.update_applied_lsn(wal_end);
                 Step::Nothing
             }
             ReplicationEvent::Commit { end_lsn, .. } => {

@@ -1,13 +1,13 @@
 //! The elected follower's mode: streaming the WAL where the server allows it (logical
 //! decoding, see `logical.rs`), else reading the log (stock mode, see `log.rs`).
 //!
-//! Writers follow the feed row's `logical` flag: set, they emit a transactional logical
-//! message (nothing else on their commit path); clear, they add an entry to the log. The
-//! elected follower sets the flag only once its stream runs (its slot exists, so nothing
-//! emitted after is lost) and clears it when the stream cannot be had; every clearing of a set
-//! flag flushes every cache of the fleet once at once and once more when the transactions that
-//! ran at the change have ended (the flush is owed in the feed row, so that whoever is elected
-//! next makes it).
+//! Writers follow a switch (`<table>_emit`, a sequence read as it is now, whatever the
+//! writer's snapshot): on, they emit a transactional logical message (nothing else on their
+//! commit path); off, they add an entry to the log. The elected follower turns it on only once
+//! its stream runs (its slot exists, so nothing emitted after is lost) and off when the stream
+//! cannot be had; every turn off flushes every cache of the fleet at once and once more when
+//! the transactions running just after it have ended (the flush is owed in the feed row, so
+//! that whoever is elected next makes it; see `log::set_logical`).
 
 #[cfg(feature = "logical")]
 use std::time::{Duration, Instant};
@@ -48,7 +48,7 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
     /// allows it, else reading the log. Tried at election and, while not streaming, again
     /// (every [`STREAM_RETRY`], doubling while it fails). The attempt runs in a task of its
     /// own (making a slot waits for every running transaction): the log is read meanwhile.
-    /// While writers emit messages (the flag is set) the flag is cleared, and every cache
+    /// While writers emit messages (the switch is on) it is turned off, and every cache
     /// flushed once, only when the stream cannot be had: the server no longer allows it, the
     /// slot is gone, or it failed [`STREAM_TRIES`] times in a row.
     pub(super) async fn choose_mode(
@@ -222,6 +222,17 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         let Some(xids) = session.flush_owed.take() else {
             return Ok(());
         };
+        if xids == ["*"] {
+            // A follower was turning the switch off and went before it recorded the
+            // transactions then running: those running now include them. If the switch did
+            // not turn, writers still emit to the slot and nothing is owed.
+            if log::logical(db(conn).await?, &self.sql).await? {
+                log::flushed(db(conn).await?, &self.sql, &xids).await?;
+            } else {
+                log::owe_running(db(conn).await?, &self.sql).await?;
+            }
+            return Ok(());
+        }
         if log::still_running(db(conn).await?, &xids).await? {
             return Ok(());
         }
@@ -279,6 +290,13 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                 return Ok(());
             };
             let (mut entries, through) = stream.ready();
+            if entries.is_empty() {
+                // Transactions with nothing for this table (servers before 15 send them).
+                if let Some(lsn) = through {
+                    stream.applied(lsn);
+                }
+                return Ok(());
+            }
             self.counters.entries_read.add(entries.len() as u64);
             let changes = self.changes(conn, &entries).await?;
             let applied = sender
