@@ -11,9 +11,12 @@
 -- transactions running just after it turned it off are recorded in the feed row
 -- (`flush_owed`; `{*}` while they are being recorded): one of them may have emitted a message
 -- nobody will read, so every cache is flushed once more when they have all ended (see
--- feed/mode.rs).
+-- feed/mode.rs). The snapshot of that second flush (`stream_off`) ends the era: a follower
+-- whose cursor does not cover it may have missed a change that was never in the log, and
+-- empties its local tiers when it catches up.
 CREATE SEQUENCE IF NOT EXISTS {emit} MINVALUE 0 MAXVALUE 1 START 0 NO CYCLE;
 ALTER TABLE {feed} ADD COLUMN IF NOT EXISTS flush_owed text[];
+ALTER TABLE {feed} ADD COLUMN IF NOT EXISTS stream_off text;
 
 -- After a row was written or deleted: its change recorded, as a log entry or as a logical
 -- message (as the switch says). Nothing else on the commit path. It runs as the table's

@@ -352,6 +352,64 @@ async fn the_elected_follower_hands_over_without_losing_a_change() {
     fleet.cleanup().await;
 }
 
+/// A follower cut off while the elected one applies a change, that comes back and is
+/// elected at once (the other has gone meanwhile), resumes where the last elected follower
+/// got to: past the change, which its own local tier never dropped. It catches up with its own
+/// cursor first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_elected_as_it_comes_back_first_catches_up_its_own_tiers() {
+    let fleet = Fleet::new(2, None, true).await;
+    let keys = seeded(&fleet, 5).await;
+    let leader = fleet.elected();
+    let other = 1 - leader;
+    fleet.proxies[other].set_mode(ProxyMode::Reset);
+    fleet.proxies[other].kill_connections();
+    eventually("the other follower cut off", || async {
+        (!fleet.chains[other].stats().feed.unwrap().connected).then_some(())
+    })
+    .await;
+    fleet
+        .sql(format!(
+            "UPDATE {} SET value = jsonb_build_object('late', 1)",
+            fleet.table()
+        ))
+        .await;
+    fleet
+        .current(
+            &fleet.chains[leader],
+            &keys,
+            "the elected chain serves the change",
+        )
+        .await;
+    // Its cursor, past the change, is saved (once a second); then it goes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    fleet.proxies[leader].set_mode(ProxyMode::Reset);
+    fleet.proxies[leader].kill_connections();
+    eventually("the elected follower gone", || async {
+        (!fleet.chains[leader].stats().feed.unwrap().connected).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fleet.proxies[other].set_mode(ProxyMode::Pass);
+    eventually("the other follower elected", || async {
+        fleet.chains[other]
+            .stats()
+            .feed
+            .unwrap()
+            .elected
+            .then_some(())
+    })
+    .await;
+    fleet
+        .current(
+            &fleet.chains[other],
+            &keys,
+            "the follower that came back serves the change",
+        )
+        .await;
+    fleet.cleanup().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_the_shared_tier_missed_is_replayed_by_every_chain_before_it_reads_there() {
     let fleet = Fleet::new(2, None, false).await;

@@ -67,7 +67,7 @@ impl Statements {
                     c.txid::text, c.version, c.key, c.op::text, \
                     (extract(epoch FROM c.at) * 1000)::float8, \
                     (SELECT last_value FROM {{versions}}), \
-                    (SELECT last_value = 1 FROM {{emit}}), f.flush_owed \
+                    (SELECT last_value = 1 FROM {{emit}}), f.flush_owed, f.stream_off \
              FROM {{feed}} f LEFT JOIN LATERAL ( \
                SELECT * FROM ( \
                  (SELECT txid, version, key, op, at FROM {{changes}} \
@@ -109,7 +109,8 @@ impl Statements {
             ),
             logical: names.fill("SELECT last_value = 1 FROM {emit}"),
             flushed: names.fill(
-                "UPDATE {feed} SET flush_owed = NULL WHERE id = 1 AND flush_owed = $1::text[]",
+                "UPDATE {feed} SET flush_owed = NULL, stream_off = pg_current_snapshot()::text \
+                 WHERE id = 1 AND flush_owed = $1::text[]",
             ),
             raise_versions: names.fill(
                 "SELECT setval('{versions}', GREATEST($1, (SELECT last_value FROM {versions})))",
@@ -142,6 +143,8 @@ pub(crate) struct Read {
     /// Writers stopped emitting messages, and every cache is to be flushed (once more) when
     /// these transactions, which ran then, have ended.
     pub(crate) flush_owed: Option<Vec<String>>,
+    /// When the last era of logical messages ended (its second flush was made).
+    pub(crate) stream_off: Option<Snapshot>,
     pub(crate) entries: Vec<Entry>,
     /// Whether more pages follow.
     pub(crate) more: bool,
@@ -175,6 +178,7 @@ pub(crate) async fn page(
     let mut last_version = 0;
     let mut logical = false;
     let mut flush_owed = None;
+    let mut stream_off = None;
     let mut entries = Vec::with_capacity(rows.len());
     for row in &rows {
         let snap: String = row.try_get(0)?;
@@ -185,6 +189,8 @@ pub(crate) async fn page(
         last_version = u64::try_from(last).unwrap_or(0);
         logical = row.try_get(8)?;
         flush_owed = row.try_get(9)?;
+        let off: Option<String> = row.try_get(10)?;
+        stream_off = off.as_deref().and_then(Snapshot::parse);
         let Some(txid) = row.try_get::<Option<String>, _>(2)? else {
             continue;
         };
@@ -211,6 +217,7 @@ pub(crate) async fn page(
         last_version,
         logical,
         flush_owed,
+        stream_off,
         entries,
         more,
     })

@@ -29,6 +29,9 @@ use sqlx::{AssertSqlSafe, Connection, Row};
 
 use super::wire::Entry;
 
+/// How long the replication session may take to log in and start streaming.
+const START_WITHIN: Duration = Duration::from_secs(10);
+
 /// PostgreSQL's epoch (2000-01-01) in Unix seconds.
 const POSTGRES_EPOCH: u64 = 946_684_800;
 
@@ -241,9 +244,16 @@ impl Stream {
         .with_tls(TlsConfig::disabled())
         .with_application_name("tiercache-feed")
         .with_status_interval(Duration::from_millis(200));
-        let client = ReplicationClient::connect(config)
+        let mut client = ReplicationClient::connect(config)
             .await
             .map_err(|e| e.to_string())?;
+        // `connect` returns before the session logs in and starts replication (in the crate's
+        // own task): only a started stream holds the slot and receives what writers emit.
+        match tokio::time::timeout(START_WITHIN, client.wait_started()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => return Err(error.to_string()),
+            Err(_) => return Err(format!("not started within {START_WITHIN:?}")),
+        }
         Ok(Stream {
             client,
             prefix: settings.name.clone(),

@@ -353,16 +353,16 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             flush_owed: None,
             mode: None,
         };
-        // Elected now, or catch up with what this follower missed (the elected one applied it
-        // to the shared tiers).
-        if let Err(ended) = self.elect(&mut conn, place, &mut session, sender).await {
+        // Catch up with what this follower missed (the elected one applied it to the shared
+        // tiers), then try to be elected: an elected follower resumes where the last one got
+        // to, which may be past what this one's local tiers saw.
+        if let Err(ended) = self
+            .read_log(&mut conn, place, sender, Scope::Local, None)
+            .await
+        {
             return ended;
         }
-        if !session.elected
-            && let Err(ended) = self
-                .read_log(&mut conn, place, sender, Scope::Local, None)
-                .await
-        {
+        if let Err(ended) = self.elect(&mut conn, place, &mut session, sender).await {
             return ended;
         }
         if *failures > 0 {
@@ -430,6 +430,10 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                     let result = if session.elected {
                         match self.choose_mode(&mut conn, place, &mut session, sender).await {
                             Ok(()) => self.lead(&mut conn, place, &mut session, sender).await,
+                            Err(Ended::Broken(sqlx::Error::Database(error))) => {
+                                self.mode_failed(&mut session, &*error);
+                                self.lead(&mut conn, place, &mut session, sender).await
+                            }
                             Err(ended) => Err(ended),
                         }
                     } else if session.heard.elapsed() > LEADER_SILENCE {
@@ -833,12 +837,19 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             {
                 session.flush_owed = read.flush_owed.clone();
             }
-            if leading.is_none() && scope == Scope::Local && target.is_none() && read.logical {
-                // Writers emit their changes to the elected follower's WAL stream, not to the
-                // log: what this follower missed (it was away, or did not hear a message)
-                // cannot be read back. Its local tiers go. (Not when it reads the log because
-                // no elected follower is heard: it missed nothing, and the messages wait in
-                // the slot for the next one elected.)
+            let streamed_since = read.logical
+                || read.flush_owed.is_some()
+                || read
+                    .stream_off
+                    .as_ref()
+                    .is_some_and(|off| !from.covers(off));
+            if leading.is_none() && scope == Scope::Local && target.is_none() && streamed_since {
+                // Writers emit (or emitted, since this follower's cursor) their changes to the
+                // elected follower's WAL stream, not to the log: what this follower missed (it
+                // was away, or did not hear a message) cannot be read back. Its local tiers
+                // go. (Not when it reads the log because no elected follower is heard: it
+                // missed nothing, and the messages wait in the slot for the next one
+                // elected.)
                 tracing::info!(tier = %self.name,
                     "change feed: caught up in logical decoding mode; emptying the local tiers");
                 sender

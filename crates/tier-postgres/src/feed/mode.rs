@@ -19,6 +19,8 @@ use tiercache_core::{Change, Scope, StorageKey};
 
 #[cfg(feature = "logical")]
 use super::logical;
+#[cfg(feature = "logical")]
+use super::wire;
 use super::{Ended, Follower, Place, Session, db, everything, log};
 
 /// How soon the elected follower tries again to stream the WAL (doubling while it fails, up
@@ -131,7 +133,6 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             logical::Setup::Streaming(stream) => {
                 log::set_logical(db(conn).await?, &self.sql, true).await?;
                 session.stream = Some(stream);
-                session.failures = 0;
                 let name = self.logical.as_ref().map_or("", |s| s.name.as_str());
                 self.say_mode(session, format!("logical decoding through slot {name}"));
                 Ok(())
@@ -185,7 +186,11 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             self.flush(conn, place, session, sender).await?;
         }
         if let Err(error) = log::drop_slot(db(conn).await?, &self.channel).await {
-            tracing::debug!(tier = %self.name, %error, "change feed: could not drop the slot");
+            // It keeps the server's WAL for nobody: an operator must drop it.
+            tracing::warn!(tier = %self.name, %error,
+                "change feed: could not drop the replication slot, which keeps WAL for nobody; \
+                 have a role that may run: SELECT pg_drop_replication_slot('{}')",
+                self.channel);
         }
         self.say_mode(
             session,
@@ -233,8 +238,16 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             }
             return Ok(());
         }
-        if log::still_running(db(conn).await?, &xids).await? {
-            return Ok(());
+        match log::still_running(db(conn).await?, &xids).await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            // Transaction ids this server cannot place (they came with the feed row from
+            // another history): nothing of theirs runs here.
+            Err(sqlx::Error::Database(error)) => {
+                tracing::warn!(tier = %self.name, %error,
+                    "change feed: the transactions a flush waited for are unknown here");
+            }
+            Err(error) => return Err(error.into()),
         }
         tracing::info!(tier = %self.name,
             "change feed: the transactions that ran when writers stopped emitting messages \
@@ -242,6 +255,49 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         self.flush(conn, place, session, sender).await?;
         log::flushed(db(conn).await?, &self.sql, &xids).await?;
         Ok(())
+    }
+
+    /// The WAL stream was cut: read the log meanwhile and stream again a second later (what
+    /// writers emit waits in the slot); after [`STREAM_TRIES`] cuts in a row with nothing
+    /// received between them, the log is the feed again.
+    #[cfg(feature = "logical")]
+    async fn cut(
+        &self,
+        conn: &mut PgListener,
+        place: &mut Place,
+        session: &mut Session,
+        sender: &ChangeSender<K, V>,
+        why: String,
+    ) -> Result<(), Ended> {
+        session.stream = None;
+        session.failures = session.failures.saturating_add(1);
+        if session.failures < STREAM_TRIES {
+            tracing::warn!(tier = %self.name, %why,
+                "change feed: the WAL stream was cut; reading the log meanwhile");
+            session.stream_at = Instant::now() + Duration::from_secs(1);
+            return Ok(());
+        }
+        session.stream_at = Instant::now() + STREAM_RETRY_MAX;
+        let why = format!(
+            "the WAL stream was cut {} times in a row ({why})",
+            session.failures
+        );
+        self.stock(conn, place, session, sender, &why).await
+    }
+
+    /// A statement of the mode's failed (a privilege missing, say): said at warn, once, and
+    /// tried again much later; the log is read meanwhile. The session goes on (ending it
+    /// would only bring this follower back here at once).
+    pub(super) fn mode_failed(&self, session: &mut Session, error: &dyn std::error::Error) {
+        #[cfg(feature = "logical")]
+        {
+            session.stream_at = Instant::now() + STREAM_RETRY_MAX;
+        }
+        let mode = format!("could not choose between the log and the WAL stream: {error}");
+        if session.mode.as_ref() != Some(&mode) {
+            tracing::warn!(tier = %self.name, "change feed: {mode}");
+            session.mode = Some(mode);
+        }
     }
 
     /// Says the feed's mode at info, once (again when it changes).
@@ -265,26 +321,21 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
     ) -> Result<(), Ended> {
         #[cfg(feature = "logical")]
         {
-            let cut = |session: &mut Session, why: String| {
-                tracing::warn!(tier = %self.name, %why,
-                    "change feed: the WAL stream was cut; reading the log meanwhile");
-                session.stream = None;
-                session.stream_at = Instant::now() + Duration::from_secs(1);
-            };
             match step {
-                Err(why) => {
-                    cut(session, why);
-                    return Ok(());
+                Err(why) => return self.cut(conn, place, session, sender, why).await,
+                Ok(step) => {
+                    // The stream works.
+                    session.failures = 0;
+                    if matches!(step, logical::Step::Nothing) {
+                        return Ok(());
+                    }
                 }
-                Ok(logical::Step::Nothing) => return Ok(()),
-                Ok(logical::Step::Ready) => {}
             }
             let Some(stream) = session.stream.as_mut() else {
                 return Ok(());
             };
             if let Err(why) = stream.drain(log::PAGE as usize).await {
-                cut(session, why);
-                return Ok(());
+                return self.cut(conn, place, session, sender, why).await;
             }
             let Some(stream) = session.stream.as_mut() else {
                 return Ok(());
@@ -310,6 +361,13 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
                 .iter()
                 .map(|e| e.version)
                 .fold(place.high_water, u64::max);
+            // A key too long for a message is read back from the log by the others: a
+            // streamed change is not there, so they are told to empty their local tiers.
+            for entry in &mut entries {
+                if entry.key.as_deref().is_some_and(|key| !wire::fits(key)) {
+                    *entry = everything();
+                }
+            }
             self.tell(conn, place, session, &entries).await?;
             if let (Some(stream), Some(lsn)) = (session.stream.as_ref(), through) {
                 stream.applied(lsn);

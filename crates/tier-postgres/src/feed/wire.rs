@@ -111,13 +111,19 @@ pub(crate) fn encode(
         .collect()
 }
 
+/// Whether a key travels in a message (a longer one is read back from the log by its
+/// transaction and version).
+pub(crate) fn fits(key: &str) -> bool {
+    key.len() <= MAX_PAYLOAD / 2
+}
+
 fn line(entry: &Entry) -> String {
     let mut flags = String::new();
     if entry.shared_missed {
         flags.push('!');
     }
     let key = match &entry.key {
-        Some(key) if key.len() <= MAX_PAYLOAD / 2 => escape(key),
+        Some(key) if fits(key) => escape(key),
         _ => {
             flags.push('L');
             String::new()
