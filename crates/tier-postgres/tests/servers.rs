@@ -46,6 +46,19 @@ async fn writers_emit(admin: &sqlx::PgPool) -> bool {
         .unwrap()
 }
 
+/// Waits, at most 20 s, until `probe` holds.
+async fn eventually<F, Fut>(what: &str, mut probe: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !probe().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A source pointed at a standby in recovery: a write is a clear, typed error (not a retry,
 /// not a loop), reads work, and the follower says once, loudly, that it cannot follow a
 /// standby, instead of reconnecting in a loop.
@@ -247,14 +260,7 @@ async fn where_the_server_allows_it_the_feed_streams_the_wal() {
         .await
         .unwrap();
     let flag = || writers_emit(&admin);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !flag().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never streamed the WAL"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("never streamed the WAL", || async { flag().await }).await;
     let sql = |statement: String| {
         let admin = admin.clone();
         async move {
@@ -382,14 +388,10 @@ async fn where_the_server_allows_it_the_feed_streams_the_wal() {
         "the chain after the slot was made anew".into(),
     )
     .await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while chains[0].stats().feed_flushes == flushed {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never flushed for the lost slot"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("never flushed for the lost slot", || async {
+        chains[0].stats().feed_flushes != flushed
+    })
+    .await;
 }
 
 /// Writers stop emitting messages when the elected follower cannot stream (here: the next one
@@ -531,11 +533,7 @@ async fn a_slot_lets_go_of_the_wal_while_only_other_tables_change() {
         .connect(&server.url())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !writers_emit(&admin).await {
-        assert!(tokio::time::Instant::now() < deadline, "never streamed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("never streamed", || async { writers_emit(&admin).await }).await;
     chain
         .update(&"k".to_owned(), Arc::new(serde_json::json!({"n": 1})))
         .await
@@ -650,11 +648,7 @@ async fn a_follower_away_while_the_fleet_streamed_empties_its_local_tiers() {
         .connect(&server.url())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !writers_emit(&admin).await {
-        assert!(tokio::time::Instant::now() < deadline, "never streamed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("never streamed", || async { writers_emit(&admin).await }).await;
     let staying = logical_chain(server.url(), shared.clone(), false).await;
     let proxy = FaultProxy::start(&format!("127.0.0.1:{}", server.port())).await;
     let away = logical_chain(
@@ -670,18 +664,16 @@ async fn a_follower_away_while_the_fleet_streamed_empties_its_local_tiers() {
         .update(&key, Arc::new(serde_json::json!({"n": 1})))
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while away.fetch(&key).await.unwrap().version != first {
-        assert!(tokio::time::Instant::now() < deadline, "never cached");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("never cached", || async {
+        away.fetch(&key).await.unwrap().version == first
+    })
+    .await;
     proxy.set_mode(ProxyMode::Reset);
     proxy.kill_connections();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while away.stats().feed.unwrap().connected {
-        assert!(tokio::time::Instant::now() < deadline, "never cut off");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("never cut off", || async {
+        !(away.stats().feed.unwrap().connected)
+    })
+    .await;
     // Streamed while it is away (a message, not a log entry).
     let second: i64 = sqlx::query_scalar(
         "UPDATE public.tiercache_entries SET value = '{\"n\": 2}' WHERE key = 'dave' \
@@ -690,14 +682,10 @@ async fn a_follower_away_while_the_fleet_streamed_empties_its_local_tiers() {
     .fetch_one(&admin)
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while staying.fetch(&key).await.unwrap().version != second as u64 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never streamed to the others"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("never streamed to the others", || async {
+        staying.fetch(&key).await.unwrap().version == second as u64
+    })
+    .await;
     // The streaming follower goes; the one that stayed reads the log (both flushes made).
     drop(streaming);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -723,12 +711,9 @@ async fn a_follower_away_while_the_fleet_streamed_empties_its_local_tiers() {
         "stale while away"
     );
     proxy.set_mode(ProxyMode::Pass);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while away.fetch(&key).await.unwrap().version != second as u64 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower that was away still serves what was streamed past it"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(
+        "the follower that was away still serves what was streamed past it",
+        || async { away.fetch(&key).await.unwrap().version == second as u64 },
+    )
+    .await;
 }
