@@ -46,6 +46,15 @@ async fn writers_emit(admin: &sqlx::PgPool) -> bool {
         .unwrap()
 }
 
+/// A pool of three connections on `server`, for the test's own statements.
+async fn admin_pool(server: &LocalPostgres) -> sqlx::PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect(&server.url())
+        .await
+        .unwrap()
+}
+
 /// Waits, at most 20 s, until `probe` holds.
 async fn eventually<F, Fut>(what: &str, mut probe: F)
 where
@@ -254,11 +263,7 @@ async fn where_the_server_allows_it_the_feed_streams_the_wal() {
     let shared = FakeTier::<String, Value>::cache("shared");
     let chain = |shared: FakeTier<String, Value>| logical_chain(server.url(), shared, true);
     let mut chains = vec![chain(shared.clone()).await, chain(shared.clone()).await];
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let admin = admin_pool(&server).await;
     let flag = || writers_emit(&admin);
     eventually("never streamed the WAL", || async { flag().await }).await;
     let sql = |statement: String| {
@@ -405,11 +410,7 @@ async fn a_writer_that_emitted_before_the_feed_stopped_streaming_is_not_lost() {
     };
     let shared = FakeTier::<String, Value>::cache("shared");
     let streaming = logical_chain(server.url(), shared.clone(), true).await;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(3)
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let admin = admin_pool(&server).await;
     let flag = || writers_emit(&admin);
     let until = |what: &'static str| {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -528,11 +529,7 @@ async fn a_slot_lets_go_of_the_wal_while_only_other_tables_change() {
         return;
     };
     let chain = logical_chain(server.url(), FakeTier::cache("shared"), true).await;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let admin = admin_pool(&server).await;
     eventually("never streamed", || async { writers_emit(&admin).await }).await;
     chain
         .update(&"k".to_owned(), Arc::new(serde_json::json!({"n": 1})))
@@ -589,11 +586,7 @@ async fn a_stream_that_cannot_start_never_turns_the_writers_switch() {
     let shared = FakeTier::<String, Value>::cache("shared");
     let first = logical_chain(server.url(), shared.clone(), true).await;
     let second = logical_chain(server.url(), shared, true).await;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let admin = admin_pool(&server).await;
     let key = "carol".to_owned();
     let written = first
         .update(&key, Arc::new(serde_json::json!({"n": 1})))
@@ -643,11 +636,7 @@ async fn a_follower_away_while_the_fleet_streamed_empties_its_local_tiers() {
     };
     let shared = FakeTier::<String, Value>::cache("shared");
     let streaming = logical_chain(server.url(), shared.clone(), true).await;
-    let admin = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&server.url())
-        .await
-        .unwrap();
+    let admin = admin_pool(&server).await;
     eventually("never streamed", || async { writers_emit(&admin).await }).await;
     let staying = logical_chain(server.url(), shared.clone(), false).await;
     let proxy = FaultProxy::start(&format!("127.0.0.1:{}", server.port())).await;
