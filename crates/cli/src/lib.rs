@@ -160,6 +160,18 @@ enum Command {
         #[command(flatten)]
         output: Output,
     },
+    /// Make a service token for `serve`: prints the token (give it to the client) and its line
+    /// for the tokens file (which holds only its hash). Nothing is stored.
+    Token {
+        /// A name for it (in the logs when it is refused).
+        #[arg(long)]
+        name: String,
+        /// What it may do, comma-separated: read, write, admin.
+        #[arg(long, default_value = "read")]
+        scopes: String,
+        #[command(flatten)]
+        output: Output,
+    },
     /// Create or upgrade the database's table, change log and functions, then exit. Run it
     /// once per release with a role that may create them; services can then run with a role
     /// that may only read and write (`USERCONFIG_RUN_MIGRATIONS=false`; docs/operations.md).
@@ -185,6 +197,7 @@ impl Command {
             | Command::Invalidate { output, .. }
             | Command::Warm { output, .. }
             | Command::Stats { output }
+            | Command::Token { output, .. }
             | Command::Migrate { output, .. } => output.json,
         }
     }
@@ -279,6 +292,11 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
             output,
         } => ops::warm(c, user_ids, file.as_deref(), batch, output.json, within).await,
         Command::Stats { .. } => ops::stats(c).await,
+        Command::Token {
+            name,
+            scopes,
+            output,
+        } => ops::token(&name, &scopes, output.json),
         Command::Migrate { grant_to, output } => {
             ops::migrate(c, grant_to.as_deref(), output.json).await
         }
@@ -286,7 +304,9 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
 }
 
 /// The service's HTTP routes over `storage` (the REST API, `/stats`, `/metrics`, the health
-/// checks and the live dashboard), to serve or to nest in an axum application of your own. The
+/// checks and the live dashboard), to serve or to nest in an axum application of your own. It
+/// checks nothing about who asks (`userconfig serve`'s tokens are not part of it): the
+/// application that nests it must authenticate requests before they reach it. The
 /// dashboard's sampler runs while the router is alive, on the current tokio runtime.
 pub fn router(storage: UserConfigStorage) -> axum::Router {
     serve::router_for(vec![storage], 1024 * 1024)

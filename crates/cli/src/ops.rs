@@ -248,3 +248,15 @@ pub(crate) async fn migrate(
     );
     Ok(())
 }
+
+/// `userconfig token`: a new service token and its line for the tokens file.
+pub(crate) fn token(name: &str, scopes: &str, json: bool) -> Result<(), Failure> {
+    let (token, line) = crate::serve::auth::new_token(name, scopes).map_err(Failure::usage)?;
+    if json {
+        println!("{}", serde_json::json!({ "token": token, "line": line }));
+    } else {
+        println!("token (give it to the client; it is not stored anywhere): {token}");
+        println!("line for the tokens file: {line}");
+    }
+    Ok(())
+}

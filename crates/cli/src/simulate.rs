@@ -302,7 +302,10 @@ async fn run_mode(
     let window = Arc::new(Window::default());
     let server = match args.serve {
         Some(addr) => {
-            let running = serve::start(addr, storages.clone(), window.clone(), 1024 * 1024).await?;
+            // Open (its routes reach the database's real users too): a loopback address only.
+            let access = serve::open_on(addr, false)?;
+            let running =
+                serve::start(addr, storages.clone(), window.clone(), 1024 * 1024, access).await?;
             eprintln!("dashboard: http://{}/", running.addr);
             Some(running)
         }

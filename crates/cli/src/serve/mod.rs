@@ -12,8 +12,12 @@
 //! | `GET /healthz` | the process answers |
 //! | `GET /readyz` | the database answers (Redis or the change feed down is `degraded`, still ready) |
 //! | `GET /` | the live dashboard (`GET /dashboard/data`: its figures) |
+//!
+//! Who may use which route: `auth.rs` (service tokens with scopes). With no tokens `serve`
+//! runs open, and only on a loopback address unless told `--insecure-no-auth`.
 
 mod api;
+pub(crate) mod auth;
 mod dashboard;
 mod encoded;
 mod prometheus;
@@ -49,6 +53,52 @@ pub(crate) struct ServeArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     max_body_bytes: usize,
+    /// The service tokens (one a line: `name scopes sha256`; `userconfig token` makes one).
+    /// Without tokens the service is open to whoever reaches it, so it listens only on a
+    /// loopback address.
+    #[arg(long, value_name = "PATH", env = "USERCONFIG_TOKENS_FILE")]
+    tokens_file: Option<std::path::PathBuf>,
+    /// Serve with no tokens on an address other machines may reach: anyone who reaches it may
+    /// read, change and delete every configuration.
+    #[arg(long)]
+    insecure_no_auth: bool,
+}
+
+impl ServeArgs {
+    /// Who may use the service, or why it must not start: with no tokens, only a loopback
+    /// address (or `--insecure-no-auth`), as Redis's protected mode.
+    fn access(&self) -> Result<auth::Access, Failure> {
+        if let Some(path) = &self.tokens_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                Failure::usage(format!(
+                    "cannot read the tokens file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let tokens = auth::Tokens::parse(&text)
+                .map_err(|e| Failure::usage(format!("the tokens file {}: {e}", path.display())))?;
+            return Ok(auth::Access::Tokens(tokens));
+        }
+        open_on(self.listen, self.insecure_no_auth)
+    }
+}
+
+/// No tokens: open, on a loopback address (said at warn), or elsewhere only when told.
+pub(crate) fn open_on(listen: SocketAddr, insecure: bool) -> Result<auth::Access, Failure> {
+    if listen.ip().is_loopback() {
+        tracing::warn!(%listen, "no tokens (--tokens-file): anyone on this machine may read and \
+            change every configuration");
+    } else if insecure {
+        tracing::warn!(%listen, "--insecure-no-auth: anyone who reaches this address may read, \
+            change and delete every configuration");
+    } else {
+        return Err(Failure::usage(format!(
+            "refusing to serve on {listen} with no tokens: anyone reaching it could read and \
+             change every configuration. Give --tokens-file (docs/security.md), listen on a \
+             loopback address, or pass --insecure-no-auth"
+        )));
+    }
+    Ok(auth::Access::Open)
 }
 
 /// What the handlers share.
@@ -76,12 +126,16 @@ impl App {
 pub(crate) fn router_for(storages: Vec<UserConfigStorage>, max_body_bytes: usize) -> Router {
     let board = Board::new(storages, Arc::new(Window::default()));
     dashboard::spawn_sampler(&board);
-    router(board, max_body_bytes)
+    router(board, max_body_bytes, Arc::new(auth::Access::Open))
 }
 
 /// The routes over `board`'s storages (the first serves the REST routes; all are on the
 /// dashboard).
-pub(crate) fn router(board: Arc<Board>, max_body_bytes: usize) -> Router {
+pub(crate) fn router(
+    board: Arc<Board>,
+    max_body_bytes: usize,
+    access: Arc<auth::Access>,
+) -> Router {
     let capacity = board.storages()[0].get_cache_stats().memory_cache.max_size;
     let app = Arc::new(App {
         board,
@@ -103,6 +157,8 @@ pub(crate) fn router(board: Arc<Board>, max_body_bytes: usize) -> Router {
         .route("/", get(|| async { Html(dashboard::PAGE) }))
         .route("/dashboard/data", get(dashboard_data))
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
+        // Before any handler, so before any cache or database (counted like the rest).
+        .layer(middleware::from_fn_with_state(access, auth::check))
         .layer(middleware::from_fn_with_state(app.clone(), count))
         .with_state(app)
 }
@@ -234,6 +290,7 @@ pub(crate) async fn start(
     storages: Vec<UserConfigStorage>,
     window: Arc<Window>,
     max_body_bytes: usize,
+    access: auth::Access,
 ) -> Result<Running, Failure> {
     let listener = TcpListener::bind(listen)
         .await
@@ -243,7 +300,7 @@ pub(crate) async fn start(
         .map_err(|e| Failure::new(format!("cannot read the listening address: {e}")))?;
     let board = Board::new(storages, window);
     let sampler = dashboard::spawn_sampler(&board);
-    let app = router(board, max_body_bytes);
+    let app = router(board, max_body_bytes, Arc::new(access));
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -290,12 +347,15 @@ pub(crate) async fn run(
     json: bool,
     within: Duration,
 ) -> Result<(), Failure> {
+    // Before anything connects: a service that must not start touches nothing.
+    let access = args.access()?;
     let storage = connection.storage().await?;
     let running = start(
         args.listen,
         vec![storage.clone()],
         Arc::new(Window::default()),
         args.max_body_bytes,
+        access,
     )
     .await?;
     // The one line on stdout: where to connect (tests and scripts read it).

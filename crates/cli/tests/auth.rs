@@ -1,0 +1,219 @@
+//! Who may use `userconfig serve`: service tokens with scopes, checked before anything is
+//! read or stored, and no open service on an address other machines reach unless told.
+
+mod support;
+
+use std::process::{Command, Stdio};
+
+use support::{Server, TempDir, get, request};
+
+const PATH: &str = "/v1/users/alice/config";
+
+/// A token made by `userconfig token`, and its line for the tokens file.
+fn token(name: &str, scopes: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_userconfig"))
+        .args(["token", "--name", name, "--scopes", scopes, "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = json["token"].as_str().unwrap().to_owned();
+    let line = json["line"].as_str().unwrap().to_owned();
+    assert!(
+        !line.contains(&token),
+        "the file holds the hash, not the token"
+    );
+    (token, line)
+}
+
+/// Runs `command` to its end, at most 20 s (a service that should have refused to start
+/// would serve for ever): killed and failed past that.
+fn refused(mut command: Command) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("it did not refuse: it is still running after 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn with_tokens_every_route_checks_who_asks_before_anything_is_read_or_stored() {
+    let dir = TempDir::new("serve_auth");
+    let (reader, r_line) = token("reader", "read");
+    let (writer, w_line) = token("writer", "read,write");
+    let (admin, a_line) = token("ops", "admin");
+    let file = dir.0.join("tokens");
+    std::fs::write(
+        &file,
+        format!("# service tokens\n{r_line}\n{w_line}\n{a_line}\n"),
+    )
+    .unwrap();
+    let server = Server::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens-file",
+            file.to_str().unwrap(),
+        ],
+        &dir.sqlite_url(),
+        "listening on ",
+        false,
+    );
+    let addr = server.addr.as_str();
+    let bearer = |t: &str| format!("Bearer {t}");
+    let body = br#"{"preferences":{"theme":"dark"}}"#;
+
+    // No token, a token that is not one of ours: 401 with a challenge, on every route that
+    // reads or changes anything.
+    for (method, path) in [
+        ("GET", PATH),
+        ("PUT", PATH),
+        ("PATCH", PATH),
+        ("DELETE", PATH),
+        ("GET", "/stats"),
+        ("GET", "/metrics"),
+        ("GET", "/readyz"),
+        ("GET", "/dashboard/data"),
+    ] {
+        let r = request(addr, method, path, &[], body);
+        assert_eq!(r.status, 401, "{method} {path} with no token: {}", r.text());
+        assert_eq!(
+            r.header("www-authenticate"),
+            Some("Bearer realm=\"userconfig\"")
+        );
+        assert_eq!(r.json()["error"]["kind"], "unauthorized");
+        let wrong = bearer("uc_0000");
+        let r = request(
+            addr,
+            method,
+            path,
+            &[("Authorization", wrong.as_str())],
+            body,
+        );
+        assert_eq!(r.status, 401, "{method} {path} with a wrong token");
+        assert!(
+            r.header("www-authenticate")
+                .unwrap()
+                .contains("error=\"invalid_token\"")
+        );
+    }
+    // A token without the route's scope: 403.
+    let read = bearer(&reader);
+    let write = bearer(&writer);
+    let ops = bearer(&admin);
+    for (method, path, who) in [
+        ("PUT", PATH, read.as_str()),
+        ("PATCH", PATH, read.as_str()),
+        ("DELETE", PATH, read.as_str()),
+        ("GET", "/metrics", read.as_str()),
+        ("GET", "/stats", write.as_str()),
+        ("GET", PATH, ops.as_str()),
+    ] {
+        let r = request(addr, method, path, &[("Authorization", who)], body);
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text());
+        assert_eq!(r.json()["error"]["kind"], "forbidden");
+    }
+    // Nothing refused reached the chain: no read, no negative entry, nothing stored.
+    let stats = request(
+        addr,
+        "GET",
+        "/stats",
+        &[("Authorization", ops.as_str())],
+        b"",
+    );
+    assert_eq!(stats.status, 200, "{}", stats.text());
+    let stats = stats.json();
+    assert_eq!(stats["memory_cache"]["entries"], 0, "{stats}");
+    assert_eq!(stats["memory_cache"]["total_requests"], 0);
+    assert_eq!(stats["database"]["loads"], 0);
+    let r = request(addr, "GET", PATH, &[("Authorization", read.as_str())], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-config-stored"), Some("false"), "nothing stored");
+
+    // Each scope does what it names; /healthz and the dashboard's page are open.
+    let r = request(
+        addr,
+        "PUT",
+        PATH,
+        &[("Authorization", write.as_str())],
+        body,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = request(addr, "GET", PATH, &[("Authorization", read.as_str())], b"");
+    assert_eq!(r.json()["preferences"]["theme"], "dark");
+    for path in ["/metrics", "/readyz", "/dashboard/data"] {
+        let r = request(addr, "GET", path, &[("Authorization", ops.as_str())], b"");
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    assert_eq!(get(addr, "/healthz").status, 200);
+    assert_eq!(get(addr, "/").status, 200);
+    // Refusals are counted like every request (by route template, never the user).
+    let metrics = request(
+        addr,
+        "GET",
+        "/metrics",
+        &[("Authorization", ops.as_str())],
+        b"",
+    );
+    let text = metrics.text();
+    assert!(
+        text.contains("route=\"PUT /v1/users/{id}/config\",status=\"401\"} 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("route=\"PUT /v1/users/{id}/config\",status=\"403\"} 1"),
+        "{text}"
+    );
+}
+
+#[test]
+fn without_tokens_it_serves_only_on_loopback_unless_told() {
+    let dir = TempDir::new("serve_open");
+    // Another machine could reach it: refused before anything connects (exit code 2).
+    let mut command = Command::new(env!("CARGO_BIN_EXE_userconfig"));
+    command
+        .args(["serve", "--listen", "0.0.0.0:0"])
+        .env_remove("USERCONFIG_TOKENS_FILE")
+        .env("DATABASE_URL", dir.sqlite_url());
+    let out = refused(command);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("--tokens-file") && said.contains("--insecure-no-auth"),
+        "{said}"
+    );
+    assert!(
+        !dir.0.join("userconfig.sqlite3").exists(),
+        "nothing was opened"
+    );
+    // Told: it serves, open, and says so.
+    let server = Server::start(
+        &["serve", "--listen", "0.0.0.0:0", "--insecure-no-auth"],
+        &dir.sqlite_url(),
+        "listening on ",
+        false,
+    );
+    let port = server.addr.rsplit(':').next().unwrap();
+    let r = get(&format!("127.0.0.1:{port}"), PATH);
+    assert_eq!(r.status, 200, "{}", r.text());
+    // A bad tokens file is a usage error that names it.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_userconfig"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--tokens-file"])
+        .arg(dir.0.join("missing"))
+        .env("DATABASE_URL", dir.sqlite_url());
+    let out = refused(command);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+}
