@@ -353,16 +353,16 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             flush_owed: None,
             mode: None,
         };
-        // Catch up with what this follower missed (the elected one applied it to the shared
-        // tiers), then try to be elected: an elected follower resumes where the last one got
-        // to, which may be past what this one's local tiers saw.
-        if let Err(ended) = self
-            .read_log(&mut conn, place, sender, Scope::Local, None)
-            .await
-        {
+        // Elected now, or catch up with what this follower missed (the elected one applied it
+        // to the shared tiers).
+        if let Err(ended) = self.elect(&mut conn, place, &mut session, sender).await {
             return ended;
         }
-        if let Err(ended) = self.elect(&mut conn, place, &mut session, sender).await {
+        if !session.elected
+            && let Err(ended) = self
+                .read_log(&mut conn, place, sender, Scope::Local, None)
+                .await
+        {
             return ended;
         }
         if *failures > 0 {
@@ -549,6 +549,16 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             // not have applied to the shared tiers. Without one, from this follower's own
             // cursor.
             if let Some(resume) = state.cursor {
+                if place
+                    .cursor
+                    .as_ref()
+                    .is_some_and(|own| !own.covers(&resume))
+                {
+                    // The last elected follower applied, and told, what this one's local tiers
+                    // never saw (it was away): they catch up from its own cursor first.
+                    self.read_log(conn, place, sender, Scope::Local, None)
+                        .await?;
+                }
                 place.cursor = Some(resume);
             }
             place.high_water = high_water;
