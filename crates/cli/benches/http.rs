@@ -1,7 +1,9 @@
 //! The service's own overhead: a memory hit through `GET /v1/users/{id}/config` of
 //! `userconfig serve`'s router against a bare axum handler that returns the same bytes, both
 //! called in-process (no sockets), in one run; and, to tell where the difference goes, the
-//! storage's memory hit and the JSON encoding alone.
+//! storage's memory hit and the JSON encoding alone; and the same route with a service token
+//! checked (`router_with_tokens`, 20 tokens in the file: each request hashes its token and
+//! compares it with all of them).
 //!
 //! `cargo bench -p userconfig-cli --bench http`
 
@@ -12,13 +14,22 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use axum::routing::get;
 use criterion::{Criterion, criterion_group, criterion_main};
+use sha2::Digest as _;
 use tower::ServiceExt as _;
 use userconfig::{UserConfig, UserConfigStorage};
 
 const PATH: &str = "/v1/users/alice/config";
 
 async fn call(router: &axum::Router) -> usize {
-    let request = Request::builder().uri(PATH).body(Body::empty()).unwrap();
+    call_as(router, None).await
+}
+
+async fn call_as(router: &axum::Router, token: Option<&str>) -> usize {
+    let mut request = Request::builder().uri(PATH);
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let request = request.body(Body::empty()).unwrap();
     let response = router.clone().oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     axum::body::to_bytes(response.into_body(), usize::MAX)
@@ -35,7 +46,21 @@ fn bench(c: &mut Criterion) {
         .unwrap();
     let dir = std::env::temp_dir().join(format!("userconfig-http-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let (ours, bare, storage) = rt.block_on(async {
+    // 20 tokens; the one presented is the last line.
+    let tokens: Vec<String> = (0..20).map(|i| format!("uc_bench_token_{i:02}")).collect();
+    let file: String = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let hash: String = sha2::Sha256::digest(t.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            format!("t{i} read {hash}\n")
+        })
+        .collect();
+    let presented = tokens[19].clone();
+    let (ours, bare, storage, checked) = rt.block_on(async {
         let storage = UserConfigStorage::builder()
             .sqlite_path(dir.join("bench.sqlite3"))
             .build()
@@ -56,7 +81,13 @@ fn bench(c: &mut Criterion) {
             }),
         );
         assert_eq!(call(&ours).await, call(&bare).await, "the same bytes");
-        (ours, bare, storage)
+        let checked = userconfig_cli::router_with_tokens(storage.clone(), &file).unwrap();
+        assert_eq!(
+            call_as(&checked, Some(&presented)).await,
+            call(&bare).await,
+            "the same bytes, the token accepted"
+        );
+        (ours, bare, storage, checked)
     });
     let mut group = c.benchmark_group("get_config_memory_hit");
     group.measurement_time(Duration::from_secs(5));
@@ -67,6 +98,10 @@ fn bench(c: &mut Criterion) {
     group.bench_function("userconfig_serve", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(call(&ours).await) });
+    });
+    group.bench_function("userconfig_serve_with_token", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(call_as(&checked, Some(&presented)).await) });
     });
     // What any handler of a stored configuration must do: the memory hit and the JSON.
     group.bench_function("memory_hit_and_json_only", |b| {

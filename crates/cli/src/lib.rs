@@ -305,11 +305,29 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
 
 /// The service's HTTP routes over `storage` (the REST API, `/stats`, `/metrics`, the health
 /// checks and the live dashboard), to serve or to nest in an axum application of your own. It
-/// checks nothing about who asks (`userconfig serve`'s tokens are not part of it): the
-/// application that nests it must authenticate requests before they reach it. The
-/// dashboard's sampler runs while the router is alive, on the current tokio runtime.
+/// checks nothing about who asks: the application that nests it must authenticate requests
+/// before they reach it (or use [`router_with_tokens`]). The dashboard's sampler runs while
+/// the router is alive, on the current tokio runtime.
 pub fn router(storage: UserConfigStorage) -> axum::Router {
-    serve::router_for(vec![storage], 1024 * 1024)
+    serve::router_for(vec![storage], 1024 * 1024, serve::auth::Access::Open)
+}
+
+/// [`router`] with `userconfig serve`'s service tokens: `tokens` is a tokens file's text (one
+/// token a line, `name scopes sha256`; docs/security.md), and every route but `/healthz` and
+/// the dashboard's page needs a bearer token with the route's scope.
+///
+/// # Errors
+/// A tokens file that does not parse (the message names the line).
+pub fn router_with_tokens(
+    storage: UserConfigStorage,
+    tokens: &str,
+) -> Result<axum::Router, String> {
+    let tokens = serve::auth::Tokens::parse(tokens)?;
+    Ok(serve::router_for(
+        vec![storage],
+        1024 * 1024,
+        serve::auth::Access::Tokens(tokens),
+    ))
 }
 
 /// The `userconfig` command: parses the arguments, runs, and returns the exit code.

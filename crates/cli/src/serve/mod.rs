@@ -123,10 +123,14 @@ impl App {
 }
 
 /// The routes over `storages`, with a sampler that runs as long as the router lives.
-pub(crate) fn router_for(storages: Vec<UserConfigStorage>, max_body_bytes: usize) -> Router {
+pub(crate) fn router_for(
+    storages: Vec<UserConfigStorage>,
+    max_body_bytes: usize,
+    access: auth::Access,
+) -> Router {
     let board = Board::new(storages, Arc::new(Window::default()));
     dashboard::spawn_sampler(&board);
-    router(board, max_body_bytes, Arc::new(auth::Access::Open))
+    router(board, max_body_bytes, Arc::new(access))
 }
 
 /// The routes over `board`'s storages (the first serves the REST routes; all are on the
