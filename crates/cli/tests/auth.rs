@@ -217,3 +217,42 @@ fn without_tokens_it_serves_only_on_loopback_unless_told() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
 }
+
+/// The same check for in-process users: `router_with_tokens`, called without a socket.
+#[tokio::test]
+async fn router_with_tokens_checks_in_process_too() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+    let dir = TempDir::new("router_tokens");
+    let storage = userconfig::UserConfigStorage::builder()
+        .sqlite_path(dir.0.join("db.sqlite3"))
+        .build()
+        .await
+        .unwrap();
+    let (reader, line) = token("app", "read");
+    assert!(
+        userconfig_cli::router_with_tokens(storage.clone(), "app read uc_not_a_hash")
+            .err()
+            .unwrap()
+            .contains("line 1")
+    );
+    let router = userconfig_cli::router_with_tokens(storage, &line).unwrap();
+    let call = |auth: Option<String>| {
+        let router = router.clone();
+        async move {
+            let mut request = Request::builder().uri(PATH);
+            if let Some(auth) = auth {
+                request = request.header("authorization", auth);
+            }
+            let response = router
+                .oneshot(request.body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            response.status().as_u16()
+        }
+    };
+    assert_eq!(call(None).await, 401);
+    assert_eq!(call(Some("Bearer uc_wrong".into())).await, 401);
+    assert_eq!(call(Some(format!("Bearer {reader}"))).await, 200);
+}
