@@ -58,6 +58,36 @@ enum Writer {
     Sql,
 }
 
+impl Writer {
+    fn name(self) -> &'static str {
+        match self {
+            Writer::Chain => "write through the chain",
+            Writer::Sql => "write with plain SQL",
+        }
+    }
+}
+
+/// Each writer's latency on `setup`, with the machine idle, then with readers keeping both
+/// cores busy.
+async fn report(setup: &Setup, label: &str, rounds: u64) {
+    for writer in [Writer::Chain, Writer::Sql] {
+        println!(
+            "  {label}, {}: {}",
+            writer.name(),
+            latency(setup, writer, rounds).await
+        );
+    }
+    let busy = Busy::start(setup);
+    for writer in [Writer::Chain, Writer::Sql] {
+        println!(
+            "  {label}, readers busy, {}: {}",
+            writer.name(),
+            latency(setup, writer, rounds).await
+        );
+    }
+    busy.stop().await;
+}
+
 struct Setup {
     instances: Vec<UserConfigStorage>,
     pool: sqlx::PgPool,
@@ -270,25 +300,12 @@ async fn logical(rounds: u64) {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let name = if streams {
-            "streams the WAL"
+        let label = if streams {
+            "feed streams the WAL"
         } else {
-            "reads the log  "
+            "feed reads the log"
         };
-        println!(
-            "  feed {name}, write through the chain: {}",
-            latency(&side, Writer::Chain, rounds).await
-        );
-        println!(
-            "  feed {name}, write with plain SQL:    {}",
-            latency(&side, Writer::Sql, rounds).await
-        );
-        let busy = Busy::start(&side);
-        println!(
-            "  feed {name}, readers busy, plain SQL:  {}",
-            latency(&side, Writer::Sql, rounds).await
-        );
-        busy.stop().await;
+        report(&side, label, rounds).await;
     }
 }
 
@@ -315,24 +332,7 @@ fn main() {
 
         let feed = setup(&schema, &pool, &prefix, true).await;
         println!("every one of {INSTANCES} instances serves a change, from the change's start:");
-        println!(
-            "  feed,      write through the chain: {}",
-            latency(&feed, Writer::Chain, rounds).await
-        );
-        println!(
-            "  feed,      write with plain SQL:    {}",
-            latency(&feed, Writer::Sql, rounds).await
-        );
-        let busy = Busy::start(&feed);
-        println!(
-            "  feed, readers busy, write through the chain: {}",
-            latency(&feed, Writer::Chain, rounds).await
-        );
-        println!(
-            "  feed, readers busy, write with plain SQL:    {}",
-            latency(&feed, Writer::Sql, rounds).await
-        );
-        busy.stop().await;
+        report(&feed, "feed", rounds).await;
         drop(feed);
         let backplane = setup(&schema, &pool, &prefix, false).await;
         println!(
