@@ -8,7 +8,7 @@
 //! | 3 | invalid input: a bad user id, configuration or JSON, refused before any I/O |
 //! | 4 | not found: `get --require-stored` of a user with nothing stored |
 //! | 5 | unavailable: the database or a cache could not be reached (a change the database took but a cache could not is stored, and named) |
-//! | 6 | conflict: `set --if-version` found another version (the stored one is named), or a change lost to other writers too often |
+//! | 6 | conflict: `set --if-version` or `delete --if-version` found another version (the stored one is named), or a change lost to other writers too often |
 
 use std::fmt;
 use std::process::ExitCode;

@@ -132,6 +132,10 @@ enum Command {
     Delete {
         /// The user id.
         user_id: String,
+        /// Delete it only if the stored version is still this one, as one step in the
+        /// database; otherwise exit with code 6 (nothing is deleted).
+        #[arg(long, value_name = "N")]
+        if_version: Option<u64>,
         #[command(flatten)]
         output: Output,
     },
@@ -281,7 +285,11 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
             if_version,
             output,
         } => ops::set(c, &user_id, &json_config, if_version, output.json, within).await,
-        Command::Delete { user_id, output } => ops::delete(c, &user_id, output.json, within).await,
+        Command::Delete {
+            user_id,
+            if_version,
+            output,
+        } => ops::delete(c, &user_id, if_version, output.json, within).await,
         Command::Invalidate { user_id, output } => {
             ops::invalidate(c, &user_id, output.json, within).await
         }

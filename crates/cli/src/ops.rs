@@ -127,12 +127,16 @@ pub(crate) async fn set(
 pub(crate) async fn delete(
     connection: &Connection,
     user_id: &str,
+    if_version: Option<u64>,
     json: bool,
     within: Duration,
 ) -> Result<(), Failure> {
     userconfig::check_user_id(user_id)?;
     let storage = connection.storage().await?;
-    let version = storage.delete_user_config(user_id).await?;
+    let version = match if_version {
+        Some(expected) => storage.delete_user_config_if(user_id, expected).await?,
+        None => storage.delete_user_config(user_id).await?,
+    };
     let done = if version == 0 {
         "nothing was stored".to_owned()
     } else {

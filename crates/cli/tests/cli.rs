@@ -315,7 +315,14 @@ fn set_if_version_is_a_compare_and_set_and_delete_restores_the_defaults() {
         "the refused set wrote nothing"
     );
 
-    let deleted = userconfig(&["delete", "carol"], &db);
+    // A conditional delete against the old version deletes nothing.
+    let stale = userconfig(&["delete", "carol", "--if-version", "1"], &db);
+    assert_eq!(stale.status.code(), Some(6), "{}", text(&stale.stderr));
+    let get = userconfig(&["get", "carol"], &db);
+    let config: serde_json::Value = serde_json::from_slice(&get.stdout).unwrap();
+    assert_eq!(config["preferences"]["theme"], "light", "nothing deleted");
+
+    let deleted = userconfig(&["delete", "carol", "--if-version", "2"], &db);
     assert!(deleted.status.success(), "{}", text(&deleted.stderr));
     assert!(text(&deleted.stderr).contains("deleted at version 3"));
     let get = userconfig(&["get", "carol"], &db);

@@ -21,18 +21,19 @@ fn get_put_patch_delete_follow_the_contract() {
     assert_eq!(r.json()["user_id"], "alice");
     assert_eq!(r.json()["preferences"]["theme"], "system");
 
-    // PUT without If-Match: stored; unknown fields survive.
+    // PUT without If-Match: stored (201: created); unknown fields survive.
     let body = br#"{"preferences":{"theme":"dark","language":"de"},"future":{"x":1}}"#;
     let r = request(addr, "PUT", PATH, &[], body);
     assert_eq!(
         (r.status, r.header("etag")),
-        (200, Some("\"1\"")),
+        (201, Some("\"1\"")),
         "{}",
         r.text()
     );
     assert_eq!(r.json()["version"], 1);
     let r = get(addr, PATH);
     assert_eq!(r.header("etag"), Some("\"1\""));
+    assert_eq!(r.header("cache-control"), Some("private, no-cache"));
     assert_eq!(r.header("x-config-stored"), Some("true"));
     assert_eq!(r.json()["preferences"]["theme"], "dark");
     assert_eq!(r.json()["future"]["x"], 1);
@@ -285,7 +286,10 @@ fn bad_input_is_400_before_any_io_and_a_down_database_is_503() {
             &[],
         ),
         ("PUT", PATH, br#"{"user_id":"mallory"}"#, &[]),
-        ("PUT", PATH, b"{}", &[("If-Match", "*")]),
+        ("PUT", PATH, b"{}", &[("If-Match", "7")]),
+        ("PUT", PATH, b"{}", &[("If-None-Match", "*, \"1\"")]),
+        ("GET", PATH, b"", &[("If-None-Match", "W/1")]),
+        ("DELETE", PATH, b"", &[("If-Match", "")]),
         ("PATCH", PATH, b"\"text\"", &[]),
         ("DELETE", long.as_str(), b"", &[]),
     ] {
@@ -314,7 +318,7 @@ fn bad_input_is_400_before_any_io_and_a_down_database_is_503() {
 fn sigterm_finishes_and_exits_zero() {
     let dir = TempDir::new("serve_stop");
     let server = Server::serve(&dir.sqlite_url());
-    assert_eq!(request(&server.addr, "PUT", PATH, &[], b"{}").status, 200);
+    assert_eq!(request(&server.addr, "PUT", PATH, &[], b"{}").status, 201);
     let (status, said) = server.terminate();
     assert!(status.success(), "{status:?}: {said:?}");
     assert!(said.iter().any(|l| l.contains("stopped")), "{said:?}");
@@ -341,7 +345,7 @@ fn sigterm_lets_a_request_in_flight_finish() {
     stream.write_all(b"}").unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.starts_with("HTTP/1.1 201"), "{response}");
     let (status, said) = server.wait();
     assert!(status.success(), "{status:?}: {said:?}");
     // And the write it carried is stored.

@@ -456,6 +456,37 @@ impl UserConfigStorage {
         Ok(self.cache.delete(&user_id.to_owned()).await?)
     }
 
+    /// [`delete_user_config`](Self::delete_user_config) only if the stored configuration is
+    /// still at `expected_version`, checked and deleted as one step in the database: a delete
+    /// that cannot remove a configuration someone changed since it was read. Returns the
+    /// delete's version, or 0 if nothing was stored and `expected_version` was 0.
+    ///
+    /// # Errors
+    /// [`Error::Conflict`] with the stored version (0: none is stored) if it is not
+    /// `expected_version` (nothing is deleted); otherwise as
+    /// [`delete_user_config`](Self::delete_user_config).
+    pub async fn delete_user_config_if(
+        &self,
+        user_id: &str,
+        expected_version: Version,
+    ) -> Result<Version> {
+        check_user_id(user_id)?;
+        Ok(self
+            .cache
+            .delete_if(&user_id.to_owned(), expected_version)
+            .await?)
+    }
+
+    /// Whether `config` may be stored for `user_id`, checked as every write checks it, with
+    /// no I/O: for a caller that reads before it writes (an HTTP precondition, say) and
+    /// refuses bad input first.
+    ///
+    /// # Errors
+    /// As [`update_user_config`](Self::update_user_config)'s input errors.
+    pub fn check_user_config(&self, user_id: &str, config: &UserConfig) -> Result<()> {
+        self.prepare(user_id, config).map(drop)
+    }
+
     /// `config` checked and made ready to store for `user_id`, before any I/O.
     fn prepare(&self, user_id: &str, config: &UserConfig) -> Result<Arc<UserConfig>> {
         check_user_id(user_id)?;

@@ -131,6 +131,37 @@ async fn a_stale_compare_and_set_is_a_typed_conflict_that_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_stale_conditional_delete_is_a_conflict_that_deletes_nothing() {
+    let servers = Servers::new("cas_delete").await;
+    let [a, b]: [UserConfigStorage; 2] = servers.instances(2).await.try_into().unwrap();
+    let mut config = UserConfig::default_for("erin");
+    config.preferences.theme = "dark".into();
+    let v1 = a.update_user_config("erin", &config).await.unwrap();
+    // `b` caches v1, then `a` writes v2: `b`'s delete against v1 must not remove v2.
+    assert_eq!(b.fetch_user_config("erin").await.unwrap().version, v1);
+    config.preferences.theme = "light".into();
+    let v2 = a.update_user_config_if("erin", v1, &config).await.unwrap();
+    let err = b.delete_user_config_if("erin", v1).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Conflict { expected, current } if expected == v1 && current == v2),
+        "{err:?}"
+    );
+    let stored = b.load_user_config("erin").await.unwrap();
+    assert_eq!(
+        (stored.version, stored.config.preferences.theme.as_str()),
+        (v2, "light")
+    );
+    // Against the stored version it deletes; then nothing is stored, which is version 0.
+    let gone = b.delete_user_config_if("erin", v2).await.unwrap();
+    assert!(gone > v2);
+    assert!(!b.fetch_user_config("erin").await.unwrap().stored);
+    let err = a.delete_user_config_if("erin", gone).await.unwrap_err();
+    assert_eq!(err.conflict(), Some(0), "{err:?}");
+    assert_eq!(a.delete_user_config_if("erin", 0).await.unwrap(), 0);
+    servers.cleanup().await;
+}
+
+#[tokio::test]
 async fn a_deleted_user_reads_as_defaults_and_a_later_write_wins_everywhere() {
     let servers = Servers::new("delete").await;
     let instances = servers.instances(3).await;

@@ -6,18 +6,20 @@
 //! (with the current one as `ETag`), 503 with `Retry-After` while the database is unreachable.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
-use userconfig::{UserConfig, check_user_id};
+use userconfig::{MAX_MODIFY_ATTEMPTS, UserConfig, UserConfigStorage, check_user_id};
 
 use super::App;
+use super::conditional::{Preconditions, Verdict};
 
 /// An error response.
+#[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
     kind: &'static str,
@@ -26,12 +28,25 @@ pub(crate) struct ApiError {
 }
 
 impl ApiError {
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             kind: "invalid_input",
             message: message.into(),
             current: None,
+        }
+    }
+
+    /// 412: a precondition failed against `current`, the stored version (sent as `ETag`).
+    pub(crate) fn precondition_failed(current: u64) -> Self {
+        ApiError {
+            status: StatusCode::PRECONDITION_FAILED,
+            kind: "conflict",
+            message: format!(
+                "the stored configuration is at version {current}, which the \
+                request's If-Match or If-None-Match does not allow"
+            ),
+            current: Some(current),
         }
     }
 }
@@ -85,51 +100,57 @@ fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
 }
 
-/// The version an `If-Match` header names (`"N"`, `W/"N"` or `N`); `None` without the header.
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(value) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    value
-        .to_str()
-        .ok()
-        .map(|v| v.trim().trim_start_matches("W/").trim_matches('"'))
-        .and_then(|v| v.parse::<u64>().ok())
-        .map(Some)
-        .ok_or_else(|| {
-            ApiError::bad_request("If-Match must be a version this service gave as ETag, as \"N\"")
-        })
-}
-
 /// The user id, checked before any I/O.
 fn user(id: &str) -> Result<(), ApiError> {
     check_user_id(id).map_err(ApiError::from)
 }
 
-fn stored(user_id: &str, version: u64, status: StatusCode) -> Response {
+/// A change's answer: 201 if it created the configuration, else 200; `ETag` its version.
+fn stored(user_id: &str, done: Done) -> Response {
+    let status = if done.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     let mut response = (
         status,
-        axum::Json(json!({ "user_id": user_id, "version": version })),
+        axum::Json(json!({ "user_id": user_id, "version": done.version })),
     )
         .into_response();
-    response.headers_mut().insert(header::ETAG, etag(version));
+    response
+        .headers_mut()
+        .insert(header::ETAG, etag(done.version));
     response
 }
 
+/// A configuration's caching rules for a browser or a proxy: this user's only, and asked
+/// again (with `If-None-Match`) before each use.
+const CONFIG_CACHE_CONTROL: HeaderValue = HeaderValue::from_static("private, no-cache");
+
 /// `GET`: the configuration (the defaults if none is stored), `ETag` its version (`"0"`: none
-/// stored), `X-Config-Stored` and `X-Served-By` (the tier that answered).
+/// stored), `X-Config-Stored` and `X-Served-By` (the tier that answered); 304 for an
+/// `If-None-Match` that names it, 412 for an `If-Match` that does not.
 pub(crate) async fn get_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     user(&id)?;
+    let preconditions = Preconditions::read(&headers)?;
     let began = Instant::now();
     let fetched = app.storage().fetch_user_config(&id).await?;
     app.window().record(fetched.answered_by, began.elapsed());
-    let body = app.encoded.get(&id, &fetched.config);
-    let mut response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    let mut response = match preconditions.verdict(fetched.version, true) {
+        Verdict::Failed => return Err(ApiError::precondition_failed(fetched.version)),
+        Verdict::NotModified => StatusCode::NOT_MODIFIED.into_response(),
+        Verdict::Proceed => {
+            let body = app.encoded.get(&id, &fetched.config);
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
+    };
     let headers = response.headers_mut();
     headers.insert(header::ETAG, etag(fetched.version));
+    headers.insert(header::CACHE_CONTROL, CONFIG_CACHE_CONTROL);
     headers.insert(
         "x-config-stored",
         HeaderValue::from_static(if fetched.stored { "true" } else { "false" }),
@@ -141,7 +162,8 @@ pub(crate) async fn get_config(
     Ok(response)
 }
 
-/// `PUT`: stores the body (missing fields get defaults, unknown fields are kept).
+/// `PUT`: stores the body (missing fields get defaults, unknown fields are kept); 201 if no
+/// configuration was stored.
 pub(crate) async fn put_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -149,24 +171,17 @@ pub(crate) async fn put_config(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     user(&id)?;
-    let expected = if_match(&headers)?;
+    let preconditions = Preconditions::read(&headers)?;
     let config: UserConfig = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the body is not a configuration: {e}")))?;
-    let storage = app.storage();
-    let version = match expected {
-        Some(expected) => {
-            storage
-                .update_user_config_if(&id, expected, &config)
-                .await?
-        }
-        None => storage.update_user_config(&id, &config).await?,
-    };
-    Ok(stored(&id, version, StatusCode::OK))
+    app.storage().check_user_config(&id, &config)?;
+    let done = change(app.storage(), &id, &preconditions, &Change::Put(Box::new(config))).await?;
+    Ok(stored(&id, done))
 }
 
 /// `PATCH`: applies a JSON merge patch (RFC 7386: `null` removes a field, objects merge,
-/// anything else replaces) to the stored configuration, retrying on conflicting writers; with
-/// `If-Match`, one attempt against that version.
+/// anything else replaces) to the stored configuration (the defaults if none is: 201),
+/// retrying on conflicting writers as long as the preconditions still hold.
 pub(crate) async fn patch_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -174,7 +189,7 @@ pub(crate) async fn patch_config(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     user(&id)?;
-    let expected = if_match(&headers)?;
+    let preconditions = Preconditions::read(&headers)?;
     let patch: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
     if !patch.is_object() {
@@ -182,34 +197,134 @@ pub(crate) async fn patch_config(
             "a merge patch of a configuration must be a JSON object",
         ));
     }
-    let storage = app.storage();
-    let apply = |config: &mut UserConfig| -> userconfig::Result<()> {
-        let mut document = serde_json::to_value(&*config).expect("configs serialize");
-        merge_patch(&mut document, &patch);
-        *config = serde_json::from_value(document).map_err(|e| {
-            userconfig::Error::InvalidConfig(format!("the patched configuration: {e}"))
-        })?;
-        Ok(())
-    };
-    let version = match expected {
-        Some(expected) => {
-            let current = storage.load_user_config(&id).await?;
-            if current.version != expected {
-                return Err(userconfig::Error::Conflict {
-                    expected,
-                    current: current.version,
-                }
-                .into());
-            }
-            let mut config = (*current.config).clone();
-            apply(&mut config)?;
-            storage
-                .update_user_config_if(&id, expected, &config)
-                .await?
+    let done = change(app.storage(), &id, &preconditions, &Change::Patch(patch)).await?;
+    Ok(stored(&id, done))
+}
+
+/// What a request changes.
+enum Change {
+    Put(Box<UserConfig>),
+    Patch(Value),
+    Delete,
+}
+
+/// A change's outcome.
+#[derive(Clone, Copy)]
+struct Done {
+    version: u64,
+    created: bool,
+}
+
+/// What a change believes is stored: its version, and its value when the change needs it.
+struct Seen {
+    version: u64,
+    config: Option<Arc<UserConfig>>,
+    /// Read from the database (or told by its refusal), not guessed from a cache.
+    known: bool,
+}
+
+impl Seen {
+    fn from(fetched: userconfig::FetchedConfig, known: bool) -> Seen {
+        Seen {
+            version: fetched.version,
+            config: Some(fetched.config),
+            known,
         }
-        None => storage.try_modify_user_config(&id, apply).await?,
+    }
+}
+
+/// Makes `change` under `preconditions` as a compare-and-set against the version they let
+/// through: the one they pin (`If-Match: "N"`, `If-None-Match: *`), else the cached version,
+/// a guess the database checks. A guess that fails the preconditions is read again from the
+/// database before a 412; a compare-and-set that loses to another writer learns the stored
+/// version and tries again while the preconditions still hold, up to
+/// [`MAX_MODIFY_ATTEMPTS`] times (then 409; an unconditional `PUT` then writes
+/// unconditionally).
+async fn change(
+    storage: &UserConfigStorage,
+    id: &str,
+    preconditions: &Preconditions,
+    change: &Change,
+) -> Result<Done, ApiError> {
+    let patching = matches!(change, Change::Patch(_));
+    let mut seen = match preconditions.pinned() {
+        Some(version) if !patching => Seen {
+            version,
+            config: None,
+            known: false,
+        },
+        _ => Seen::from(storage.fetch_user_config(id).await?, false),
     };
-    Ok(stored(&id, version, StatusCode::OK))
+    for attempt in 1..=MAX_MODIFY_ATTEMPTS {
+        while !preconditions.allow(seen.version) {
+            if seen.known {
+                return Err(ApiError::precondition_failed(seen.version));
+            }
+            seen = Seen::from(storage.load_user_config(id).await?, true);
+        }
+        let result = match change {
+            Change::Put(config) => {
+                storage
+                    .update_user_config_if(id, seen.version, config)
+                    .await
+            }
+            Change::Patch(patch) => {
+                let base = seen
+                    .config
+                    .as_deref()
+                    .expect("a patch reads the configuration");
+                let config = patched(base, patch)?;
+                storage
+                    .update_user_config_if(id, seen.version, &config)
+                    .await
+            }
+            Change::Delete => storage.delete_user_config_if(id, seen.version).await,
+        };
+        let current = match result {
+            Ok(version) => {
+                let created = seen.version == 0 && version > 0 && !matches!(change, Change::Delete);
+                return Ok(Done { version, created });
+            }
+            Err(e) => e.conflict().ok_or(e)?,
+        };
+        // Another writer was first: what the database holds now, then (writers on one user
+        // taking turns rather than colliding again) another try.
+        seen = if patching {
+            Seen::from(storage.load_user_config(id).await?, true)
+        } else {
+            Seen {
+                version: current,
+                config: None,
+                known: true,
+            }
+        };
+        if attempt < MAX_MODIFY_ATTEMPTS && preconditions.allow(seen.version) {
+            tokio::time::sleep(Duration::from_millis(fastrand::u64(0..=2 << attempt))).await;
+        }
+    }
+    if preconditions.is_empty()
+        && let Change::Put(config) = change
+    {
+        // Last writer wins: a plain write (200: it was surely stored by the others).
+        let version = storage.update_user_config(id, config).await?;
+        return Ok(Done {
+            version,
+            created: false,
+        });
+    }
+    Err(userconfig::Error::TooManyConflicts {
+        attempts: MAX_MODIFY_ATTEMPTS,
+    }
+    .into())
+}
+
+/// `base` with the merge patch applied, or why it no longer is a configuration.
+fn patched(base: &UserConfig, patch: &Value) -> Result<UserConfig, ApiError> {
+    let mut document = serde_json::to_value(base).expect("configs serialize");
+    merge_patch(&mut document, patch);
+    serde_json::from_value(document).map_err(|e| {
+        userconfig::Error::InvalidConfig(format!("the patched configuration: {e}")).into()
+    })
 }
 
 /// RFC 7386's merge: `null` removes, objects merge member by member, anything else replaces.
@@ -231,14 +346,25 @@ pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
-/// `DELETE`: 200 with the delete's version, 404 if nothing was stored.
+/// `DELETE`: 200 with the delete's version, 404 if nothing was stored; with preconditions, a
+/// compare-and-set that deletes only what they name.
 pub(crate) async fn delete_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     user(&id)?;
-    let version = app.storage().delete_user_config(&id).await?;
-    if version == 0 {
+    let preconditions = Preconditions::read(&headers)?;
+    let storage = app.storage();
+    let done = if preconditions.is_empty() {
+        Done {
+            version: storage.delete_user_config(&id).await?,
+            created: false,
+        }
+    } else {
+        change(storage, &id, &preconditions, &Change::Delete).await?
+    };
+    if done.version == 0 {
         return Err(ApiError {
             status: StatusCode::NOT_FOUND,
             kind: "not_found",
@@ -246,7 +372,7 @@ pub(crate) async fn delete_config(
             current: None,
         });
     }
-    Ok(stored(&id, version, StatusCode::OK))
+    Ok(stored(&id, done))
 }
 
 /// `GET /readyz`: 200 while the database answers (`degraded` if Redis does not), else 503.
@@ -346,20 +472,6 @@ mod tests {
             let mut document = target.clone();
             merge_patch(&mut document, &patch);
             assert_eq!(document, expected, "{target} patched with {patch}");
-        }
-    }
-
-    #[test]
-    fn if_match_takes_the_etag_forms_and_refuses_others() {
-        let mut h = HeaderMap::new();
-        assert_eq!(if_match(&h).ok().flatten(), None);
-        for (value, expected) in [("\"7\"", 7), ("W/\"8\"", 8), ("9", 9)] {
-            h.insert(header::IF_MATCH, HeaderValue::from_static(value));
-            assert_eq!(if_match(&h).ok().flatten(), Some(expected));
-        }
-        for bad in ["*", "\"x\"", "\"-1\""] {
-            h.insert(header::IF_MATCH, HeaderValue::from_static(bad));
-            assert!(if_match(&h).is_err(), "{bad}");
         }
     }
 }

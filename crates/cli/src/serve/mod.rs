@@ -3,10 +3,10 @@
 //!
 //! | route | what |
 //! |---|---|
-//! | `GET /v1/users/{id}/config` | the configuration (defaults if none is stored); `ETag` is its version |
-//! | `PUT /v1/users/{id}/config` | store it; with `If-Match: "N"` only if the stored version is still N (else 412) |
-//! | `PATCH /v1/users/{id}/config` | a JSON merge patch (RFC 7386), retried on conflicts; `If-Match` makes it one attempt |
-//! | `DELETE /v1/users/{id}/config` | delete it (404 if none is stored) |
+//! | `GET /v1/users/{id}/config` | the configuration (defaults if none is stored); `ETag` is its version; 304 for `If-None-Match` |
+//! | `PUT /v1/users/{id}/config` | store it (201 if none was); `If-Match` / `If-None-Match` make it a compare-and-set (else 412) |
+//! | `PATCH /v1/users/{id}/config` | a JSON merge patch (RFC 7386), retried on conflicts while the preconditions hold |
+//! | `DELETE /v1/users/{id}/config` | delete it (404 if none is stored); `If-Match` deletes only that version |
 //! | `GET /stats` | the seed's statistics JSON (an array with several instances) |
 //! | `GET /metrics` | Prometheus text, rendered from the live statistics at each scrape |
 //! | `GET /healthz` | the process answers |
@@ -18,6 +18,7 @@
 
 mod api;
 pub(crate) mod auth;
+mod conditional;
 mod dashboard;
 mod encoded;
 mod prometheus;
