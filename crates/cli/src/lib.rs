@@ -340,15 +340,21 @@ pub fn router_with_tokens(
 
 /// The `userconfig` command: parses the arguments, runs, and returns the exit code.
 pub fn main() -> ExitCode {
+    // Usage errors exit with code 2 (clap's own).
+    let cli = Cli::parse();
+    // `serve` logs a line per request (target `access`) unless RUST_LOG says otherwise.
+    let default_filter = if matches!(cli.command, Command::Serve { .. }) {
+        "warn,access=info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
-    // Usage errors exit with code 2 (clap's own).
-    let cli = Cli::parse();
     let json = cli.command.json();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

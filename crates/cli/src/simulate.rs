@@ -304,8 +304,15 @@ async fn run_mode(
         Some(addr) => {
             // Open (its routes reach the database's real users too): a loopback address only.
             let access = serve::open_on(addr, false)?;
-            let running =
-                serve::start(addr, storages.clone(), window.clone(), 1024 * 1024, access).await?;
+            let running = serve::start(
+                addr,
+                storages.clone(),
+                window.clone(),
+                1024 * 1024,
+                access,
+                serve::limits::Limits::default(),
+            )
+            .await?;
             eprintln!("dashboard: http://{}/", running.addr);
             Some(running)
         }

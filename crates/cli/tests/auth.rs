@@ -149,7 +149,7 @@ fn with_tokens_every_route_checks_who_asks_before_anything_is_read_or_stored() {
         &[("Authorization", write.as_str())],
         body,
     );
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 201, "{}", r.text());
     let r = request(addr, "GET", PATH, &[("Authorization", read.as_str())], b"");
     assert_eq!(r.json()["preferences"]["theme"], "dark");
     for path in ["/metrics", "/readyz", "/dashboard/data"] {

@@ -1,9 +1,9 @@
 //! The REST routes of one user's configuration, and readiness.
 //!
-//! Errors are JSON (`{"error": {"kind", "message"}}`), never repeating a configuration value:
-//! 400 for bad input (raised before any I/O), 404 for a delete of nothing, 409 when a patch
-//! lost to other writers too often, 412 for a compare-and-set that found another version
-//! (with the current one as `ETag`), 503 with `Retry-After` while the database is unreachable.
+//! Errors are `error.rs`'s JSON: 400 for bad input (raised before any I/O), 404 for a delete
+//! of nothing, 409 when a change lost to other writers too often, 412 for a precondition the
+//! stored version does not meet (with the current one as `ETag`; `conditional.rs`), 503 with
+//! `Retry-After` while the database is unreachable.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,86 +17,9 @@ use userconfig::{MAX_MODIFY_ATTEMPTS, UserConfig, UserConfigStorage, check_user_
 
 use super::App;
 use super::conditional::{Preconditions, Verdict};
+use super::error::ApiError;
 
-/// An error response.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    status: StatusCode,
-    kind: &'static str,
-    message: String,
-    current: Option<u64>,
-}
-
-impl ApiError {
-    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            kind: "invalid_input",
-            message: message.into(),
-            current: None,
-        }
-    }
-
-    /// 412: a precondition failed against `current`, the stored version (sent as `ETag`).
-    pub(crate) fn precondition_failed(current: u64) -> Self {
-        ApiError {
-            status: StatusCode::PRECONDITION_FAILED,
-            kind: "conflict",
-            message: format!(
-                "the stored configuration is at version {current}, which the \
-                request's If-Match or If-None-Match does not allow"
-            ),
-            current: Some(current),
-        }
-    }
-}
-
-impl From<userconfig::Error> for ApiError {
-    fn from(e: userconfig::Error) -> Self {
-        let message = crate::explain(&e);
-        let (status, kind) = if e.is_invalid_input() {
-            (StatusCode::BAD_REQUEST, "invalid_input")
-        } else if e.conflict().is_some() {
-            (StatusCode::PRECONDITION_FAILED, "conflict")
-        } else if matches!(e, userconfig::Error::TooManyConflicts { .. }) {
-            (StatusCode::CONFLICT, "too_many_conflicts")
-        } else if e.is_transient() {
-            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-        } else if e.is_read_only() {
-            // A standby: this instance may serve reads, not writes.
-            (StatusCode::SERVICE_UNAVAILABLE, "read_only")
-        } else {
-            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
-        };
-        ApiError {
-            status,
-            kind,
-            message,
-            current: e.conflict(),
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = json!({ "error": { "kind": self.kind, "message": self.message } });
-        if let Some(current) = self.current {
-            body["error"]["current_version"] = json!(current);
-        }
-        let mut response = (self.status, axum::Json(body)).into_response();
-        if self.status == StatusCode::SERVICE_UNAVAILABLE {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        if let Some(current) = self.current {
-            response.headers_mut().insert(header::ETAG, etag(current));
-        }
-        response
-    }
-}
-
-fn etag(version: u64) -> HeaderValue {
+pub(crate) fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
 }
 
@@ -175,7 +98,13 @@ pub(crate) async fn put_config(
     let config: UserConfig = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("the body is not a configuration: {e}")))?;
     app.storage().check_user_config(&id, &config)?;
-    let done = change(app.storage(), &id, &preconditions, &Change::Put(Box::new(config))).await?;
+    let done = change(
+        app.storage(),
+        &id,
+        &preconditions,
+        &Change::Put(Box::new(config)),
+    )
+    .await?;
     Ok(stored(&id, done))
 }
 
@@ -365,12 +294,11 @@ pub(crate) async fn delete_config(
         change(storage, &id, &preconditions, &Change::Delete).await?
     };
     if done.version == 0 {
-        return Err(ApiError {
-            status: StatusCode::NOT_FOUND,
-            kind: "not_found",
-            message: "no configuration is stored for this user".into(),
-            current: None,
-        });
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no configuration is stored for this user",
+        ));
     }
     Ok(stored(&id, done))
 }
@@ -392,14 +320,20 @@ pub(crate) async fn ready(State(app): State<Arc<App>>) -> Response {
         Some(_) => "down",
     };
     let (status, state) = readiness(database.is_ok(), redis, feed);
-    let mut body = json!({
+    let body = json!({
         "status": state,
         "database": if database.is_ok() { "ok" } else { "down" },
         "redis": redis,
         "feed": feed,
     });
     if let Err(e) = &database {
-        body["error"] = json!(crate::explain(e));
+        // The cause (which may name hosts and tables) for the operator, not the prober.
+        let id = super::observe::request_id();
+        tracing::warn!(
+            request_id = id.as_deref().unwrap_or("-"),
+            "not ready: the database does not answer: {}",
+            crate::explain(e)
+        );
     }
     let mut response = (status, axum::Json(body)).into_response();
     if status == StatusCode::SERVICE_UNAVAILABLE {

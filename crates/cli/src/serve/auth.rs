@@ -13,16 +13,18 @@
 //! stored; `userconfig token` makes one and prints its line). `#` starts a comment. A request
 //! presents `Authorization: Bearer <token>`; its hash is compared with every stored one in
 //! constant time. A missing or unknown token is 401 with `WWW-Authenticate`, a token without
-//! the route's scope 403.
+//! the route's scope 403, a token past its rate (`--rate-per-token`, `rate.rs`) 429.
 
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use sha2::{Digest, Sha256};
+
+use super::error::ApiError;
+use super::rate::Rate;
 
 /// What a token may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -66,8 +68,11 @@ struct Token {
     scopes: u8,
 }
 
-/// The service tokens `serve` accepts.
-pub(crate) struct Tokens(Vec<Token>);
+/// The service tokens `serve` accepts, and the rate each may ask at.
+pub(crate) struct Tokens {
+    tokens: Vec<Token>,
+    rate: Option<Rate>,
+}
 
 impl Tokens {
     /// Reads a tokens file's text; an error names the line.
@@ -115,17 +120,23 @@ impl Tokens {
         if tokens.is_empty() {
             return Err("no token in it".into());
         }
-        Ok(Tokens(tokens))
+        Ok(Tokens { tokens, rate: None })
+    }
+
+    /// At most `per_second` requests a second for each token (0: no limit).
+    pub(crate) fn limit_rate(mut self, per_second: u32) -> Tokens {
+        self.rate = (per_second > 0).then(|| Rate::new(per_second, self.tokens.len()));
+        self
     }
 
     /// The token whose hash is `presented`'s: every stored hash is compared, in constant time
     /// each, whichever matches.
-    fn find(&self, presented: &str) -> Option<&Token> {
+    fn find(&self, presented: &str) -> Option<(usize, &Token)> {
         let hash: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         let mut found = None;
-        for token in &self.0 {
+        for (i, token) in self.tokens.iter().enumerate() {
             if constant_time_eq(&token.hash, &hash) {
-                found = Some(token);
+                found = Some((i, token));
             }
         }
         found
@@ -176,52 +187,34 @@ pub(crate) async fn check(
         })
         .map(str::trim);
     let Some(presented) = presented else {
-        return unauthorized(
+        return ApiError::unauthorized(
             None,
             "this route needs a token: Authorization: Bearer <token>",
-        );
+        )
+        .into_response();
     };
-    let Some(token) = tokens.find(presented) else {
-        return unauthorized(
+    let Some((index, token)) = tokens.find(presented) else {
+        return ApiError::unauthorized(
             Some("invalid_token"),
             "the token is not one of this service's",
-        );
+        )
+        .into_response();
     };
     if token.scopes & scope.bit() == 0 {
         tracing::info!(token = %token.name, scope = scope.name(), "refused: scope missing");
-        return error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            &format!(
-                "the token {:?} lacks the {} scope",
-                token.name,
-                scope.name()
-            ),
-        );
+        return ApiError::forbidden(format!(
+            "the token {:?} lacks the {} scope",
+            token.name,
+            scope.name()
+        ))
+        .into_response();
+    }
+    if let Some(rate) = &tokens.rate
+        && let Err(wait) = rate.admit(index)
+    {
+        return ApiError::rate_limited(wait.as_secs_f64().ceil() as u64).into_response();
     }
     next.run(request).await
-}
-
-fn unauthorized(problem: Option<&str>, message: &str) -> Response {
-    let challenge = match problem {
-        Some(problem) => format!("Bearer realm=\"userconfig\", error=\"{problem}\""),
-        None => "Bearer realm=\"userconfig\"".to_owned(),
-    };
-    let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    if let Ok(value) = HeaderValue::from_str(&challenge) {
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, value);
-    }
-    response
-}
-
-fn error(status: StatusCode, kind: &str, message: &str) -> Response {
-    (
-        status,
-        axum::Json(json!({ "error": { "kind": kind, "message": message } })),
-    )
-        .into_response()
 }
 
 /// A new token (`uc_` and 32 random bytes in hex) and its line for the tokens file.
@@ -270,7 +263,7 @@ mod tests {
     fn a_tokens_file_reads_back_what_token_prints() {
         let (token, line) = new_token("ci", "read,write").unwrap();
         let tokens = Tokens::parse(&format!("# comment\n\n{line}  # trailing\n")).unwrap();
-        let found = tokens.find(&token).unwrap();
+        let (_, found) = tokens.find(&token).unwrap();
         assert_eq!(found.name, "ci");
         assert_eq!(found.scopes, Scope::Read.bit() | Scope::Write.bit());
         assert!(tokens.find("uc_other").is_none());

@@ -13,7 +13,7 @@
 
 use axum::http::{HeaderMap, HeaderName, header};
 
-use super::api::ApiError;
+use super::error::ApiError;
 
 /// An `If-Match` or `If-None-Match` field: `*` or a list of entity tags.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -21,23 +21,29 @@ pub(crate) mod auth;
 mod conditional;
 mod dashboard;
 mod encoded;
+mod error;
+pub(crate) mod limits;
+mod listen;
+mod observe;
 mod prometheus;
+mod rate;
 pub(crate) mod window;
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request, State};
+use axum::error_handling::HandleErrorLayer;
+use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use clap::Args;
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
+use tower::ServiceBuilder;
+use tower::limit::GlobalConcurrencyLimitLayer;
 use userconfig::UserConfigStorage;
 
 pub(crate) use dashboard::Board;
@@ -63,6 +69,8 @@ pub(crate) struct ServeArgs {
     /// read, change and delete every configuration.
     #[arg(long)]
     insecure_no_auth: bool,
+    #[command(flatten)]
+    limits: limits::Limits,
 }
 
 impl ServeArgs {
@@ -78,7 +86,9 @@ impl ServeArgs {
             })?;
             let tokens = auth::Tokens::parse(&text)
                 .map_err(|e| Failure::usage(format!("the tokens file {}: {e}", path.display())))?;
-            return Ok(auth::Access::Tokens(tokens));
+            return Ok(auth::Access::Tokens(
+                tokens.limit_rate(self.limits.rate_per_token),
+            ));
         }
         open_on(self.listen, self.insecure_no_auth)
     }
@@ -107,9 +117,10 @@ pub(crate) struct App {
     pub(crate) board: Arc<Board>,
     /// The JSON of the configurations `GET` served, while the chain's copy lives.
     pub(crate) encoded: encoded::Encoded,
-    /// Requests by route template, method and status, for `/metrics` (indexes into
-    /// [`ROUTES`] and [`METHODS`]: counting allocates nothing).
-    http: Mutex<BTreeMap<(u8, u8, u16), u64>>,
+    /// Requests by route template, method and status, for `/metrics`.
+    requests: Arc<observe::Requests>,
+    /// The accept loop's counters (zero for a router served by someone else).
+    connections: Arc<listen::Connections>,
 }
 
 impl App {
@@ -131,21 +142,35 @@ pub(crate) fn router_for(
 ) -> Router {
     let board = Board::new(storages, Arc::new(Window::default()));
     dashboard::spawn_sampler(&board);
-    router(board, max_body_bytes, Arc::new(access))
+    router(
+        board,
+        max_body_bytes,
+        Arc::new(access),
+        &limits::Limits::default(),
+        Arc::default(),
+    )
 }
 
 /// The routes over `board`'s storages (the first serves the REST routes; all are on the
 /// dashboard).
+///
+/// Layers, from the outside in: the request id, count and access log (`observe.rs`); the
+/// request limits (in flight, timeout) for every route but `/healthz` and the page; who asks
+/// (`auth.rs`); the body limit; the handler.
 pub(crate) fn router(
     board: Arc<Board>,
     max_body_bytes: usize,
     access: Arc<auth::Access>,
+    limits: &limits::Limits,
+    connections: Arc<listen::Connections>,
 ) -> Router {
     let capacity = board.storages()[0].get_cache_stats().memory_cache.max_size;
+    let requests = Arc::new(observe::Requests::default());
     let app = Arc::new(App {
         board,
         encoded: encoded::Encoded::new(usize::try_from(capacity).unwrap_or(usize::MAX)),
-        http: Mutex::new(BTreeMap::new()),
+        requests: Arc::clone(&requests),
+        connections,
     });
     Router::new()
         .route(
@@ -157,51 +182,25 @@ pub(crate) fn router(
         )
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(api::ready))
-        .route("/", get(|| async { Html(dashboard::PAGE) }))
         .route("/dashboard/data", get(dashboard_data))
         .layer(axum::extract::DefaultBodyLimit::max(max_body_bytes))
-        // Before any handler, so before any cache or database (counted like the rest).
+        // Before any handler, so before any cache or database.
         .layer(middleware::from_fn_with_state(access, auth::check))
-        .layer(middleware::from_fn_with_state(app.clone(), count))
+        // One semaphore for every route (a global limit: `Router::layer` clones the layer
+        // per route), shed rather than queued.
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(limits::refused))
+                .load_shed()
+                .layer(GlobalConcurrencyLimitLayer::new(limits.max_in_flight))
+                .timeout(limits.request_timeout),
+        )
+        // Open, and never shed: a liveness probe must not fail for load.
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/", get(|| async { Html(dashboard::PAGE) }))
+        .layer(middleware::from_fn_with_state(requests, observe::observe))
         .with_state(app)
-}
-
-/// The route templates requests are counted by; anything else is `unmatched`.
-const ROUTES: [&str; 8] = [
-    "/v1/users/{id}/config",
-    "/stats",
-    "/metrics",
-    "/healthz",
-    "/readyz",
-    "/",
-    "/dashboard/data",
-    "unmatched",
-];
-
-/// The methods requests are counted by; anything else is `OTHER`.
-const METHODS: [&str; 5] = ["GET", "PUT", "PATCH", "DELETE", "OTHER"];
-
-/// Counts each request by its route template (never the user id), method and status.
-async fn count(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .and_then(|p| ROUTES.iter().position(|r| *r == p.as_str()))
-        .unwrap_or(ROUTES.len() - 1);
-    let method = METHODS
-        .iter()
-        .position(|m| *m == request.method().as_str())
-        .unwrap_or(METHODS.len() - 1);
-    let response = next.run(request).await;
-    let status = response.status().as_u16();
-    *app.http
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .entry((route as u8, method as u8, status))
-        .or_default() += 1;
-    response
 }
 
 async fn stats(State(app): State<Arc<App>>) -> Response {
@@ -227,22 +226,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .iter()
         .map(UserConfigStorage::get_cache_stats)
         .collect();
-    let http: Vec<_> = app
-        .http
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .iter()
-        .map(|(&(route, method, status), n)| {
-            let label = format!("{} {}", METHODS[method as usize], ROUTES[route as usize]);
-            ((label, status), *n)
-        })
-        .collect();
+    let http = app.requests.counts();
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        prometheus::render(&stats, &http),
+        prometheus::render(&stats, &http, &app.connections),
     )
         .into_response()
 }
@@ -260,22 +250,21 @@ async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
 pub(crate) struct Running {
     pub(crate) addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: tokio::task::JoinHandle<()>,
     sampler: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish, and returns once the server is done.
+    /// Stops accepting, lets in-flight requests finish (until the shutdown deadline: then the
+    /// connections still open are closed), and returns once the server is done.
     pub(crate) async fn stop(mut self) -> Result<(), Failure> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         self.sampler.abort();
-        match (&mut self.task).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(Failure::new(format!("the server failed: {e}"))),
-            Err(e) => Err(Failure::new(format!("the server task failed: {e}"))),
-        }
+        (&mut self.task)
+            .await
+            .map_err(|e| Failure::new(format!("the server task failed: {e}")))
     }
 }
 
@@ -296,24 +285,33 @@ pub(crate) async fn start(
     window: Arc<Window>,
     max_body_bytes: usize,
     access: auth::Access,
+    limits: limits::Limits,
 ) -> Result<Running, Failure> {
-    let listener = TcpListener::bind(listen)
-        .await
+    let listener = listen::bind(listen)
         .map_err(|e| Failure::unavailable(format!("cannot listen on {listen}: {e}")))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Failure::new(format!("cannot read the listening address: {e}")))?;
     let board = Board::new(storages, window);
     let sampler = dashboard::spawn_sampler(&board);
-    let app = router(board, max_body_bytes, Arc::new(access));
+    let connections = Arc::new(listen::Connections::default());
+    let app = router(
+        board,
+        max_body_bytes,
+        Arc::new(access),
+        &limits,
+        Arc::clone(&connections),
+    );
     let (stop, stopped) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.await;
-            })
-            .await
-    });
+    let task = tokio::spawn(listen::serve(
+        listener,
+        app,
+        limits,
+        connections,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     Ok(Running {
         addr,
         stop: Some(stop),
@@ -361,6 +359,7 @@ pub(crate) async fn run(
         Arc::new(Window::default()),
         args.max_body_bytes,
         access,
+        args.limits,
     )
     .await?;
     // The one line on stdout: where to connect (tests and scripts read it).
@@ -374,7 +373,6 @@ pub(crate) async fn run(
     }
     tracing::info!(addr = %running.addr, "serving");
     shutdown_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
     running.stop().await?;
     crate::finish(&storage, "served", within).await?;
     eprintln!("stopped");

@@ -4,7 +4,11 @@
 
 use std::fmt::Write as _;
 
+use std::sync::atomic::Ordering;
+
 use userconfig::CacheStats;
+
+use super::listen::Connections;
 
 /// One metric family: its help, its type, and its samples (labels, value).
 struct Family<'a> {
@@ -39,7 +43,11 @@ impl Family<'_> {
 }
 
 /// Renders every instance's statistics; `instance` labels tell the instances apart.
-pub(crate) fn render(stats: &[CacheStats], http: &[((String, u16), u64)]) -> String {
+pub(crate) fn render(
+    stats: &[CacheStats],
+    http: &[((String, u16), u64)],
+    connections: &Connections,
+) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let instances: Vec<String> = (0..stats.len()).map(|i| i.to_string()).collect();
     let per_instance = |out: &mut String,
@@ -298,6 +306,21 @@ pub(crate) fn render(stats: &[CacheStats], http: &[((String, u16), u64)]) -> Str
                 *n as f64,
             );
         }
+    }
+    for (name, help, count) in [
+        (
+            "userconfig_http_connections_refused_total",
+            "Connections answered 503 and closed: --max-connections were open.",
+            &connections.refused,
+        ),
+        (
+            "userconfig_http_connections_dropped_total",
+            "Connections still open at the shutdown deadline, closed.",
+            &connections.dropped,
+        ),
+    ] {
+        let mut f = Family::start(&mut out, name, "counter", help);
+        f.sample(name, &[], count.load(Ordering::Relaxed) as f64);
     }
     out
 }
