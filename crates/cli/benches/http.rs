@@ -3,7 +3,7 @@
 //! called in-process (no sockets), in one run; and, to tell where the difference goes, the
 //! storage's memory hit and the JSON encoding alone; and the same route with a service token
 //! checked (`router_with_tokens`, 20 tokens in the file: each request hashes its token and
-//! compares it with all of them).
+//! compares it with all of them), and with an end-user token (JWT, HS256 and ES256) verified.
 //!
 //! `cargo bench -p userconfig-cli --bench http`
 
@@ -60,7 +60,39 @@ fn bench(c: &mut Criterion) {
         })
         .collect();
     let presented = tokens[19].clone();
-    let (ours, bare, storage, checked) = rt.block_on(async {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": "alice", "iss": "idp", "aud": "userconfig", "exp": now + 3600
+    });
+    let secret = b"a shared secret of at least 32 bytes, for HS256".to_vec();
+    let hs256 = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(&secret).unwrap(),
+    )
+    .unwrap();
+    let mut es_header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    es_header.kid = Some("test-es256".into());
+    let es256 = jsonwebtoken::encode(
+        &es_header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(include_bytes!(
+            "../tests/fixtures/es256-test-key.pem"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let end_users = userconfig_cli::EndUserTokens {
+        hs256_secret: Some(secret),
+        jwks: Some(include_str!("../tests/fixtures/jwks.json").to_owned()),
+        issuer: "idp".into(),
+        audience: "userconfig".into(),
+        leeway_secs: 30,
+    };
+    let (ours, bare, storage, checked, jwt) = rt.block_on(async {
         let storage = UserConfigStorage::builder()
             .sqlite_path(dir.join("bench.sqlite3"))
             .build()
@@ -87,7 +119,16 @@ fn bench(c: &mut Criterion) {
             call(&bare).await,
             "the same bytes, the token accepted"
         );
-        (ours, bare, storage, checked)
+        let jwt = userconfig_cli::router_with_end_users(storage.clone(), Some(&file), &end_users)
+            .unwrap();
+        for token in [&hs256, &es256] {
+            assert_eq!(
+                call_as(&jwt, Some(token)).await,
+                call(&bare).await,
+                "JWT accepted"
+            );
+        }
+        (ours, bare, storage, checked, jwt)
     });
     let mut group = c.benchmark_group("get_config_memory_hit");
     group.measurement_time(Duration::from_secs(5));
@@ -102,6 +143,14 @@ fn bench(c: &mut Criterion) {
     group.bench_function("userconfig_serve_with_token", |b| {
         b.to_async(&rt)
             .iter(|| async { black_box(call_as(&checked, Some(&presented)).await) });
+    });
+    group.bench_function("userconfig_serve_with_jwt_hs256", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(call_as(&jwt, Some(&hs256)).await) });
+    });
+    group.bench_function("userconfig_serve_with_jwt_es256", |b| {
+        b.to_async(&rt)
+            .iter(|| async { black_box(call_as(&jwt, Some(&es256)).await) });
     });
     // What any handler of a stored configuration must do: the memory hit and the JSON.
     group.bench_function("memory_hit_and_json_only", |b| {

@@ -317,7 +317,7 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
 /// before they reach it (or use [`router_with_tokens`]). The dashboard's sampler runs while
 /// the router is alive, on the current tokio runtime.
 pub fn router(storage: UserConfigStorage) -> axum::Router {
-    serve::router_for(vec![storage], 1024 * 1024, serve::auth::Access::Open)
+    serve::router_for(vec![storage], 1024 * 1024, serve::auth::Access::open())
 }
 
 /// [`router`] with `userconfig serve`'s service tokens: `tokens` is a tokens file's text (one
@@ -334,7 +334,55 @@ pub fn router_with_tokens(
     Ok(serve::router_for(
         vec![storage],
         1024 * 1024,
-        serve::auth::Access::Tokens(tokens),
+        serve::auth::Access {
+            tokens: Some(tokens),
+            jwt: None,
+        },
+    ))
+}
+
+/// How [`router_with_end_users`] checks end-user tokens (JWT): a token whose `sub` is a user
+/// may read and change that user's configuration only.
+#[derive(Clone, Debug, Default)]
+pub struct EndUserTokens {
+    /// The HS256 shared secret (at least 32 bytes).
+    pub hs256_secret: Option<Vec<u8>>,
+    /// A JWKS document of RS256 and ES256 public keys.
+    pub jwks: Option<String>,
+    /// The `iss` tokens must carry.
+    pub issuer: String,
+    /// The `aud` tokens must carry.
+    pub audience: String,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds (at most 300).
+    pub leeway_secs: u64,
+}
+
+/// [`router_with_tokens`] that also takes end-user tokens: `service_tokens` is a tokens file's
+/// text (or `None`: end users only).
+///
+/// # Errors
+/// A tokens file that does not parse, or end-user settings that cannot be used (no key, a
+/// secret under 32 bytes, a JWKS with another kind of key, no issuer or audience).
+pub fn router_with_end_users(
+    storage: UserConfigStorage,
+    service_tokens: Option<&str>,
+    end_users: &EndUserTokens,
+) -> Result<axum::Router, String> {
+    let tokens = service_tokens.map(serve::auth::Tokens::parse).transpose()?;
+    let jwt = serve::jwt::Jwt::new(
+        end_users.hs256_secret.as_deref(),
+        end_users.jwks.as_deref(),
+        &end_users.issuer,
+        &end_users.audience,
+        end_users.leeway_secs,
+    )?;
+    Ok(serve::router_for(
+        vec![storage],
+        1024 * 1024,
+        serve::auth::Access {
+            tokens,
+            jwt: Some(jwt),
+        },
     ))
 }
 

@@ -108,6 +108,19 @@ fn with_tokens_every_route_checks_who_asks_before_anything_is_read_or_stored() {
                 .contains("error=\"invalid_token\"")
         );
     }
+    // Proxy headers grant nothing: no address is trusted, whatever a client says it is
+    // (docs/security.md, "TLS and reverse proxies").
+    for forged in [
+        ("X-Forwarded-For", "127.0.0.1"),
+        ("X-Real-IP", "127.0.0.1"),
+        ("Forwarded", "for=127.0.0.1;proto=https"),
+        ("X-Forwarded-Proto", "https"),
+        ("X-Forwarded-Host", "localhost"),
+    ] {
+        let r = request(addr, "GET", PATH, &[forged], b"");
+        assert_eq!(r.status, 401, "{forged:?}: {}", r.text());
+        assert!(!r.text().contains("127.0.0.1"), "{}", r.text());
+    }
     // A token without the route's scope: 403.
     let read = bearer(&reader);
     let write = bearer(&writer);
@@ -216,6 +229,150 @@ fn without_tokens_it_serves_only_on_loopback_unless_told() {
     let out = refused(command);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing"));
+}
+
+/// A JWT for `claims`, HS256 with `secret` or ES256 with the test key of `tests/fixtures`.
+fn jwt(claims: serde_json::Value, secret: Option<&[u8]>) -> String {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    match secret {
+        Some(secret) => encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret).unwrap(),
+        ),
+        None => {
+            let mut header = Header::new(Algorithm::ES256);
+            header.kid = Some("test-es256".into());
+            let pem = include_bytes!("fixtures/es256-test-key.pem");
+            encode(&header, &claims, &EncodingKey::from_ec_pem(pem).unwrap())
+        }
+    }
+    .unwrap()
+}
+
+#[test]
+fn an_end_user_token_reaches_its_own_configuration_only() {
+    let dir = TempDir::new("serve_jwt");
+    let secret = b"a shared secret of at least 32 bytes, for HS256";
+    let secret_file = dir.0.join("jwt-secret");
+    std::fs::write(&secret_file, [&secret[..], b"\n"].concat()).unwrap();
+    let jwks = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwks.json");
+    let (admin, a_line) = token("ops", "admin");
+    let tokens = dir.0.join("tokens");
+    std::fs::write(&tokens, format!("{a_line}\n")).unwrap();
+    let server = Server::start(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens-file",
+            tokens.to_str().unwrap(),
+            "--jwt-secret-file",
+            secret_file.to_str().unwrap(),
+            "--jwks-file",
+            jwks.to_str().unwrap(),
+            "--jwt-issuer",
+            "https://idp.example",
+            "--jwt-audience",
+            "userconfig",
+        ],
+        &dir.sqlite_url(),
+        "listening on ",
+        false,
+    );
+    let addr = server.addr.as_str();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = |sub: &str| {
+        serde_json::json!({
+            "sub": sub, "iss": "https://idp.example", "aud": "userconfig", "exp": now + 300
+        })
+    };
+    let alice = format!("Bearer {}", jwt(claims("alice"), Some(secret)));
+    let alice_es = format!("Bearer {}", jwt(claims("alice"), None));
+    let body = br#"{"preferences":{"theme":"dark"}}"#;
+    let bob = "/v1/users/bob/config";
+
+    // Her own configuration, with either key: read, write.
+    let r = request(addr, "PUT", PATH, &[("Authorization", &alice)], body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = request(addr, "GET", PATH, &[("Authorization", &alice_es)], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["preferences"]["theme"], "dark");
+    // Her id spelled with an escape is still her (the check decodes as the route does).
+    let r = request(
+        addr,
+        "GET",
+        "/v1/users/%61lice/config",
+        &[("Authorization", &alice)],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Someone else's, or the operator's routes: 403.
+    for (method, path) in [
+        ("GET", bob),
+        ("PUT", bob),
+        ("DELETE", bob),
+        ("GET", "/metrics"),
+        ("GET", "/stats"),
+    ] {
+        let r = request(addr, method, path, &[("Authorization", &alice)], body);
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.text());
+        assert_eq!(r.json()["error"]["kind"], "forbidden");
+    }
+    // Expired, not yet valid, for another audience or issuer, signed with another secret,
+    // HS256 signed with the public key's bytes: 401, invalid_token.
+    let mut expired = claims("alice");
+    expired["exp"] = serde_json::json!(now - 600);
+    let mut early = claims("alice");
+    early["nbf"] = serde_json::json!(now + 600);
+    let mut elsewhere = claims("alice");
+    elsewhere["aud"] = serde_json::json!("billing");
+    let mut stranger = claims("alice");
+    stranger["iss"] = serde_json::json!("https://evil.example");
+    let jwks_bytes = std::fs::read(&jwks).unwrap();
+    for (what, token) in [
+        ("expired", jwt(expired, Some(secret))),
+        ("nbf ahead", jwt(early, Some(secret))),
+        ("audience", jwt(elsewhere, Some(secret))),
+        ("issuer", jwt(stranger, Some(secret))),
+        (
+            "secret",
+            jwt(claims("alice"), Some(b"another secret, 32 bytes or more!!")),
+        ),
+        ("confusion", jwt(claims("alice"), Some(&jwks_bytes))),
+    ] {
+        let r = request(
+            addr,
+            "GET",
+            PATH,
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        );
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+        assert!(
+            r.header("www-authenticate")
+                .unwrap()
+                .contains("invalid_token"),
+            "{what}"
+        );
+    }
+    // Nothing refused reached the chain for bob: not read, not cached, not stored.
+    let stats = request(
+        addr,
+        "GET",
+        "/stats",
+        &[("Authorization", &format!("Bearer {admin}"))],
+        b"",
+    );
+    assert_eq!(stats.status, 200, "{}", stats.text());
+    let stats = stats.json();
+    assert_eq!(stats["memory_cache"]["entries"], 1, "alice only: {stats}");
+    let (_, said) = server.terminate();
+    assert!(!said.iter().any(|l| l.contains("bob")), "{said:?}");
 }
 
 /// The same check for in-process users: `router_with_tokens`, called without a socket.

@@ -1,5 +1,6 @@
-//! Who may use `userconfig serve`: service tokens, each with scopes, checked before a request
-//! reaches a handler (so before any cache or database is touched).
+//! Who may use `userconfig serve`: service tokens, each with scopes, and end-user tokens (JWT,
+//! `jwt.rs`) that reach their own user's configuration only; checked before a request reaches
+//! a handler (so before any cache or database is touched).
 //!
 //! | scope | routes |
 //! |---|---|
@@ -13,17 +14,20 @@
 //! stored; `userconfig token` makes one and prints its line). `#` starts a comment. A request
 //! presents `Authorization: Bearer <token>`; its hash is compared with every stored one in
 //! constant time. A missing or unknown token is 401 with `WWW-Authenticate`, a token without
-//! the route's scope 403, a token past its rate (`--rate-per-token`, `rate.rs`) 429.
+//! the route's scope 403, a token past its rate (`--rate-per-token`, `rate.rs`) 429. A bearer
+//! credential shaped as a JWT (three dot-separated parts) is an end user's: read and write
+//! when the route's `{id}` is its `sub`, 403 otherwise.
 
 use std::sync::Arc;
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRequestParts as _, MatchedPath, RawPathParams, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
 use super::error::ApiError;
+use super::jwt::{self, Jwt};
 use super::rate::Rate;
 
 /// What a token may do.
@@ -143,10 +147,22 @@ impl Tokens {
     }
 }
 
-/// Who may do what: open (no tokens), or the tokens.
-pub(crate) enum Access {
-    Open,
-    Tokens(Tokens),
+/// Who may do what: service tokens, end-user tokens (JWT), both, or neither (open).
+#[derive(Default)]
+pub(crate) struct Access {
+    pub(crate) tokens: Option<Tokens>,
+    pub(crate) jwt: Option<Jwt>,
+}
+
+impl Access {
+    /// Open to whoever reaches the service.
+    pub(crate) fn open() -> Access {
+        Access::default()
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.tokens.is_none() && self.jwt.is_none()
+    }
 }
 
 /// The scope a request needs: `None` for a route open to everyone (or no route).
@@ -161,15 +177,15 @@ fn needed(route: Option<&str>, method: &Method) -> Option<Scope> {
     }
 }
 
-/// The middleware: the route's scope, or 401 / 403 before any handler runs.
+/// The middleware: the route's scope, or 401 / 403 / 429 before any handler runs.
 pub(crate) async fn check(
     State(access): State<Arc<Access>>,
     request: Request,
     next: Next,
 ) -> Response {
-    let Access::Tokens(tokens) = &*access else {
+    if access.is_open() {
         return next.run(request).await;
-    };
+    }
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -185,7 +201,7 @@ pub(crate) async fn check(
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim);
+        .map(|v| v.trim().to_owned());
     let Some(presented) = presented else {
         return ApiError::unauthorized(
             None,
@@ -193,28 +209,83 @@ pub(crate) async fn check(
         )
         .into_response();
     };
-    let Some((index, token)) = tokens.find(presented) else {
-        return ApiError::unauthorized(
+    let (mut parts, body) = request.into_parts();
+    let allowed = if jwt::looks_like_jwt(&presented) {
+        // The user the route names, decoded as the handler's `Path` decodes it.
+        let user = RawPathParams::from_request_parts(&mut parts, &())
+            .await
+            .ok()
+            .and_then(|p| {
+                p.iter()
+                    .find(|(k, _)| *k == "id")
+                    .map(|(_, v)| v.to_owned())
+            });
+        end_user(access.jwt.as_ref(), &presented, scope, user.as_deref())
+    } else {
+        service(access.tokens.as_ref(), &presented, scope)
+    };
+    match allowed {
+        Ok(()) => next.run(Request::from_parts(parts, body)).await,
+        Err(refused) => refused.into_response(),
+    }
+}
+
+/// A service token: known, with the route's scope, within its rate.
+fn service(tokens: Option<&Tokens>, presented: &str, scope: Scope) -> Result<(), ApiError> {
+    let Some((index, token)) = tokens.and_then(|t| t.find(presented)) else {
+        return Err(ApiError::unauthorized(
             Some("invalid_token"),
             "the token is not one of this service's",
-        )
-        .into_response();
+        ));
     };
     if token.scopes & scope.bit() == 0 {
         tracing::info!(token = %token.name, scope = scope.name(), "refused: scope missing");
-        return ApiError::forbidden(format!(
+        return Err(ApiError::forbidden(format!(
             "the token {:?} lacks the {} scope",
             token.name,
             scope.name()
-        ))
-        .into_response();
+        )));
     }
-    if let Some(rate) = &tokens.rate
+    if let Some(rate) = tokens.and_then(|t| t.rate.as_ref())
         && let Err(wait) = rate.admit(index)
     {
-        return ApiError::rate_limited(wait.as_secs_f64().ceil() as u64).into_response();
+        return Err(ApiError::rate_limited(wait.as_secs_f64().ceil() as u64));
     }
-    next.run(request).await
+    Ok(())
+}
+
+/// An end-user token: valid, and naming the user the route is about (it may read and change
+/// that configuration, and reach nothing else).
+fn end_user(
+    jwt: Option<&Jwt>,
+    presented: &str,
+    scope: Scope,
+    user: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(jwt) = jwt else {
+        return Err(ApiError::unauthorized(
+            Some("invalid_token"),
+            "this service takes no end-user tokens (JWT)",
+        ));
+    };
+    let subject = jwt
+        .verify(presented)
+        .map_err(|why| ApiError::unauthorized(Some("invalid_token"), why))?;
+    match (scope, user) {
+        (Scope::Read | Scope::Write, Some(user)) if user == subject => Ok(()),
+        (Scope::Admin, _) => Err(ApiError::forbidden(
+            "an end-user token reaches its own configuration only",
+        )),
+        _ => {
+            tracing::info!(
+                scope = scope.name(),
+                "refused: an end-user token for another user"
+            );
+            Err(ApiError::forbidden(
+                "an end-user token reaches its own configuration only",
+            ))
+        }
+    }
 }
 
 /// A new token (`uc_` and 32 random bytes in hex) and its line for the tokens file.

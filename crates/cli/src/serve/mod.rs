@@ -22,6 +22,7 @@ mod conditional;
 mod dashboard;
 mod encoded;
 mod error;
+pub(crate) mod jwt;
 pub(crate) mod limits;
 mod listen;
 mod observe;
@@ -70,6 +71,8 @@ pub(crate) struct ServeArgs {
     #[arg(long)]
     insecure_no_auth: bool,
     #[command(flatten)]
+    jwt: jwt::JwtArgs,
+    #[command(flatten)]
     limits: limits::Limits,
 }
 
@@ -77,6 +80,7 @@ impl ServeArgs {
     /// Who may use the service, or why it must not start: with no tokens, only a loopback
     /// address (or `--insecure-no-auth`), as Redis's protected mode.
     fn access(&self) -> Result<auth::Access, Failure> {
+        let mut access = auth::Access::open();
         if let Some(path) = &self.tokens_file {
             let text = std::fs::read_to_string(path).map_err(|e| {
                 Failure::usage(format!(
@@ -86,19 +90,21 @@ impl ServeArgs {
             })?;
             let tokens = auth::Tokens::parse(&text)
                 .map_err(|e| Failure::usage(format!("the tokens file {}: {e}", path.display())))?;
-            return Ok(auth::Access::Tokens(
-                tokens.limit_rate(self.limits.rate_per_token),
-            ));
+            access.tokens = Some(tokens.limit_rate(self.limits.rate_per_token));
         }
-        open_on(self.listen, self.insecure_no_auth)
+        access.jwt = jwt::Jwt::load(&self.jwt).map_err(Failure::usage)?;
+        if access.is_open() {
+            return open_on(self.listen, self.insecure_no_auth);
+        }
+        Ok(access)
     }
 }
 
 /// No tokens: open, on a loopback address (said at warn), or elsewhere only when told.
 pub(crate) fn open_on(listen: SocketAddr, insecure: bool) -> Result<auth::Access, Failure> {
     if listen.ip().is_loopback() {
-        tracing::warn!(%listen, "no tokens (--tokens-file): anyone on this machine may read and \
-            change every configuration");
+        tracing::warn!(%listen, "no tokens (--tokens-file, --jwt-secret-file, --jwks-file): \
+            anyone on this machine may read and change every configuration");
     } else if insecure {
         tracing::warn!(%listen, "--insecure-no-auth: anyone who reaches this address may read, \
             change and delete every configuration");
@@ -109,7 +115,7 @@ pub(crate) fn open_on(listen: SocketAddr, insecure: bool) -> Result<auth::Access
              loopback address, or pass --insecure-no-auth"
         )));
     }
-    Ok(auth::Access::Open)
+    Ok(auth::Access::open())
 }
 
 /// What the handlers share.
