@@ -90,7 +90,16 @@ ensure_chromium() {
   apt_install --no-install-recommends chromium || echo "chromium could not be installed" >&2
 }
 
+ensure_schemathesis() {
+  # The OpenAPI contract's fuzzing (crates/cli/tests/openapi.rs) runs schemathesis, from PyPI.
+  if command -v schemathesis >/dev/null 2>&1; then return 0; fi
+  echo "installing schemathesis"
+  python3 -m pip install -q --disable-pip-version-check --root-user-action=ignore schemathesis \
+    || echo "schemathesis could not be installed" >&2
+}
+
 ensure_build_deps
 ensure_redis
 ensure_postgres
 ensure_chromium
+ensure_schemathesis

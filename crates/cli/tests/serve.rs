@@ -289,7 +289,7 @@ fn bad_input_is_400_before_any_io_and_a_down_database_is_503() {
         ("PUT", PATH, b"{}", &[("If-Match", "7")]),
         ("PUT", PATH, b"{}", &[("If-None-Match", "*, \"1\"")]),
         ("GET", PATH, b"", &[("If-None-Match", "W/1")]),
-        ("DELETE", PATH, b"", &[("If-Match", "")]),
+        ("DELETE", PATH, b"", &[("If-Match", "\"1\" x")]),
         ("PATCH", PATH, b"\"text\"", &[]),
         ("DELETE", long.as_str(), b"", &[]),
     ] {

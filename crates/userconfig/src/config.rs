@@ -93,7 +93,7 @@ macro_rules! keep_unknown_fields {
                                     if $field.is_some() {
                                         return Err(de::Error::duplicate_field(stringify!($field)));
                                     }
-                                    $field = Some(map.next_value()?);
+                                    $field = Some(map.next_value_seed(FieldSeed(std::marker::PhantomData))?);
                                 })+
                                 Field::Unknown(name) => {
                                     let value: Value = map.next_value()?;
@@ -119,6 +119,84 @@ macro_rules! keep_unknown_fields {
             }
         }
     };
+}
+
+/// How a known field decodes: as its type's `Deserialize`, but an integer also from a number
+/// with no fraction (`423.0`), as JSON Schema counts integers (and the original platform's
+/// models accepted them).
+trait FieldValue: Sized {
+    fn decode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error>;
+}
+
+macro_rules! field_as_deserialize {
+    ($($ty:ty),+) => {$(
+        impl FieldValue for $ty {
+            fn decode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                <$ty>::deserialize(deserializer)
+            }
+        }
+    )+};
+}
+
+field_as_deserialize!(
+    bool,
+    f64,
+    String,
+    SummarizationConfig,
+    MemoryConfig,
+    WebSearchConfig,
+    PreferencesConfig,
+    ModelProfileConfig,
+    RefinementConfig,
+    ImageGenerationConfig
+);
+
+impl FieldValue for i64 {
+    fn decode<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Integer;
+
+        impl Visitor<'_> for Integer {
+            type Value = i64;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer")
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<i64, E> {
+                Ok(v)
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<i64, E> {
+                i64::try_from(v).map_err(|_| E::invalid_value(de::Unexpected::Unsigned(v), &self))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<i64, E> {
+                // No fraction, and under 2^53: from there on a float is already rounded (an
+                // integer literal past i64's range arrives here as the nearest float, which
+                // must not pass for i64::MIN or i64::MAX).
+                const SAFE: f64 = 9_007_199_254_740_992.0;
+                if v.fract() == 0.0 && v.abs() < SAFE {
+                    #[allow(clippy::cast_possible_truncation)]
+                    Ok(v as i64)
+                } else {
+                    Err(E::invalid_value(de::Unexpected::Float(v), &self))
+                }
+            }
+        }
+
+        deserializer.deserialize_any(Integer)
+    }
+}
+
+/// A known field's value, through [`FieldValue`].
+struct FieldSeed<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: FieldValue> de::DeserializeSeed<'de> for FieldSeed<T> {
+    type Value = T;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<T, D::Error> {
+        T::decode(deserializer)
+    }
 }
 
 keep_unknown_fields!(UserConfig {
@@ -204,9 +282,19 @@ keep_unknown_fields!(ImageGenerationConfig {
 /// `Debug` shows the user id and the unknown fields' names, never a value: configurations may
 /// hold private data and must not reach logs. Print a section to see its values.
 #[derive(Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(
+    feature = "openapi",
+    schema(
+        description = "A user's configuration: every section and field optional on input \
+        (defaults fill them), unknown fields kept at every level"
+    )
+)]
 #[serde(default)]
 pub struct UserConfig {
     /// The user's id (the only required field of the schema).
+    // Set by the storage from the user it is stored for; a body naming another is refused.
+    #[cfg_attr(feature = "openapi", schema(read_only))]
     pub user_id: String,
     /// Conversation summarization settings.
     pub summarization: SummarizationConfig,
@@ -224,6 +312,10 @@ pub struct UserConfig {
     pub image_generation: ImageGenerationConfig,
     /// Fields this version does not know, kept for the round trip.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -299,6 +391,7 @@ impl UserConfig {
 
 /// Conversation summarization settings (schema `SummarizationConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct SummarizationConfig {
     /// Whether summarization is enabled.
@@ -317,6 +410,10 @@ pub struct SummarizationConfig {
     pub summary_weight_coefficient: f64,
     /// Fields this version does not know.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -337,6 +434,7 @@ impl Default for SummarizationConfig {
 
 /// Memory retrieval settings (schema `MemoryConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct MemoryConfig {
     /// Whether memory retrieval is enabled.
@@ -355,6 +453,10 @@ pub struct MemoryConfig {
     pub always_retrieve: bool,
     /// Fields this version does not know.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -375,6 +477,7 @@ impl Default for MemoryConfig {
 
 /// Web search settings (schema `WebSearchConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct WebSearchConfig {
     /// Whether web search is enabled.
@@ -387,6 +490,10 @@ pub struct WebSearchConfig {
     pub include_results: bool,
     /// Fields this version does not know.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -404,6 +511,7 @@ impl Default for WebSearchConfig {
 
 /// User preferences (schema `PreferencesConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct PreferencesConfig {
     /// Default profile id.
@@ -418,6 +526,10 @@ pub struct PreferencesConfig {
     pub language: String,
     /// Fields this version does not know.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -436,6 +548,7 @@ impl Default for PreferencesConfig {
 
 /// Which model profile serves each task (schema `ModelProfileConfig`); ids are UUIDs.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 #[allow(missing_docs)] // each field is "<task> profile id", as in the schema
 pub struct ModelProfileConfig {
@@ -458,6 +571,10 @@ pub struct ModelProfileConfig {
     pub image_generation_profile_id: String,
     /// Fields this version does not know.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -489,6 +606,7 @@ impl Default for ModelProfileConfig {
 
 /// Response refinement settings (schema `RefinementConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct RefinementConfig {
     /// Enable response filtering.
@@ -497,6 +615,10 @@ pub struct RefinementConfig {
     pub enable_response_critique: bool,
     /// Fields this version does not know.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -512,6 +634,7 @@ impl Default for RefinementConfig {
 
 /// Image generation configuration (schema `ImageGenerationConfig`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(default)]
 pub struct ImageGenerationConfig {
     /// Whether image generation is enabled.
@@ -519,8 +642,10 @@ pub struct ImageGenerationConfig {
     /// Directory for file storage.
     pub storage_directory: String,
     /// Largest width or height of a generated image, in pixels (128 to 4096).
+    #[cfg_attr(feature = "openapi", schema(minimum = 128, maximum = 4096))]
     pub max_image_size: i64,
     /// How long generated images are kept, in hours (1 to 720).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 720))]
     pub retention_hours: i64,
     /// Refine the prompt automatically before generating.
     pub auto_prompt_refinement: bool,
@@ -538,6 +663,10 @@ pub struct ImageGenerationConfig {
     pub negative_prompt: String,
     /// Fields this version does not know.
     #[serde(flatten)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(value_type = std::collections::HashMap<String, serde_json::Value>)
+    )]
     pub extra: Extra,
 }
 
@@ -575,6 +704,32 @@ mod tests {
         assert_eq!(c.preferences.font_size, 14);
         assert_eq!(c.summarization, SummarizationConfig::default());
         assert!(c.extra.is_empty());
+    }
+
+    #[test]
+    fn an_integer_may_be_written_with_a_zero_fraction_and_nothing_else() {
+        let read = |json: &str| serde_json::from_str::<UserConfig>(json);
+        let c = read(r#"{"preferences":{"font_size":18.0},"memory":{"limit":1e2}}"#).unwrap();
+        assert_eq!((c.preferences.font_size, c.memory.limit), (18, 100));
+        for bad in [
+            r#"{"preferences":{"font_size":18.5}}"#,
+            r#"{"preferences":{"font_size":1e300}}"#,
+            r#"{"preferences":{"font_size":"18"}}"#,
+            r#"{"preferences":{"font_size":18446744073709551615}}"#,
+        ] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        // The edges of i64.
+        let c = read(r#"{"preferences":{"font_size":-9223372036854775808}}"#).unwrap();
+        assert_eq!(c.preferences.font_size, i64::MIN);
+        for past in [
+            "9223372036854775808.0",
+            "-9223372036854775809",
+            "9007199254740993.0",
+        ] {
+            let json = format!(r#"{{"preferences":{{"font_size":{past}}}}}"#);
+            assert!(read(&json).is_err(), "{past}");
+        }
     }
 
     #[test]

@@ -12,12 +12,14 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 use userconfig::{MAX_MODIFY_ATTEMPTS, UserConfig, UserConfigStorage, check_user_id};
+use utoipa::ToSchema;
 
 use super::App;
 use super::conditional::{Preconditions, Verdict};
-use super::error::ApiError;
+use super::error::{AdminRefusals, ApiError, ErrorBody, Refusals};
 
 pub(crate) fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
@@ -28,6 +30,28 @@ fn user(id: &str) -> Result<(), ApiError> {
     check_user_id(id).map_err(ApiError::from)
 }
 
+/// A change's body.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Stored {
+    /// The user.
+    user_id: String,
+    /// The version stored now (also the `ETag`); a delete's own version for a delete.
+    version: u64,
+}
+
+/// `/readyz`'s body.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct Readiness {
+    /// `ready`, `degraded` (Redis or the change feed down: still serving) or `unready`.
+    status: &'static str,
+    /// `ok` or `down`.
+    database: &'static str,
+    /// `ok`, `down` or `none` (no Redis tier).
+    redis: &'static str,
+    /// `ok`, `down` or `none` (no change feed).
+    feed: &'static str,
+}
+
 /// A change's answer: 201 if it created the configuration, else 200; `ETag` its version.
 fn stored(user_id: &str, done: Done) -> Response {
     let status = if done.created {
@@ -35,11 +59,11 @@ fn stored(user_id: &str, done: Done) -> Response {
     } else {
         StatusCode::OK
     };
-    let mut response = (
-        status,
-        axum::Json(json!({ "user_id": user_id, "version": done.version })),
-    )
-        .into_response();
+    let body = Stored {
+        user_id: user_id.to_owned(),
+        version: done.version,
+    };
+    let mut response = (status, axum::Json(body)).into_response();
     response
         .headers_mut()
         .insert(header::ETAG, etag(done.version));
@@ -53,6 +77,23 @@ const CONFIG_CACHE_CONTROL: HeaderValue = HeaderValue::from_static("private, no-
 /// `GET`: the configuration (the defaults if none is stored), `ETag` its version (`"0"`: none
 /// stored), `X-Config-Stored` and `X-Served-By` (the tier that answered); 304 for an
 /// `If-None-Match` that names it, 412 for an `If-Match` that does not.
+#[utoipa::path(
+    get,
+    path = "/v1/users/{id}/config",
+    tag = "configuration",
+    params(
+        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
+        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+    ),
+    responses(
+        (status = 200, description = "The configuration (the defaults if none is stored)", body = UserConfig, headers(("ETag" = String, description = "The version, `\"0\"` if none is stored"), ("X-Config-Stored" = String), ("X-Served-By" = String), ("Cache-Control" = String))),
+        (status = 304, description = "`If-None-Match` names the stored version", headers(("ETag" = String))),
+        (status = 412, description = "`If-Match` does not name the stored version", body = ErrorBody, headers(("ETag" = String))),
+        Refusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn get_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -87,6 +128,25 @@ pub(crate) async fn get_config(
 
 /// `PUT`: stores the body (missing fields get defaults, unknown fields are kept); 201 if no
 /// configuration was stored.
+#[utoipa::path(
+    put,
+    path = "/v1/users/{id}/config",
+    tag = "configuration",
+    params(
+        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
+        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+    ),
+    request_body(content = UserConfig, description = "The configuration: missing fields get defaults, unknown fields are kept"),
+    responses(
+        (status = 200, description = "Stored", body = Stored, headers(("ETag" = String))),
+        (status = 201, description = "Created (none was stored)", body = Stored, headers(("ETag" = String))),
+        (status = 409, description = "Lost to other writers too often", body = ErrorBody),
+        (status = 412, description = "The stored version does not meet the preconditions", body = ErrorBody, headers(("ETag" = String))),
+        Refusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn put_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -111,6 +171,25 @@ pub(crate) async fn put_config(
 /// `PATCH`: applies a JSON merge patch (RFC 7386: `null` removes a field, objects merge,
 /// anything else replaces) to the stored configuration (the defaults if none is: 201),
 /// retrying on conflicting writers as long as the preconditions still hold.
+#[utoipa::path(
+    patch,
+    path = "/v1/users/{id}/config",
+    tag = "configuration",
+    params(
+        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
+        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+    ),
+    request_body(content = Object, content_type = "application/merge-patch+json", description = "A JSON merge patch (RFC 7386): `null` removes a field"),
+    responses(
+        (status = 200, description = "Stored", body = Stored, headers(("ETag" = String))),
+        (status = 201, description = "Created (none was stored)", body = Stored, headers(("ETag" = String))),
+        (status = 409, description = "Lost to other writers too often", body = ErrorBody),
+        (status = 412, description = "The stored version does not meet the preconditions", body = ErrorBody, headers(("ETag" = String))),
+        Refusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn patch_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -277,6 +356,24 @@ pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
 
 /// `DELETE`: 200 with the delete's version, 404 if nothing was stored; with preconditions, a
 /// compare-and-set that deletes only what they name.
+#[utoipa::path(
+    delete,
+    path = "/v1/users/{id}/config",
+    tag = "configuration",
+    params(
+        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
+        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
+    ),
+    responses(
+        (status = 200, description = "Deleted; the delete's version", body = Stored, headers(("ETag" = String))),
+        (status = 404, description = "No configuration is stored", body = ErrorBody),
+        (status = 409, description = "Lost to other writers too often", body = ErrorBody),
+        (status = 412, description = "The stored version does not meet the preconditions", body = ErrorBody, headers(("ETag" = String))),
+        Refusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn delete_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
@@ -304,6 +401,17 @@ pub(crate) async fn delete_config(
 }
 
 /// `GET /readyz`: 200 while the database answers (`degraded` if Redis does not), else 503.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready (or degraded: serving without Redis or the change feed)", body = Readiness),
+        (status = 503, description = "Unready: the database does not answer", body = Readiness, headers(("Retry-After" = u64))),
+        AdminRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 pub(crate) async fn ready(State(app): State<Arc<App>>) -> Response {
     let storage = app.storage();
     let database = storage.ping_database().await;
@@ -320,12 +428,12 @@ pub(crate) async fn ready(State(app): State<Arc<App>>) -> Response {
         Some(_) => "down",
     };
     let (status, state) = readiness(database.is_ok(), redis, feed);
-    let body = json!({
-        "status": state,
-        "database": if database.is_ok() { "ok" } else { "down" },
-        "redis": redis,
-        "feed": feed,
-    });
+    let body = Readiness {
+        status: state,
+        database: if database.is_ok() { "ok" } else { "down" },
+        redis,
+        feed,
+    };
     if let Err(e) = &database {
         // The cause (which may name hosts and tables) for the operator, not the prober.
         let id = super::observe::request_id();
@@ -356,6 +464,8 @@ fn readiness(database: bool, redis: &str, feed: &str) -> (StatusCode, &'static s
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
 
     #[test]

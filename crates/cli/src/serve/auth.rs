@@ -7,7 +7,7 @@
 //! | `read` | `GET /v1/users/{id}/config` |
 //! | `write` | `PUT`, `PATCH`, `DELETE /v1/users/{id}/config` |
 //! | `admin` | `/stats`, `/metrics`, `/readyz`, `/dashboard/data` |
-//! | none | `/healthz`, and `/`, the dashboard's page (static: it shows nothing without `admin`) |
+//! | none | `/healthz`, `/openapi.json`, and `/`, the dashboard's page (static: it shows nothing without `admin`) |
 //!
 //! The tokens file holds one token a line, `name scopes sha256`: a name for the logs, the
 //! scopes comma-separated, and the SHA-256 of the token in hex (the token itself is never

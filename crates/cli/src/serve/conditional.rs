@@ -143,14 +143,20 @@ fn field(headers: &HeaderMap, name: &HeaderName) -> Result<Option<Tags>, ApiErro
     }
 }
 
-/// `#entity-tag`: `[W/]"…"`, separated by commas and spaces; an empty list is malformed.
+/// `#entity-tag`: `[W/]"…"`, separated by commas and spaces. RFC 9110's list syntax lets a
+/// list be empty (an empty field): then no tag matches, so an empty `If-Match` fails and an
+/// empty `If-None-Match` lets the request through.
 fn parse_list(text: &str, tags: &mut Vec<Tag>) -> Option<()> {
-    let before = tags.len();
     let mut rest = text;
     loop {
-        rest = rest.trim_start_matches([' ', '\t', ',']);
+        // An element (perhaps empty), then the end or a comma: `OWS [tag] OWS ("," | end)`.
+        rest = rest.trim_start_matches([' ', '\t']);
         if rest.is_empty() {
-            return (tags.len() > before).then_some(());
+            return Some(());
+        }
+        if let Some(after) = rest.strip_prefix(',') {
+            rest = after;
+            continue;
         }
         let (weak, quoted) = match rest.strip_prefix("W/") {
             Some(quoted) => (true, quoted),
@@ -159,12 +165,8 @@ fn parse_list(text: &str, tags: &mut Vec<Tag>) -> Option<()> {
         let opaque = quoted.strip_prefix('"')?;
         let end = opaque.find('"')?;
         let inner = &opaque[..end];
-        // etagc: visible characters but `"`, and obs-text; no spaces or controls.
+        // etagc: visible characters but `"` (obs-text cannot reach here: the field is ASCII).
         if inner.bytes().any(|b| b <= b' ' || b == 0x7f) {
-            return None;
-        }
-        rest = &opaque[end + 1..];
-        if !(rest.is_empty() || rest.starts_with([' ', '\t', ','])) {
             return None;
         }
         // Only the digits of a version this service gave: "007" and "+7" are not "7".
@@ -173,6 +175,11 @@ fn parse_list(text: &str, tags: &mut Vec<Tag>) -> Option<()> {
         .then(|| inner.parse::<u64>().ok())
         .flatten();
         tags.push(Tag { weak, version });
+        rest = opaque[end + 1..].trim_start_matches([' ', '\t']);
+        if rest.is_empty() {
+            return Some(());
+        }
+        rest = rest.strip_prefix(',')?;
     }
 }
 
@@ -257,6 +264,17 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_list_matches_nothing() {
+        for empty in ["", " , "] {
+            let p = with(&[(&header::IF_MATCH, empty)]).unwrap();
+            assert!(!p.allow(0) && !p.allow(3), "If-Match: {empty:?} fails");
+            let p = with(&[(&header::IF_NONE_MATCH, empty)]).unwrap();
+            assert!(p.allow(0) && p.allow(3), "If-None-Match: {empty:?} holds");
+            assert_eq!(p.verdict(3, true), Verdict::Proceed);
+        }
+    }
+
+    #[test]
     fn fields_on_several_lines_are_one_list() {
         let p = with(&[(&header::IF_MATCH, "\"1\""), (&header::IF_MATCH, "\"2\"")]).unwrap();
         assert!(p.allow(1) && p.allow(2) && !p.allow(3));
@@ -266,7 +284,7 @@ mod tests {
     #[test]
     fn malformed_fields_are_refused() {
         for bad in [
-            "", "7", "\"7", "W/7", "\"7\"x", "*, \"7\"", "\"a b\"", " , ", "w/\"7\"",
+            "7", "\"7", "W/7", "\"7\"x", "*, \"7\"", "\"a b\"", "w/\"7\"",
         ] {
             assert!(
                 with(&[(&header::IF_MATCH, bad)]).is_err(),

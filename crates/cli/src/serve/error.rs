@@ -15,9 +15,76 @@
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::{IntoResponses, ToSchema};
 
 use super::observe;
+
+/// Every error's body.
+#[derive(Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    error: ErrorDetail,
+}
+
+/// What went wrong, for the caller.
+#[derive(Serialize, ToSchema)]
+struct ErrorDetail {
+    /// Stable: `invalid_input`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
+    /// `too_many_conflicts`, `rate_limited`, `overloaded`, `timeout`, `unavailable`,
+    /// `read_only`, `internal`.
+    #[schema(value_type = String)]
+    kind: &'static str,
+    /// What the caller can do; never a configuration value, never a cause inside the service.
+    message: String,
+    /// The request's id (also its `X-Request-Id`), under which the log has the cause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    request_id: Option<String>,
+    /// For a 412: the version stored now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    current_version: Option<u64>,
+}
+
+/// The refusals any route that reads or changes a configuration may answer.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // a description of responses for the OpenAPI document, never built
+pub(crate) enum Refusals {
+    /// Bad input (a user id, a body, a precondition header), refused before any I/O.
+    #[response(status = 400)]
+    InvalidInput(ErrorBody),
+    /// No credential, or one this service does not take.
+    #[response(status = 401, headers(("WWW-Authenticate" = String)))]
+    Unauthorized(ErrorBody),
+    /// A credential without this route's scope, or an end user's for another user.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// The token's rate is spent.
+    #[response(status = 429, headers(("Retry-After" = u64)))]
+    RateLimited(ErrorBody),
+    /// The service failed; the log has the cause under the request id.
+    #[response(status = 500)]
+    Internal(ErrorBody),
+    /// Overloaded, timed out, the database unreachable, or a standby taking no writes.
+    #[response(status = 503, headers(("Retry-After" = u64)))]
+    Unavailable(ErrorBody),
+}
+
+/// The refusals of an operator's route.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // a description of responses for the OpenAPI document, never built
+pub(crate) enum AdminRefusals {
+    /// No credential, or one this service does not take.
+    #[response(status = 401, headers(("WWW-Authenticate" = String)))]
+    Unauthorized(ErrorBody),
+    /// Not an `admin` token.
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+    /// The token's rate is spent.
+    #[response(status = 429, headers(("Retry-After" = u64)))]
+    RateLimited(ErrorBody),
+    /// Overloaded or timed out.
+    #[response(status = 503, headers(("Retry-After" = u64)))]
+    Unavailable(ErrorBody),
+}
 
 /// An error response (boxed: handlers return it on their error path only).
 #[derive(Debug)]
@@ -166,13 +233,14 @@ impl IntoResponse for ApiError {
                 "request failed: {cause}"
             );
         }
-        let mut body = json!({ "error": { "kind": this.kind, "message": this.message } });
-        if let Some(id) = &request_id {
-            body["error"]["request_id"] = json!(id);
-        }
-        if let Some(current) = this.current {
-            body["error"]["current_version"] = json!(current);
-        }
+        let body = ErrorBody {
+            error: ErrorDetail {
+                kind: this.kind,
+                message: this.message,
+                request_id: request_id.as_deref().map(str::to_owned),
+                current_version: this.current,
+            },
+        };
         let mut response = (this.status, axum::Json(body)).into_response();
         let headers = response.headers_mut();
         if let Some(seconds) = this.retry_after {

@@ -11,6 +11,7 @@
 //! | `GET /metrics` | Prometheus text, rendered from the live statistics at each scrape |
 //! | `GET /healthz` | the process answers |
 //! | `GET /readyz` | the database answers (Redis or the change feed down is `degraded`, still ready) |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of these routes (`openapi.rs`) |
 //! | `GET /` | the live dashboard (`GET /dashboard/data`: its figures) |
 //!
 //! Who may use which route: `auth.rs` (service tokens with scopes). With no tokens `serve`
@@ -26,6 +27,7 @@ pub(crate) mod jwt;
 pub(crate) mod limits;
 mod listen;
 mod observe;
+mod openapi;
 mod prometheus;
 mod rate;
 pub(crate) mod window;
@@ -203,12 +205,34 @@ pub(crate) fn router(
                 .timeout(limits.request_timeout),
         )
         // Open, and never shed: a liveness probe must not fail for load.
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
+        .route("/openapi.json", get(openapi::document))
         .route("/", get(|| async { Html(dashboard::PAGE) }))
         .layer(middleware::from_fn_with_state(requests, observe::observe))
         .with_state(app)
 }
 
+/// Liveness: the process answers.
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    responses((status = 200, description = "The process answers", body = String, content_type = "text/plain")),
+)]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+#[utoipa::path(
+    get,
+    path = "/stats",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The statistics of the seed design (`get_cache_stats`), an array with several instances", body = Object),
+        error::AdminRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 async fn stats(State(app): State<Arc<App>>) -> Response {
     let storages = app.board.storages();
     let body = if storages.len() == 1 {
@@ -225,6 +249,16 @@ async fn stats(State(app): State<Arc<App>>) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text", body = String, content_type = "text/plain"),
+        error::AdminRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let stats: Vec<_> = app
         .board
@@ -243,6 +277,16 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
         .into_response()
 }
 
+#[utoipa::path(
+    get,
+    path = "/dashboard/data",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The live dashboard's figures", body = Object),
+        error::AdminRefusals,
+    ),
+    security(("bearer" = [])),
+)]
 async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
     (
         StatusCode::OK,
