@@ -5,26 +5,9 @@ mod support;
 
 use std::process::{Command, Stdio};
 
-use support::{Server, TempDir, get, request};
+use support::{Server, TempDir, get, request, token};
 
 const PATH: &str = "/v1/users/alice/config";
-
-/// A token made by `userconfig token`, and its line for the tokens file.
-fn token(name: &str, scopes: &str) -> (String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_userconfig"))
-        .args(["token", "--name", name, "--scopes", scopes, "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let token = json["token"].as_str().unwrap().to_owned();
-    let line = json["line"].as_str().unwrap().to_owned();
-    assert!(
-        !line.contains(&token),
-        "the file holds the hash, not the token"
-    );
-    (token, line)
-}
 
 /// Runs `command` to its end, at most 20 s (a service that should have refused to start
 /// would serve for ever): killed and failed past that.

@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{Server, TempDir, get, request};
+use support::{Server, TempDir, get, request, token};
 
 const PATH: &str = "/v1/users/alice/config";
 
@@ -120,18 +120,8 @@ fn past_the_in_flight_cap_or_the_request_timeout_is_503() {
 #[test]
 fn a_token_past_its_rate_is_429_and_the_others_are_not() {
     let dir = TempDir::new("limits_rate");
-    let token = |name: &str| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_userconfig"))
-            .args(["token", "--name", name, "--scopes", "read", "--json"])
-            .output()
-            .unwrap();
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        (
-            format!("Bearer {}", json["token"].as_str().unwrap()),
-            json["line"].as_str().unwrap().to_owned(),
-        )
-    };
-    let ((busy, busy_line), (calm, calm_line)) = (token("busy"), token("calm"));
+    let ((busy, busy_line), (calm, calm_line)) = (token("busy", "read"), token("calm", "read"));
+    let (busy, calm) = (format!("Bearer {busy}"), format!("Bearer {calm}"));
     let file = dir.0.join("tokens");
     std::fs::write(&file, format!("{busy_line}\n{calm_line}\n")).unwrap();
     let server = serve(

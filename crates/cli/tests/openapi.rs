@@ -10,7 +10,7 @@ mod support;
 
 use std::process::Command;
 
-use support::{Server, TempDir, get};
+use support::{Server, TempDir, get, token};
 
 /// Checks left out, each with its reason.
 ///
@@ -34,20 +34,9 @@ fn schemathesis_finds_nothing_against_a_live_service() {
         return;
     }
     let dir = TempDir::new("openapi_fuzz");
-    let out = Command::new(env!("CARGO_BIN_EXE_userconfig"))
-        .args([
-            "token",
-            "--name",
-            "fuzz",
-            "--scopes",
-            "read,write,admin",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (token, line) = token("fuzz", "read,write,admin");
     let tokens = dir.0.join("tokens");
-    std::fs::write(&tokens, format!("{}\n", made["line"].as_str().unwrap())).unwrap();
+    std::fs::write(&tokens, format!("{line}\n")).unwrap();
     let server = Server::start(
         &[
             "serve",
@@ -76,10 +65,7 @@ fn schemathesis_finds_nothing_against_a_live_service() {
         .arg(format!("http://{}/openapi.json", server.addr))
         .args(["--checks", "all", "--exclude-checks", EXCLUDED])
         .args(["--max-examples", "25", "--seed", "1"])
-        .args([
-            "--header",
-            &format!("Authorization: Bearer {}", made["token"].as_str().unwrap()),
-        ])
+        .args(["--header", &format!("Authorization: Bearer {token}")])
         .env("NO_COLOR", "1")
         .output()
         .unwrap();

@@ -15,11 +15,11 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
 use userconfig::{MAX_MODIFY_ATTEMPTS, UserConfig, UserConfigStorage, check_user_id};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use super::App;
-use super::conditional::{Preconditions, Verdict};
-use super::error::{AdminRefusals, ApiError, ErrorBody, Refusals};
+use super::conditional::{PreconditionHeaders, Preconditions, Verdict};
+use super::error::{ApiError, ErrorBody, Refusals};
 
 pub(crate) fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
@@ -29,6 +29,20 @@ pub(crate) fn etag(version: u64) -> HeaderValue {
 fn user(id: &str) -> Result<(), ApiError> {
     check_user_id(id).map_err(ApiError::from)
 }
+
+/// The user a configuration route is about.
+#[derive(IntoParams)]
+#[into_params(names("id"), parameter_in = Path)]
+#[allow(dead_code)] // a description of the path for the OpenAPI document; `Path<String>` reads it
+pub(crate) struct UserPath(
+    /// The user id: 1 to 256 bytes, no control characters.
+    #[param(
+        min_length = 1,
+        max_length = 256,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"
+    )]
+    String,
+);
 
 /// A change's body.
 #[derive(Serialize, ToSchema)]
@@ -81,11 +95,7 @@ const CONFIG_CACHE_CONTROL: HeaderValue = HeaderValue::from_static("private, no-
     get,
     path = "/v1/users/{id}/config",
     tag = "configuration",
-    params(
-        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
-        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-    ),
+    params(UserPath, PreconditionHeaders),
     responses(
         (status = 200, description = "The configuration (the defaults if none is stored)", body = UserConfig, headers(("ETag" = String, description = "The version, `\"0\"` if none is stored"), ("X-Config-Stored" = String), ("X-Served-By" = String), ("Cache-Control" = String))),
         (status = 304, description = "`If-None-Match` names the stored version", headers(("ETag" = String))),
@@ -132,11 +142,7 @@ pub(crate) async fn get_config(
     put,
     path = "/v1/users/{id}/config",
     tag = "configuration",
-    params(
-        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
-        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-    ),
+    params(UserPath, PreconditionHeaders),
     request_body(content = UserConfig, description = "The configuration: missing fields get defaults, unknown fields are kept"),
     responses(
         (status = 200, description = "Stored", body = Stored, headers(("ETag" = String))),
@@ -175,11 +181,7 @@ pub(crate) async fn put_config(
     patch,
     path = "/v1/users/{id}/config",
     tag = "configuration",
-    params(
-        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
-        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-    ),
+    params(UserPath, PreconditionHeaders),
     request_body(content = Object, content_type = "application/merge-patch+json", description = "A JSON merge patch (RFC 7386): `null` removes a field"),
     responses(
         (status = 200, description = "Stored", body = Stored, headers(("ETag" = String))),
@@ -360,11 +362,7 @@ pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
     delete,
     path = "/v1/users/{id}/config",
     tag = "configuration",
-    params(
-        ("id" = String, Path, description = "The user id: 1 to 256 bytes, no control characters", min_length = 1, max_length = 256, pattern = r"^[^\x00-\x1f\x7f-\x9f]+$"),
-        ("If-Match" = Option<String>, Header, description = "Only if the stored version is one of these strong tags (`\"N\"`), or `*`: one is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-        ("If-None-Match" = Option<String>, Header, description = "Only if the stored version is none of these tags (weak comparison), or `*`: none is stored", pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#),
-    ),
+    params(UserPath, PreconditionHeaders),
     responses(
         (status = 200, description = "Deleted; the delete's version", body = Stored, headers(("ETag" = String))),
         (status = 404, description = "No configuration is stored", body = ErrorBody),
@@ -408,7 +406,7 @@ pub(crate) async fn delete_config(
     responses(
         (status = 200, description = "Ready (or degraded: serving without Redis or the change feed)", body = Readiness),
         (status = 503, description = "Unready: the database does not answer", body = Readiness, headers(("Retry-After" = u64))),
-        AdminRefusals,
+        Refusals,
     ),
     security(("bearer" = [])),
 )]

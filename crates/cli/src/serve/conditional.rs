@@ -12,8 +12,29 @@
 //! refuses it if the configuration moved on (see `api.rs`).
 
 use axum::http::{HeaderMap, HeaderName, header};
+use utoipa::IntoParams;
 
 use super::error::ApiError;
+
+/// The two fields as the OpenAPI document describes them (`Preconditions::read` reads them).
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)] // a description for the OpenAPI document, never built
+pub(crate) struct PreconditionHeaders {
+    /// Only if the stored version is one of these strong tags (`"N"`), or `*`: one is stored.
+    #[param(
+        rename = "If-Match",
+        pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#
+    )]
+    if_match: Option<String>,
+    /// Only if the stored version is none of these tags (weak comparison), or `*`: none is
+    /// stored.
+    #[param(
+        rename = "If-None-Match",
+        pattern = r#"^[ \t]*(\*|((W/)?"[!#-~]*")?([ \t]*,[ \t]*((W/)?"[!#-~]*")?)*)[ \t]*$"#
+    )]
+    if_none_match: Option<String>,
+}
 
 /// An `If-Match` or `If-None-Match` field: `*` or a list of entity tags.
 #[derive(Clone, Debug, PartialEq, Eq)]

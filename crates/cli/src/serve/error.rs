@@ -44,7 +44,7 @@ struct ErrorDetail {
     current_version: Option<u64>,
 }
 
-/// The refusals any route that reads or changes a configuration may answer.
+/// The refusals a route may answer (an operator's route never a 400).
 #[derive(IntoResponses)]
 #[allow(dead_code)] // a description of responses for the OpenAPI document, never built
 pub(crate) enum Refusals {
@@ -64,24 +64,6 @@ pub(crate) enum Refusals {
     #[response(status = 500)]
     Internal(ErrorBody),
     /// Overloaded, timed out, the database unreachable, or a standby taking no writes.
-    #[response(status = 503, headers(("Retry-After" = u64)))]
-    Unavailable(ErrorBody),
-}
-
-/// The refusals of an operator's route.
-#[derive(IntoResponses)]
-#[allow(dead_code)] // a description of responses for the OpenAPI document, never built
-pub(crate) enum AdminRefusals {
-    /// No credential, or one this service does not take.
-    #[response(status = 401, headers(("WWW-Authenticate" = String)))]
-    Unauthorized(ErrorBody),
-    /// Not an `admin` token.
-    #[response(status = 403)]
-    Forbidden(ErrorBody),
-    /// The token's rate is spent.
-    #[response(status = 429, headers(("Retry-After" = u64)))]
-    RateLimited(ErrorBody),
-    /// Overloaded or timed out.
     #[response(status = 503, headers(("Retry-After" = u64)))]
     Unavailable(ErrorBody),
 }

@@ -229,7 +229,7 @@ async fn healthz() -> &'static str {
     tag = "operations",
     responses(
         (status = 200, description = "The statistics of the seed design (`get_cache_stats`), an array with several instances", body = Object),
-        error::AdminRefusals,
+        error::Refusals,
     ),
     security(("bearer" = [])),
 )]
@@ -255,7 +255,7 @@ async fn stats(State(app): State<Arc<App>>) -> Response {
     tag = "operations",
     responses(
         (status = 200, description = "Prometheus text", body = String, content_type = "text/plain"),
-        error::AdminRefusals,
+        error::Refusals,
     ),
     security(("bearer" = [])),
 )]
@@ -283,7 +283,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
     tag = "operations",
     responses(
         (status = 200, description = "The live dashboard's figures", body = Object),
-        error::AdminRefusals,
+        error::Refusals,
     ),
     security(("bearer" = [])),
 )]

@@ -12,6 +12,23 @@ use std::time::{Duration, Instant};
 
 use tiercache_testkit::env;
 
+/// A service token made by `userconfig token`, and its line for the tokens file.
+pub fn token(name: &str, scopes: &str) -> (String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_userconfig"))
+        .args(["token", "--name", name, "--scopes", scopes, "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = json["token"].as_str().unwrap().to_owned();
+    let line = json["line"].as_str().unwrap().to_owned();
+    assert!(
+        !line.contains(&token),
+        "the file holds the hash, not the token"
+    );
+    (token, line)
+}
+
 /// A response: status, headers (names lower-cased), body.
 #[derive(Debug)]
 pub struct Response {
