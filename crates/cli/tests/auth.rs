@@ -35,24 +35,7 @@ fn with_tokens_every_route_checks_who_asks_before_anything_is_read_or_stored() {
     let (reader, r_line) = token("reader", "read");
     let (writer, w_line) = token("writer", "read,write");
     let (admin, a_line) = token("ops", "admin");
-    let file = dir.0.join("tokens");
-    std::fs::write(
-        &file,
-        format!("# service tokens\n{r_line}\n{w_line}\n{a_line}\n"),
-    )
-    .unwrap();
-    let server = Server::start(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tokens-file",
-            file.to_str().unwrap(),
-        ],
-        &dir.sqlite_url(),
-        "listening on ",
-        false,
-    );
+    let server = Server::with_tokens(&dir, &["# service tokens", &r_line, &w_line, &a_line], &[]);
     let addr = server.addr.as_str();
     let bearer = |t: &str| format!("Bearer {t}");
     let body = br#"{"preferences":{"theme":"dark"}}"#;
@@ -241,15 +224,10 @@ fn an_end_user_token_reaches_its_own_configuration_only() {
     std::fs::write(&secret_file, [&secret[..], b"\n"].concat()).unwrap();
     let jwks = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/jwks.json");
     let (admin, a_line) = token("ops", "admin");
-    let tokens = dir.0.join("tokens");
-    std::fs::write(&tokens, format!("{a_line}\n")).unwrap();
-    let server = Server::start(
+    let server = Server::with_tokens(
+        &dir,
+        &[&a_line],
         &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tokens-file",
-            tokens.to_str().unwrap(),
             "--jwt-secret-file",
             secret_file.to_str().unwrap(),
             "--jwks-file",
@@ -259,9 +237,6 @@ fn an_end_user_token_reaches_its_own_configuration_only() {
             "--jwt-audience",
             "userconfig",
         ],
-        &dir.sqlite_url(),
-        "listening on ",
-        false,
     );
     let addr = server.addr.as_str();
     let now = std::time::SystemTime::now()

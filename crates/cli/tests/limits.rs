@@ -122,17 +122,7 @@ fn a_token_past_its_rate_is_429_and_the_others_are_not() {
     let dir = TempDir::new("limits_rate");
     let ((busy, busy_line), (calm, calm_line)) = (token("busy", "read"), token("calm", "read"));
     let (busy, calm) = (format!("Bearer {busy}"), format!("Bearer {calm}"));
-    let file = dir.0.join("tokens");
-    std::fs::write(&file, format!("{busy_line}\n{calm_line}\n")).unwrap();
-    let server = serve(
-        &dir,
-        &[
-            "--tokens-file",
-            file.to_str().unwrap(),
-            "--rate-per-token",
-            "2",
-        ],
-    );
+    let server = Server::with_tokens(&dir, &[&busy_line, &calm_line], &["--rate-per-token", "2"]);
     let statuses: Vec<_> = (0..10)
         .map(|_| request(&server.addr, "GET", PATH, &[("Authorization", &busy)], b""))
         .collect();

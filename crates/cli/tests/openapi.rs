@@ -35,20 +35,7 @@ fn schemathesis_finds_nothing_against_a_live_service() {
     }
     let dir = TempDir::new("openapi_fuzz");
     let (token, line) = token("fuzz", "read,write,admin");
-    let tokens = dir.0.join("tokens");
-    std::fs::write(&tokens, format!("{line}\n")).unwrap();
-    let server = Server::start(
-        &[
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--tokens-file",
-            tokens.to_str().unwrap(),
-        ],
-        &dir.sqlite_url(),
-        "listening on ",
-        false,
-    );
+    let server = Server::with_tokens(&dir, &[&line], &[]);
     // The document is open, and the one kept in the repository.
     let served = get(&server.addr, "/openapi.json");
     assert_eq!(served.status, 200);

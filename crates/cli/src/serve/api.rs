@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
 use userconfig::{MAX_MODIFY_ATTEMPTS, UserConfig, UserConfigStorage, check_user_id};
-use utoipa::{IntoParams, ToSchema};
+use utoipa::{IntoParams, IntoResponses, ToSchema};
 
 use super::App;
 use super::conditional::{PreconditionHeaders, Preconditions, Verdict};
@@ -51,6 +51,24 @@ pub(crate) struct Stored {
     user_id: String,
     /// The version stored now (also the `ETag`); a delete's own version for a delete.
     version: u64,
+}
+
+/// What a `PUT` or a `PATCH` answers besides the refusals.
+#[derive(IntoResponses)]
+#[allow(dead_code)] // a description of responses for the OpenAPI document, never built
+pub(crate) enum Changed {
+    /// Stored (`ETag`: its version).
+    #[response(status = 200, headers(("ETag" = String)))]
+    Stored(Stored),
+    /// Created: none was stored (`ETag`: its version).
+    #[response(status = 201, headers(("ETag" = String)))]
+    Created(Stored),
+    /// Lost to other writers too often.
+    #[response(status = 409)]
+    Conflicts(ErrorBody),
+    /// The stored version (the `ETag`) does not meet the preconditions.
+    #[response(status = 412, headers(("ETag" = String)))]
+    PreconditionFailed(ErrorBody),
 }
 
 /// `/readyz`'s body.
@@ -145,10 +163,7 @@ pub(crate) async fn get_config(
     params(UserPath, PreconditionHeaders),
     request_body(content = UserConfig, description = "The configuration: missing fields get defaults, unknown fields are kept"),
     responses(
-        (status = 200, description = "Stored", body = Stored, headers(("ETag" = String))),
-        (status = 201, description = "Created (none was stored)", body = Stored, headers(("ETag" = String))),
-        (status = 409, description = "Lost to other writers too often", body = ErrorBody),
-        (status = 412, description = "The stored version does not meet the preconditions", body = ErrorBody, headers(("ETag" = String))),
+        Changed,
         Refusals,
     ),
     security(("bearer" = [])),
@@ -184,10 +199,7 @@ pub(crate) async fn put_config(
     params(UserPath, PreconditionHeaders),
     request_body(content = Object, content_type = "application/merge-patch+json", description = "A JSON merge patch (RFC 7386): `null` removes a field"),
     responses(
-        (status = 200, description = "Stored", body = Stored, headers(("ETag" = String))),
-        (status = 201, description = "Created (none was stored)", body = Stored, headers(("ETag" = String))),
-        (status = 409, description = "Lost to other writers too often", body = ErrorBody),
-        (status = 412, description = "The stored version does not meet the preconditions", body = ErrorBody, headers(("ETag" = String))),
+        Changed,
         Refusals,
     ),
     security(("bearer" = [])),

@@ -229,6 +229,17 @@ impl Server {
         )
     }
 
+    /// `userconfig serve` on `dir`'s database, on a free port, with a tokens file of `lines`
+    /// and `extra` arguments.
+    pub fn with_tokens(dir: &TempDir, lines: &[&str], extra: &[&str]) -> Self {
+        let file = dir.0.join("tokens");
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let mut args = vec!["serve", "--listen", "127.0.0.1:0", "--tokens-file"];
+        args.push(file.to_str().unwrap());
+        args.extend_from_slice(extra);
+        Server::start(&args, &dir.sqlite_url(), "listening on ", false)
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
         let status = Command::new("kill")
