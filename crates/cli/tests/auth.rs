@@ -303,21 +303,37 @@ fn an_end_user_token_reaches_its_own_configuration_only() {
         ),
         ("confusion", jwt(claims("alice"), Some(&jwks_bytes))),
     ] {
-        let r = request(
-            addr,
-            "GET",
-            PATH,
-            &[("Authorization", &format!("Bearer {token}"))],
-            b"",
-        );
-        assert_eq!(r.status, 401, "{what}: {}", r.text());
-        assert!(
-            r.header("www-authenticate")
-                .unwrap()
-                .contains("invalid_token"),
-            "{what}"
-        );
+        // On every route that reads or changes anything, hers and the operator's.
+        for (method, path) in [
+            ("GET", PATH),
+            ("PUT", PATH),
+            ("PATCH", PATH),
+            ("DELETE", PATH),
+            ("GET", bob),
+            ("GET", "/stats"),
+            ("GET", "/metrics"),
+            ("GET", "/readyz"),
+            ("GET", "/dashboard/data"),
+        ] {
+            let r = request(
+                addr,
+                method,
+                path,
+                &[("Authorization", &format!("Bearer {token}"))],
+                br#"{"preferences":{"theme":"light"}}"#,
+            );
+            assert_eq!(r.status, 401, "{what}, {method} {path}: {}", r.text());
+            assert!(
+                r.header("www-authenticate")
+                    .unwrap()
+                    .contains("invalid_token"),
+                "{what}"
+            );
+        }
     }
+    // Nothing refused was stored: her configuration is as she left it.
+    let r = request(addr, "GET", PATH, &[("Authorization", &alice)], b"");
+    assert_eq!(r.json()["preferences"]["theme"], "dark");
     // Nothing refused reached the chain for bob: not read, not cached, not stored.
     let stats = request(
         addr,

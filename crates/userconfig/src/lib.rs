@@ -48,5 +48,5 @@ pub use storage::REDIS_CLUSTER_NODES_VAR;
 pub use storage::{
     Answer, DEFAULT_MAX_CONFIG_BYTES, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_TTL,
     DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, FetchedConfig,
-    MAX_MODIFY_ATTEMPTS, MAX_USER_ID_BYTES, UserConfigStorage, check_user_id,
+    MAX_MODIFY_ATTEMPTS, MAX_USER_ID_BYTES, UserConfigStorage, check_user_id, conflict_backoff,
 };

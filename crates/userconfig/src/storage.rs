@@ -43,8 +43,11 @@ pub const DEFAULT_SQLITE_PATH: &str = "userconfig.sqlite3";
 pub const MAX_MODIFY_ATTEMPTS: u32 = 50;
 
 /// The wait after the `attempt`-th conflict of a modification: a random time up to 1 ms
-/// doubled per conflict, at most 64 ms (full jitter, so that racing writers spread out).
-fn conflict_backoff(attempt: u32) -> Duration {
+/// doubled per conflict, at most 64 ms (full jitter, so that racing writers spread out). For
+/// callers that run their own compare-and-set loop (`userconfig serve`'s conditional
+/// requests) and should back off as [`UserConfigStorage::modify_user_config`] does.
+#[must_use]
+pub fn conflict_backoff(attempt: u32) -> Duration {
     let ceiling_us = 1_000u64 << attempt.min(6);
     Duration::from_micros(fastrand::u64(0..=ceiling_us))
 }

@@ -19,6 +19,7 @@
 
 mod api;
 pub(crate) mod auth;
+mod change;
 mod conditional;
 mod dashboard;
 mod encoded;
