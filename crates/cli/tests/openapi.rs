@@ -54,6 +54,8 @@ fn schemathesis_finds_nothing_against_a_live_service() {
         .args(["--max-examples", "25", "--seed", "1"])
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .env("NO_COLOR", "1")
+        // Its cache (`.schemathesis/`) goes with the rest of the test's files.
+        .current_dir(&dir.0)
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&run.stdout);
