@@ -41,7 +41,9 @@ bench-http:
 screenshot:
     DASHBOARD_SCREENSHOT=docs/img/dashboard.png cargo test -p userconfig-cli --test browser
 
-ci: fmt rust-version clippy doc test
+# Exactly what CI runs (lean-feature checks and the README's test command included).
+ci:
+    bash .ci/run
 
 # Mutation testing of the core's and the memory tier's rule-bearing files (not in CI: over an
 # hour on two cores). Results and the fast per-change subset: docs/testing.md.

@@ -1,4 +1,5 @@
-//! The [`CacheTier`] trait: one level of the chain (memory, Redis, a database, a fake).
+//! The [`CacheTier`] trait: one cache level of the chain (memory, Redis, a fake); the
+//! database below them is a [`Source`](crate::Source), a role of its own.
 
 use std::hash::Hash;
 use std::sync::Arc;

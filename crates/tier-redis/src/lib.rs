@@ -94,7 +94,7 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_COMPRESS_ABOVE: Option<usize> = Some(4096);
 /// Default tier name.
 pub const DEFAULT_NAME: &str = "redis";
-/// Keys per script call in `get_many` (Lua's `unpack` has a limit).
+/// Keys per `MGET` in `get_many`: a bounded command and reply, however many keys are asked.
 const BATCH: usize = 1000;
 /// After a connection failure, calls fail at once for this long instead of waiting on a
 /// reconnection each.
@@ -564,7 +564,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         entry.capped_expiry(now, ttl).saturating_since(now)
     }
 
-    /// Turns one stored value and its PTTL into an entry; deletes and counts undecodable ones.
+    /// Turns one stored value (its envelope carries the expiry) into an entry; deletes and
+    /// counts undecodable ones.
     async fn decode_one(
         &self,
         redis_key: &str,
@@ -627,7 +628,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         }
     }
 
-    /// Reads `redis_keys` with their PTTLs in one script call.
+    /// Reads `redis_keys` in one command (`GET`, or `MGET` for several; per slot in a
+    /// cluster).
     async fn read(&self, redis_keys: &[String]) -> Result<Vec<Option<Entry<V>>>> {
         // One command: GET, or MGET for several keys. The envelope carries the expiry.
         let values: Vec<RedisValue> = self

@@ -1,4 +1,5 @@
-//! The shrunk case of `stale-read-after-invalidation.txt`, as code (its `Debug` output is Rust).
+//! A case the model once found and proptest shrank (a stale read after an invalidation), kept
+//! as code so that it runs on every change: proptest printed it with `Debug`, which is Rust.
 
 use super::*;
 use Step::*;
