@@ -197,6 +197,22 @@ async fn corrupt_bytes_in_redis_are_a_miss_and_the_database_answers() {
     a.update_user_config("erin", &themed("erin", "ok"))
         .await
         .unwrap();
+    // The change feed's elected follower applies the write to Redis once for the fleet, some
+    // milliseconds later; bytes corrupted before that would be replaced by it, and the read
+    // below would find no corrupt copy. Wait until it has.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !a
+        .get_cache_stats()
+        .chain
+        .feed
+        .is_some_and(|f| f.elected && f.lag.count >= 1)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the feed never applied the write"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let client = redis_env::redis_client().await;
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let key = s.redis.redis_key(&"erin".to_string());
