@@ -30,10 +30,8 @@
 
 mod failure;
 mod ops;
-mod plot;
 mod serve;
 mod simulate;
-mod workload;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

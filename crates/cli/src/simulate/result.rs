@@ -1,0 +1,87 @@
+//! What a run measured: the result `--json` writes and the reports read.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use userconfig::CacheStats;
+
+use super::args::Mode;
+use super::workload::Latencies;
+
+/// The machine-readable result of one run.
+#[derive(Debug, Serialize)]
+pub(super) struct SimulationResult {
+    pub(super) mode: Mode,
+    /// The synthetic users are `sim-<run_id>-<rank>`.
+    pub(super) run_id: String,
+    /// How many of them were deleted from the database after the run (none with a temporary
+    /// SQLite file, which is removed, or with `--keep-data`).
+    pub(super) users_removed: Option<u64>,
+    pub(super) users: usize,
+    pub(super) instances: usize,
+    pub(super) concurrency: usize,
+    pub(super) requests: u64,
+    pub(super) reads: u64,
+    pub(super) writes: u64,
+    pub(super) write_ratio: f64,
+    pub(super) zipf_exponent: f64,
+    pub(super) redis: bool,
+    pub(super) database: String,
+    pub(super) elapsed_seconds: f64,
+    pub(super) requests_per_second: f64,
+    /// Share of reads each tier answered.
+    pub(super) answered_by: BTreeMap<&'static str, f64>,
+    /// Latency percentiles per tier (and for writes), in microseconds.
+    pub(super) latency_us: BTreeMap<&'static str, Percentiles>,
+    pub(super) database_reads: u64,
+    pub(super) database_reads_without_cache: u64,
+    pub(super) database_reads_saved: f64,
+    /// Database queries (reads and writes) per 1,000 requests; without a cache every request
+    /// is one.
+    pub(super) database_queries_per_1000_requests: f64,
+    /// Reads that returned a version older than one another instance had already written
+    /// (the update had returned before the read began).
+    pub(super) stale_reads: u64,
+    /// How long after the update each stale read happened, in microseconds.
+    pub(super) staleness_us: Option<Percentiles>,
+    /// Per interval: the share of reads each tier answered, and the stale reads.
+    pub(super) timeline: Vec<Interval>,
+    pub(super) stats: Vec<CacheStats>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(super) struct Percentiles {
+    pub(super) count: usize,
+    pub(super) p50: f64,
+    pub(super) p90: f64,
+    pub(super) p99: f64,
+    pub(super) p999: f64,
+    pub(super) max: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub(super) struct Interval {
+    pub(super) end_ms: u64,
+    pub(super) reads: u64,
+    pub(super) memory: u64,
+    pub(super) redis: u64,
+    pub(super) database: u64,
+    pub(super) stale_reads: u64,
+}
+
+pub(super) fn percentiles(l: &mut Latencies) -> Option<Percentiles> {
+    let p = l.percentiles(&[50.0, 90.0, 99.0, 99.9, 100.0]);
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    match p[..] {
+        [p50, p90, p99, p999, max] => Some(Percentiles {
+            count: l.len(),
+            p50: us(p50),
+            p90: us(p90),
+            p99: us(p99),
+            p999: us(p999),
+            max: us(max),
+        }),
+        _ => None,
+    }
+}
