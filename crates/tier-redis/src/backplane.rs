@@ -50,7 +50,8 @@ use tiercache_core::{
 use tokio::task::JoinHandle;
 
 use crate::keys::{decode_key, encode_key};
-use crate::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_URL, Redacted};
+use crate::link::Redacted;
+use crate::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_URL};
 
 /// Default channel.
 pub const DEFAULT_CHANNEL: &str = "tiercache:invalidations";
