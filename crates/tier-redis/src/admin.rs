@@ -5,9 +5,11 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tiercache_core::{Result, StorageKey};
 
-use crate::link::*;
-use crate::tier::*;
-use crate::*;
+use crate::keys::{self, decode_key};
+use crate::link::Conn;
+#[cfg(feature = "cluster")]
+use crate::slots;
+use crate::tier::RedisTier;
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> RedisTier<K, V> {
     /// Removes this tier's keys from one server (`node`: a cluster master's address).

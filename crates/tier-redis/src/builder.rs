@@ -11,10 +11,13 @@ use serde::de::DeserializeOwned;
 use tiercache_core::{Clock, Error, Result, StorageKey};
 
 use crate::envelope::Codec;
-use crate::link::*;
+use crate::link::{Link, Redacted};
 use crate::scripts::Scripts;
-use crate::tier::*;
-use crate::*;
+use crate::tier::{Config, RedisTier, Stats};
+use crate::{
+    DEFAULT_COMPRESS_ABOVE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_JITTER, DEFAULT_NAME, DEFAULT_PREFIX,
+    DEFAULT_TIMEOUT, DEFAULT_TTL, DEFAULT_URL,
+};
 
 /// Configures a [`RedisTier`]; see [`RedisTier::builder`].
 #[must_use]

@@ -13,8 +13,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tiercache_core::{Error, Result, StorageKey};
 
-use crate::error::*;
-use crate::tier::*;
+use crate::error::{Connecting, FailingFast, is_connection_error, map_error};
+use crate::tier::RedisTier;
 
 /// After a connection failure, calls fail at once for this long instead of waiting on a
 /// reconnection each.

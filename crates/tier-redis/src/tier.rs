@@ -15,13 +15,17 @@ use tiercache_core::{
     CacheTier, Clock, Counter, Entry, Error, Result, StorageKey, TierStats, Timestamp, Version,
 };
 
-use crate::builder::*;
-use crate::codec::*;
+use crate::builder::RedisTierBuilder;
+use crate::codec::{decode_payload, encode_payload};
 use crate::envelope::{Codec, Stored};
-use crate::error::*;
-use crate::link::*;
+use crate::error::{Undecodable, Unserializable};
+#[cfg(feature = "cluster")]
+use crate::link::Conn;
+use crate::link::{Link, Redacted};
 use crate::scripts::Scripts;
-use crate::*;
+#[cfg(feature = "cluster")]
+use crate::slots;
+use crate::{BATCH, encode_key, envelope};
 
 /// The Redis tier. See the [crate docs](crate).
 pub struct RedisTier<K, V> {
@@ -86,15 +90,15 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         out
     }
 
-    /// The redis client (to open a [`RedisBackplane`] on the same server and settings); for a
+    /// The redis client (to open a [`RedisBackplane`](crate::RedisBackplane) on the same server and settings); for a
     /// cluster, its first seed node.
     #[must_use]
     pub fn client(&self) -> &Client {
         &self.client
     }
 
-    /// The clients a [`RedisBackplane`] on this tier's Redis should use
-    /// ([`RedisBackplane::with_clients`]): the server, or every seed node of the cluster.
+    /// The clients a [`RedisBackplane`](crate::RedisBackplane) on this tier's Redis should use
+    /// ([`RedisBackplane::with_clients`](crate::RedisBackplane::with_clients)): the server, or every seed node of the cluster.
     #[must_use]
     pub fn backplane_clients(&self) -> Vec<Client> {
         self.seeds.clone()
