@@ -13,81 +13,30 @@ use tiercache_redis::{RedisBackplane, RedisTier};
 #[cfg(feature = "sqlite")]
 use tiercache_sqlite::SqliteSource;
 
+use crate::Key;
 use crate::config::UserConfig;
+use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::storage::{
     DEFAULT_MAX_CONFIG_BYTES, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_TTL, DEFAULT_REDIS_PREFIX,
-    DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, Key, UserConfigStorage,
+    DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, UserConfigStorage,
 };
 
-/// Which authoritative database the storage reads and writes.
-#[derive(Clone)]
-pub(crate) enum Database {
-    #[cfg(feature = "postgres")]
-    Postgres(Arc<PostgresSource<Key, UserConfig>>),
-    #[cfg(feature = "sqlite")]
-    Sqlite(Arc<SqliteSource<Key, UserConfig>>),
-    Custom(Arc<dyn Source<Key, UserConfig>>),
-}
-
-impl Database {
-    pub(crate) fn source(&self) -> Arc<dyn Source<Key, UserConfig>> {
-        match self {
-            #[cfg(feature = "postgres")]
-            Database::Postgres(t) => t.clone(),
-            #[cfg(feature = "sqlite")]
-            Database::Sqlite(t) => t.clone(),
-            Database::Custom(t) => t.clone(),
-        }
+impl UserConfigStorage {
+    /// Starts configuring a storage.
+    pub fn builder() -> UserConfigStorageBuilder {
+        UserConfigStorageBuilder::default()
     }
 
-    /// How long after the chain gave up on a write it may still commit, and a margin.
-    pub(crate) fn write_settle(&self) -> Duration {
-        let inside = match self {
-            #[cfg(feature = "postgres")]
-            Database::Postgres(t) => t.longest_write(),
-            #[cfg(feature = "sqlite")]
-            Database::Sqlite(t) => t.longest_write(),
-            Database::Custom(_) => return tiercache_core::DEFAULT_WRITE_SETTLE,
-        };
-        inside + Duration::from_secs(1)
-    }
-
-    /// Runs the database's migrations now.
-    pub(crate) async fn migrate(&self) -> Result<()> {
-        match self {
-            #[cfg(feature = "postgres")]
-            Database::Postgres(t) => Ok(t.migrate().await?),
-            // Migrated when it was opened.
-            #[cfg(feature = "sqlite")]
-            Database::Sqlite(_) => Ok(()),
-            Database::Custom(_) => Err(Error::Settings(
-                "a custom source runs its own migrations, if it has any".into(),
-            )),
-        }
-    }
-
-    /// Grants `role` what a service needs on the database's objects (PostgreSQL only).
-    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
-    pub(crate) async fn grant_to(&self, role: &str) -> Result<()> {
-        match self {
-            #[cfg(feature = "postgres")]
-            Database::Postgres(t) => Ok(t.grant_to(role).await?),
-            _ => Err(Error::Settings(format!(
-                "roles are a PostgreSQL matter; the {} database has none",
-                self.backend()
-            ))),
-        }
-    }
-
-    pub(crate) fn backend(&self) -> &'static str {
-        match self {
-            #[cfg(feature = "postgres")]
-            Database::Postgres(_) => "postgres",
-            #[cfg(feature = "sqlite")]
-            Database::Sqlite(_) => "sqlite",
-            Database::Custom(_) => "custom",
-        }
+    /// A storage configured from the environment (the variables are listed at
+    /// [`UserConfigStorageBuilder::from_env`]); it logs at info which tiers and database it
+    /// chose (never a URL), and warns when it falls back to the embedded SQLite file.
+    ///
+    /// # Errors
+    /// [`Error::Settings`] naming the variable that is malformed; else as
+    /// [`UserConfigStorageBuilder::build`].
+    pub async fn from_env() -> Result<Self> {
+        Self::builder().from_env()?.build().await
     }
 }
 

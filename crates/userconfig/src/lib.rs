@@ -30,10 +30,14 @@ struct ReadmeDoctests;
 
 mod builder;
 mod config;
+mod database;
 mod env;
 mod error;
 mod stats;
 mod storage;
+
+/// The chain's key: a user id.
+pub(crate) type Key = String;
 
 pub use builder::UserConfigStorageBuilder;
 pub use config::{

@@ -10,9 +10,9 @@ use tiercache_core::{CacheTier, Origin, TieredCache, Version};
 use tiercache_memory::MemoryTier;
 use tiercache_redis::{RedisBackplane, RedisTier};
 
-pub(crate) use crate::builder::Database;
-use crate::builder::UserConfigStorageBuilder;
+use crate::Key;
 use crate::config::UserConfig;
+use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
 
@@ -51,8 +51,6 @@ pub fn conflict_backoff(attempt: u32) -> Duration {
     let ceiling_us = 1_000u64 << attempt.min(6);
     Duration::from_micros(fastrand::u64(0..=ceiling_us))
 }
-
-pub(crate) type Key = String;
 
 /// The key [`UserConfigStorage::ping_database`] reads: no user id has a control character.
 const READINESS_KEY: &str = "\u{1}readiness";
@@ -177,22 +175,6 @@ fn maybe_control(bytes: &[u8]) -> bool {
 }
 
 impl UserConfigStorage {
-    /// Starts configuring a storage.
-    pub fn builder() -> UserConfigStorageBuilder {
-        UserConfigStorageBuilder::default()
-    }
-
-    /// A storage configured from the environment (the variables are listed at
-    /// [`UserConfigStorageBuilder::from_env`]); it logs at info which tiers and database it
-    /// chose (never a URL), and warns when it falls back to the embedded SQLite file.
-    ///
-    /// # Errors
-    /// [`Error::Settings`] naming the variable that is malformed; else as
-    /// [`UserConfigStorageBuilder::build`].
-    pub async fn from_env() -> Result<Self> {
-        Self::builder().from_env()?.build().await
-    }
-
     /// The configuration of `user_id`; an unknown user gets the default configuration (with
     /// its `user_id` set), not an error.
     ///
@@ -425,7 +407,7 @@ impl UserConfigStorage {
     /// Grants a PostgreSQL role what a service needs on the database's objects and nothing
     /// more (read and write the table, number versions, log and follow changes; no creating):
     /// the storage's own role runs it once, after [`migrate`](Self::migrate), and services
-    /// then connect as `role` with [`run_migrations(false)`](UserConfigStorageBuilder::run_migrations).
+    /// then connect as `role` with [`run_migrations(false)`](crate::UserConfigStorageBuilder::run_migrations).
     ///
     /// # Errors
     /// [`Error::Settings`] for another database or a role that is not a plain lower-case
