@@ -157,12 +157,6 @@ impl<K: Key, V: Value> FakeTier<K, V> {
         })
     }
 
-    /// Time to live of tombstones only.
-    #[must_use]
-    pub fn with_tombstone_ttl(self, ttl: Duration) -> Self {
-        self.configure(|i| i.tombstone_ttl = ttl)
-    }
-
     /// The clock entries expire by (give the chain the same one).
     #[must_use]
     pub fn with_clock(self, clock: Clock) -> Self {

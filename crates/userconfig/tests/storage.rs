@@ -34,6 +34,38 @@ async fn an_unknown_user_gets_the_default_config() {
 }
 
 #[tokio::test]
+async fn a_bulk_read_answers_in_order_with_one_database_call_for_the_misses() {
+    let (s, db) = storage().await;
+    let mut c = UserConfig::default_for("bob");
+    c.preferences.theme = "dark".into();
+    s.update_user_config("bob", &c).await.unwrap();
+    s.clear_memory_cache().await;
+    let got = s
+        .get_user_configs(&["carol", "bob", "carol"])
+        .await
+        .unwrap();
+    let themes: Vec<&str> = got.iter().map(|c| c.preferences.theme.as_str()).collect();
+    assert_eq!(
+        themes,
+        ["system", "dark", "system"],
+        "in order, a key asked twice answered twice"
+    );
+    assert_eq!(
+        got[0].user_id, "carol",
+        "an unknown user gets her own defaults"
+    );
+    assert_eq!(db.calls().get_many, 1, "one batch for the misses");
+    assert_eq!(db.calls().get, 0);
+    // A bad id anywhere refuses the whole batch before any I/O.
+    let before = db.calls();
+    assert!(matches!(
+        s.get_user_configs(&["dave", "\u{1}bad"]).await,
+        Err(Error::InvalidUserId { .. })
+    ));
+    assert_eq!(db.calls().get_many, before.get_many);
+}
+
+#[tokio::test]
 async fn update_then_get_returns_the_update_from_memory() {
     let (s, db) = storage().await;
     let mut c = (*s.get_user_config("alice").await.unwrap()).clone();
