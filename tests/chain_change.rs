@@ -351,3 +351,41 @@ async fn changes_of_keys_an_instance_does_not_hold_cost_its_memory_nothing() {
         );
     }
 }
+
+#[tokio::test]
+async fn observers_see_this_chains_writes_and_every_remote_change_once_applied() {
+    let (db, _redis, [a, b]) = followers();
+    let mut seen = a.subscribe_changes();
+    // A write of this chain, with its value, as it commits; and the same write from the feed
+    // (in either order: its version says it is not new).
+    let v1 = a.update(&key("k"), val("v1")).await.unwrap();
+    let both = [seen.recv().await.unwrap(), seen.recv().await.unwrap()];
+    for change in &both {
+        assert_eq!(
+            (change.key(), change.version()),
+            (Some(&key("k")), Some(v1))
+        );
+    }
+    assert!(
+        both.iter().any(|c| matches!(c, tiercache_core::Change::Key { value: Some(v), deleted: false, .. } if v.as_str() == "v1")),
+        "the write's own change carries its value: {both:?}"
+    );
+    // Another instance's delete and a write with plain SQL reach this chain through its feed,
+    // after it applied them: its memory no longer holds v1 by then.
+    a.get(&key("k")).await.unwrap();
+    let v2 = b.delete(&key("k")).await.unwrap();
+    let deleted = seen.recv().await.unwrap();
+    assert!(
+        matches!(deleted, tiercache_core::Change::Key { deleted: true, version: Some(v), .. } if v == v2),
+        "{deleted:?}"
+    );
+    assert_ne!(a.fetch(&key("k")).await.unwrap().version, v1);
+    let v3 = db.put(key("k"), "v3".to_string());
+    assert_eq!(seen.recv().await.unwrap().version(), Some(v3));
+    // A write that changed nothing tells nobody.
+    let v4 = a.update(&key("k"), val("v4")).await.unwrap();
+    assert_eq!(a.update(&key("k"), val("v4")).await.unwrap(), v4);
+    assert_eq!(seen.recv().await.unwrap().version(), Some(v4)); // the write
+    assert_eq!(seen.recv().await.unwrap().version(), Some(v4)); // the feed
+    assert!(seen.try_recv().is_err(), "nothing for the unchanged write");
+}

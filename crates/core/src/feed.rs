@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::entry::Version;
 
 /// One remote change.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Change<K, V> {
     /// `key` changed.
@@ -45,6 +45,31 @@ pub enum Change<K, V> {
     /// Like [`Change::Everything`], and the chain forgets its record of versions (marks and
     /// floors) and the invalidations still to replay (at versions of the old history).
     Reset,
+}
+
+/// Cloned without `V: Clone`: a value is shared (`Arc`), never copied.
+impl<K: Clone, V> Clone for Change<K, V> {
+    fn clone(&self) -> Self {
+        match self {
+            Change::Key {
+                key,
+                version,
+                deleted,
+                value,
+                shared_missed,
+                committed_at,
+            } => Change::Key {
+                key: key.clone(),
+                version: *version,
+                deleted: *deleted,
+                value: value.clone(),
+                shared_missed: *shared_missed,
+                committed_at: *committed_at,
+            },
+            Change::Everything => Change::Everything,
+            Change::Reset => Change::Reset,
+        }
+    }
 }
 
 impl<K, V> Change<K, V> {
@@ -197,7 +222,7 @@ pub enum Via {
 }
 
 /// A batch of changes and how far it reaches: what [`TieredCache::apply`](crate::TieredCache::apply) takes.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Changes<K, V> {
     /// Which tiers the changes reach.
     pub scope: Scope,
@@ -205,6 +230,16 @@ pub struct Changes<K, V> {
     pub via: Via,
     /// The changes, in the order they committed (for one key, versions order them anyway).
     pub changes: Vec<Change<K, V>>,
+}
+
+impl<K: Clone, V> Clone for Changes<K, V> {
+    fn clone(&self) -> Self {
+        Changes {
+            scope: self.scope,
+            via: self.via,
+            changes: self.changes.clone(),
+        }
+    }
 }
 
 impl<K, V> Changes<K, V> {

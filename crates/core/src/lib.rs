@@ -63,8 +63,8 @@ pub use backplane::Backplane;
 pub use breaker::{BreakerPolicy, DEFAULT_BREAKER_COOLDOWN, DEFAULT_BREAKER_THRESHOLD};
 pub use chain::{
     DEFAULT_FLOOR_TTL, DEFAULT_MAX_PENDING_REPAIRS, DEFAULT_MAX_STALE, DEFAULT_NEGATIVE_TTL,
-    DEFAULT_SOURCE_TIMEOUT, DEFAULT_TIER_TIMEOUT, DEFAULT_WRITE_SETTLE, Fetched, Miss, Origin,
-    TieredCache, TieredCacheBuilder, WeakTieredCache,
+    DEFAULT_SOURCE_TIMEOUT, DEFAULT_TIER_TIMEOUT, DEFAULT_WRITE_SETTLE, Fetched, Miss,
+    OBSERVER_BUFFER, Origin, TieredCache, TieredCacheBuilder, WeakTieredCache,
 };
 pub use clock::{Clock, ManualClock, TimeSource, Timestamp};
 pub use entry::{Entry, Slot, Version};

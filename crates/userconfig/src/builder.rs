@@ -59,6 +59,7 @@ pub struct UserConfigStorageBuilder {
     custom_source: Option<Arc<dyn Source<Key, UserConfig>>>,
     shared_database: Option<Database>,
     max_config_bytes: usize,
+    max_watched_users: usize,
     max_stale: Option<Duration>,
     background_backfill: bool,
     single_flight: bool,
@@ -102,6 +103,7 @@ impl Default for UserConfigStorageBuilder {
             custom_source: None,
             shared_database: None,
             max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
+            max_watched_users: crate::DEFAULT_MAX_WATCHED_USERS,
             max_stale: Some(tiercache_core::DEFAULT_MAX_STALE),
             background_backfill: true,
             single_flight: true,
@@ -250,6 +252,13 @@ impl UserConfigStorageBuilder {
         self
     }
 
+    /// Most users watched at once ([`UserConfigStorage::watch`]); a watch of one more is
+    /// [`Error::TooManyWatches`]. Defaults to [`DEFAULT_MAX_WATCHED_USERS`](crate::DEFAULT_MAX_WATCHED_USERS).
+    pub fn max_watched_users(mut self, users: usize) -> Self {
+        self.max_watched_users = users;
+        self
+    }
+
     /// Oldest stale copy served when the database is down (`None`: never). Defaults to
     /// [`tiercache_core::DEFAULT_MAX_STALE`].
     pub fn max_stale(mut self, age: Option<Duration>) -> Self {
@@ -287,6 +296,9 @@ impl UserConfigStorageBuilder {
     pub async fn build(self) -> Result<UserConfigStorage> {
         if self.max_config_bytes == 0 {
             return Err(Error::Settings("max_config_bytes must be positive".into()));
+        }
+        if self.max_watched_users == 0 {
+            return Err(Error::Settings("max_watched_users must be positive".into()));
         }
         let memory = Arc::new(
             MemoryTier::builder()
@@ -406,6 +418,7 @@ impl UserConfigStorageBuilder {
             backplane,
             database,
             max_config_bytes: self.max_config_bytes,
+            watches: crate::watch::Watches::new(self.max_watched_users),
         })
     }
 }

@@ -44,6 +44,13 @@ pub enum Error {
         /// Attempts made.
         attempts: u32,
     },
+    /// [`watch`](crate::UserConfigStorage::watch) of one more user than the storage's cap
+    /// ([`max_watched_users`](crate::UserConfigStorageBuilder::max_watched_users)).
+    #[error("{limit} users are watched already, the most this storage watches")]
+    TooManyWatches {
+        /// The cap.
+        limit: usize,
+    },
     /// The storage was configured wrongly (a bad URL, a zero capacity).
     #[error("invalid storage settings: {0}")]
     Settings(String),

@@ -35,6 +35,7 @@ mod env;
 mod error;
 mod stats;
 mod storage;
+mod watch;
 
 /// The chain's key: a user id.
 pub(crate) type Key = String;
@@ -54,3 +55,4 @@ pub use storage::{
     DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, FetchedConfig,
     MAX_MODIFY_ATTEMPTS, MAX_USER_ID_BYTES, UserConfigStorage, check_user_id, conflict_backoff,
 };
+pub use watch::{ConfigWatch, DEFAULT_MAX_WATCHED_USERS, WatchedConfig};

@@ -15,6 +15,7 @@ use crate::config::UserConfig;
 use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
+use crate::watch::{WatchedConfig, Watches};
 
 /// Default memory tier capacity (the seed's 500 entries).
 pub const DEFAULT_MEMORY_CAPACITY: usize = 500;
@@ -84,6 +85,8 @@ pub struct UserConfigStorage {
     pub(crate) backplane: Option<RedisBackplane>,
     pub(crate) database: Database,
     pub(crate) max_config_bytes: usize,
+    /// The users watched ([`UserConfigStorage::watch`], `watch.rs`).
+    pub(crate) watches: Arc<Watches>,
 }
 
 impl fmt::Debug for UserConfigStorage {
@@ -224,6 +227,33 @@ impl UserConfigStorage {
         Ok(Self::answer(user_id, fetched))
     }
 
+    /// Like [`fetch_user_config`](Self::fetch_user_config), at version `min_version` or newer:
+    /// read your writes on any instance. A client that wrote version `n` through one instance
+    /// and reads through another with `min_version = n` never sees its write undone, even when
+    /// that instance's caches have not heard of it yet: when the cached copy is older, the
+    /// database answers (and the caches are filled with it). Costs nothing more when the
+    /// cached copy is new enough.
+    ///
+    /// When the database itself holds an older version (a `min_version` that was never this
+    /// user's, since every change gets a version greater than the last) or nothing (deleted
+    /// since), its answer is returned: nothing newer exists.
+    ///
+    /// # Errors
+    /// As [`load_user_config`](Self::load_user_config) when the database is asked.
+    pub async fn fetch_user_config_at_least(
+        &self,
+        user_id: &str,
+        min_version: Version,
+    ) -> Result<FetchedConfig> {
+        let fetched = self.fetch(user_id).await?;
+        // A cached "not found" carries its delete's version: newer than any write before it.
+        if fetched.version >= min_version {
+            return Ok(Self::answer(user_id, fetched));
+        }
+        let loaded = self.cache.load(&user_id.to_owned()).await?;
+        Ok(Self::answer(user_id, loaded))
+    }
+
     fn answer(user_id: &str, fetched: tiercache_core::Fetched<UserConfig>) -> FetchedConfig {
         let answered_by = match fetched.origin {
             Origin::Tier(0) => Answer::Memory,
@@ -290,7 +320,12 @@ impl UserConfigStorage {
     /// error is returned and no cache is touched.
     pub async fn update_user_config(&self, user_id: &str, config: &UserConfig) -> Result<Version> {
         let stored = self.prepare(user_id, config)?;
-        Ok(self.cache.update(&user_id.to_owned(), stored).await?)
+        let version = self
+            .cache
+            .update(&user_id.to_owned(), Arc::clone(&stored))
+            .await?;
+        self.wrote(user_id, Some(stored), version);
+        Ok(version)
     }
 
     /// [`update_user_config`](Self::update_user_config) only if the stored configuration is
@@ -308,10 +343,12 @@ impl UserConfigStorage {
         config: &UserConfig,
     ) -> Result<Version> {
         let stored = self.prepare(user_id, config)?;
-        Ok(self
+        let version = self
             .cache
-            .update_if(&user_id.to_owned(), expected_version, stored)
-            .await?)
+            .update_if(&user_id.to_owned(), expected_version, Arc::clone(&stored))
+            .await?;
+        self.wrote(user_id, Some(stored), version);
+        Ok(version)
     }
 
     /// Reads the configuration of `user_id` (the default for an unknown user), applies
@@ -438,7 +475,9 @@ impl UserConfigStorage {
     /// returned and no cache is touched.
     pub async fn delete_user_config(&self, user_id: &str) -> Result<Version> {
         check_user_id(user_id)?;
-        Ok(self.cache.delete(&user_id.to_owned()).await?)
+        let version = self.cache.delete(&user_id.to_owned()).await?;
+        self.wrote(user_id, None, version);
+        Ok(version)
     }
 
     /// [`delete_user_config`](Self::delete_user_config) only if the stored configuration is
@@ -456,10 +495,12 @@ impl UserConfigStorage {
         expected_version: Version,
     ) -> Result<Version> {
         check_user_id(user_id)?;
-        Ok(self
+        let version = self
             .cache
             .delete_if(&user_id.to_owned(), expected_version)
-            .await?)
+            .await?;
+        self.wrote(user_id, None, version);
+        Ok(version)
     }
 
     /// Whether `config` may be stored for `user_id`, checked as every write checks it, with
@@ -470,6 +511,17 @@ impl UserConfigStorage {
     /// As [`update_user_config`](Self::update_user_config)'s input errors.
     pub fn check_user_config(&self, user_id: &str, config: &UserConfig) -> Result<()> {
         self.prepare(user_id, config).map(drop)
+    }
+
+    /// Tells `user_id`'s watches of a write this storage made (before the call returns, so that
+    /// a watch reads its own instance's writes at once).
+    fn wrote(&self, user_id: &str, config: Option<Arc<UserConfig>>, version: Version) {
+        let next = match config {
+            Some(config) => WatchedConfig::stored(config, version),
+            None if version == 0 => return,
+            None => WatchedConfig::defaults(user_id, version),
+        };
+        self.watches.offer(user_id, next, false);
     }
 
     /// `config` checked and made ready to store for `user_id`, before any I/O.

@@ -277,6 +277,7 @@ impl<K: Key, V: Value> TieredCacheBuilder<K, V> {
                 counters: ChainCounters::default(),
                 feed_health: super::feed::Health::default(),
                 feed_lag: crate::latency::LatencyHistogram::default(),
+                observers: super::observe::Observers::default(),
                 _feed_stop: stop,
             }),
         };

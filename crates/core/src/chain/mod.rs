@@ -15,6 +15,7 @@ mod floors;
 mod invalidate;
 mod level;
 mod marks;
+mod observe;
 mod read;
 mod remote;
 mod steps;
@@ -30,6 +31,8 @@ use self::floors::Floors;
 pub use self::level::DEFAULT_MAX_PENDING_REPAIRS;
 use self::level::Level;
 use self::marks::Marks;
+pub use self::observe::OBSERVER_BUFFER;
+use self::observe::Observers;
 use self::tasks::Tasks;
 use crate::backplane::Backplane;
 use crate::breaker::BreakerPolicy;
@@ -177,6 +180,8 @@ struct Inner<K, V> {
     feed_health: feed::Health,
     /// From a change's commit to its application here.
     feed_lag: crate::latency::LatencyHistogram,
+    /// Whoever follows the changes this chain learns of (`observe.rs`).
+    observers: Observers<K, V>,
     /// Dropped with the chain: stops the task that applies the source's change feed.
     _feed_stop: Option<tokio::sync::oneshot::Sender<()>>,
 }

@@ -86,6 +86,8 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         let mut applied = Applied {
             shared_missed: Vec::with_capacity(changes.len()),
         };
+        // Told to the observers once applied (see `observe.rs`).
+        let observed = self.inner.observers.wanted().then(|| changes.clone());
         let mut run = Vec::with_capacity(changes.len());
         for change in changes {
             match change {
@@ -106,6 +108,9 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         applied
             .shared_missed
             .extend(self.apply_keys(scope, via, run).await);
+        for change in observed.into_iter().flatten() {
+            self.inner.observers.send(change);
+        }
         applied
     }
 

@@ -11,6 +11,7 @@ use super::steps::Filled;
 use super::tasks::join;
 use crate::entry::{Entry, Version};
 use crate::error::Result;
+use crate::feed::Change;
 use crate::source::Written;
 use crate::tier::{Key, Value};
 
@@ -171,6 +172,12 @@ impl<K: Key, V: Value> TieredCache<K, V> {
             self.raise_floor(key, version);
         }
         inner.marks.mark(key, Some(version));
+        if inner.observers.wanted() {
+            inner.observers.send(match &value {
+                Some(value) => Change::written(key.clone(), version).with_value(Arc::clone(value)),
+                None => Change::deleted(key.clone(), version),
+            });
+        }
         self.publish(key, Some(version), value).await;
         Ok(version)
     }
