@@ -137,6 +137,15 @@ enum Command {
         #[command(flatten)]
         output: Output,
     },
+    /// Follow a user's configuration: one JSON line on standard output for the configuration
+    /// now, then one per change (by anyone, with plain SQL too), until Ctrl-C or SIGTERM.
+    Watch {
+        /// The user id.
+        user_id: String,
+        /// Stop after this many lines (the first included).
+        #[arg(long, value_name = "N")]
+        count: Option<usize>,
+    },
     /// Remove a user from every cache tier (after a change made to the database directly).
     Invalidate {
         /// The user id.
@@ -192,6 +201,7 @@ impl Command {
     fn json(&self) -> bool {
         match self {
             Command::Simulate(args) => args.json_to_stdout(),
+            Command::Watch { .. } => true,
             Command::Serve { output, .. }
             | Command::Get { output, .. }
             | Command::Set { output, .. }
@@ -265,6 +275,28 @@ impl Connection {
     }
 }
 
+/// Resolves on Ctrl-C or SIGTERM.
+pub(crate) async fn stop_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
 async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
     let connection = connection.normalized();
     let within = Duration::from_millis(connection.flush_timeout_ms);
@@ -288,6 +320,7 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
             if_version,
             output,
         } => ops::delete(c, &user_id, if_version, output.json, within).await,
+        Command::Watch { user_id, count } => ops::watch(c, &user_id, count).await,
         Command::Invalidate { user_id, output } => {
             ops::invalidate(c, &user_id, output.json, within).await
         }

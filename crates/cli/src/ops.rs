@@ -1,6 +1,6 @@
-//! The operator commands: `get`, `set`, `delete`, `invalidate`, `warm`, `stats`, `migrate`.
-//! Each prints a line for people on standard error, and with `--json` one JSON document on
-//! standard output.
+//! The operator commands: `get`, `set`, `delete`, `watch`, `invalidate`, `warm`, `stats`,
+//! `migrate`. Each prints a line for people on standard error, and with `--json` one JSON
+//! document on standard output (`watch`: always a JSON line per change).
 
 use std::io::Read;
 use std::path::Path;
@@ -35,6 +35,43 @@ pub(crate) fn read_input(path: &Path) -> Result<String, Failure> {
     } else {
         std::fs::read_to_string(path)
             .map_err(|e| Failure::new(format!("cannot read {}: {e}", path.display())))
+    }
+}
+
+/// `watch`: a JSON line per configuration (`user_id`, `version`, `stored`, `config`), the one
+/// now first, until Ctrl-C, SIGTERM or `count` lines.
+pub(crate) async fn watch(
+    connection: &Connection,
+    user_id: &str,
+    count: Option<usize>,
+) -> Result<(), Failure> {
+    use std::io::Write;
+    userconfig::check_user_id(user_id)?;
+    let storage = connection.storage().await?;
+    let mut watch = storage.watch(user_id).await?;
+    eprintln!("watching {user_id:?} (Ctrl-C to stop)");
+    let mut next = watch.current();
+    let mut printed = 0;
+    loop {
+        let line = json!({
+            "user_id": user_id,
+            "version": next.version,
+            "stored": next.stored,
+            "config": &*next.config,
+        });
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")
+            .and_then(|()| out.flush())
+            .map_err(|e| Failure::new(format!("cannot write to standard output: {e}")))?;
+        drop(out);
+        printed += 1;
+        if count.is_some_and(|count| printed >= count) {
+            return Ok(());
+        }
+        tokio::select! {
+            changed = watch.changed() => next = changed,
+            () = crate::stop_signal() => return Ok(()),
+        }
     }
 }
 

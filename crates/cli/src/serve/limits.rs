@@ -40,6 +40,16 @@ pub(crate) struct Limits {
     /// `Retry-After`. 0: no limit.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub(crate) rate_per_token: u32,
+    /// Event streams (`/v1/users/{id}/config/events`) open at once on this instance; past it
+    /// 503 `too_many_streams`.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    pub(crate) max_streams: usize,
+    /// Event streams one caller (a service token, an end user) may hold open at once.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub(crate) max_streams_per_token: usize,
+    /// Seconds between heartbeats (a comment line) on an idle event stream.
+    #[arg(long, value_name = "SECS", default_value = "15", value_parser = seconds)]
+    pub(crate) stream_heartbeat: Duration,
     /// Seconds a shutdown waits for requests in flight; then the connections still open are
     /// closed and pending cache work is flushed all the same.
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = seconds)]
@@ -54,6 +64,9 @@ impl Default for Limits {
             max_connections: None,
             max_in_flight: 512,
             rate_per_token: 0,
+            max_streams: 10_000,
+            max_streams_per_token: 16,
+            stream_heartbeat: Duration::from_secs(15),
             shutdown_deadline: Duration::from_secs(10),
         }
     }

@@ -7,6 +7,7 @@
 //! | `PUT /v1/users/{id}/config` | store it (201 if none was); `If-Match` / `If-None-Match` make it a compare-and-set (else 412) |
 //! | `PATCH /v1/users/{id}/config` | a JSON merge patch (RFC 7386), retried on conflicts while the preconditions hold |
 //! | `DELETE /v1/users/{id}/config` | delete it (404 if none is stored); `If-Match` deletes only that version |
+//! | `GET /v1/users/{id}/config/events` | Server-Sent Events: the configuration, then each change (`events.rs`) |
 //! | `GET /stats` | the seed's statistics JSON (an array with several instances) |
 //! | `GET /metrics` | Prometheus text, rendered from the live statistics at each scrape |
 //! | `GET /healthz` | the process answers |
@@ -24,6 +25,7 @@ mod conditional;
 mod dashboard;
 mod encoded;
 mod error;
+mod events;
 pub(crate) mod jwt;
 pub(crate) mod limits;
 mod listen;
@@ -130,6 +132,8 @@ pub(crate) struct App {
     requests: Arc<observe::Requests>,
     /// The accept loop's counters (zero for a router served by someone else).
     connections: Arc<listen::Connections>,
+    /// The open event streams (`events.rs`).
+    streams: Arc<events::Streams>,
 }
 
 impl App {
@@ -151,12 +155,19 @@ pub(crate) fn router_for(
 ) -> Router {
     let board = Board::new(storages, Arc::new(Window::default()));
     dashboard::spawn_sampler(&board);
+    let limits = limits::Limits::default();
+    let streams = events::Streams::new(
+        limits.max_streams,
+        limits.max_streams_per_token,
+        limits.stream_heartbeat,
+    );
     router(
         board,
         max_body_bytes,
         Arc::new(access),
-        &limits::Limits::default(),
+        &limits,
         Arc::default(),
+        streams,
     )
 }
 
@@ -172,6 +183,7 @@ pub(crate) fn router(
     access: Arc<auth::Access>,
     limits: &limits::Limits,
     connections: Arc<listen::Connections>,
+    streams: Arc<events::Streams>,
 ) -> Router {
     let capacity = board.storages()[0].get_cache_stats().memory_cache.max_size;
     let requests = Arc::new(observe::Requests::default());
@@ -180,6 +192,7 @@ pub(crate) fn router(
         encoded: encoded::Encoded::new(usize::try_from(capacity).unwrap_or(usize::MAX)),
         requests: Arc::clone(&requests),
         connections,
+        streams,
     });
     Router::new()
         .route(
@@ -189,6 +202,7 @@ pub(crate) fn router(
                 .patch(api::patch_config)
                 .delete(api::delete_config),
         )
+        .route("/v1/users/{id}/config/events", get(events::config_events))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/readyz", get(api::ready))
@@ -273,7 +287,7 @@ async fn metrics(State(app): State<Arc<App>>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        prometheus::render(&stats, &http, &app.connections),
+        prometheus::render(&stats, &http, &app.connections, app.streams.open()),
     )
         .into_response()
 }
@@ -301,6 +315,8 @@ async fn dashboard_data(State(app): State<Arc<App>>) -> Response {
 pub(crate) struct Running {
     pub(crate) addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
+    /// Ended first at a shutdown: an event stream never finishes by itself.
+    streams: Arc<events::Streams>,
     task: tokio::task::JoinHandle<()>,
     sampler: tokio::task::JoinHandle<()>,
 }
@@ -309,6 +325,7 @@ impl Running {
     /// Stops accepting, lets in-flight requests finish (until the shutdown deadline: then the
     /// connections still open are closed), and returns once the server is done.
     pub(crate) async fn stop(mut self) -> Result<(), Failure> {
+        self.streams.close();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -322,6 +339,7 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.sampler.abort();
+        self.streams.close();
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -346,12 +364,18 @@ pub(crate) async fn start(
     let board = Board::new(storages, window);
     let sampler = dashboard::spawn_sampler(&board);
     let connections = Arc::new(listen::Connections::default());
+    let streams = events::Streams::new(
+        limits.max_streams,
+        limits.max_streams_per_token,
+        limits.stream_heartbeat,
+    );
     let app = router(
         board,
         max_body_bytes,
         Arc::new(access),
         &limits,
         Arc::clone(&connections),
+        Arc::clone(&streams),
     );
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(listen::serve(
@@ -366,31 +390,10 @@ pub(crate) async fn start(
     Ok(Running {
         addr,
         stop: Some(stop),
+        streams,
         task,
         sampler,
     })
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }
 
 /// `userconfig serve`: until SIGTERM or Ctrl-C, then in-flight requests finish, what the
@@ -423,7 +426,7 @@ pub(crate) async fn run(
         println!("listening on http://{}", running.addr);
     }
     tracing::info!(addr = %running.addr, "serving");
-    shutdown_signal().await;
+    crate::stop_signal().await;
     running.stop().await?;
     crate::finish(&storage, "served", within).await?;
     eprintln!("stopped");

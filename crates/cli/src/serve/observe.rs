@@ -26,8 +26,10 @@ pub(crate) fn request_id() -> Option<Arc<str>> {
 }
 
 /// The route templates requests are counted by; anything else is `unmatched`.
-pub(crate) const ROUTES: [&str; 8] = [
+pub(crate) const ROUTES: [&str; 10] = [
     "/v1/users/{id}/config",
+    "/v1/users/{id}/config/events",
+    "/openapi.json",
     "/stats",
     "/metrics",
     "/healthz",

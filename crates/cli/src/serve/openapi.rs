@@ -25,6 +25,7 @@ use utoipa::{Modify, OpenApi};
         super::api::put_config,
         super::api::patch_config,
         super::api::delete_config,
+        super::events::config_events,
         super::api::ready,
         super::healthz,
         super::stats,

@@ -47,6 +47,7 @@ pub(crate) fn render(
     stats: &[CacheStats],
     http: &[((String, u16), u64)],
     connections: &Connections,
+    streams_open: usize,
 ) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let instances: Vec<String> = (0..stats.len()).map(|i| i.to_string()).collect();
@@ -321,6 +322,16 @@ pub(crate) fn render(
     ] {
         let mut f = Family::start(&mut out, name, "counter", help);
         f.sample(name, &[], count.load(Ordering::Relaxed) as f64);
+    }
+    {
+        let name = "userconfig_http_streams_open";
+        let mut f = Family::start(
+            &mut out,
+            name,
+            "gauge",
+            "Event streams open now (/v1/users/{id}/config/events).",
+        );
+        f.sample(name, &[], streams_open as f64);
     }
     out
 }
