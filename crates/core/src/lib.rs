@@ -74,7 +74,7 @@ pub use key::StorageKey;
 pub use latency::{LatencyHistogram, LatencySummary};
 #[cfg(feature = "mock")]
 pub use source::MockSource;
-pub use source::{Source, Written};
+pub use source::{Revision, Source, Written};
 pub use stats::{ChainStats, ChainTierStats, Counter, FeedStats, TierStats, hit_rate};
 #[cfg(feature = "mock")]
 pub use tier::MockCacheTier;

@@ -1,6 +1,7 @@
 //! The [`Source`] trait: the authoritative store at the bottom of a chain (a database).
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 
@@ -35,6 +36,51 @@ impl Written {
     #[must_use]
     pub fn changed(self) -> bool {
         matches!(self, Written::Changed(_))
+    }
+}
+
+/// One version of a key, as a source that keeps past versions has it
+/// ([`Source::history`], [`Source::revision`]).
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Revision<V> {
+    /// The change's version.
+    pub version: Version,
+    /// The value it stored; `None`: the change deleted the key.
+    pub value: Option<Arc<V>>,
+    /// When it was written (its commit followed).
+    pub at: SystemTime,
+    /// Who wrote it, as the source knows (a database session's `application_name`).
+    pub author: Option<String>,
+}
+
+impl<V> Revision<V> {
+    /// A revision.
+    #[must_use]
+    pub fn new(
+        version: Version,
+        value: Option<Arc<V>>,
+        at: SystemTime,
+        author: Option<String>,
+    ) -> Self {
+        Revision {
+            version,
+            value,
+            at,
+            author,
+        }
+    }
+}
+
+impl<V> std::fmt::Debug for Revision<V> {
+    /// Never the value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revision")
+            .field("version", &self.version)
+            .field("deleted", &self.value.is_none())
+            .field("at", &self.at)
+            .field("author", &self.author)
+            .finish()
     }
 }
 
@@ -97,6 +143,33 @@ pub trait Source<K: Key, V: Value>: Send + Sync {
 
     /// The source's own statistics.
     fn stats(&self) -> TierStats;
+
+    /// Past versions of `key`, newest first: at most `limit`, each older than `before` when
+    /// given (to page back), for as long as the source keeps them (its retention). The default:
+    /// [`Error::Unsupported`](crate::Error::Unsupported), a source that keeps no history.
+    async fn history(
+        &self,
+        key: &K,
+        before: Option<Version>,
+        limit: usize,
+    ) -> Result<Vec<Revision<V>>> {
+        let _ = (key, before, limit);
+        Err(crate::Error::unsupported(self.name(), "history"))
+    }
+
+    /// `key` at `version`, if the source still keeps it (`Ok(None)`: never a version of
+    /// this key, or pruned). The default: unsupported.
+    async fn revision(&self, key: &K, version: Version) -> Result<Option<Revision<V>>> {
+        let _ = (key, version);
+        Err(crate::Error::unsupported(self.name(), "revision"))
+    }
+
+    /// Removes every past version of `key` (deletion for privacy); returns how many. The
+    /// default: unsupported.
+    async fn purge_history(&self, key: &K) -> Result<u64> {
+        let _ = key;
+        Err(crate::Error::unsupported(self.name(), "purge_history"))
+    }
 }
 
 macro_rules! forward_source {
@@ -128,6 +201,20 @@ macro_rules! forward_source {
             }
             fn stats(&self) -> TierStats {
                 (**self).stats()
+            }
+            async fn history(
+                &self,
+                key: &K,
+                before: Option<Version>,
+                limit: usize,
+            ) -> Result<Vec<Revision<V>>> {
+                (**self).history(key, before, limit).await
+            }
+            async fn revision(&self, key: &K, version: Version) -> Result<Option<Revision<V>>> {
+                (**self).revision(key, version).await
+            }
+            async fn purge_history(&self, key: &K) -> Result<u64> {
+                (**self).purge_history(key).await
             }
         }
     )*};

@@ -12,7 +12,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::{AssertSqlSafe, SqlSafeStr};
-use tiercache_core::{Counter, Entry, Error, Result, TierStats};
+use tiercache_core::{Counter, Entry, Error, Result, Revision, TierStats};
 
 /// A stored value that does not decode, naming its key.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +78,32 @@ pub fn decode<V: DeserializeOwned>(
     Ok(Entry::new(
         Arc::new(value),
         u64::try_from(version).unwrap_or(0),
+    ))
+}
+
+/// A past version of `key` read back from a history table: the stored JSON (`None`: a
+/// delete), its version, when it was written (microseconds since the Unix epoch) and by whom.
+///
+/// # Errors
+/// [`Error::Corrupt`] when the JSON does not decode.
+pub fn revision<V: DeserializeOwned>(
+    tier: &str,
+    stats: &RowStats,
+    key: &str,
+    row: (Option<String>, i64, i64, Option<String>),
+) -> Result<Revision<V>> {
+    let (json, version, at_micros, author) = row;
+    let value = match json {
+        Some(json) => decode::<V>(tier, stats, key, &json, version)?.value,
+        None => None,
+    };
+    let at = std::time::UNIX_EPOCH
+        + std::time::Duration::from_micros(u64::try_from(at_micros).unwrap_or(0));
+    Ok(Revision::new(
+        u64::try_from(version).unwrap_or(0),
+        value,
+        at,
+        author,
     ))
 }
 

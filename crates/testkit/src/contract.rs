@@ -309,6 +309,59 @@ where
     stats_count_lookups(&*make().await).await;
 }
 
+/// A source that keeps history returns every change of a key, newest first, with its value
+/// (none for a delete); pages back with `before`; reads any kept version back, the current
+/// one included; keeps nothing of an unchanged write; and purges a key's history alone.
+pub async fn history_keeps_every_change<T: Source<String, ContractValue>>(source: &T) {
+    let k = key("history");
+    let v1 = write(source, "history", 1).await;
+    assert_eq!(
+        source.write(&k, value(1), None).await.unwrap(),
+        Written::Unchanged(v1),
+        "an unchanged write"
+    );
+    let v2 = write(source, "history", 2).await;
+    let gone = source.delete(&k, None).await.unwrap().version();
+    let v4 = write(source, "history", 4).await;
+    write(source, "other", 9).await;
+    let all = source.history(&k, None, 10).await.unwrap();
+    let versions: Vec<_> = all.iter().map(|r| r.version).collect();
+    assert_eq!(versions, [v4, gone, v2, v1], "newest first, nothing twice");
+    let values: Vec<_> = all.iter().map(|r| r.value.as_deref().cloned()).collect();
+    assert_eq!(
+        values,
+        [
+            Some((*value(4)).clone()),
+            None,
+            Some((*value(2)).clone()),
+            Some((*value(1)).clone())
+        ]
+    );
+    assert!(
+        all.windows(2).all(|w| w[0].at >= w[1].at),
+        "times go back: {all:?}"
+    );
+    let page = source.history(&k, Some(gone), 1).await.unwrap();
+    assert_eq!(page.iter().map(|r| r.version).collect::<Vec<_>>(), [v2]);
+    for (version, expected) in [(v1, Some(value(1))), (v4, Some(value(4))), (gone, None)] {
+        let got = source.revision(&k, version).await.unwrap().expect("kept");
+        assert_eq!((got.version, got.value), (version, expected), "{version}");
+    }
+    assert!(source.revision(&k, v4 + 1000).await.unwrap().is_none());
+    assert_eq!(source.purge_history(&k).await.unwrap(), 4);
+    assert!(source.history(&k, None, 10).await.unwrap().is_empty());
+    assert_eq!(
+        source.history(&key("other"), None, 10).await.unwrap().len(),
+        1,
+        "another key's history stays"
+    );
+    // The current version is still read back: the table holds it.
+    assert_eq!(
+        source.revision(&k, v4).await.unwrap().map(|r| r.version),
+        Some(v4)
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,6 +75,8 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                 "GRANT SELECT, INSERT, DELETE ON {{changes}} TO {role}"
             )),
             names.fill(&format!("GRANT SELECT, UPDATE ON {{feed}} TO {role}")),
+            // Reading past versions, purging a user's, pruning old ones.
+            names.fill(&format!("GRANT SELECT, DELETE ON {{history}} TO {role}")),
             names.fill(&format!(
                 "GRANT USAGE, SELECT, UPDATE ON SEQUENCE {{versions}} TO {role}"
             )),

@@ -34,6 +34,8 @@ pub struct PostgresSourceBuilder<K, V> {
     statement_timeout: Duration,
     connect_timeout: Duration,
     change_retention: Duration,
+    history_retention: Duration,
+    application_name: String,
     feed_poll: Duration,
     elect_every: Duration,
     logical: bool,
@@ -79,6 +81,8 @@ impl<K, V> Default for PostgresSourceBuilder<K, V> {
             statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             change_retention: DEFAULT_CHANGE_RETENTION,
+            history_retention: crate::DEFAULT_HISTORY_RETENTION,
+            application_name: "tiercache".to_owned(),
             feed_poll: DEFAULT_FEED_POLL,
             elect_every: DEFAULT_ELECT_EVERY,
             logical: true,
@@ -183,6 +187,21 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
         self
     }
 
+    /// How long a past version stays in the history (`PostgresSource::history`, rollback):
+    /// the elected follower deletes older ones, in batches, once a minute. Defaults to
+    /// [`DEFAULT_HISTORY_RETENTION`](crate::DEFAULT_HISTORY_RETENTION) (30 days).
+    pub fn history_retention(mut self, retention: Duration) -> Self {
+        self.history_retention = retention;
+        self
+    }
+
+    /// The `application_name` of the tier's sessions: what the history records as the author
+    /// of the changes made through it (a service names itself). Defaults to `tiercache`.
+    pub fn application_name(mut self, name: impl Into<String>) -> Self {
+        self.application_name = name.into();
+        self
+    }
+
     /// Whether the tier applies missing migrations on first use (`true`, the default), or only
     /// checks that none is missing and fails with a message naming `userconfig migrate`
     /// (`false`: for a role that may read and write the table but not create objects; run
@@ -261,12 +280,13 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             || self.statement_timeout.is_zero()
             || self.connect_timeout.is_zero()
             || self.change_retention.is_zero()
+            || self.history_retention.is_zero()
             || self.feed_poll.is_zero()
             || self.elect_every.is_zero()
         {
             return Err(Error::Config(
-                "acquire_timeout, statement_timeout, connect_timeout, change_retention and \
-                 feed_poll and elect_every must be positive"
+                "acquire_timeout, statement_timeout, connect_timeout, change_retention, \
+                 history_retention, feed_poll and elect_every must be positive"
                     .into(),
             ));
         }
@@ -280,7 +300,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                 "statement_timeout",
                 format!("{}ms", self.statement_timeout.as_millis()),
             )])
-            .application_name("tiercache");
+            .application_name(&self.application_name);
         let pool = PgPoolOptions::new()
             .max_connections(self.max_connections)
             .acquire_timeout(self.acquire_timeout)
@@ -295,6 +315,24 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                 .fill("SELECT key, value::text, version FROM {table} WHERE key = ANY($1)"),
             write: names.fill("SELECT outcome, version FROM {write_fn}($1, $2::jsonb, $3)"),
             delete: names.fill("SELECT outcome, version FROM {delete_fn}($1, $2)"),
+            history: names.fill(
+                "SELECT value::text, version, (extract(epoch FROM at) * 1000000)::bigint, author \
+                 FROM {history} WHERE key = $1 AND version < $2 \
+                 ORDER BY version DESC LIMIT $3",
+            ),
+            // The current version may be older than the history keeps: the table has it.
+            revision: names.fill(
+                "SELECT value::text, version, (extract(epoch FROM at) * 1000000)::bigint, author \
+                 FROM {history} WHERE key = $1 AND version = $2 \
+                 UNION ALL \
+                 SELECT value::text, version, (extract(epoch FROM updated_at) * 1000000)::bigint, \
+                   NULL FROM {table} WHERE key = $1 AND version = $2 \
+                 LIMIT 1",
+            ),
+            purge_history: names.fill(
+                "DELETE FROM {history} WHERE key = $1 AND version IN \
+                 (SELECT version FROM {history} WHERE key = $1 LIMIT $2)",
+            ),
         };
         let migrations = Arc::new(Migrations {
             options: options.clone(),
@@ -326,6 +364,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
             connect_timeout: self.connect_timeout,
             max_connections: self.max_connections,
             change_retention: self.change_retention,
+            history_retention: self.history_retention,
             feed_poll: self.feed_poll,
             elect_every: self.elect_every,
             migrations,

@@ -92,7 +92,9 @@ mod source;
 use std::time::Duration;
 
 pub use builder::PostgresSourceBuilder;
-pub use feed::{DEFAULT_CHANGE_RETENTION, DEFAULT_ELECT_EVERY, DEFAULT_FEED_POLL};
+pub use feed::{
+    DEFAULT_CHANGE_RETENTION, DEFAULT_ELECT_EVERY, DEFAULT_FEED_POLL, DEFAULT_HISTORY_RETENTION,
+};
 pub use source::PostgresSource;
 pub use tiercache_sql::Undecodable;
 

@@ -28,6 +28,7 @@ const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
         "logical decoding",
         include_str!("../migrations/0004_logical_decoding.sql"),
     ),
+    ("history", include_str!("../migrations/0005_history.sql")),
 ]);
 
 /// One table's migrations, run once per tier (and retried on later calls if they failed).
@@ -230,6 +231,11 @@ impl Names {
                 format!("\"{}\"", derived(table, "_changes_at")),
             ),
             ("{feed}", q(&derived(table, "_feed"))),
+            ("{history}", q(&derived(table, "_history"))),
+            (
+                "{history_at}",
+                format!("\"{}\"", derived(table, "_history_at")),
+            ),
             ("{emit}", q(&derived(table, "_emit"))),
             ("{stamp}", q(&derived(table, "_stamp"))),
             ("{announce}", q(&derived(table, "_announce"))),

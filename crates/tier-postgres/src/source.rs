@@ -13,7 +13,8 @@ use serde::de::DeserializeOwned;
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{AssertSqlSafe, Row};
 use tiercache_core::{
-    ChangeFeed, Counter, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
+    ChangeFeed, Counter, Entry, Error, Result, Revision, Source, StorageKey, TierStats, Version,
+    Written,
 };
 use tiercache_sql::RowStats;
 
@@ -36,6 +37,7 @@ pub struct PostgresSource<K, V> {
     pub(crate) connect_timeout: Duration,
     pub(crate) max_connections: u32,
     pub(crate) change_retention: Duration,
+    pub(crate) history_retention: Duration,
     pub(crate) feed_poll: Duration,
     pub(crate) elect_every: Duration,
     pub(crate) migrations: Arc<Migrations>,
@@ -61,6 +63,9 @@ pub(crate) struct Statements {
     pub(crate) get_many: String,
     pub(crate) write: String,
     pub(crate) delete: String,
+    pub(crate) history: String,
+    pub(crate) revision: String,
+    pub(crate) purge_history: String,
 }
 
 impl<K, V> fmt::Debug for PostgresSource<K, V> {
@@ -286,6 +291,7 @@ where
             lock_key: feed::lead_lock(&self.changes_table()),
             sql: Arc::clone(&self.feed_sql),
             retention: self.change_retention,
+            history_retention: self.history_retention,
             poll: self.feed_poll,
             elect_every: self.elect_every,
             counters: Arc::clone(&self.feed_counters),
@@ -299,7 +305,74 @@ where
     fn stats(&self) -> TierStats {
         self.stats.tier_stats(&self.name)
     }
+
+    async fn history(
+        &self,
+        key: &K,
+        before: Option<Version>,
+        limit: usize,
+    ) -> Result<Vec<Revision<V>>> {
+        let key = key.storage_key();
+        check_key(&key)?;
+        let before = before.map_or(i64::MAX, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .run(true, || {
+                sqlx::query_as(AssertSqlSafe(self.sql.history.as_str()))
+                    .bind(key.as_ref())
+                    .bind(before)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+            })
+            .await?;
+        rows.into_iter()
+            .map(|row| tiercache_sql::revision(&self.name, &self.stats, &key, row))
+            .collect()
+    }
+
+    async fn revision(&self, key: &K, version: Version) -> Result<Option<Revision<V>>> {
+        let key = key.storage_key();
+        check_key(&key)?;
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(None);
+        };
+        let row = self
+            .run(true, || {
+                sqlx::query_as(AssertSqlSafe(self.sql.revision.as_str()))
+                    .bind(key.as_ref())
+                    .bind(version)
+                    .fetch_optional(&self.pool)
+            })
+            .await?;
+        row.map(|row| tiercache_sql::revision(&self.name, &self.stats, &key, row))
+            .transpose()
+    }
+
+    async fn purge_history(&self, key: &K) -> Result<u64> {
+        let key = key.storage_key();
+        check_key(&key)?;
+        let mut purged = 0;
+        // In batches: a hot key may have many versions within the retention.
+        loop {
+            let gone = self
+                .run(false, || {
+                    sqlx::query(AssertSqlSafe(self.sql.purge_history.as_str()))
+                        .bind(key.as_ref())
+                        .bind(PURGE_BATCH)
+                        .execute(&self.pool)
+                })
+                .await?
+                .rows_affected();
+            purged += gone;
+            if gone < PURGE_BATCH as u64 {
+                return Ok(purged);
+            }
+        }
+    }
 }
+
+/// Past versions deleted per statement when a key's history is purged.
+const PURGE_BATCH: i64 = 1000;
 
 #[cfg(test)]
 mod tests {

@@ -54,5 +54,6 @@ contract_tests! {
         |t| contract::racing_conditional_writes_one_wins(Arc::clone(&t));
     deletes_are_changes => |t| contract::deletes_are_changes(&*t);
     keys_and_values_round_trip => |t| contract::keys_and_values_round_trip(&*t);
+    history_keeps_every_change => |t| contract::history_keeps_every_change(&*t);
     stats_count_lookups => |t| contract::stats_count_lookups(&*t);
 }

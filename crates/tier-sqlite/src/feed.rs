@@ -22,6 +22,8 @@ use tokio::sync::Notify;
 pub const DEFAULT_FEED_POLL: Duration = Duration::from_millis(5);
 /// Default time an entry stays in the change log.
 pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(3600);
+/// How long a past version stays in the history (30 days).
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often a follower prunes the log.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Entries read per query.
@@ -208,7 +210,9 @@ impl<K: StorageKey, V: Send + Sync + 'static> Follower<K, V> {
     }
 
     async fn prune(&self) -> Result<u64, sqlx::Error> {
-        prune(&self.pool, &self.prune_sql, self.retention).await
+        let deleted = prune(&self.pool, &self.prune_sql, self.retention).await?;
+        prune_history(&self.pool, &self.prune_sql, DEFAULT_HISTORY_RETENTION).await?;
+        Ok(deleted)
     }
 }
 
@@ -220,6 +224,8 @@ pub(crate) struct PruneSql {
     raise: String,
     /// `?1` that position, `?2` a batch size: deletes a batch of the entries up to it.
     delete: String,
+    /// `?1` the history's age, `?2` a batch size: deletes a batch of older past versions.
+    history: String,
 }
 
 /// The statements that prune a log: the retention's cutoff is evaluated once (a second
@@ -235,6 +241,36 @@ pub(crate) fn prune_sql(fill: impl Fn(&str) -> String) -> PruneSql {
             "DELETE FROM {changes} WHERE position IN \
              (SELECT position FROM {changes} WHERE position <= ?1 ORDER BY position LIMIT ?2)",
         ),
+        history: fill(
+            "DELETE FROM {history} WHERE (key, version) IN \
+             (SELECT key, version FROM {history} \
+              WHERE at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1) LIMIT ?2)",
+        ),
+    }
+}
+
+/// Deletes the past versions older than `retention`, in batches of [`PRUNE_BATCH`], each in
+/// an immediate transaction of its own; returns how many.
+pub(crate) async fn prune_history(
+    pool: &SqlitePool,
+    sql: &PruneSql,
+    retention: Duration,
+) -> Result<u64, sqlx::Error> {
+    let modifier = format!("-{:.3} seconds", retention.as_secs_f64());
+    let mut deleted = 0;
+    loop {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        let gone = sqlx::query(AssertSqlSafe(sql.history.as_str()))
+            .bind(&modifier)
+            .bind(PRUNE_BATCH)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        deleted += gone;
+        if gone < PRUNE_BATCH as u64 {
+            return Ok(deleted);
+        }
     }
 }
 

@@ -46,7 +46,7 @@
 
 mod feed;
 
-pub use feed::{DEFAULT_CHANGE_RETENTION, DEFAULT_FEED_POLL};
+pub use feed::{DEFAULT_CHANGE_RETENTION, DEFAULT_FEED_POLL, DEFAULT_HISTORY_RETENTION};
 
 use std::borrow::Cow;
 use std::fmt;
@@ -64,7 +64,7 @@ use sqlx::sqlite::{
 };
 use sqlx::{AssertSqlSafe, Row};
 use tiercache_core::{
-    ChangeFeed, Entry, Error, Result, Source, StorageKey, TierStats, Version, Written,
+    ChangeFeed, Entry, Error, Result, Revision, Source, StorageKey, TierStats, Version, Written,
 };
 use tiercache_sql::{RowStats, valid_identifier};
 
@@ -95,6 +95,7 @@ const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
         "versions and changes",
         include_str!("../migrations/0002_versions_and_changes.sql"),
     ),
+    ("history", include_str!("../migrations/0003_history.sql")),
 ]);
 
 /// The SQLite tier. See the [crate docs](crate).
@@ -125,6 +126,9 @@ struct Statements {
     version: String,
     delete: String,
     last_version: String,
+    history: String,
+    revision: String,
+    purge_history: String,
 }
 
 impl<K, V> fmt::Debug for SqliteSource<K, V> {
@@ -189,6 +193,9 @@ fn map_error(tier: &str, busy_timeout: Duration, error: sqlx::Error) -> Error {
     }
 }
 
+/// A history row's time (ISO text) as microseconds since the Unix epoch.
+const MICROS: &str = "CAST((julianday(at) - 2440587.5) * 86400000000.0 AS INTEGER)";
+
 /// `sql` with the names of `table`'s objects filled in: `{table}` and `{table}_<suffix>` for
 /// `{suffix}` (the version counter, the change log, the triggers), each quoted.
 fn fill(table: &str, sql: &str) -> String {
@@ -198,6 +205,8 @@ fn fill(table: &str, sql: &str) -> String {
         "versions",
         "changes",
         "changes_at",
+        "history_at",
+        "history",
         "feed",
         "inserted",
         "updated",
@@ -457,6 +466,53 @@ where
     fn stats(&self) -> TierStats {
         self.stats.tier_stats(&self.name)
     }
+
+    async fn history(
+        &self,
+        key: &K,
+        before: Option<Version>,
+        limit: usize,
+    ) -> Result<Vec<Revision<V>>> {
+        let key = key.storage_key();
+        let before = before.map_or(i64::MAX, |v| i64::try_from(v).unwrap_or(i64::MAX));
+        let rows: Vec<(Option<String>, i64, i64, Option<String>)> =
+            sqlx::query_as(AssertSqlSafe(self.sql.history.as_str()))
+                .bind(key.as_ref())
+                .bind(before)
+                .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| self.failed(e))?;
+        rows.into_iter()
+            .map(|row| tiercache_sql::revision(&self.name, &self.stats, &key, row))
+            .collect()
+    }
+
+    async fn revision(&self, key: &K, version: Version) -> Result<Option<Revision<V>>> {
+        let key = key.storage_key();
+        let Ok(version) = i64::try_from(version) else {
+            return Ok(None);
+        };
+        let row: Option<(Option<String>, i64, i64, Option<String>)> =
+            sqlx::query_as(AssertSqlSafe(self.sql.revision.as_str()))
+                .bind(key.as_ref())
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| self.failed(e))?;
+        row.map(|row| tiercache_sql::revision(&self.name, &self.stats, &key, row))
+            .transpose()
+    }
+
+    async fn purge_history(&self, key: &K) -> Result<u64> {
+        let key = key.storage_key();
+        let done = sqlx::query(AssertSqlSafe(self.sql.purge_history.as_str()))
+            .bind(key.as_ref())
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.failed(e))?;
+        Ok(done.rows_affected())
+    }
 }
 
 /// Configures a [`SqliteSource`]; see [`SqliteSource::builder`].
@@ -633,6 +689,25 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                 version: format!("SELECT version FROM {t} WHERE key = ?1"),
                 delete: format!("DELETE FROM {t} WHERE key = ?1"),
                 last_version: fill(&self.table, "SELECT last FROM {versions}"),
+                history: fill(
+                    &self.table,
+                    &format!(
+                        "SELECT value, version, {MICROS}, NULL FROM {{history}} \
+                         WHERE key = ?1 AND version < ?2 ORDER BY version DESC LIMIT ?3"
+                    ),
+                ),
+                // The current version may be older than the history keeps: the table has it.
+                revision: fill(
+                    &self.table,
+                    &format!(
+                        "SELECT value, version, {MICROS}, NULL FROM {{history}} \
+                         WHERE key = ?1 AND version = ?2 \
+                         UNION ALL SELECT value, version, {}, NULL FROM {{table}} \
+                         WHERE key = ?1 AND version = ?2 LIMIT 1",
+                        MICROS.replace("at)", "updated_at)")
+                    ),
+                ),
+                purge_history: fill(&self.table, "DELETE FROM {history} WHERE key = ?1"),
             },
             prune_sql: Arc::new(feed::prune_sql(|sql| fill(&self.table, sql))),
             prune_failures: Arc::default(),

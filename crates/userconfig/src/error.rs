@@ -51,6 +51,13 @@ pub enum Error {
         /// The cap.
         limit: usize,
     },
+    /// A version of the user's configuration the database does not keep: never this user's,
+    /// or older than the history's retention.
+    #[error("version {version} of this configuration is not kept")]
+    VersionNotKept {
+        /// The version asked for.
+        version: tiercache_core::Version,
+    },
     /// The storage was configured wrongly (a bad URL, a zero capacity).
     #[error("invalid storage settings: {0}")]
     Settings(String),

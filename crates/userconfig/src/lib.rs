@@ -31,8 +31,10 @@ struct ReadmeDoctests;
 mod builder;
 mod config;
 mod database;
+mod diff;
 mod env;
 mod error;
+mod history;
 mod stats;
 mod storage;
 mod watch;
@@ -45,8 +47,10 @@ pub use config::{
     Extra, ImageGenerationConfig, MemoryConfig, ModelProfileConfig, NIL_PROFILE_ID,
     PreferencesConfig, RefinementConfig, SummarizationConfig, UserConfig, WebSearchConfig,
 };
+pub use diff::json_patch;
 pub use env::ENV_VARS;
 pub use error::{Error, Result};
+pub use history::{ConfigRevision, MAX_HISTORY_PAGE};
 pub use stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
 #[cfg(feature = "cluster")]
 pub use storage::REDIS_CLUSTER_NODES_VAR;

@@ -4,43 +4,16 @@
 //! freed with their last handle, also when the caller gives up; and a read at a minimum
 //! version is never answered by a cache that has not heard of it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::AssertSqlSafe;
+use tiercache_postgres::PostgresSource;
+use tiercache_testkit::{FaultProxy, ProxyMode, env};
+
 use userconfig::{Answer, ConfigWatch, Error, UserConfig, UserConfigStorage, WatchedConfig};
 
 mod support;
-use support::Servers;
-
-fn themed(user: &str, theme: &str) -> UserConfig {
-    let mut c = UserConfig::default_for(user);
-    c.preferences.theme = theme.into();
-    c
-}
-
-async fn sql(s: &Servers, statement: String) {
-    sqlx::query(AssertSqlSafe(statement))
-        .execute(&s.pool)
-        .await
-        .unwrap();
-}
-
-fn table(s: &Servers) -> String {
-    format!("\"{}\".\"tiercache_entries\"", s.schema)
-}
-
-/// The database's version of `user` (0: none stored).
-async fn db_version(s: &Servers, user: &str) -> u64 {
-    let v: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
-        "SELECT version FROM {} WHERE key = $1",
-        table(s)
-    )))
-    .bind(user)
-    .fetch_optional(&s.pool)
-    .await
-    .unwrap();
-    v.map_or(0, |v| v as u64)
-}
+use support::{Servers, host_port, themed};
 
 /// The next configuration the watch sees, within 10 s.
 async fn next(watch: &mut ConfigWatch, what: &str) -> WatchedConfig {
@@ -100,16 +73,13 @@ async fn a_watch_sees_every_change_in_order_none_twice_and_a_delete() {
         (seen.version, seen.config.preferences.theme.as_str()),
         (v2, "b")
     );
-    let table = table(&s);
-    sql(
-        &s,
-        format!(
-            "UPDATE {table} SET value = jsonb_set(value, '{{preferences,theme}}', '\"sql\"') \
+    let table = s.table();
+    s.sql(format!(
+        "UPDATE {table} SET value = jsonb_set(value, '{{preferences,theme}}', '\"sql\"') \
              WHERE key = 'wendy'"
-        ),
-    )
+    ))
     .await;
-    let v3 = db_version(&s, "wendy").await;
+    let v3 = s.db_version("wendy").await;
     let seen = next(&mut watch, "the SQL update").await;
     assert_eq!(
         (seen.version, seen.config.preferences.theme.as_str()),
@@ -117,7 +87,8 @@ async fn a_watch_sees_every_change_in_order_none_twice_and_a_delete() {
     );
 
     // A delete with SQL: the defaults again, at a newer version.
-    sql(&s, format!("DELETE FROM {table} WHERE key = 'wendy'")).await;
+    s.sql(format!("DELETE FROM {table} WHERE key = 'wendy'"))
+        .await;
     let seen = next(&mut watch, "the SQL delete").await;
     assert!(!seen.stored && seen.version > v3, "{seen:?}");
     assert_eq!(
@@ -127,8 +98,7 @@ async fn a_watch_sees_every_change_in_order_none_twice_and_a_delete() {
 
     // A burst of SQL updates: versions only go up, none is seen twice, the last one is seen.
     for n in 0..20 {
-        sql(
-            &s,
+        s.sql(
             format!(
                 "INSERT INTO {table} (key, value) VALUES ('wendy', '{{\"preferences\": {{\"theme\": \"t{n}\"}}}}') \
                  ON CONFLICT (key) DO UPDATE SET value = excluded.value"
@@ -136,7 +106,7 @@ async fn a_watch_sees_every_change_in_order_none_twice_and_a_delete() {
         )
         .await;
     }
-    let last = db_version(&s, "wendy").await;
+    let last = s.db_version("wendy").await;
     let seen = until(&mut watch, last, "the burst").await;
     let end = seen.last().unwrap();
     assert_eq!(
@@ -188,10 +158,28 @@ async fn watches_are_capped_and_freed_with_their_last_handle_even_when_the_calle
     drop((two, three));
     assert_eq!(a.watched_users(), 0);
     // A caller that gives up during the first read leaves nothing registered.
-    // Polled once (registered, its first read sent), then dropped.
-    let gave_up = futures_util::FutureExt::now_or_never(a.watch("four"));
-    assert!(gave_up.is_none(), "the first read takes a round trip");
-    assert_eq!(a.watched_users(), 0);
+    // A caller that gives up during the first read (a time limit shorter than the round
+    // trip, through a proxy that delays the database) leaves nothing registered.
+    let proxy = FaultProxy::start(&host_port(&env::database_url())).await;
+    let through =
+        env::database_url().replace(&host_port(&env::database_url()), &proxy.addr().to_string());
+    let slow = UserConfigStorage::builder()
+        .postgres_source(Arc::new(
+            PostgresSource::builder()
+                .url(through)
+                .schema(s.schema.clone())
+                .build()
+                .unwrap(),
+        ))
+        .follow_changes(false)
+        .build()
+        .await
+        .unwrap();
+    slow.ping_database().await.unwrap();
+    proxy.set_mode(ProxyMode::Latency(Duration::from_millis(400)));
+    let gave_up = tokio::time::timeout(Duration::from_millis(50), slow.watch("four")).await;
+    assert!(gave_up.is_err(), "the first read takes longer than that");
+    assert_eq!(slow.watched_users(), 0);
     // A bad id is refused before any I/O.
     assert!(a.watch("").await.unwrap_err().is_invalid_input());
     s.cleanup().await;

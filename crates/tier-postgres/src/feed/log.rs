@@ -51,6 +51,9 @@ pub(crate) struct Statements {
     /// `$1` the cursor pruned through, `$2` batch size: records it, deletes a batch of the
     /// entries it saw, returns how many.
     prune: String,
+    /// `$1` the retention in seconds, `$2` batch size: deletes a batch of past versions older
+    /// than the retention (found through the time's BRIN index).
+    prune_history: String,
 }
 
 impl Statements {
@@ -116,6 +119,11 @@ impl Statements {
                 "SELECT setval('{versions}', GREATEST($1, (SELECT last_value FROM {versions})))",
             ),
             save_history: names.fill("UPDATE {feed} SET history = $1::jsonb WHERE id = 1"),
+            prune_history: names.fill(
+                "DELETE FROM {history} WHERE ctid = ANY(ARRAY( \
+                   SELECT ctid FROM {history} \
+                   WHERE at < clock_timestamp() - make_interval(secs => $1) LIMIT $2))",
+            ),
             prune: names.fill(
                 "WITH raised AS (UPDATE {feed} SET pruned = $1 WHERE id = 1 RETURNING 1), \
                  victims AS (SELECT txid, version FROM {changes} \
@@ -468,6 +476,30 @@ pub(crate) async fn prune(
             .await?;
         deleted += u64::try_from(gone).unwrap_or(0);
         if gone < PRUNE_BATCH || started.elapsed() >= budget {
+            return Ok(deleted);
+        }
+    }
+}
+
+/// Deletes, in batches, the past versions older than `retention`. Stops after `budget`;
+/// returns how many it deleted.
+pub(crate) async fn prune_history(
+    conn: &mut PgConnection,
+    sql: &Statements,
+    retention: Duration,
+    budget: Duration,
+) -> Result<u64, sqlx::Error> {
+    let started = std::time::Instant::now();
+    let mut deleted = 0u64;
+    loop {
+        let gone = sqlx::query(AssertSqlSafe(sql.prune_history.as_str()))
+            .bind(retention.as_secs_f64())
+            .bind(PRUNE_BATCH)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        deleted += gone;
+        if gone < PRUNE_BATCH as u64 || started.elapsed() >= budget {
             return Ok(deleted);
         }
     }

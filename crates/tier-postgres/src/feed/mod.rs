@@ -60,6 +60,8 @@ use crate::migrate::Migrations;
 /// Default time an entry stays in the change log: how long a follower may be cut off and still
 /// catch up without emptying its caches.
 pub const DEFAULT_CHANGE_RETENTION: Duration = Duration::from_secs(3600);
+/// Default time a past version stays in the history (30 days).
+pub const DEFAULT_HISTORY_RETENTION: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Default interval at which the elected follower reads the log: the longest a change made
 /// with plain SQL waits before it is applied (a change made through a chain is applied by its
 /// own write path at once).
@@ -90,6 +92,8 @@ pub(crate) struct FeedCounters {
     pub(crate) entries_read: Counter,
     pub(crate) announced: Counter,
     pub(crate) pruned: Counter,
+    /// Past versions pruned from the history (older than its retention).
+    pub(crate) history_pruned: Counter,
     pub(crate) prune_failures: Counter,
     pub(crate) gaps: Counter,
     pub(crate) elections: Counter,
@@ -108,6 +112,8 @@ pub(crate) struct Follower<K, V> {
     pub(crate) lock_key: i64,
     pub(crate) sql: Arc<Statements>,
     pub(crate) retention: Duration,
+    /// How long past versions stay in the history.
+    pub(crate) history_retention: Duration,
     pub(crate) poll: Duration,
     pub(crate) elect_every: Duration,
     pub(crate) counters: Arc<FeedCounters>,
@@ -672,6 +678,25 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
         if let Err(error) = self.prune(conn, session, now, cursor).await {
             self.counters.prune_failures.incr();
             tracing::warn!(tier = %self.name, %error, "change feed: could not prune the log");
+        }
+        match async {
+            log::prune_history(
+                db(conn).await?,
+                &self.sql,
+                self.history_retention,
+                PRUNE_BUDGET,
+            )
+            .await
+        }
+        .await
+        {
+            Ok(deleted) => {
+                self.counters.history_pruned.add(deleted);
+            }
+            Err(error) => {
+                self.counters.prune_failures.incr();
+                tracing::warn!(tier = %self.name, %error, "could not prune the history");
+            }
         }
     }
 

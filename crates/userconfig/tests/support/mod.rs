@@ -71,8 +71,48 @@ impl Servers {
         out
     }
 
+    /// Runs one statement on the test's pool.
+    pub async fn sql(&self, statement: String) {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&self.pool)
+            .await
+            .unwrap();
+    }
+
+    /// The entries' table, schema-qualified and quoted.
+    pub fn table(&self) -> String {
+        format!("\"{}\".\"tiercache_entries\"", self.schema)
+    }
+
+    /// The database's version of `user` (0: none stored).
+    pub async fn db_version(&self, user: &str) -> u64 {
+        let v: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT version FROM {} WHERE key = $1",
+            self.table()
+        )))
+        .bind(user)
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap();
+        v.map_or(0, |v| v as u64)
+    }
+
     pub async fn cleanup(self) {
         let _ = self.redis.clear().await;
         postgres_env::drop_schema(&self.pool, &self.schema).await;
     }
+}
+
+/// `user`'s defaults with the theme `theme`.
+pub fn themed(user: &str, theme: &str) -> UserConfig {
+    let mut c = UserConfig::default_for(user);
+    c.preferences.theme = theme.into();
+    c
+}
+
+/// The `host:port` of a URL.
+pub fn host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap();
+    let host = rest.rsplit('@').next().unwrap();
+    host.split('/').next().unwrap().to_string()
 }
