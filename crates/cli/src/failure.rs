@@ -110,6 +110,8 @@ impl From<userconfig::Error> for Failure {
             Failure::with("conflict", EXIT_CONFLICT, message)
         } else if matches!(e, userconfig::Error::TooManyConflicts { .. }) {
             Failure::with("too_many_conflicts", EXIT_CONFLICT, message)
+        } else if matches!(e, userconfig::Error::VersionNotKept { .. }) {
+            Failure::not_found(message)
         } else if matches!(e, userconfig::Error::Settings(_)) {
             Failure::usage(message)
         } else if e.is_transient() {

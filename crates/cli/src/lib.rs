@@ -132,10 +132,47 @@ enum Command {
         user_id: String,
         /// Delete it only if the stored version is still this one, as one step in the
         /// database; otherwise exit with code 6 (nothing is deleted).
+        #[arg(long, value_name = "N", conflicts_with = "purge_history")]
+        if_version: Option<u64>,
+        /// Also remove every past version of it (deletion for privacy).
+        #[arg(long)]
+        purge_history: bool,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Print a user's past configurations, newest first (every change by any writer the
+    /// database keeps, 30 days by default): version, time, author, and the configuration.
+    History {
+        /// The user id.
+        user_id: String,
+        /// Versions to print, at most 1000.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[command(flatten)]
+        output: Output,
+    },
+    /// Store a past version's configuration again, as a new version (exit code 6 if the
+    /// configuration changed since it was read, or since `--if-version`).
+    Rollback {
+        /// The user id.
+        user_id: String,
+        /// The version whose configuration to store again.
+        to_version: u64,
+        /// Only if the stored version is still this one.
         #[arg(long, value_name = "N")]
         if_version: Option<u64>,
         #[command(flatten)]
         output: Output,
+    },
+    /// Print the JSON Patch (RFC 6902) that turns a user's configuration at one version into
+    /// another version's.
+    Diff {
+        /// The user id.
+        user_id: String,
+        /// The version to compare from.
+        from: u64,
+        /// The version to compare to.
+        to: u64,
     },
     /// Follow a user's configuration: one JSON line on standard output for the configuration
     /// now, then one per change (by anyone, with plain SQL too), until Ctrl-C or SIGTERM.
@@ -201,11 +238,13 @@ impl Command {
     fn json(&self) -> bool {
         match self {
             Command::Simulate(args) => args.json_to_stdout(),
-            Command::Watch { .. } => true,
+            Command::Watch { .. } | Command::Diff { .. } => true,
             Command::Serve { output, .. }
             | Command::Get { output, .. }
             | Command::Set { output, .. }
             | Command::Delete { output, .. }
+            | Command::History { output, .. }
+            | Command::Rollback { output, .. }
             | Command::Invalidate { output, .. }
             | Command::Warm { output, .. }
             | Command::Stats { output }
@@ -318,9 +357,22 @@ async fn run(command: Command, connection: Connection) -> Result<(), Failure> {
         Command::Delete {
             user_id,
             if_version,
+            purge_history,
             output,
-        } => ops::delete(c, &user_id, if_version, output.json, within).await,
+        } => ops::delete(c, &user_id, if_version, purge_history, output.json, within).await,
         Command::Watch { user_id, count } => ops::watch(c, &user_id, count).await,
+        Command::History {
+            user_id,
+            limit,
+            output,
+        } => ops::history(c, &user_id, limit, output.json).await,
+        Command::Rollback {
+            user_id,
+            to_version,
+            if_version,
+            output,
+        } => ops::rollback(c, &user_id, to_version, if_version, output.json, within).await,
+        Command::Diff { user_id, from, to } => ops::diff(c, &user_id, from, to).await,
         Command::Invalidate { user_id, output } => {
             ops::invalidate(c, &user_id, output.json, within).await
         }

@@ -1,5 +1,5 @@
-//! The operator commands: `get`, `set`, `delete`, `watch`, `invalidate`, `warm`, `stats`,
-//! `migrate`. Each prints a line for people on standard error, and with `--json` one JSON
+//! The operator commands: `get`, `set`, `delete`, `watch`, `history`, `rollback`, `diff`,
+//! `invalidate`, `warm`, `stats`, `migrate`. Each prints a line for people on standard error, and with `--json` one JSON
 //! document on standard output (`watch`: always a JSON line per change).
 
 use std::io::Read;
@@ -165,6 +165,7 @@ pub(crate) async fn delete(
     connection: &Connection,
     user_id: &str,
     if_version: Option<u64>,
+    purge_history: bool,
     json: bool,
     within: Duration,
 ) -> Result<(), Failure> {
@@ -172,6 +173,7 @@ pub(crate) async fn delete(
     let storage = connection.storage().await?;
     let version = match if_version {
         Some(expected) => storage.delete_user_config_if(user_id, expected).await?,
+        None if purge_history => storage.purge_user_config(user_id).await?,
         None => storage.delete_user_config(user_id).await?,
     };
     let done = if version == 0 {
@@ -188,6 +190,98 @@ pub(crate) async fn delete(
         return Ok(());
     }
     finish(&storage, &done, within).await
+}
+
+/// `history`: past versions, newest first.
+pub(crate) async fn history(
+    connection: &Connection,
+    user_id: &str,
+    limit: usize,
+    json: bool,
+) -> Result<(), Failure> {
+    userconfig::check_user_id(user_id)?;
+    let storage = connection.storage().await?;
+    let found = storage.history(user_id, limit).await?;
+    let versions: Vec<Value> = found
+        .iter()
+        .map(|r| {
+            json!({
+                "version": r.version,
+                "stored": r.config.is_some(),
+                "at": r.at_rfc3339(),
+                "author": r.author,
+                "config": &*r.config_or_defaults(user_id),
+            })
+        })
+        .collect();
+    let human = found
+        .iter()
+        .map(|r| {
+            format!(
+                "{:>10}  {}  {:<16} {}",
+                r.version,
+                r.at_rfc3339(),
+                r.author.as_deref().unwrap_or("-"),
+                if r.config.is_some() {
+                    "stored"
+                } else {
+                    "deleted"
+                }
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    report(
+        json,
+        &json!({ "user_id": user_id, "versions": versions }),
+        if human.is_empty() {
+            "no history kept"
+        } else {
+            &human
+        },
+    );
+    Ok(())
+}
+
+/// `rollback`: a past version's configuration stored again, as a new version.
+pub(crate) async fn rollback(
+    connection: &Connection,
+    user_id: &str,
+    to_version: u64,
+    if_version: Option<u64>,
+    json: bool,
+    within: Duration,
+) -> Result<(), Failure> {
+    userconfig::check_user_id(user_id)?;
+    let storage = connection.storage().await?;
+    let version = storage
+        .rollback_user_config(user_id, to_version, if_version)
+        .await?;
+    let done =
+        format!("rolled back to version {to_version}'s configuration: now version {version}");
+    report(
+        json,
+        &json!({ "user_id": user_id, "rolled_back_to": to_version, "version": version }),
+        &done,
+    );
+    finish(&storage, &done, within).await
+}
+
+/// `diff`: the JSON Patch from one version to another, on standard output.
+pub(crate) async fn diff(
+    connection: &Connection,
+    user_id: &str,
+    from: u64,
+    to: u64,
+) -> Result<(), Failure> {
+    userconfig::check_user_id(user_id)?;
+    let storage = connection.storage().await?;
+    let patch = storage.diff_user_config(user_id, from, to).await?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&patch).expect("JSON values print")
+    );
+    Ok(())
 }
 
 pub(crate) async fn invalidate(

@@ -206,9 +206,21 @@ impl UserConfigStorage {
     /// its own (the delete stands; call again to purge).
     pub async fn purge_user_config(&self, user_id: &str) -> Result<Version> {
         let version = self.delete_user_config(user_id).await?;
-        let source = self.cache.source();
-        bounded(source.purge_history(&user_id.to_owned()), source.name()).await?;
+        self.purge_history(user_id).await?;
         Ok(version)
+    }
+
+    /// Removes every past version of the user's configuration from the history, and returns
+    /// how many (the configuration stored now, if any, stays; with
+    /// [`purge_user_config`](Self::purge_user_config) it goes first). For a caller that
+    /// deletes in a way of its own (a compare-and-set) and then purges.
+    ///
+    /// # Errors
+    /// As [`history`](Self::history).
+    pub async fn purge_history(&self, user_id: &str) -> Result<u64> {
+        check_user_id(user_id)?;
+        let source = self.cache.source();
+        bounded(source.purge_history(&user_id.to_owned()), source.name()).await
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
@@ -21,6 +21,7 @@ use super::App;
 use super::change::{Change, Done, change};
 use super::conditional::{PreconditionHeaders, Preconditions, Verdict};
 use super::error::{ApiError, ErrorBody, Refusals};
+use super::history::{not_kept, query_flag, query_u64};
 
 pub(crate) fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
@@ -52,6 +53,15 @@ pub(crate) struct Stored {
     user_id: String,
     /// The version stored now (also the `ETag`); a delete's own version for a delete.
     version: u64,
+}
+
+impl Stored {
+    pub(crate) fn new(user_id: &str, version: u64) -> Self {
+        Stored {
+            user_id: user_id.to_owned(),
+            version,
+        }
+    }
 }
 
 /// What a `PUT` or a `PATCH` answers besides the refusals.
@@ -109,15 +119,23 @@ const CONFIG_CACHE_CONTROL: HeaderValue = HeaderValue::from_static("private, no-
 
 /// `GET`: the configuration (the defaults if none is stored), `ETag` its version (`"0"`: none
 /// stored), `X-Config-Stored` and `X-Served-By` (the tier that answered); 304 for an
-/// `If-None-Match` that names it, 412 for an `If-Match` that does not.
+/// `If-None-Match` that names it, 412 for an `If-Match` that does not. `X-Min-Version: N`:
+/// version N or newer, from the database if this instance's caches are behind (read your
+/// writes through any instance). `?version=N`: that past version, from the history.
 #[utoipa::path(
     get,
     path = "/v1/users/{id}/config",
     tag = "configuration",
-    params(UserPath, PreconditionHeaders),
+    params(
+        UserPath,
+        PreconditionHeaders,
+        ("X-Min-Version" = Option<String>, Header, pattern = r"^[ \t]*[0-9]{1,18}[ \t]*$", description = "Answer with this version or a newer one: a version this client wrote through another instance"),
+        ("version" = Option<u64>, Query, maximum = 9_223_372_036_854_775_807_i64, description = "A past version, from the history (404 `not_kept` if it is not kept)"),
+    ),
     responses(
         (status = 200, description = "The configuration (the defaults if none is stored)", body = UserConfig, headers(("ETag" = String, description = "The version, `\"0\"` if none is stored"), ("X-Config-Stored" = String), ("X-Served-By" = String), ("Cache-Control" = String))),
         (status = 304, description = "`If-None-Match` names the stored version", headers(("ETag" = String))),
+        (status = 404, description = "`?version=N` names a version the history does not keep (`not_kept`)", body = ErrorBody),
         (status = 412, description = "`If-Match` does not name the stored version", body = ErrorBody, headers(("ETag" = String))),
         Refusals,
     ),
@@ -126,12 +144,20 @@ const CONFIG_CACHE_CONTROL: HeaderValue = HeaderValue::from_static("private, no-
 pub(crate) async fn get_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     user(&id)?;
     let preconditions = Preconditions::read(&headers)?;
+    if let Some(version) = query_u64(&uri, "version")? {
+        return past(&app, &id, version).await;
+    }
+    let min = min_version(&headers)?;
     let began = Instant::now();
-    let fetched = app.storage().fetch_user_config(&id).await?;
+    let fetched = match min {
+        Some(min) => app.storage().fetch_user_config_at_least(&id, min).await?,
+        None => app.storage().fetch_user_config(&id).await?,
+    };
     app.window().record(fetched.answered_by, began.elapsed());
     let mut response = match preconditions.verdict(fetched.version, true) {
         Verdict::Failed => return Err(ApiError::precondition_failed(fetched.version)),
@@ -151,6 +177,42 @@ pub(crate) async fn get_config(
     headers.insert(
         "x-served-by",
         HeaderValue::from_static(fetched.answered_by.as_str()),
+    );
+    Ok(response)
+}
+
+/// `X-Min-Version`, if sent: a version number.
+fn min_version(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    headers
+        .get("x-min-version")
+        .map(|v| {
+            v.to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| ApiError::bad_request("X-Min-Version must be a version (digits)"))
+        })
+        .transpose()
+}
+
+/// A past version of the configuration, from the history.
+async fn past(app: &App, id: &str, version: u64) -> Result<Response, ApiError> {
+    let revision = app
+        .storage()
+        .get_user_config_at(id, version)
+        .await?
+        .ok_or_else(|| not_kept(userconfig::Error::VersionNotKept { version }))?;
+    let config = revision.config_or_defaults(id);
+    let mut response = axum::Json(&*config).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::ETAG, etag(revision.version));
+    headers.insert(header::CACHE_CONTROL, CONFIG_CACHE_CONTROL);
+    headers.insert(
+        "x-config-stored",
+        HeaderValue::from_static(if revision.config.is_some() {
+            "true"
+        } else {
+            "false"
+        }),
     );
     Ok(response)
 }
@@ -230,7 +292,11 @@ pub(crate) async fn patch_config(
     delete,
     path = "/v1/users/{id}/config",
     tag = "configuration",
-    params(UserPath, PreconditionHeaders),
+    params(
+        UserPath,
+        PreconditionHeaders,
+        ("purge_history" = Option<bool>, Query, description = "Also remove every past version (deletion for privacy): 200 even when nothing was stored"),
+    ),
     responses(
         (status = 200, description = "Deleted; the delete's version", body = Stored, headers(("ETag" = String))),
         (status = 404, description = "No configuration is stored", body = ErrorBody),
@@ -243,11 +309,13 @@ pub(crate) async fn patch_config(
 pub(crate) async fn delete_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     user(&id)?;
     let preconditions = Preconditions::read(&headers)?;
     let storage = app.storage();
+    let purge = query_flag(&uri, "purge_history")?;
     let done = if preconditions.is_empty() {
         Done {
             version: storage.delete_user_config(&id).await?,
@@ -256,6 +324,12 @@ pub(crate) async fn delete_config(
     } else {
         change(storage, &id, &preconditions, &Change::Delete).await?
     };
+    if purge {
+        // After the delete (which the preconditions allowed): every past version goes too.
+        // Nothing stored is no 404 here: the history may still have held the user.
+        storage.purge_history(&id).await?;
+        return Ok(stored(&id, done));
+    }
     if done.version == 0 {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -171,7 +171,10 @@ fn needed(route: Option<&str>, method: &Method) -> Option<Scope> {
         "/v1/users/{id}/config" if method == Method::GET || method == Method::HEAD => {
             Some(Scope::Read)
         }
-        "/v1/users/{id}/config/events" => Some(Scope::Read),
+        "/v1/users/{id}/config/events"
+        | "/v1/users/{id}/config/history"
+        | "/v1/users/{id}/config/diff" => Some(Scope::Read),
+        "/v1/users/{id}/config/rollback" => Some(Scope::Write),
         "/v1/users/{id}/config" => Some(Scope::Write),
         // Every other route behind this check, today's operator routes and any added later
         // without a line here: nobody gets in by default.

@@ -165,7 +165,7 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
     tag = "configuration",
     params(
         UserPath,
-        ("Last-Event-ID" = Option<String>, Header, description = "The last version received: the stream starts with the configuration only if it moved on since"),
+        ("Last-Event-ID" = Option<String>, Header, pattern = r"^[ \t]*[0-9]{0,18}[ \t]*$", description = "The last version received: the stream starts with the configuration only if it moved on since"),
     ),
     responses(
         (status = 200, description = "Server-Sent Events: `config` events (`id` the version, data a `ConfigEvent`), the configuration now first, then each change; a comment line as a heartbeat", body = ConfigEvent, content_type = "text/event-stream"),

@@ -8,6 +8,7 @@
 //! | `PATCH /v1/users/{id}/config` | a JSON merge patch (RFC 7386), retried on conflicts while the preconditions hold |
 //! | `DELETE /v1/users/{id}/config` | delete it (404 if none is stored); `If-Match` deletes only that version |
 //! | `GET /v1/users/{id}/config/events` | Server-Sent Events: the configuration, then each change (`events.rs`) |
+//! | `GET /v1/users/{id}/config/history`, `…/diff`, `POST …/rollback` | past versions, a JSON Patch between two, rollback (`history.rs`) |
 //! | `GET /stats` | the seed's statistics JSON (an array with several instances) |
 //! | `GET /metrics` | Prometheus text, rendered from the live statistics at each scrape |
 //! | `GET /healthz` | the process answers |
@@ -26,6 +27,7 @@ mod dashboard;
 mod encoded;
 mod error;
 mod events;
+mod history;
 pub(crate) mod jwt;
 pub(crate) mod limits;
 mod listen;
@@ -203,6 +205,12 @@ pub(crate) fn router(
                 .delete(api::delete_config),
         )
         .route("/v1/users/{id}/config/events", get(events::config_events))
+        .route("/v1/users/{id}/config/history", get(history::history))
+        .route("/v1/users/{id}/config/diff", get(history::diff))
+        .route(
+            "/v1/users/{id}/config/rollback",
+            axum::routing::post(history::rollback),
+        )
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .route("/readyz", get(api::ready))

@@ -26,9 +26,12 @@ pub(crate) fn request_id() -> Option<Arc<str>> {
 }
 
 /// The route templates requests are counted by; anything else is `unmatched`.
-pub(crate) const ROUTES: [&str; 10] = [
+pub(crate) const ROUTES: [&str; 13] = [
     "/v1/users/{id}/config",
     "/v1/users/{id}/config/events",
+    "/v1/users/{id}/config/history",
+    "/v1/users/{id}/config/diff",
+    "/v1/users/{id}/config/rollback",
     "/openapi.json",
     "/stats",
     "/metrics",
