@@ -123,6 +123,9 @@ struct Registration {
     user: String,
     sender: watch::Sender<WatchedConfig>,
     watches: Weak<Watches>,
+    /// Whether a first read from the database landed: later watches of the user need none
+    /// (the feed keeps the registration current).
+    loaded: AtomicBool,
 }
 
 impl Drop for Registration {
@@ -195,6 +198,7 @@ impl Watches {
                     user: user.to_owned(),
                     sender: watch::Sender::new(WatchedConfig::defaults(user, 0)),
                     watches: Arc::downgrade(self),
+                    loaded: AtomicBool::new(false),
                 });
                 users.insert(user.to_owned(), Arc::downgrade(&registration));
                 self.used.store(true, Ordering::Relaxed);
@@ -432,13 +436,18 @@ impl crate::UserConfigStorage {
         // read began reaches the registration, whichever comes first.
         self.watches.follow(&self.cache);
         let mut watch = self.watches.register(user_id)?;
-        // Dropped here (a caller that gives up), the handle unregisters the user.
-        let loaded = self.cache.load(&user_id.to_owned()).await?;
-        let next = match loaded.value {
-            Some(config) => WatchedConfig::stored(config, loaded.version),
-            None => WatchedConfig::defaults(user_id, loaded.version),
-        };
-        watch.registration.offer(next, false);
+        // Only the first watch of a user reads the database (until one read landed, each
+        // does: a watch never starts from the placeholder).
+        if !watch.registration.loaded.load(Ordering::Acquire) {
+            // Dropped here (a caller that gives up), the handle unregisters the user.
+            let loaded = self.cache.load(&user_id.to_owned()).await?;
+            let next = match loaded.value {
+                Some(config) => WatchedConfig::stored(config, loaded.version),
+                None => WatchedConfig::defaults(user_id, loaded.version),
+            };
+            watch.registration.offer(next, false);
+            watch.registration.loaded.store(true, Ordering::Release);
+        }
         watch.receiver.borrow_and_update();
         Ok(watch)
     }
