@@ -151,10 +151,7 @@ fn bench_memory_hit(c: &mut Criterion) {
         });
 
         // The userconfig facade over the same shape: memory over an in-process source.
-        let configs = FakeSource::<String, userconfig::UserConfig>::new("db");
-        for k in &keys {
-            configs.put(k.clone(), userconfig::UserConfig::default_for(k.as_str()));
-        }
+        let configs = configs_for(&keys);
         let storage = rt
             .block_on(
                 userconfig::UserConfigStorage::builder()
@@ -163,9 +160,21 @@ fn bench_memory_hit(c: &mut Criterion) {
                     .build(),
             )
             .unwrap();
+        // The same without the consistency verifier (on by default: 1 hit in 1,000 sampled),
+        // for its cost on a hit.
+        let unverified = rt
+            .block_on(
+                userconfig::UserConfigStorage::builder()
+                    .memory_capacity(room)
+                    .source(Arc::new(configs_for(&keys)))
+                    .consistency_checks(0, std::time::Duration::from_secs(1), 1)
+                    .build(),
+            )
+            .unwrap();
         rt.block_on(async {
             for k in &keys {
                 storage.get_user_config(k).await.unwrap();
+                unverified.get_user_config(k).await.unwrap();
             }
         });
         assert_eq!(storage.get_cache_stats().memory_cache.evictions, 0);
@@ -227,6 +236,22 @@ fn bench_memory_hit(c: &mut Criterion) {
                     })
                 })
             });
+            group.bench_function(
+                BenchmarkId::from_parameter("userconfig_get_unverified"),
+                |b| {
+                    b.iter_custom(|iters| {
+                        run_threads(threads, iters, |offset, count| {
+                            let (storage, keys) = (&unverified, &keys);
+                            async move {
+                                for i in 0..count {
+                                    let k = &keys[((offset + i) as usize) % mask];
+                                    black_box(storage.get_user_config(k).await.unwrap());
+                                }
+                            }
+                        })
+                    })
+                },
+            );
             group.bench_function(
                 BenchmarkId::from_parameter("tiercache_chain_no_peek"),
                 |b| {
@@ -356,6 +381,15 @@ fn floored_chain(
         assert_eq!(chain.stats().floors, u64::from(!expire));
     });
     chain
+}
+
+/// A source holding the defaults of every key.
+fn configs_for(keys: &[String]) -> FakeSource<String, userconfig::UserConfig> {
+    let configs = FakeSource::<String, userconfig::UserConfig>::new("db");
+    for k in keys {
+        configs.put(k.clone(), userconfig::UserConfig::default_for(k.as_str()));
+    }
+    configs
 }
 
 criterion_group! {

@@ -124,7 +124,14 @@ fn the_dashboard_shows_live_figures_that_agree_with_stats() {
             .take(3)
             .filter(|s| s["requests_per_s"].as_f64().unwrap_or(0.0) > 0.0)
             .count();
-        if moving == 3 {
+        // And the consistency verifier has checked some reads (1 in 1,000, a second after).
+        let checked: u64 = data["consistency"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["checked_last_hour"].as_u64().unwrap())
+            .sum();
+        if moving == 3 && checked > 0 {
             break;
         }
         assert!(
@@ -158,6 +165,20 @@ fn the_dashboard_shows_live_figures_that_agree_with_stats() {
     assert!(figure(&first, "memory-entries").unwrap() > 0.0);
     assert!(figure(&first, "memory-hit-rate-minute").is_some());
     assert!(first.contains("class=\"closed\""), "breakers are listed");
+    // The consistency panel: one row per instance, and the nines over the last hour.
+    assert!(first.contains("id=\"consistency-panel\""), "{first}");
+    let panel = &first[first.find("id=\"consistency\"").unwrap()..];
+    let rows = panel[..panel.find("</tbody>").unwrap()]
+        .matches("<tr>")
+        .count();
+    assert_eq!(rows, 1 + 2, "a header and one row per instance: {panel}");
+    let nines = figure(&first, "consistency-nines").expect("the nines are shown");
+    assert!(nines >= 0.0, "{nines}");
+    // The charts have labelled axes: values and time.
+    assert!(
+        first.contains(">now</text>") && first.contains(" ms</text>"),
+        "axes"
+    );
     let requests_before = figure(&first, "requests-total").unwrap();
     assert!(requests_before > 0.0 && requests_before <= requests);
 

@@ -60,6 +60,7 @@ pub struct UserConfigStorageBuilder {
     shared_database: Option<Database>,
     max_config_bytes: usize,
     max_watched_users: usize,
+    consistency: crate::consistency::Settings,
     max_stale: Option<Duration>,
     background_backfill: bool,
     single_flight: bool,
@@ -104,6 +105,7 @@ impl Default for UserConfigStorageBuilder {
             shared_database: None,
             max_config_bytes: DEFAULT_MAX_CONFIG_BYTES,
             max_watched_users: crate::DEFAULT_MAX_WATCHED_USERS,
+            consistency: crate::consistency::Settings::default(),
             max_stale: Some(tiercache_core::DEFAULT_MAX_STALE),
             background_backfill: true,
             single_flight: true,
@@ -259,6 +261,27 @@ impl UserConfigStorageBuilder {
         self
     }
 
+    /// The consistency verifier: one read in `one_in` that a cache answers (0: none) is
+    /// checked, `grace` after it, against the database's history; a copy replaced more than
+    /// `grace` before the read counts as inconsistent (`CacheStats::consistency`). At most
+    /// `checks_per_second` checks run (one indexed query each). Defaults to
+    /// [`DEFAULT_CONSISTENCY_SAMPLE`](crate::DEFAULT_CONSISTENCY_SAMPLE),
+    /// [`DEFAULT_CONSISTENCY_GRACE`](crate::DEFAULT_CONSISTENCY_GRACE) and
+    /// [`DEFAULT_CONSISTENCY_CHECKS_PER_SECOND`](crate::DEFAULT_CONSISTENCY_CHECKS_PER_SECOND).
+    pub fn consistency_checks(
+        mut self,
+        one_in: u32,
+        grace: Duration,
+        checks_per_second: u32,
+    ) -> Self {
+        self.consistency = crate::consistency::Settings {
+            one_in,
+            grace,
+            checks_per_second,
+        };
+        self
+    }
+
     /// Oldest stale copy served when the database is down (`None`: never). Defaults to
     /// [`tiercache_core::DEFAULT_MAX_STALE`].
     pub fn max_stale(mut self, age: Option<Duration>) -> Self {
@@ -296,6 +319,11 @@ impl UserConfigStorageBuilder {
     pub async fn build(self) -> Result<UserConfigStorage> {
         if self.max_config_bytes == 0 {
             return Err(Error::Settings("max_config_bytes must be positive".into()));
+        }
+        if self.consistency.one_in != 0 && self.consistency.checks_per_second == 0 {
+            return Err(Error::Settings(
+                "consistency checks need checks_per_second of at least 1 (or one_in 0: off)".into(),
+            ));
         }
         if self.max_watched_users == 0 {
             return Err(Error::Settings("max_watched_users must be positive".into()));
@@ -419,6 +447,7 @@ impl UserConfigStorageBuilder {
             database,
             max_config_bytes: self.max_config_bytes,
             watches: crate::watch::Watches::new(self.max_watched_users),
+            verifier: crate::consistency::Verifier::new(self.consistency),
         })
     }
 }

@@ -30,6 +30,7 @@ struct ReadmeDoctests;
 
 mod builder;
 mod config;
+mod consistency;
 mod database;
 mod diff;
 mod env;
@@ -46,6 +47,10 @@ pub use builder::UserConfigStorageBuilder;
 pub use config::{
     Extra, ImageGenerationConfig, MemoryConfig, ModelProfileConfig, NIL_PROFILE_ID,
     PreferencesConfig, RefinementConfig, SummarizationConfig, UserConfig, WebSearchConfig,
+};
+pub use consistency::{
+    ConsistencyStats, DEFAULT_CONSISTENCY_CHECKS_PER_SECOND, DEFAULT_CONSISTENCY_GRACE,
+    DEFAULT_CONSISTENCY_SAMPLE,
 };
 pub use diff::json_patch;
 pub use env::ENV_VARS;

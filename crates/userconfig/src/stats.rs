@@ -17,6 +17,8 @@ pub struct CacheStats {
     pub backplane: Option<BackplaneStats>,
     /// The database.
     pub database: DatabaseStats,
+    /// The consistency checks of a share of the reads the caches answered.
+    pub consistency: crate::ConsistencyStats,
     /// Every tier as the chain saw it: hits, misses, errors and timeouts per tier, source loads,
     /// coalesced requests, stale copies served.
     pub chain: ChainStats,

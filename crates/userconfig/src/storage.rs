@@ -12,6 +12,7 @@ use tiercache_redis::{RedisBackplane, RedisTier};
 
 use crate::Key;
 use crate::config::UserConfig;
+use crate::consistency::{Tier, Verifier};
 use crate::database::Database;
 use crate::error::{Error, Result};
 use crate::stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
@@ -87,6 +88,8 @@ pub struct UserConfigStorage {
     pub(crate) max_config_bytes: usize,
     /// The users watched ([`UserConfigStorage::watch`], `watch.rs`).
     pub(crate) watches: Arc<Watches>,
+    /// The consistency checks of a share of the reads the caches answer (`consistency.rs`).
+    pub(crate) verifier: Arc<Verifier>,
 }
 
 impl fmt::Debug for UserConfigStorage {
@@ -206,7 +209,17 @@ impl UserConfigStorage {
             self.cache.peek(&key)
         });
         match peeked {
-            Ok(hit) => Ok(hit),
+            Ok(hit) => {
+                if self.verifier.sampled() {
+                    self.verifier.sample(
+                        self.cache.downgrade(),
+                        user_id,
+                        hit.version,
+                        Tier::Memory,
+                    );
+                }
+                Ok(hit)
+            }
             // Boxed, so that the future of a hit stays small (it is built on every call).
             Err(miss) => Box::pin(self.fetch_miss(user_id, miss)).await,
         }
@@ -217,7 +230,15 @@ impl UserConfigStorage {
         user_id: &str,
         miss: tiercache_core::Miss,
     ) -> Result<tiercache_core::Fetched<UserConfig>> {
-        Ok(self.cache.fetch_after(&user_id.to_owned(), miss).await?)
+        let fetched = self.cache.fetch_after(&user_id.to_owned(), miss).await?;
+        if let Origin::Tier(i) = fetched.origin
+            && self.verifier.sampled()
+        {
+            let tier = if i == 0 { Tier::Memory } else { Tier::Redis };
+            self.verifier
+                .sample(self.cache.downgrade(), user_id, fetched.version, tier);
+        }
+        Ok(fetched)
     }
 
     /// Like [`get_user_config`](Self::get_user_config), with the version and the tier that
@@ -596,6 +617,7 @@ impl UserConfigStorage {
                 stats: redis.map(|(s, _)| s),
             },
             backplane: self.backplane.as_ref().map(RedisBackplane::stats),
+            consistency: self.verifier.stats(),
             database: DatabaseStats {
                 enabled: true,
                 backend: self.database.backend().to_owned(),

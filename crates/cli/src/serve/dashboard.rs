@@ -132,6 +132,9 @@ pub(crate) struct Data {
     hit_rate_minute: HitRates,
     latency_minute: BTreeMap<&'static str, LatencySummary>,
     lag_minute: LatencySummary,
+    /// Each instance's consistency verifier (reads a cache answered, checked against the
+    /// database's history).
+    consistency: Vec<userconfig::ConsistencyStats>,
     samples: Vec<Sample>,
 }
 
@@ -256,6 +259,7 @@ impl Board {
             hit_rate_minute: HitRates::between(minute_ago, totals),
             latency_minute: TIERS.iter().copied().zip(minute.latency).collect(),
             lag_minute: minute.lag,
+            consistency: stats.iter().map(|s| s.consistency.clone()).collect(),
             samples: history.samples.iter().cloned().collect(),
         }
     }

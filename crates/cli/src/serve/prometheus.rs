@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use std::sync::atomic::Ordering;
 
-use userconfig::CacheStats;
+use userconfig::{CacheStats, ConsistencyStats};
 
 use super::listen::Connections;
 
@@ -292,6 +292,36 @@ pub(crate) fn render(
             }
         }
     }
+    for (name, help, pick) in [
+        (
+            "tiercache_consistency_checked_total",
+            "Reads a cache answered that the consistency verifier checked against the database's \
+             history, by tier.",
+            (|c: &ConsistencyStats| (c.checked_memory, c.checked_redis))
+                as fn(&ConsistencyStats) -> (u64, u64),
+        ),
+        (
+            "tiercache_consistency_inconsistent_total",
+            "Of those, reads that served a copy replaced more than the grace before, by tier.",
+            |c: &ConsistencyStats| (c.inconsistent_memory, c.inconsistent_redis),
+        ),
+    ] {
+        let mut f = Family::start(&mut out, name, "counter", help);
+        for (s, i) in stats.iter().zip(&instances) {
+            let (memory, redis) = pick(&s.consistency);
+            for (tier, n) in [("memory", memory), ("redis", redis)] {
+                f.sample(name, &[("instance", i.as_str()), ("tier", tier)], n as f64);
+            }
+        }
+    }
+    per_instance(
+        &mut out,
+        "tiercache_consistency_nines",
+        "gauge",
+        "Consistency over the last hour in nines: -log10 of the inconsistent share (with none, \
+         log10 of the reads checked, a lower bound); NaN before any check.",
+        &|s| s.consistency.nines_last_hour.unwrap_or(f64::NAN),
+    );
     {
         let name = "userconfig_http_requests_total";
         let mut f = Family::start(

@@ -84,6 +84,27 @@ pub(super) fn print_report(r: &SimulationResult, stderr: bool) {
             "stale reads (a version older than an update that had returned): 0"
         ),
     }
+    let c = &r.consistency;
+    match c.nines {
+        Some(nines) => say!(
+            stderr,
+            "consistency verifier (1 cache hit in {} checked against the database's history {} ms \
+             later): {} inconsistent of {} checked, {}{:.1} nines",
+            c.sample_one_in,
+            c.grace_ms,
+            c.inconsistent,
+            c.checked,
+            if c.inconsistent == 0 { ">= " } else { "" },
+            nines
+        ),
+        None => say!(
+            stderr,
+            "consistency verifier: no check finished during the run (1 cache hit in {} is \
+             checked {} ms after it)",
+            c.sample_one_in,
+            c.grace_ms
+        ),
+    }
     say!(stderr);
     say!(stderr, "stats of instance 0:");
     say!(

@@ -45,9 +45,53 @@ pub(super) struct SimulationResult {
     pub(super) stale_reads: u64,
     /// How long after the update each stale read happened, in microseconds.
     pub(super) staleness_us: Option<Percentiles>,
+    /// What the instances' consistency verifiers found (a sample of the reads the caches
+    /// answered, checked against the database's history a grace period later).
+    pub(super) consistency: Consistency,
     /// Per interval: the share of reads each tier answered, and the stale reads.
     pub(super) timeline: Vec<Interval>,
     pub(super) stats: Vec<CacheStats>,
+}
+
+/// Every instance's consistency checks, summed.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(super) struct Consistency {
+    /// One cache hit in this many is checked.
+    pub(super) sample_one_in: u32,
+    /// The staleness forgiven, in milliseconds.
+    pub(super) grace_ms: u64,
+    pub(super) checked: u64,
+    pub(super) inconsistent: u64,
+    /// `-log10(inconsistent / checked)`, or with none inconsistent the lower bound
+    /// `log10(checked)`.
+    pub(super) nines: Option<f64>,
+}
+
+impl Consistency {
+    pub(super) fn of(stats: &[CacheStats]) -> Self {
+        let (checked, inconsistent) = stats.iter().fold((0, 0), |(c, i), s| {
+            let v = &s.consistency;
+            (
+                c + v.checked_memory + v.checked_redis,
+                i + v.inconsistent_memory + v.inconsistent_redis,
+            )
+        });
+        let nines = (checked > 0).then(|| {
+            if inconsistent == 0 {
+                (checked as f64).log10()
+            } else {
+                -(inconsistent as f64 / checked as f64).log10()
+            }
+        });
+        let first = stats.first().map(|s| &s.consistency);
+        Consistency {
+            sample_one_in: first.map_or(0, |c| c.sample_one_in),
+            grace_ms: first.map_or(0, |c| c.grace_ms),
+            checked,
+            inconsistent,
+            nines,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize)]

@@ -11,7 +11,7 @@ use userconfig::{Answer, CacheStats, UserConfig, UserConfigStorage};
 
 use super::args::{Mode, SimulateArgs, check};
 use super::report::{print_comparison, print_report, write_report};
-use super::result::{Interval, SimulationResult, percentiles};
+use super::result::{Consistency, Interval, SimulationResult, percentiles};
 use super::stale::Latest;
 use super::workload::{Latencies, Zipf};
 use crate::serve::{self, window::Window};
@@ -485,6 +485,7 @@ fn summarize(
             / requests.max(1) as f64,
         stale_reads: staleness.len() as u64,
         staleness_us: percentiles(&mut staleness),
+        consistency: Consistency::of(&stats),
         timeline,
         stats,
     }
