@@ -51,6 +51,7 @@ fn with_tokens_every_route_checks_who_asks_before_anything_is_read_or_stored() {
         ("GET", "/v1/users/alice/config/history"),
         ("GET", "/v1/users/alice/config/diff?from=1&to=2"),
         ("POST", "/v1/users/alice/config/rollback"),
+        ("GET", "/v1/changes"),
         ("GET", "/stats"),
         ("GET", "/metrics"),
         ("GET", "/readyz"),
@@ -282,6 +283,7 @@ fn an_end_user_token_reaches_its_own_configuration_only() {
         ("DELETE", bob),
         ("GET", "/v1/users/bob/config/history"),
         ("POST", "/v1/users/bob/config/rollback"),
+        ("GET", "/v1/changes"),
         ("GET", "/metrics"),
         ("GET", "/stats"),
     ] {

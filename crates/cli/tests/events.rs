@@ -293,3 +293,111 @@ fn watch_prints_a_json_line_per_change() {
         "it stops after --count lines"
     );
 }
+
+/// `GET /v1/changes` on `addr`, from `since`.
+fn changes(addr: &str, since: Option<&str>) -> Stream {
+    let path = match since {
+        Some(cursor) => format!("/v1/changes?since={cursor}"),
+        None => "/v1/changes".to_owned(),
+    };
+    let mut socket = TcpStream::connect(addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    socket
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(socket);
+    let mut status_line = String::new();
+    reader.read_line(&mut status_line).unwrap();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    Stream {
+        reader,
+        status,
+        lines: Vec::new(),
+    }
+}
+
+impl Stream {
+    /// The next `change` event: its cursor, user, version and op.
+    fn next_change(&mut self) -> (String, String, u64, String) {
+        let (mut id, mut data) = (None, None);
+        loop {
+            let line = self.line().expect("the stream ended before a change");
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = Some(serde_json::from_str::<serde_json::Value>(v).unwrap());
+            } else if line.is_empty()
+                && let (Some(id), Some(data)) = (id.take(), data.take())
+            {
+                return (
+                    id,
+                    data["user_id"].as_str().unwrap().to_owned(),
+                    data["version"].as_u64().unwrap(),
+                    data["op"].as_str().unwrap().to_owned(),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_change_stream_carries_every_change_once_and_resumes_from_a_cursor() {
+    let dir = TempDir::new("serve_changes");
+    let a = Server::serve(&dir.sqlite_url());
+    let b = Server::serve(&dir.sqlite_url());
+    let mut stream = changes(&b.addr, None);
+    assert_eq!(stream.status, 200);
+    let put_user = |user: &str| {
+        let r = request(
+            &a.addr,
+            "PUT",
+            &format!("/v1/users/{user}/config"),
+            &[],
+            br#"{"preferences":{"theme":"dark"}}"#,
+        );
+        assert!(r.status == 200 || r.status == 201, "{}", r.text());
+        r.json()["version"].as_u64().unwrap()
+    };
+    let vx = put_user("x");
+    let vy = put_user("y");
+    let r = request(&a.addr, "DELETE", "/v1/users/x/config", &[], b"");
+    let vd = r.json()["version"].as_u64().unwrap();
+    let first = stream.next_change();
+    assert_eq!((&*first.1, first.2, &*first.3), ("x", vx, "write"));
+    let second = stream.next_change();
+    assert_eq!((&*second.1, second.2, &*second.3), ("y", vy, "write"));
+    let third = stream.next_change();
+    assert_eq!((&*third.1, third.2, &*third.3), ("x", vd, "delete"));
+    // Cut, and resumed after the first: the rest, in order, none twice.
+    drop(stream);
+    let mut resumed = changes(&b.addr, Some(&first.0));
+    assert_eq!(resumed.next_change().2, vy);
+    assert_eq!(resumed.next_change().2, vd);
+    let vz = put_user("z");
+    assert_eq!(resumed.next_change().2, vz);
+    // Another instance's cursor (or garbage) cannot be resumed from: 410, re-sync.
+    let elsewhere = request(
+        &a.addr,
+        "GET",
+        &format!("/v1/changes?since={}", first.0),
+        &[],
+        b"",
+    );
+    assert_eq!(elsewhere.status, 410, "{}", elsewhere.text());
+    assert_eq!(elsewhere.json()["error"]["kind"], "resync");
+    assert_eq!(changes(&b.addr, Some("nonsense")).status, 410);
+}

@@ -448,6 +448,7 @@ impl UserConfigStorageBuilder {
             max_config_bytes: self.max_config_bytes,
             watches: crate::watch::Watches::new(self.max_watched_users),
             verifier: crate::consistency::Verifier::new(self.consistency),
+            change_log: crate::changes::ChangeLog::new(crate::DEFAULT_CHANGE_LOG_ENTRIES),
         })
     }
 }

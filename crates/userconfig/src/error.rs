@@ -58,6 +58,11 @@ pub enum Error {
         /// The version asked for.
         version: tiercache_core::Version,
     },
+    /// A change-log cursor ([`changes`](crate::UserConfigStorage::changes)) this instance can
+    /// no longer resume from: another instance's, one from before a restart, or older than
+    /// what the log keeps. Read every user you keep again, then follow from now.
+    #[error("this cursor can no longer be resumed from: re-sync, then follow from now")]
+    CursorTooOld,
     /// The storage was configured wrongly (a bad URL, a zero capacity).
     #[error("invalid storage settings: {0}")]
     Settings(String),

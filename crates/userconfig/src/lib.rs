@@ -29,6 +29,7 @@
 struct ReadmeDoctests;
 
 mod builder;
+mod changes;
 mod config;
 mod consistency;
 mod database;
@@ -44,6 +45,7 @@ mod watch;
 pub(crate) type Key = String;
 
 pub use builder::UserConfigStorageBuilder;
+pub use changes::{ChangeOp, ChangeReader, DEFAULT_CHANGE_LOG_ENTRIES, LoggedChange};
 pub use config::{
     Extra, ImageGenerationConfig, MemoryConfig, ModelProfileConfig, NIL_PROFILE_ID,
     PreferencesConfig, RefinementConfig, SummarizationConfig, UserConfig, WebSearchConfig,

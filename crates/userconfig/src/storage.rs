@@ -90,6 +90,8 @@ pub struct UserConfigStorage {
     pub(crate) watches: Arc<Watches>,
     /// The consistency checks of a share of the reads the caches answer (`consistency.rs`).
     pub(crate) verifier: Arc<Verifier>,
+    /// Every change this instance learns of, numbered (`changes.rs`).
+    pub(crate) change_log: Arc<crate::changes::ChangeLog>,
 }
 
 impl fmt::Debug for UserConfigStorage {

@@ -224,3 +224,57 @@ async fn a_read_at_a_minimum_version_is_never_answered_by_a_cache_behind_it() {
     assert!(!gone.stored);
     s.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_carries_every_writers_change_once_in_order_and_resumes() {
+    let s = Servers::new("change_log").await;
+    let a = s.instance().await;
+    let b = s.instance().await;
+    let mut reader = a.changes(None).unwrap();
+    let next = async |reader: &mut userconfig::ChangeReader| {
+        tokio::time::timeout(Duration::from_secs(10), reader.next())
+            .await
+            .expect("a change within 10 s")
+            .unwrap()
+    };
+    // Its own write (seen from the write and again from the feed), another instance's, and
+    // plain SQL: each once.
+    let v1 = a
+        .update_user_config("lou", &themed("lou", "a"))
+        .await
+        .unwrap();
+    let v2 = b
+        .update_user_config("max", &themed("max", "b"))
+        .await
+        .unwrap();
+    let table = s.table();
+    s.sql(format!("DELETE FROM {table} WHERE key = 'lou'")).await;
+    let seen: Vec<(String, u64, userconfig::ChangeOp)> = {
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let c = next(&mut reader).await;
+            seen.push((c.user_id, c.version, c.op));
+        }
+        seen
+    };
+    assert_eq!(seen[0], ("lou".into(), v1, userconfig::ChangeOp::Write));
+    assert_eq!(seen[1], ("max".into(), v2, userconfig::ChangeOp::Write));
+    assert_eq!((seen[2].0.as_str(), seen[2].2), ("lou", userconfig::ChangeOp::Delete));
+    assert!(seen[2].1 > v2);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), reader.next())
+            .await
+            .is_err(),
+        "nothing twice"
+    );
+    // Resumed from a cursor: what followed it; another storage's cursor: re-sync.
+    let cursor = reader.cursor();
+    let v3 = a
+        .update_user_config("max", &themed("max", "c"))
+        .await
+        .unwrap();
+    let mut resumed = a.changes(Some(&cursor)).unwrap();
+    assert_eq!(next(&mut resumed).await.version, v3);
+    assert!(matches!(b.changes(Some(&cursor)), Err(Error::CursorTooOld)));
+    s.cleanup().await;
+}

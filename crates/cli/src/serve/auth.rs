@@ -4,7 +4,8 @@
 //!
 //! | scope | routes |
 //! |---|---|
-//! | `read` | `GET /v1/users/{id}/config`, `GET /v1/users/{id}/config/events` |
+//! | `read` | `GET /v1/users/{id}/config` and its `/events`, `/history`, `/diff`; `GET /v1/changes` (service tokens only) |
+//! | `write` (also) | `POST /v1/users/{id}/config/rollback` |
 //! | `write` | `PUT`, `PATCH`, `DELETE /v1/users/{id}/config` |
 //! | `admin` | `/stats`, `/metrics`, `/readyz`, `/dashboard/data`, and any route not named above |
 //! | none | `/healthz`, `/openapi.json`, and `/`, the dashboard's page (static: it shows nothing without `admin`) |
@@ -175,6 +176,8 @@ fn needed(route: Option<&str>, method: &Method) -> Option<Scope> {
         | "/v1/users/{id}/config/history"
         | "/v1/users/{id}/config/diff" => Some(Scope::Read),
         "/v1/users/{id}/config/rollback" => Some(Scope::Write),
+        // Names every user: a service's (an end user's token has no `{id}` here: refused).
+        "/v1/changes" => Some(Scope::Read),
         "/v1/users/{id}/config" => Some(Scope::Write),
         // Every other route behind this check, today's operator routes and any added later
         // without a line here: nobody gets in by default.

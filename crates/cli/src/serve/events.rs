@@ -63,6 +63,16 @@ impl Streams {
         self.closing.send_replace(true);
     }
 
+    /// What ends the streams at a shutdown.
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    /// The interval between heartbeats.
+    pub(crate) fn heartbeat(&self) -> Duration {
+        self.heartbeat
+    }
+
     /// Streams open now.
     pub(crate) fn open(&self) -> usize {
         self.max_total - self.total.available_permits()
@@ -76,7 +86,7 @@ impl Streams {
 
     /// A slot for `caller`'s new stream (`None`: the service is open, and only the instance's
     /// cap applies), or 503.
-    fn admit(self: &Arc<Self>, caller: Option<&str>) -> Result<Slot, ApiError> {
+    pub(crate) fn admit(self: &Arc<Self>, caller: Option<&str>) -> Result<Slot, ApiError> {
         let refused = |message: String| ApiError::busy("too_many_streams", message);
         let Ok(permit) = Arc::clone(&self.total).try_acquire_owned() else {
             return Err(refused(format!(
@@ -105,7 +115,7 @@ impl Streams {
 
 /// One open stream's place, given back when the stream ends (the client left, the server
 /// shut down).
-struct Slot {
+pub(crate) struct Slot {
     streams: Arc<Streams>,
     caller: Option<String>,
     _permit: OwnedSemaphorePermit,

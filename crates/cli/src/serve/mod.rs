@@ -9,6 +9,7 @@
 //! | `DELETE /v1/users/{id}/config` | delete it (404 if none is stored); `If-Match` deletes only that version |
 //! | `GET /v1/users/{id}/config/events` | Server-Sent Events: the configuration, then each change (`events.rs`) |
 //! | `GET /v1/users/{id}/config/history`, `…/diff`, `POST …/rollback` | past versions, a JSON Patch between two, rollback (`history.rs`) |
+//! | `GET /v1/changes?since=CURSOR` | Server-Sent Events: every change (user, version, op), resumable (`changes.rs`) |
 //! | `GET /stats` | the seed's statistics JSON (an array with several instances) |
 //! | `GET /metrics` | Prometheus text, rendered from the live statistics at each scrape |
 //! | `GET /healthz` | the process answers |
@@ -22,6 +23,7 @@
 mod api;
 pub(crate) mod auth;
 mod change;
+mod changes;
 mod conditional;
 mod dashboard;
 mod encoded;
@@ -205,6 +207,7 @@ pub(crate) fn router(
                 .delete(api::delete_config),
         )
         .route("/v1/users/{id}/config/events", get(events::config_events))
+        .route("/v1/changes", get(changes::changes))
         .route("/v1/users/{id}/config/history", get(history::history))
         .route("/v1/users/{id}/config/diff", get(history::diff))
         .route(

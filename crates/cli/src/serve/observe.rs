@@ -26,7 +26,8 @@ pub(crate) fn request_id() -> Option<Arc<str>> {
 }
 
 /// The route templates requests are counted by; anything else is `unmatched`.
-pub(crate) const ROUTES: [&str; 13] = [
+pub(crate) const ROUTES: [&str; 14] = [
+    "/v1/changes",
     "/v1/users/{id}/config",
     "/v1/users/{id}/config/events",
     "/v1/users/{id}/config/history",

@@ -26,6 +26,7 @@ use utoipa::{Modify, OpenApi};
         super::api::patch_config,
         super::api::delete_config,
         super::events::config_events,
+        super::changes::changes,
         super::history::history,
         super::history::diff,
         super::history::rollback,
