@@ -248,7 +248,8 @@ async fn the_change_log_carries_every_writers_change_once_in_order_and_resumes()
         .await
         .unwrap();
     let table = s.table();
-    s.sql(format!("DELETE FROM {table} WHERE key = 'lou'")).await;
+    s.sql(format!("DELETE FROM {table} WHERE key = 'lou'"))
+        .await;
     let seen: Vec<(String, u64, userconfig::ChangeOp)> = {
         let mut seen = Vec::new();
         for _ in 0..3 {
@@ -259,7 +260,10 @@ async fn the_change_log_carries_every_writers_change_once_in_order_and_resumes()
     };
     assert_eq!(seen[0], ("lou".into(), v1, userconfig::ChangeOp::Write));
     assert_eq!(seen[1], ("max".into(), v2, userconfig::ChangeOp::Write));
-    assert_eq!((seen[2].0.as_str(), seen[2].2), ("lou", userconfig::ChangeOp::Delete));
+    assert_eq!(
+        (seen[2].0.as_str(), seen[2].2),
+        ("lou", userconfig::ChangeOp::Delete)
+    );
     assert!(seen[2].1 > v2);
     assert!(
         tokio::time::timeout(Duration::from_millis(300), reader.next())
