@@ -281,12 +281,13 @@ async fn a_missing_schema_is_created_and_long_table_names_work() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    // The table, its change log, the feed's state, the migrations' bookkeeping: names that
-    // would be too long are shortened with a hash.
-    assert_eq!(tables.len(), 4, "{tables:?}");
+    // The table, its change log, its history, the feed's state, the migrations' bookkeeping:
+    // names that would be too long are shortened with a hash.
+    assert_eq!(tables.len(), 5, "{tables:?}");
     assert!(tables.contains(&long_table), "{tables:?}");
     assert!(tables.iter().all(|t| t.len() <= 63), "{tables:?}");
     assert!(tables.iter().any(|t| t.ends_with("_changes")), "{tables:?}");
+    assert!(tables.iter().any(|t| t.ends_with("_history")), "{tables:?}");
     assert!(
         tables
             .iter()
