@@ -253,3 +253,41 @@ async fn x_min_version_reads_a_write_made_through_another_instance() {
         .unwrap();
     assert_eq!(bad.status().as_u16(), 400);
 }
+
+/// A change through the service records who made it: the token's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_history_names_the_token_that_made_a_change() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+    let pool = tiercache_testkit::postgres_env::postgres_pool().await;
+    let schema = tiercache_testkit::postgres_env::fresh_schema(&pool).await;
+    let storage = userconfig::UserConfigStorage::builder()
+        .postgres_source(std::sync::Arc::new(
+            tiercache_postgres::PostgresSource::builder()
+                .url(tiercache_testkit::env::database_url())
+                .schema(schema.clone())
+                .build()
+                .unwrap(),
+        ))
+        .build()
+        .await
+        .unwrap();
+    let (token, line) = support::token("web-frontend", "read,write");
+    let router = userconfig_cli::router_with_tokens(storage.clone(), &line).unwrap();
+    let response = router
+        .oneshot(
+            Request::builder()
+                .method("PUT")
+                .uri(PATH)
+                .header("authorization", format!("Bearer {token}"))
+                .body(Body::from(r#"{"preferences":{"theme":"dark"}}"#))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let history = storage.history("hugo", 10).await.unwrap();
+    assert_eq!(history[0].author.as_deref(), Some("web-frontend"));
+    tiercache_testkit::postgres_env::drop_schema(&pool, &schema).await;
+}

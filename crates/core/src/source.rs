@@ -144,6 +144,27 @@ pub trait Source<K: Key, V: Value>: Send + Sync {
     /// The source's own statistics.
     fn stats(&self) -> TierStats;
 
+    /// [`write`](Source::write), naming who makes the change for the source's history (a
+    /// service writing for one of its callers). The default ignores `author`: a source that
+    /// keeps no author writes as [`write`](Source::write) does.
+    async fn write_by(
+        &self,
+        key: &K,
+        value: Arc<V>,
+        expected: Option<Version>,
+        author: &str,
+    ) -> Result<Written> {
+        let _ = author;
+        self.write(key, value, expected).await
+    }
+
+    /// [`delete`](Source::delete), naming who makes the change (see
+    /// [`write_by`](Source::write_by)).
+    async fn delete_by(&self, key: &K, expected: Option<Version>, author: &str) -> Result<Written> {
+        let _ = author;
+        self.delete(key, expected).await
+    }
+
     /// Past versions of `key`, newest first: at most `limit`, each older than `before` when
     /// given (to page back), for as long as the source keeps them (its retention). The default:
     /// [`Error::Unsupported`](crate::Error::Unsupported), a source that keeps no history.
@@ -201,6 +222,23 @@ macro_rules! forward_source {
             }
             fn stats(&self) -> TierStats {
                 (**self).stats()
+            }
+            async fn write_by(
+                &self,
+                key: &K,
+                value: Arc<V>,
+                expected: Option<Version>,
+                author: &str,
+            ) -> Result<Written> {
+                (**self).write_by(key, value, expected, author).await
+            }
+            async fn delete_by(
+                &self,
+                key: &K,
+                expected: Option<Version>,
+                author: &str,
+            ) -> Result<Written> {
+                (**self).delete_by(key, expected, author).await
             }
             async fn history(
                 &self,

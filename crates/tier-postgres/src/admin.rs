@@ -87,6 +87,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
             names.fill(&format!(
                 "GRANT EXECUTE ON FUNCTION {{delete_fn}} TO {role}"
             )),
+            names.fill(&format!(
+                "GRANT EXECUTE ON FUNCTION {{write_by_fn}} TO {role}"
+            )),
+            names.fill(&format!(
+                "GRANT EXECUTE ON FUNCTION {{delete_by_fn}} TO {role}"
+            )),
             format!(
                 "GRANT SELECT ON \"{}\".\"{}\" TO {role}",
                 self.schema,

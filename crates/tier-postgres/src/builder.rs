@@ -315,6 +315,9 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
                 .fill("SELECT key, value::text, version FROM {table} WHERE key = ANY($1)"),
             write: names.fill("SELECT outcome, version FROM {write_fn}($1, $2::jsonb, $3)"),
             delete: names.fill("SELECT outcome, version FROM {delete_fn}($1, $2)"),
+            write_by: names
+                .fill("SELECT outcome, version FROM {write_by_fn}($1, $2::jsonb, $3, $4)"),
+            delete_by: names.fill("SELECT outcome, version FROM {delete_by_fn}($1, $2, $3)"),
             history: names.fill(
                 "SELECT value::text, version, (extract(epoch FROM at) * 1000000)::bigint, author \
                  FROM {history} WHERE key = $1 AND version < $2 \

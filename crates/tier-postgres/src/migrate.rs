@@ -29,6 +29,7 @@ const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
         include_str!("../migrations/0004_logical_decoding.sql"),
     ),
     ("history", include_str!("../migrations/0005_history.sql")),
+    ("author", include_str!("../migrations/0006_author.sql")),
 ]);
 
 /// One table's migrations, run once per tier (and retried on later calls if they failed).
@@ -242,6 +243,8 @@ impl Names {
             ("{truncated}", q(&derived(table, "_truncated"))),
             ("{write_fn}", q(&derived(table, "_write"))),
             ("{delete_fn}", q(&derived(table, "_delete"))),
+            ("{write_by_fn}", q(&derived(table, "_write_by"))),
+            ("{delete_by_fn}", q(&derived(table, "_delete_by"))),
             ("{channel}", channel(schema, table)),
         ];
         Names { pairs }

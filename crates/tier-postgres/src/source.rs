@@ -63,6 +63,8 @@ pub(crate) struct Statements {
     pub(crate) get_many: String,
     pub(crate) write: String,
     pub(crate) delete: String,
+    pub(crate) write_by: String,
+    pub(crate) delete_by: String,
     pub(crate) history: String,
     pub(crate) revision: String,
     pub(crate) purge_history: String,
@@ -131,6 +133,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         key: &str,
         json: Option<&str>,
         expected: Option<Version>,
+        author: Option<&str>,
     ) -> Result<Written> {
         let expected_sql = match expected {
             Some(v) => Some(i64::try_from(v).map_err(|_| {
@@ -149,7 +152,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                     Some(json) => query.bind(json),
                     None => query,
                 };
-                query.bind(expected_sql).fetch_one(&mut *conn).await
+                let query = query.bind(expected_sql);
+                let query = match author {
+                    Some(author) => query.bind(author),
+                    None => query,
+                };
+                query.fetch_one(&mut *conn).await
             })
             .await
             .map_err(|e| match e {
@@ -175,6 +183,50 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                 UnexpectedReport(other.to_owned()),
             )),
         }
+    }
+}
+
+impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> PostgresSource<K, V> {
+    /// A write, naming its author for the history when given.
+    async fn write_as(
+        &self,
+        key: &K,
+        value: &V,
+        expected: Option<Version>,
+        author: Option<&str>,
+    ) -> Result<Written> {
+        let json = tiercache_sql::to_json(value)?;
+        if has_escaped_nul(&json) {
+            return Err(Error::InvalidInput(
+                "the value contains a NUL character (\\u0000), which PostgreSQL jsonb cannot hold"
+                    .into(),
+            ));
+        }
+        let key = key.storage_key();
+        check_key(&key)?;
+        let sql = if author.is_some() {
+            &self.sql.write_by
+        } else {
+            &self.sql.write
+        };
+        self.change(sql, &key, Some(&json), expected, author).await
+    }
+
+    /// A delete, naming its author for the history when given.
+    async fn delete_as(
+        &self,
+        key: &K,
+        expected: Option<Version>,
+        author: Option<&str>,
+    ) -> Result<Written> {
+        let key = key.storage_key();
+        check_key(&key)?;
+        let sql = if author.is_some() {
+            &self.sql.delete_by
+        } else {
+            &self.sql.delete
+        };
+        self.change(sql, &key, None, expected, author).await
     }
 }
 
@@ -259,23 +311,25 @@ where
     }
 
     async fn write(&self, key: &K, value: Arc<V>, expected: Option<Version>) -> Result<Written> {
-        let json = tiercache_sql::to_json(&*value)?;
-        if has_escaped_nul(&json) {
-            return Err(Error::InvalidInput(
-                "the value contains a NUL character (\\u0000), which PostgreSQL jsonb cannot hold"
-                    .into(),
-            ));
-        }
-        let key = key.storage_key();
-        check_key(&key)?;
-        self.change(&self.sql.write, &key, Some(&json), expected)
-            .await
+        self.write_as(key, &value, expected, None).await
     }
 
     async fn delete(&self, key: &K, expected: Option<Version>) -> Result<Written> {
-        let key = key.storage_key();
-        check_key(&key)?;
-        self.change(&self.sql.delete, &key, None, expected).await
+        self.delete_as(key, expected, None).await
+    }
+
+    async fn write_by(
+        &self,
+        key: &K,
+        value: Arc<V>,
+        expected: Option<Version>,
+        author: &str,
+    ) -> Result<Written> {
+        self.write_as(key, &value, expected, Some(author)).await
+    }
+
+    async fn delete_by(&self, key: &K, expected: Option<Version>, author: &str) -> Result<Written> {
+        self.delete_as(key, expected, Some(author)).await
     }
 
     /// Listens on the table's channel on a connection of its own (outside the tier's pool, so

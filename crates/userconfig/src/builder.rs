@@ -449,6 +449,7 @@ impl UserConfigStorageBuilder {
             watches: crate::watch::Watches::new(self.max_watched_users),
             verifier: crate::consistency::Verifier::new(self.consistency),
             change_log: crate::changes::ChangeLog::new(crate::DEFAULT_CHANGE_LOG_ENTRIES),
+            author: None,
         })
     }
 }

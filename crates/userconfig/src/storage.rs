@@ -92,6 +92,8 @@ pub struct UserConfigStorage {
     pub(crate) verifier: Arc<Verifier>,
     /// Every change this instance learns of, numbered (`changes.rs`).
     pub(crate) change_log: Arc<crate::changes::ChangeLog>,
+    /// Who this handle's writes are made by, for the history ([`UserConfigStorage::by`]).
+    pub(crate) author: Option<Arc<str>>,
 }
 
 impl fmt::Debug for UserConfigStorage {
@@ -343,10 +345,15 @@ impl UserConfigStorage {
     /// error is returned and no cache is touched.
     pub async fn update_user_config(&self, user_id: &str, config: &UserConfig) -> Result<Version> {
         let stored = self.prepare(user_id, config)?;
-        let version = self
-            .cache
-            .update(&user_id.to_owned(), Arc::clone(&stored))
-            .await?;
+        let key = user_id.to_owned();
+        let version = match &self.author {
+            None => self.cache.update(&key, Arc::clone(&stored)).await?,
+            Some(author) => {
+                self.cache
+                    .update_by(&key, Arc::clone(&stored), None, author)
+                    .await?
+            }
+        };
         self.wrote(user_id, Some(stored), version);
         Ok(version)
     }
@@ -366,10 +373,19 @@ impl UserConfigStorage {
         config: &UserConfig,
     ) -> Result<Version> {
         let stored = self.prepare(user_id, config)?;
-        let version = self
-            .cache
-            .update_if(&user_id.to_owned(), expected_version, Arc::clone(&stored))
-            .await?;
+        let key = user_id.to_owned();
+        let version = match &self.author {
+            None => {
+                self.cache
+                    .update_if(&key, expected_version, Arc::clone(&stored))
+                    .await?
+            }
+            Some(author) => {
+                self.cache
+                    .update_by(&key, Arc::clone(&stored), Some(expected_version), author)
+                    .await?
+            }
+        };
         self.wrote(user_id, Some(stored), version);
         Ok(version)
     }
@@ -498,7 +514,11 @@ impl UserConfigStorage {
     /// returned and no cache is touched.
     pub async fn delete_user_config(&self, user_id: &str) -> Result<Version> {
         check_user_id(user_id)?;
-        let version = self.cache.delete(&user_id.to_owned()).await?;
+        let key = user_id.to_owned();
+        let version = match &self.author {
+            None => self.cache.delete(&key).await?,
+            Some(author) => self.cache.delete_by(&key, None, author).await?,
+        };
         self.wrote(user_id, None, version);
         Ok(version)
     }
@@ -518,10 +538,15 @@ impl UserConfigStorage {
         expected_version: Version,
     ) -> Result<Version> {
         check_user_id(user_id)?;
-        let version = self
-            .cache
-            .delete_if(&user_id.to_owned(), expected_version)
-            .await?;
+        let key = user_id.to_owned();
+        let version = match &self.author {
+            None => self.cache.delete_if(&key, expected_version).await?,
+            Some(author) => {
+                self.cache
+                    .delete_by(&key, Some(expected_version), author)
+                    .await?
+            }
+        };
         self.wrote(user_id, None, version);
         Ok(version)
     }
@@ -534,6 +559,18 @@ impl UserConfigStorage {
     /// As [`update_user_config`](Self::update_user_config)'s input errors.
     pub fn check_user_config(&self, user_id: &str, config: &UserConfig) -> Result<()> {
         self.prepare(user_id, config).map(drop)
+    }
+
+    /// This storage, with its writes made by `author`: the history records that name for each
+    /// change (PostgreSQL; SQLite keeps no author), instead of the database session's
+    /// `application_name`. For a service writing for its callers (`userconfig serve` names the
+    /// token, or `user:` and the end user's subject). Shares everything with `self`.
+    #[must_use]
+    pub fn by(&self, author: &str) -> UserConfigStorage {
+        UserConfigStorage {
+            author: Some(Arc::from(author)),
+            ..self.clone()
+        }
     }
 
     /// Tells `user_id`'s watches of a write this storage made (before the call returns, so that

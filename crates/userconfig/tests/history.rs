@@ -47,6 +47,36 @@ async fn history_keeps_every_change_by_any_writer_and_rollback_is_a_new_version(
     );
     assert_eq!(history[0].author.as_deref(), Some("ops-console"));
     assert_eq!(history[1].author.as_deref(), Some("tiercache"));
+    // A writer may name who it writes for: that name, for that change only.
+    let named = a
+        .by("billing")
+        .update_user_config("hana", &themed("hana", "three"))
+        .await
+        .unwrap();
+    assert_eq!(
+        named, v3,
+        "the same configuration: nothing written, nothing recorded"
+    );
+    let other = a
+        .by("billing")
+        .update_user_config("ida", &themed("ida", "x"))
+        .await
+        .unwrap();
+    a.update_user_config("ida", &themed("ida", "y"))
+        .await
+        .unwrap();
+    let ida = a.history("ida", 10).await.unwrap();
+    assert_eq!(ida[1].version, other);
+    assert_eq!(
+        (ida[1].author.as_deref(), ida[0].author.as_deref()),
+        (Some("billing"), Some("tiercache")),
+        "the name held for its own change only"
+    );
+    a.by("gdpr-bot").delete_user_config("ida").await.unwrap();
+    assert_eq!(
+        a.history("ida", 1).await.unwrap()[0].author.as_deref(),
+        Some("gdpr-bot")
+    );
     assert_eq!(
         a.history_before("hana", Some(v2), 10).await.unwrap().len(),
         1

@@ -8,16 +8,18 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::Value;
-use userconfig::{UserConfig, check_user_id};
+use userconfig::{UserConfig, UserConfigStorage, check_user_id};
 use utoipa::{IntoParams, IntoResponses, ToSchema};
 
 use super::App;
+use super::auth::Caller;
 use super::change::{Change, Done, change};
 use super::conditional::{PreconditionHeaders, Preconditions, Verdict};
 use super::error::{ApiError, ErrorBody, Refusals};
@@ -25,6 +27,15 @@ use super::history::{not_kept, query_flag, query_u64};
 
 pub(crate) fn etag(version: u64) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
+}
+
+/// The storage a change goes through: with a credential, one that names its holder as the
+/// change's author in the history (the token's name, or `user:` and the end user's subject).
+pub(crate) fn writer(app: &App, caller: Option<&Extension<Caller>>) -> UserConfigStorage {
+    match caller {
+        Some(Extension(Caller(name))) => app.storage().by(name),
+        None => app.storage().clone(),
+    }
 }
 
 /// The user id, checked before any I/O.
@@ -234,6 +245,7 @@ async fn past(app: &App, id: &str, version: u64) -> Result<Response, ApiError> {
 pub(crate) async fn put_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -243,7 +255,7 @@ pub(crate) async fn put_config(
         .map_err(|e| ApiError::bad_request(format!("the body is not a configuration: {e}")))?;
     app.storage().check_user_config(&id, &config)?;
     let done = change(
-        app.storage(),
+        &writer(&app, caller.as_ref()),
         &id,
         &preconditions,
         &Change::Put(Box::new(config)),
@@ -270,6 +282,7 @@ pub(crate) async fn put_config(
 pub(crate) async fn patch_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -282,7 +295,8 @@ pub(crate) async fn patch_config(
             "a merge patch of a configuration must be a JSON object",
         ));
     }
-    let done = change(app.storage(), &id, &preconditions, &Change::Patch(patch)).await?;
+    let storage = writer(&app, caller.as_ref());
+    let done = change(&storage, &id, &preconditions, &Change::Patch(patch)).await?;
     Ok(stored(&id, done))
 }
 
@@ -309,12 +323,13 @@ pub(crate) async fn patch_config(
 pub(crate) async fn delete_config(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     uri: Uri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     user(&id)?;
     let preconditions = Preconditions::read(&headers)?;
-    let storage = app.storage();
+    let storage = &writer(&app, caller.as_ref());
     let purge = query_flag(&uri, "purge_history")?;
     let done = if preconditions.is_empty() {
         Done {

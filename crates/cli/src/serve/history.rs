@@ -11,6 +11,7 @@
 
 use std::sync::Arc;
 
+use axum::Extension;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, Uri, header};
@@ -21,6 +22,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::App;
 use super::api::{UserPath, etag};
+use super::auth::Caller;
 use super::conditional::{PreconditionHeaders, Preconditions};
 use super::error::{ApiError, ErrorBody, Refusals};
 
@@ -228,6 +230,7 @@ pub(crate) struct RollbackBody {
 pub(crate) async fn rollback(
     State(app): State<Arc<App>>,
     Path(id): Path<String>,
+    caller: Option<Extension<Caller>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -247,8 +250,7 @@ pub(crate) async fn rollback(
         }
         Some(current)
     };
-    let version = app
-        .storage()
+    let version = super::api::writer(&app, caller.as_ref())
         .rollback_user_config(&id, to_version, expected)
         .await
         .map_err(not_kept)?;

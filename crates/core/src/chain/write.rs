@@ -36,7 +36,38 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// The write runs in a task of its own: a caller that gives up at any point (a timeout, a
     /// dropped request) does not stop it half way.
     pub async fn update(&self, key: &K, value: Arc<V>) -> Result<Version> {
-        self.change(key, Some(value), None).await
+        self.change(key, Some(value), None, None).await
+    }
+
+    /// [`update`](Self::update) (or, with `expected`, [`update_if`](Self::update_if)), naming
+    /// who makes the change for the source's history ([`Source::write_by`](crate::Source::write_by)).
+    ///
+    /// # Errors
+    /// As [`update_if`](Self::update_if).
+    pub async fn update_by(
+        &self,
+        key: &K,
+        value: Arc<V>,
+        expected: Option<Version>,
+        author: &str,
+    ) -> Result<Version> {
+        self.change(key, Some(value), expected, Some(Arc::from(author)))
+            .await
+    }
+
+    /// [`delete`](Self::delete) (or, with `expected`, [`delete_if`](Self::delete_if)), naming
+    /// who makes the change (see [`update_by`](Self::update_by)).
+    ///
+    /// # Errors
+    /// As [`delete_if`](Self::delete_if).
+    pub async fn delete_by(
+        &self,
+        key: &K,
+        expected: Option<Version>,
+        author: &str,
+    ) -> Result<Version> {
+        self.change(key, None, expected, Some(Arc::from(author)))
+            .await
     }
 
     /// [`update`](Self::update) if the key's stored version is still `expected` (0: nothing
@@ -47,7 +78,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// the key since `expected` was read (no cache is touched); read it again from the source
     /// ([`load`](Self::load)) and retry. Otherwise as [`update`](Self::update).
     pub async fn update_if(&self, key: &K, expected: Version, value: Arc<V>) -> Result<Version> {
-        self.change(key, Some(value), Some(expected)).await
+        self.change(key, Some(value), Some(expected), None).await
     }
 
     /// Deletes `key` in the source, then every cache tier holds a "not found" at the delete's
@@ -56,7 +87,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// nothing is touched). A later write gets a greater version and wins everywhere. Failures
     /// and cancellation as for [`update`](Self::update).
     pub async fn delete(&self, key: &K) -> Result<Version> {
-        self.change(key, None, None).await
+        self.change(key, None, None, None).await
     }
 
     /// [`delete`](Self::delete) if the key's stored version is still `expected`.
@@ -64,7 +95,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     /// # Errors
     /// [`Error::Conflict`](crate::Error::Conflict) as for [`update_if`](Self::update_if).
     pub async fn delete_if(&self, key: &K, expected: Version) -> Result<Version> {
-        self.change(key, None, Some(expected)).await
+        self.change(key, None, Some(expected), None).await
     }
 
     /// A write (`value`) or a delete (`None`), in a task of its own.
@@ -73,6 +104,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         key: &K,
         value: Option<Arc<V>>,
         expected: Option<Version>,
+        author: Option<Arc<str>>,
     ) -> Result<Version> {
         use tracing::Instrument;
         let span = if value.is_some() {
@@ -82,8 +114,11 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         };
         let (this, owned) = (self.clone(), key.clone());
         let task = self.inner.tasks.spawn(
-            async move { this.change_inner(&owned, value, expected).await }
-                .instrument(span.clone()),
+            async move {
+                this.change_inner(&owned, value, expected, author.as_deref())
+                    .await
+            }
+            .instrument(span.clone()),
         );
         let result = join(task).await;
         if let Ok(version) = &result {
@@ -97,20 +132,32 @@ impl<K: Key, V: Value> TieredCache<K, V> {
         key: &K,
         value: Option<Arc<V>>,
         expected: Option<Version>,
+        author: Option<&str>,
     ) -> Result<Version> {
         let inner = &*self.inner;
         // Taken before the source is asked, like a load's: an unchanged write fills with it.
         let before = inner.marks.ticket();
         let source = &inner.source;
-        let written = match &value {
-            Some(value) => {
+        let written = match (&value, author) {
+            (Some(value), None) => {
                 source
                     .call("write", source.tier.write(key, Arc::clone(value), expected))
                     .await
             }
-            None => {
+            (Some(value), Some(author)) => {
+                let write = source
+                    .tier
+                    .write_by(key, Arc::clone(value), expected, author);
+                source.call("write", write).await
+            }
+            (None, None) => {
                 source
                     .call("delete", source.tier.delete(key, expected))
+                    .await
+            }
+            (None, Some(author)) => {
+                source
+                    .call("delete", source.tier.delete_by(key, expected, author))
                     .await
             }
         };
