@@ -1,6 +1,6 @@
 -- Past versions of every key, for history, reading a version back and rollback: one row per
 -- committed change, by any writer, with the value it stored (NULL for a delete), when, and
--- the writing session's application_name. Written by the same trigger as the change log (or
+-- who (below). Written by the same trigger as the change log (or
 -- the logical message), in the writer's transaction: one more insert, no lock, nothing that
 -- makes commits wait for each other. A table of its own rather than a value column in the
 -- change log: the log is the feed's (pruned after an hour, absent when the feed streams the
@@ -19,13 +19,37 @@ CREATE TABLE IF NOT EXISTS {history} (
 );
 CREATE INDEX IF NOT EXISTS {history_at} ON {history} USING brin (at);
 
+-- Who made a change: a writer may name itself for one statement (a service writing for one of
+-- its callers, `userconfig serve` for a token's name or an end user's subject) with these write
+-- and delete functions, which set `tiercache.author` for their transaction only and call the
+-- functions of 0002. The trigger below records that name, else the session's application_name
+-- (`psql`, another service, `tiercache` for this crate).
+CREATE OR REPLACE FUNCTION {write_by_fn}(k text, v jsonb, expected bigint, author text,
+                                         OUT outcome text, OUT version bigint)
+LANGUAGE plpgsql AS $body$
+BEGIN
+    PERFORM set_config('tiercache.author', coalesce(author, ''), true);
+    SELECT w.outcome, w.version INTO outcome, version FROM {write_fn}(k, v, expected) w;
+END
+$body$;
+
+CREATE OR REPLACE FUNCTION {delete_by_fn}(k text, expected bigint, author text,
+                                          OUT outcome text, OUT version bigint)
+LANGUAGE plpgsql AS $body$
+BEGIN
+    PERFORM set_config('tiercache.author', coalesce(author, ''), true);
+    SELECT d.outcome, d.version INTO outcome, version FROM {delete_fn}(k, expected) d;
+END
+$body$;
+
 -- The log entry (or the logical message), and now the history row. Nothing else on the commit
 -- path. SECURITY DEFINER: a writer needs no privilege on the log, the history or the switch.
 CREATE OR REPLACE FUNCTION {announce}() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
 DECLARE
     logical boolean := (SELECT last_value = 1 FROM {emit});
-    author text := nullif(current_setting('application_name', true), '');
+    author text := coalesce(nullif(current_setting('tiercache.author', true), ''),
+                            nullif(current_setting('application_name', true), ''));
     deleted bigint;
 BEGIN
     IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND NEW.key <> OLD.key) THEN

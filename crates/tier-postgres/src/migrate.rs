@@ -29,7 +29,6 @@ const EMBEDDED: &[tiercache_sql::Embedded] = &tiercache_sql::embedded([
         include_str!("../migrations/0004_logical_decoding.sql"),
     ),
     ("history", include_str!("../migrations/0005_history.sql")),
-    ("author", include_str!("../migrations/0006_author.sql")),
 ]);
 
 /// One table's migrations, run once per tier (and retried on later calls if they failed).
