@@ -59,7 +59,7 @@
 //! | `keys.rs` | key encoding |
 //! | `admin.rs`, `slots.rs` | cluster administration and routing by slot |
 //! | `builder.rs` | [`RedisTierBuilder`]: settings, defaults, checks |
-//! | `backplane.rs` | [`RedisBackplane`]: invalidations between instances over pub/sub |
+//! | `backplane/` | [`RedisBackplane`]: invalidations between instances over pub/sub (`mod.rs` the backplane and its settings, `wire.rs` the message format, `outbox.rs` the queue and its sender, `listener.rs` the subscription) |
 
 #![forbid(unsafe_code)]
 

@@ -26,32 +26,34 @@
 //! * **Several servers** ([`RedisBackplane::with_clients`], a Redis Cluster's nodes): the
 //!   subscription and the publisher each use one, and move to the next when theirs fails.
 //!
-//! Wire format (UTF-8): `tc1 <instance id, hex> <version | - | *> <percent-encoded key>
-//! [<value as JSON>]`, where `-` is a manual invalidation and `*` (with an empty key) asks every
-//! instance to flush.
+//! The files: `wire.rs` the message format, `outbox.rs` the queue and the task that publishes
+//! it, `listener.rs` the subscription, its health check and how messages are applied; this
+//! file the backplane, its settings and statistics.
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures_util::StreamExt;
 use redis::Client;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tiercache_core::{
-    Backplane, Change, Changes, Counter, Error, Result, StorageKey, TieredCache, Value, Version,
-    WeakTieredCache,
-};
+use tiercache_core::{Backplane, Counter, Error, Result, StorageKey, TieredCache, Value, Version};
 
 use tokio::task::JoinHandle;
 
-use crate::keys::{decode_key, encode_key};
 use crate::link::Redacted;
 use crate::{DEFAULT_CONNECT_TIMEOUT, DEFAULT_TIMEOUT, DEFAULT_URL};
+
+mod listener;
+mod outbox;
+mod wire;
+
+use self::listener::listen;
+use self::outbox::{Outbox, send_queued};
+use self::wire::{Notice, encode_message};
 
 /// Default channel.
 pub const DEFAULT_CHANNEL: &str = "tiercache:invalidations";
@@ -71,48 +73,6 @@ const ALIVE_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// Default largest value carried in an update message.
 pub const DEFAULT_CARRY_VALUES_UP_TO: usize = 16 * 1024;
-
-/// What a message asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Notice {
-    /// Drop copies of the key older than the version (`None`: whatever is held), or replace a
-    /// held copy with the value (JSON) at that version.
-    Key(String, Option<Version>, Option<String>),
-    /// Drop everything (the sender lost messages).
-    Flush,
-}
-
-fn encode_message(instance: u64, notice: &Notice) -> String {
-    match notice {
-        Notice::Key(key, version, value) => {
-            let version = version.map_or_else(|| "-".to_owned(), |v| v.to_string());
-            let mut text = format!("tc1 {instance:x} {version} {}", encode_key(key));
-            if let Some(json) = value {
-                text.push(' ');
-                text.push_str(json);
-            }
-            text
-        }
-        Notice::Flush => format!("tc1 {instance:x} * "),
-    }
-}
-
-fn decode_message(text: &str) -> Option<(u64, Notice)> {
-    let mut parts = text.splitn(5, ' ');
-    if parts.next()? != "tc1" {
-        return None;
-    }
-    let instance = u64::from_str_radix(parts.next()?, 16).ok()?;
-    let version = parts.next()?;
-    let key = parts.next()?;
-    let value = parts.next().map(str::to_owned);
-    let notice = match version {
-        "*" => Notice::Flush,
-        "-" => Notice::Key(decode_key(key)?, None, None),
-        v => Notice::Key(decode_key(key)?, Some(v.parse().ok()?), value),
-    };
-    Some((instance, notice))
-}
 
 struct Inner {
     /// The servers, in order of preference: one, or a cluster's nodes (a cluster forwards every
@@ -146,73 +106,6 @@ struct Inner {
     received: Counter,
     publish_errors: Counter,
     gaps: Counter,
-}
-
-/// What the sender has to send: fresh messages in order, then retries.
-#[derive(Default)]
-struct Outbox {
-    fresh: VecDeque<Notice>,
-    /// Messages that failed, the latest version per key (their values dropped: a receiver
-    /// evicts instead of replacing).
-    retry: HashMap<String, Option<Version>>,
-    /// Too many piled up: the next send is "flush everything", and they are dropped.
-    overflowed: bool,
-    /// Messages in the send running now.
-    sending: usize,
-    /// The last send failed: the sender waits before the next.
-    failing: bool,
-}
-
-impl Outbox {
-    fn len(&self) -> usize {
-        self.fresh.len() + self.retry.len() + usize::from(self.overflowed) + self.sending
-    }
-
-    /// Keeps a message that failed (or could not be sent), coalesced per key.
-    fn keep(&mut self, notice: Notice) {
-        match notice {
-            Notice::Flush => self.overflowed = true,
-            Notice::Key(key, version, _) => {
-                if self.retry.len() >= MAX_PENDING && !self.retry.contains_key(&key) {
-                    self.overflow();
-                    return;
-                }
-                let slot = self.retry.entry(key).or_insert(version);
-                *slot = match (*slot, version) {
-                    (Some(a), Some(b)) => Some(a.max(b)),
-                    _ => None,
-                };
-            }
-        }
-    }
-
-    fn overflow(&mut self) {
-        self.overflowed = true;
-        self.retry.clear();
-        self.fresh.clear();
-    }
-
-    /// The next messages to send, in order: a flush if one is owed, then retries, then fresh
-    /// ones.
-    fn take(&mut self) -> Vec<Notice> {
-        let mut batch = Vec::new();
-        if std::mem::take(&mut self.overflowed) {
-            batch.push(Notice::Flush);
-        }
-        let retries: Vec<String> = self.retry.keys().take(SEND_BATCH).cloned().collect();
-        for key in retries {
-            let version = self.retry.remove(&key).expect("listed");
-            batch.push(Notice::Key(key, version, None));
-        }
-        while batch.len() < SEND_BATCH {
-            let Some(notice) = self.fresh.pop_front() else {
-                break;
-            };
-            batch.push(notice);
-        }
-        self.sending = batch.len();
-        batch
-    }
 }
 
 impl Drop for Inner {
@@ -514,49 +407,6 @@ impl RedisBackplane {
     }
 }
 
-/// The sender: sends what is queued, in order, and keeps what fails for a retry every
-/// [`RETRY_EVERY`]. Logs when publishing starts failing and when it works again, not per
-/// message. Ends with the backplane.
-async fn send_queued(backplane: Weak<Inner>) {
-    loop {
-        let failed = {
-            let Some(inner) = backplane.upgrade() else {
-                return;
-            };
-            let this = RedisBackplane { inner };
-            let batch = this.outbox().take();
-            if batch.is_empty() {
-                this.inner.drained.notify_waiters();
-                // A message queued since `take` left a permit: this returns at once.
-                let queued = Arc::clone(&this.inner.queued);
-                drop(this);
-                queued.notified().await;
-                continue;
-            }
-            let result = this.send(&batch).await;
-            let mut outbox = this.outbox();
-            outbox.sending = 0;
-            let failed = result.is_err();
-            if failed {
-                this.inner.publish_errors.incr();
-                for notice in batch {
-                    outbox.keep(notice);
-                }
-            }
-            if std::mem::replace(&mut outbox.failing, failed) != failed {
-                match &result {
-                    Err(error) => tracing::warn!(%error, "backplane cannot publish; retrying"),
-                    Ok(()) => tracing::info!("backplane publishes again"),
-                }
-            }
-            failed
-        };
-        if failed {
-            tokio::time::sleep(RETRY_EVERY).await;
-        }
-    }
-}
-
 #[async_trait]
 impl<K: StorageKey, V: Serialize + Send + Sync + 'static> Backplane<K, V> for RedisBackplane {
     /// Queues the message; a task of the backplane's own sends it (see the module docs).
@@ -613,250 +463,9 @@ impl RedisBackplane {
     }
 }
 
-/// The subscriber: (re)subscribes, flushes the local tiers each time it does (messages sent
-/// before were not heard), applies messages, and checks the subscription. Ends when the chain
-/// or the backplane is dropped, without waiting for a message.
-async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
-    backplane: Weak<Inner>,
-    chain: WeakTieredCache<K, V>,
-) {
-    let mut first = true;
-    let mut failures = 0u32;
-    loop {
-        let Some(inner) = backplane.upgrade() else {
-            return;
-        };
-        if chain.upgrade().is_none() {
-            return;
-        }
-        let servers = inner.clients.len();
-        let server = inner.subscribe_to.load(Ordering::Relaxed) % servers;
-        let connected = tokio::time::timeout(inner.connect_timeout, async {
-            let mut pubsub = inner.clients[server].get_async_pubsub().await?;
-            pubsub.subscribe(&inner.channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        })
-        .await;
-        let pubsub = match connected {
-            Ok(Ok(pubsub)) => pubsub,
-            _ => {
-                if !inner.tried.swap(true, Ordering::AcqRel) {
-                    inner.tried_once.notify_waiters();
-                }
-                // Try the next server; wait once every server has failed.
-                inner
-                    .subscribe_to
-                    .store((server + 1) % servers, Ordering::Relaxed);
-                drop(inner);
-                if server + 1 < servers {
-                    continue;
-                }
-                failures += 1;
-                tokio::time::sleep(resubscribe_backoff(failures)).await;
-                continue;
-            }
-        };
-        failures = 0;
-        inner.subscribed.store(true, Ordering::Relaxed);
-        {
-            // Messages sent while there was no subscription (before the first one too, while
-            // reads filled the memory tier) were not heard.
-            if !first {
-                inner.gaps.incr();
-            }
-            let Some(chain) = chain.upgrade() else { return };
-            chain.flush_local().await;
-        }
-        first = false;
-        if !inner.tried.swap(true, Ordering::AcqRel) {
-            inner.tried_once.notify_waiters();
-        }
-        let (sink, mut stream) = pubsub.split();
-        // The health check pings from its own task and says when the subscription is dead.
-        let (dead, mut died) = tokio::sync::oneshot::channel::<()>();
-        let checker = AbortOnDrop(tokio::spawn(health_check(
-            sink,
-            inner.timeout.max(Duration::from_millis(200)),
-            dead,
-        )));
-        let instance = inner.instance;
-        // Only a weak handle while waiting: dropping the backplane's last user ends this task.
-        let received = Weak::clone(&backplane);
-        drop(inner);
-        let mut alive = tokio::time::interval(ALIVE_CHECK_EVERY);
-        loop {
-            let message = tokio::select! {
-                message = stream.next() => message,
-                _ = &mut died => None,
-                _ = alive.tick() => {
-                    if chain.upgrade().is_none() || received.upgrade().is_none() {
-                        return;
-                    }
-                    continue;
-                }
-            };
-            let Some(message) = message else { break };
-            let Some((sender, notice)) = std::str::from_utf8(message.get_payload_bytes())
-                .ok()
-                .and_then(decode_message)
-            else {
-                tracing::debug!("backplane message not understood; ignored");
-                continue;
-            };
-            if sender == instance {
-                continue;
-            }
-            let (Some(chain), Some(inner)) = (chain.upgrade(), received.upgrade()) else {
-                return;
-            };
-            match notice {
-                Notice::Flush => chain.flush_local().await,
-                Notice::Key(text, version, json) => {
-                    // A value that does not decode only costs the shortcut: evict.
-                    let value = json
-                        .and_then(|j| serde_json::from_str::<V>(&j).ok())
-                        .map(Arc::new);
-                    if let Some(key) = K::from_storage_key(&text) {
-                        let change = Change::announced(key, version, value);
-                        chain.apply(Changes::from_backplane(vec![change])).await;
-                    }
-                }
-            }
-            // Counted once applied: whoever sees the count sees the change.
-            inner.received.incr();
-        }
-        drop(checker);
-        let Some(inner) = backplane.upgrade() else {
-            return;
-        };
-        inner.subscribed.store(false, Ordering::Relaxed);
-        tracing::warn!(server, "backplane subscription lost");
-    }
-}
-
-/// The wait before resubscribing after `failures` failed attempts in a row: doubling from the
-/// first, capped, with up to half off at random so that instances do not reconnect in step.
-fn resubscribe_backoff(failures: u32) -> Duration {
-    let (first, longest) = RESUBSCRIBE_BACKOFF;
-    let wait = first
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(longest);
-    wait.mul_f64(1.0 - fastrand::f64() / 2.0)
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// PINGs the subscription every [`HEALTH_CHECK_EVERY`]; reports it dead when a PING fails or
-/// does not answer within `limit`.
-async fn health_check(
-    mut sink: redis::aio::PubSubSink,
-    limit: Duration,
-    dead: tokio::sync::oneshot::Sender<()>,
-) {
-    let mut every = tokio::time::interval(HEALTH_CHECK_EVERY);
-    every.tick().await;
-    loop {
-        every.tick().await;
-        let alive = tokio::time::timeout(limit, sink.ping::<redis::Value>()).await;
-        if !matches!(alive, Ok(Ok(_))) {
-            tracing::warn!("backplane subscription unresponsive; reconnecting");
-            let _ = dead.send(());
-            return;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn messages_round_trip() {
-        for notice in [
-            Notice::Key("a b:c".into(), Some(42), None),
-            Notice::Key("k".into(), Some(7), Some("{\"a\": \"x y z\"}".into())),
-            Notice::Key("ünï".into(), None, None),
-            Notice::Key(String::new(), Some(1), None),
-            Notice::Flush,
-        ] {
-            let text = encode_message(0xabc, &notice);
-            assert_eq!(decode_message(&text), Some((0xabc, notice)), "{text}");
-        }
-        assert_eq!(decode_message("tc2 1 2 x"), None);
-        assert_eq!(decode_message("tc1 zz 2 x"), None);
-        assert_eq!(decode_message("tc1 1 two x"), None);
-        assert_eq!(decode_message("tc1 1 2 a:b"), None, "not an encoded key");
-    }
-
-    fn key(k: &str, version: Option<Version>) -> Notice {
-        Notice::Key(k.into(), version, None)
-    }
-
-    #[test]
-    fn a_failed_message_is_kept_once_per_key_at_its_latest_version() {
-        let mut outbox = Outbox::default();
-        outbox.keep(key("a", Some(3)));
-        outbox.keep(Notice::Key("a".into(), Some(5), Some("{}".into())));
-        outbox.keep(key("a", Some(4)));
-        assert_eq!(
-            outbox.retry.get("a"),
-            Some(&Some(5)),
-            "the latest version, no value"
-        );
-        outbox.keep(key("a", None));
-        assert_eq!(
-            outbox.retry.get("a"),
-            Some(&None),
-            "a manual invalidation drops all"
-        );
-        outbox.keep(key("a", Some(9)));
-        assert_eq!(outbox.retry.get("a"), Some(&None));
-        assert_eq!(outbox.len(), 1);
-    }
-
-    #[test]
-    fn past_the_retry_bound_everything_kept_becomes_one_flush_sent_first() {
-        let mut outbox = Outbox::default();
-        for i in 0..MAX_PENDING {
-            outbox.keep(key(&i.to_string(), Some(1)));
-        }
-        assert!(!outbox.overflowed);
-        outbox.fresh.push_back(key("fresh", Some(1)));
-        // A key already kept is coalesced, not counted again.
-        outbox.keep(key("0", Some(2)));
-        assert!(!outbox.overflowed);
-        outbox.keep(key("one too many", Some(1)));
-        assert!(outbox.overflowed);
-        assert!(outbox.retry.is_empty() && outbox.fresh.is_empty());
-        assert_eq!(outbox.len(), 1);
-
-        outbox.fresh.push_back(key("after", Some(1)));
-        let batch = outbox.take();
-        assert_eq!(batch, vec![Notice::Flush, key("after", Some(1))]);
-        assert!(!outbox.overflowed);
-    }
-
-    #[test]
-    fn a_send_takes_retries_before_fresh_messages_up_to_a_batch() {
-        let mut outbox = Outbox::default();
-        outbox.keep(key("old", Some(1)));
-        for i in 0..SEND_BATCH {
-            outbox.fresh.push_back(key(&i.to_string(), Some(2)));
-        }
-        let batch = outbox.take();
-        assert_eq!(batch.len(), SEND_BATCH);
-        assert_eq!(batch[0], key("old", Some(1)));
-        assert_eq!(batch[1], key("0", Some(2)), "fresh ones in order");
-        assert_eq!(outbox.sending, SEND_BATCH);
-        assert_eq!(outbox.fresh.len(), 1, "the rest waits for the next send");
-    }
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_value_rides_along_up_to_16_kib_of_json_and_not_a_byte_more() {
