@@ -91,14 +91,7 @@ impl fmt::Display for Failure {
 
 /// An error and its sources, as one line.
 pub(crate) fn explain(e: &dyn std::error::Error) -> String {
-    let mut message = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        message.push_str(": ");
-        message.push_str(&s.to_string());
-        source = s.source();
-    }
-    message
+    tiercache_core::util::error_chain(e)
 }
 
 impl From<userconfig::Error> for Failure {

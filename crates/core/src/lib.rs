@@ -55,6 +55,7 @@ mod latency;
 mod source;
 mod stats;
 mod tier;
+pub mod util;
 
 /// The attribute the traits' implementations take (`#[tiercache_core::async_trait]`), so that a
 /// crate writing its own tier or source needs no dependency of its own on `async-trait`.

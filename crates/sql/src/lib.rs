@@ -253,18 +253,8 @@ pub fn templated(embedded: &[Embedded], fill: impl Fn(&str) -> String) -> Migrat
     Migrator::with_migrations(migrations)
 }
 
-/// The text of an error and its sources, for a message that must stand on its own.
-#[must_use]
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
+/// The text of an error and its sources (the core's, re-exported for the SQL sources' callers).
+pub use tiercache_core::util::error_chain;
 
 #[cfg(test)]
 mod tests {

@@ -181,13 +181,7 @@ impl<K: Key, V: Value> MemoryTier<K, V> {
     }
 
     fn expiry_for(&self, entry: &Entry<V>, now: Timestamp) -> Timestamp {
-        let ttl = if self.config.jitter > 0.0 {
-            self.config
-                .ttl
-                .mul_f64(1.0 - self.config.jitter * fastrand::f64())
-        } else {
-            self.config.ttl
-        };
+        let ttl = tiercache_core::util::jittered_ttl(self.config.ttl, self.config.jitter);
         entry.capped_expiry(now, ttl)
     }
 

@@ -125,13 +125,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
 
 impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> RedisTier<K, V> {
     pub(crate) fn ttl_for(&self, entry: &Entry<V>, now: Timestamp) -> Duration {
-        let ttl = if self.config.jitter > 0.0 {
-            self.config
-                .ttl
-                .mul_f64(1.0 - self.config.jitter * fastrand::f64())
-        } else {
-            self.config.ttl
-        };
+        let ttl = tiercache_core::util::jittered_ttl(self.config.ttl, self.config.jitter);
         entry.capped_expiry(now, ttl).saturating_since(now)
     }
 

@@ -331,14 +331,10 @@ impl<K: Key, V: Value> Drop for Exit<K, V> {
 }
 
 /// The wait after `failures` failed replays in a row: doubling from the first, capped, with up
-/// to 50% off at random so that instances do not retry in step. (The thread's `fastrand`
-/// generator: a test that seeds it replays the same waits.)
+/// to 50% off at random so that instances do not retry in step.
 fn backoff(failures: u32) -> Duration {
     let (first, longest) = REPLAY_BACKOFF;
-    let wait = first
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(longest);
-    wait.mul_f64(1.0 - fastrand::f64() / 2.0)
+    crate::util::jittered_backoff(first, longest, failures)
 }
 
 /// The maps of keys checked on every read of a tier with replays pending: a fast hash (the

@@ -258,10 +258,7 @@ impl<K: StorageKey, V: DeserializeOwned + Send + Sync + 'static> Follower<K, V> 
             let wait = if standby {
                 Duration::from_secs(30)
             } else {
-                RECONNECT
-                    .0
-                    .saturating_mul(1 << failures.min(6))
-                    .min(RECONNECT.1)
+                tiercache_core::util::doubling(RECONNECT.0, RECONNECT.1, failures + 1)
             };
             tokio::select! {
                 () = tokio::time::sleep(wait) => {}

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde::de::DeserializeOwned;
+use tiercache_core::util::AbortOnDrop;
 use tiercache_core::{Change, Changes, StorageKey, Value, WeakTieredCache};
-use tokio::task::JoinHandle;
 
 use super::wire::{Notice, decode_message};
 use super::{ALIVE_CHECK_EVERY, HEALTH_CHECK_EVERY, Inner, RESUBSCRIBE_BACKOFF};
@@ -139,19 +139,7 @@ pub(super) async fn listen<K: StorageKey, V: Value + DeserializeOwned>(
 /// first, capped, with up to half off at random so that instances do not reconnect in step.
 fn resubscribe_backoff(failures: u32) -> Duration {
     let (first, longest) = RESUBSCRIBE_BACKOFF;
-    let wait = first
-        .saturating_mul(1 << failures.saturating_sub(1).min(16))
-        .min(longest);
-    wait.mul_f64(1.0 - fastrand::f64() / 2.0)
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
+    tiercache_core::util::jittered_backoff(first, longest, failures)
 }
 
 /// PINGs the subscription every [`HEALTH_CHECK_EVERY`]; reports it dead when a PING fails or
