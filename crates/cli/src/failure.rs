@@ -91,7 +91,7 @@ impl fmt::Display for Failure {
 
 /// An error and its sources, as one line.
 pub(crate) fn explain(e: &dyn std::error::Error) -> String {
-    tiercache_core::util::error_chain(e)
+    userconfig::error_chain(e)
 }
 
 impl From<userconfig::Error> for Failure {
@@ -144,7 +144,7 @@ mod tests {
             ),
             (userconfig::Error::Settings("bad".into()), EXIT_USAGE),
             (
-                userconfig::Error::Cache(tiercache_core::Error::unavailable(
+                userconfig::Error::Cache(userconfig::CacheError::unavailable(
                     "postgres",
                     std::io::Error::other("down"),
                 )),

@@ -59,6 +59,13 @@ pub use env::ENV_VARS;
 pub use error::{Error, Result};
 pub use history::{ConfigRevision, MAX_HISTORY_PAGE};
 pub use stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
+/// The chain's types that appear in this crate's API (errors, versions, statistics, latency
+/// summaries), and the core's helpers, so that a user of the facade needs no dependency of
+/// its own on `tiercache-core`.
+pub use tiercache_core::{
+    ChainStats, ChainTierStats, Error as CacheError, FeedStats, LatencyHistogram,
+    LatencySummary, TierStats, Version, util::error_chain,
+};
 #[cfg(feature = "cluster")]
 pub use storage::REDIS_CLUSTER_NODES_VAR;
 pub use storage::{

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use userconfig::{CacheStats, UserConfigStorage};
 
-use tiercache_core::LatencySummary;
+use userconfig::LatencySummary;
 
 use super::window::{SECONDS, TIERS, Window};
 

@@ -101,7 +101,7 @@ pub(crate) fn render(
             }
         }
     }
-    type TierValue = fn(&tiercache_core::ChainTierStats) -> f64;
+    type TierValue = fn(&userconfig::ChainTierStats) -> f64;
     let tier_families: [(&str, &str, &str, TierValue); 5] = [
         (
             "tiercache_tier_misses_total",
@@ -246,7 +246,7 @@ pub(crate) fn render(
         },
     );
     // The database's change feed, for the instances that follow one.
-    let feeds: Vec<(&String, &tiercache_core::FeedStats)> = instances
+    let feeds: Vec<(&String, &userconfig::FeedStats)> = instances
         .iter()
         .zip(stats)
         .filter_map(|(i, s)| s.chain.feed.as_ref().map(|f| (i, f)))
@@ -255,7 +255,7 @@ pub(crate) fn render(
         (
             "tiercache_feed_connected",
             "1 while the instance's follower of the database's change feed is connected.",
-            (|f| f.connected) as fn(&tiercache_core::FeedStats) -> bool,
+            (|f| f.connected) as fn(&userconfig::FeedStats) -> bool,
         ),
         (
             "tiercache_feed_elected",

@@ -8,7 +8,7 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tiercache_core::{LatencyHistogram, LatencySummary};
+use userconfig::{LatencyHistogram, LatencySummary};
 use userconfig::Answer;
 
 /// Seconds kept.
