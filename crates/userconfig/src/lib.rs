@@ -59,18 +59,18 @@ pub use env::ENV_VARS;
 pub use error::{Error, Result};
 pub use history::{ConfigRevision, MAX_HISTORY_PAGE};
 pub use stats::{CacheStats, DatabaseStats, MemoryCacheStats, RedisCacheStats};
-/// The chain's types that appear in this crate's API (errors, versions, statistics, latency
-/// summaries), and the core's helpers, so that a user of the facade needs no dependency of
-/// its own on `tiercache-core`.
-pub use tiercache_core::{
-    ChainStats, ChainTierStats, Error as CacheError, FeedStats, LatencyHistogram,
-    LatencySummary, TierStats, Version, util::error_chain,
-};
 #[cfg(feature = "cluster")]
 pub use storage::REDIS_CLUSTER_NODES_VAR;
 pub use storage::{
     Answer, DEFAULT_MAX_CONFIG_BYTES, DEFAULT_MEMORY_CAPACITY, DEFAULT_MEMORY_TTL,
     DEFAULT_REDIS_PREFIX, DEFAULT_REDIS_TTL, DEFAULT_SQLITE_PATH, FetchedConfig,
     MAX_MODIFY_ATTEMPTS, MAX_USER_ID_BYTES, UserConfigStorage, check_user_id, conflict_backoff,
+};
+/// The chain's types that appear in this crate's API (errors, versions, statistics, latency
+/// summaries), and the core's helpers, so that a user of the facade needs no dependency of
+/// its own on `tiercache-core`.
+pub use tiercache_core::{
+    ChainStats, ChainTierStats, Error as CacheError, FeedStats, LatencyHistogram, LatencySummary,
+    TierStats, Version, util::error_chain,
 };
 pub use watch::{ConfigWatch, DEFAULT_MAX_WATCHED_USERS, WatchedConfig};

@@ -8,8 +8,8 @@ use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use userconfig::{LatencyHistogram, LatencySummary};
 use userconfig::Answer;
+use userconfig::{LatencyHistogram, LatencySummary};
 
 /// Seconds kept.
 pub(crate) const SECONDS: usize = 300;
