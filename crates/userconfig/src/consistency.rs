@@ -224,8 +224,10 @@ impl Verifier {
     }
 }
 
-/// `-log10` of the inconsistent share; with none, the lower bound `log10(checked)`.
-fn nines(checked: u64, inconsistent: u64) -> Option<f64> {
+/// Consistency in nines: `-log10` of the inconsistent share of the reads checked; with none
+/// inconsistent, the lower bound `log10(checked)`; `None` before any check.
+#[must_use]
+pub fn nines(checked: u64, inconsistent: u64) -> Option<f64> {
     if checked == 0 {
         return None;
     }

@@ -52,7 +52,7 @@ pub use config::{
 };
 pub use consistency::{
     ConsistencyStats, DEFAULT_CONSISTENCY_CHECKS_PER_SECOND, DEFAULT_CONSISTENCY_GRACE,
-    DEFAULT_CONSISTENCY_SAMPLE,
+    DEFAULT_CONSISTENCY_SAMPLE, nines,
 };
 pub use diff::json_patch;
 pub use env::ENV_VARS;

@@ -76,13 +76,7 @@ impl Consistency {
                 i + v.inconsistent_memory + v.inconsistent_redis,
             )
         });
-        let nines = (checked > 0).then(|| {
-            if inconsistent == 0 {
-                (checked as f64).log10()
-            } else {
-                -(inconsistent as f64 / checked as f64).log10()
-            }
-        });
+        let nines = userconfig::nines(checked, inconsistent);
         let first = stats.first().map(|s| &s.consistency);
         Consistency {
             sample_one_in: first.map_or(0, |c| c.sample_one_in),
