@@ -33,12 +33,17 @@ struct Event {
 
 impl Stream {
     fn open(addr: &str, headers: &[(&str, &str)]) -> Stream {
+        Stream::open_path(addr, EVENTS, headers)
+    }
+
+    /// `GET path` on `addr` as an event stream: its status, then its body line by line.
+    fn open_path(addr: &str, path: &str, headers: &[(&str, &str)]) -> Stream {
         let mut socket = TcpStream::connect(addr).unwrap();
         socket
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
         let mut head =
-            format!("GET {EVENTS} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
         for (k, v) in headers {
             head.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -300,34 +305,7 @@ fn changes(addr: &str, since: Option<&str>) -> Stream {
         Some(cursor) => format!("/v1/changes?since={cursor}"),
         None => "/v1/changes".to_owned(),
     };
-    let mut socket = TcpStream::connect(addr).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    socket
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut reader = BufReader::new(socket);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).unwrap();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).unwrap();
-        if line == "\r\n" {
-            break;
-        }
-    }
-    Stream {
-        reader,
-        status,
-        lines: Vec::new(),
-    }
+    Stream::open_path(addr, &path, &[])
 }
 
 impl Stream {
