@@ -2,10 +2,11 @@
 //! it never calls.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use mockall::Sequence;
 use mockall::predicate::eq;
-use tiercache_core::{Entry, Error, Origin, Peek, TierStats, TieredCache, Written};
+use tiercache_core::{BreakerPolicy, Entry, Error, Origin, Peek, TierStats, TieredCache, Written};
 use tiercache_testkit::{MockCacheTier, MockSource};
 
 type Mock = MockCacheTier<String, String>;
@@ -272,4 +273,46 @@ async fn a_delete_goes_to_the_source_first_then_leaves_not_found_at_its_version(
         .returning(|_, _| Ok(true));
     let cache = TieredCache::builder().tier(l1).source(db).build().unwrap();
     assert_eq!(cache.delete(&"k".to_string()).await.unwrap(), 8);
+}
+
+/// A tier's `get_stale` that answers without asking its server (the default keeps no stale
+/// copies: `Ok(None)`) says nothing about the tier. With the source down too, every read asks
+/// each tier for a stale copy; a failing tier's breaker still opens after three failures, and
+/// no read reaches it afterwards. (When that lookup counted as a success, the breaker of a down
+/// Redis never opened while the database was down, and every read waited on Redis.)
+#[tokio::test]
+async fn a_stale_lookup_does_not_close_a_failing_tiers_breaker() {
+    let down = |tier: &str| Error::unavailable(tier, std::io::Error::other("down"));
+    let mut redis = named("redis");
+    redis
+        .expect_get()
+        .times(3)
+        .returning(move |_| Err(down("redis")));
+    redis.expect_get_stale().returning(|_, _| Ok(None));
+    redis
+        .expect_stats()
+        .returning(|| TierStats::new("redis".to_string(), 0, 0));
+    let mut db = source("db");
+    db.expect_get().returning(move |_| Err(down("db")));
+    db.expect_stats()
+        .returning(|| TierStats::new("db".to_string(), 0, 0));
+    let cache = TieredCache::builder()
+        .tier(tiercache_memory::MemoryTier::new())
+        .tier(redis)
+        .source(db)
+        .breaker(BreakerPolicy {
+            threshold: 3,
+            cooldown: Duration::from_secs(600),
+        })
+        .max_stale(Some(Duration::from_secs(60)))
+        .build()
+        .unwrap();
+    for i in 0..10 {
+        let err = cache.get(&format!("k{i}")).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+    }
+    let redis = &cache.stats().tiers[1];
+    assert!(redis.breaker_open, "{redis:?}");
+    // The seven later reads skipped Redis for their read and their stale lookup alike.
+    assert_eq!((redis.errors, redis.skipped), (3, 15), "{redis:?}");
 }

@@ -1,6 +1,8 @@
 //! Getting a statement to the server: the pool (no ping before each call), a read retried on a
-//! connection found dead, a write on a connection that answers a ping, the probe that tells a
-//! busy pool from a server that is down, and failing fast while it is down.
+//! connection found dead, a write on a connection that answers a ping, and the probe that tells
+//! a busy pool from a server that is down. (A server that is down is not asked again by every
+//! call: the chain's circuit breaker skips it after three failures and lets one call probe it
+//! per cool-down.)
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +18,9 @@ use tiercache_sql::error_chain;
 use crate::PostgresSource;
 use crate::error::{NoConnection, broken_connection, map_error};
 
-/// After the server was found unreachable, calls fail at once for this long.
-pub(crate) const FAIL_FAST_FOR: Duration = Duration::from_millis(250);
+/// After a probe found the server answering, pool time-outs are taken for a busy pool without
+/// another probe for this long.
+pub(crate) const PROBE_QUIET_FOR: Duration = Duration::from_millis(250);
 
 /// Clears the probing flag when the probe ends, finished or dropped with its caller.
 struct Probing<'a>(&'a AtomicBool);
@@ -51,8 +54,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Runs `call` (after the migrations), failing fast while the server is known to be
-    /// unreachable. A read (`retry_broken`) that fails on a pooled connection that turned out
+    /// Runs `call` (after the migrations). A read (`retry_broken`) that fails on a pooled connection that turned out
     /// dead (the server restarted, or dropped it while idle) is run again on another, up to
     /// once per pooled connection: the pool does not test connections before handing them out
     /// (that costs a round trip per call), so a read finds a dead one this way instead.
@@ -61,10 +63,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = std::result::Result<T, sqlx::Error>>,
     {
-        if self.now_nanos() < self.down_until.load(Ordering::Relaxed) {
-            self.stats.errors.incr();
-            return Err(Error::unavailable(&self.name, NoConnection::FailingFast));
-        }
         let result = match self.migrations.start().await.map(|_| ()) {
             Ok(()) => {
                 let mut result = call().await;
@@ -121,8 +119,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
     /// refuses connections" from "the pool is busy". One probe at a time: the callers that
     /// time out meanwhile, and those in the window after a probe found the server answering,
     /// are told the pool is busy without opening a connection each (a busy pool's waiters would
-    /// otherwise exhaust the server's connections). While the server is unreachable, calls fail
-    /// fast for a moment instead of each waiting out the acquire time limit.
+    /// otherwise exhaust the server's connections).
     pub(crate) async fn explain_core(&self, error: Error) -> Error {
         let Error::Unavailable { source, .. } = &error else {
             return error;
@@ -143,7 +140,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
                 Ok(Ok(conn)) => {
                     // The server answers: the pool is busy, not the server down.
                     let until =
-                        self.now_nanos() + u64::try_from(FAIL_FAST_FOR.as_nanos()).unwrap_or(0);
+                        self.now_nanos() + u64::try_from(PROBE_QUIET_FOR.as_nanos()).unwrap_or(0);
                     self.busy_until.store(until, Ordering::Relaxed);
                     let _ = tokio::time::timeout(self.connect_timeout, conn.close()).await;
                     return error;
@@ -154,8 +151,6 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         } else {
             error_chain(&error)
         };
-        let until = self.now_nanos() + u64::try_from(FAIL_FAST_FOR.as_nanos()).unwrap_or(0);
-        self.down_until.store(until, Ordering::Relaxed);
         Error::unavailable(&self.name, NoConnection::Unreachable(reason))
     }
 

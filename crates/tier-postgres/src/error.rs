@@ -30,8 +30,6 @@ pub(crate) enum NoConnection {
     Unreachable(String),
     #[error("no pooled connection became free in time (the pool is busy)")]
     PoolBusy,
-    #[error("the database was unreachable moments ago; not retrying yet")]
-    FailingFast,
 }
 
 /// Maps a sqlx error onto the core's; a cancelled statement ran out of `statement_timeout`.

@@ -33,14 +33,14 @@
 //!   PostgreSQL 13 or later (`pg_current_xact_id`, `xid8`, `pg_snapshot`).
 //!
 //! One file per job: `source.rs` (the statements and the `Source` impl), `connection.rs`
-//! (pool, retries, probes, failing fast), `error.rs` (SQLSTATEs onto the core's errors),
+//! (pool, retries, probes), `error.rs` (SQLSTATEs onto the core's errors),
 //! `feed/` (the change feed), `admin.rs` (migrations, grants, pruning by hand),
 //! `builder.rs`, `migrate.rs` (the embedded migrations and the names of the objects).
 //! * The pool connects lazily: [`PostgresSourceBuilder::build`] needs no running server, and the
 //!   migrations run on first use (once; retried on later calls if they failed), or when you
 //!   call [`PostgresSource::migrate`]. The schema is created if it is missing.
 //! * Acquire (1 s) and statement (1.5 s) time limits are short by default, below the chain's
-//!   2 s source time limit, so that the tier's own error (and its fail-fast) is what the chain
+//!   2 s source time limit, so that the tier's own error (which says why) is what the chain
 //!   sees, not its own time-out. sqlx 0.9 has no time limit per connection attempt: the pool's
 //!   own attempts (retried while the server refuses) are bounded by the acquire time limit;
 //!   [`connect_timeout`](PostgresSourceBuilder::connect_timeout) bounds the connections the tier

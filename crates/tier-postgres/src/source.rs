@@ -41,8 +41,6 @@ pub struct PostgresSource<K, V> {
     pub(crate) feed_poll: Duration,
     pub(crate) elect_every: Duration,
     pub(crate) migrations: Arc<Migrations>,
-    /// Nanoseconds since `epoch` until which calls fail fast (the server was unreachable).
-    pub(crate) down_until: AtomicU64,
     /// Nanoseconds since `epoch` until which a pool time-out is taken for a busy pool without a
     /// probe (the last probe found the server answering).
     pub(crate) busy_until: AtomicU64,

@@ -29,11 +29,6 @@ pub(crate) fn is_connection_error(error: &RedisError) -> bool {
         || error.is_timeout()
 }
 
-/// Why a call could not be made at all.
-#[derive(Debug, thiserror::Error)]
-#[error("Redis was unreachable moments ago; not retrying yet")]
-pub(crate) struct FailingFast;
-
 /// A call made while the first connection is still being made.
 #[derive(Debug, thiserror::Error)]
 #[error("still connecting to Redis")]

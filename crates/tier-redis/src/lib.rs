@@ -5,7 +5,8 @@
 //!   most one command time limit: a connection that takes longer (TLS, AUTH, a far server, a
 //!   cluster's discovery) goes on in the background while calls fail fast with a transient
 //!   [`Error::Unavailable`](tiercache_core::Error::Unavailable), instead of being cancelled with each caller and started again. A
-//!   service starts while Redis is down, and while it is unreachable every call fails fast. `rediss://`
+//!   service starts while Redis is down; while it is unreachable each call fails within its
+//!   time limit, and a chain's circuit breaker stops asking after three failures. `rediss://`
 //!   URLs use TLS (the system's OpenSSL); `redis://user:password@host` authenticates (ACL
 //!   users too). The password is never printed: `Debug` shows the address and user only.
 //! * **Keys**: the prefix (default `tiercache:`) followed by the key, percent-encoded
@@ -51,7 +52,7 @@
 //! |---|---|
 //! | `lib.rs` | these docs, the defaults, the re-exports |
 //! | `tier.rs` | [`RedisTier`]: its state, reads and decoding, the [`CacheTier`](tiercache_core::CacheTier) implementation |
-//! | `link.rs` | the connection's lifecycle: the connecting task, failing fast, the redacted address |
+//! | `link.rs` | the connection's lifecycle: the connecting task, the redacted address |
 //! | `error.rs` | redis errors mapped onto the core's, and the tier's own reasons |
 //! | `codec.rs` | payloads in MessagePack or JSON, errors that never quote the data |
 //! | `envelope.rs` | the versioned envelope around a payload |

@@ -1,11 +1,12 @@
 //! The connection's lifecycle: made once by a task of its own (whoever gives up waiting), then
-//! reconnecting by itself; calls fail fast for a moment after a connection failure; the
-//! address shown without its password.
+//! reconnecting by itself; the address shown without its password. (A Redis that is down is
+//! not asked again by every call: the chain's circuit breaker skips it after three failures and
+//! lets one call probe it per cool-down.)
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, Value as RedisValue};
@@ -13,12 +14,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tiercache_core::{Error, Result, StorageKey};
 
-use crate::error::{Connecting, FailingFast, is_connection_error, map_error};
+use crate::error::{Connecting, is_connection_error, map_error};
 use crate::tier::RedisTier;
-
-/// After a connection failure, calls fail at once for this long instead of waiting on a
-/// reconnection each.
-pub(crate) const FAIL_FAST_FOR: Duration = Duration::from_millis(200);
 
 /// The connection and what the tier knows of it, shared with the task that makes it.
 pub(crate) struct Link {
@@ -29,9 +26,6 @@ pub(crate) struct Link {
     /// Told when a connecting task ends, made or not.
     pub(crate) done: tokio::sync::Notify,
     pub(crate) connected: AtomicBool,
-    /// Nanoseconds since `epoch` until which calls fail fast (0: not failing).
-    pub(crate) down_until: AtomicU64,
-    pub(crate) epoch: Instant,
 }
 
 /// Ends a connecting task's turn: clears the flag and wakes the callers waiting for it.
@@ -51,23 +45,7 @@ impl Link {
             connecting: AtomicBool::new(false),
             done: tokio::sync::Notify::new(),
             connected: AtomicBool::new(false),
-            down_until: AtomicU64::new(0),
-            epoch: Instant::now(),
         }
-    }
-
-    pub(crate) fn failing_fast(&self) -> bool {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        now < self.down_until.load(Ordering::Relaxed)
-    }
-
-    /// Calls fail at once for [`FAIL_FAST_FOR`] from now.
-    pub(crate) fn fail_fast(&self) {
-        let until = self.epoch.elapsed() + FAIL_FAST_FOR;
-        self.down_until.store(
-            u64::try_from(until.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
     }
 }
 
@@ -198,7 +176,7 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
     }
 
     /// The task that makes the connection: on success every later call uses it; on failure
-    /// calls fail fast for a moment and the next one after that tries again.
+    /// the next call tries again.
     pub(crate) fn connect(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let link = Arc::clone(&self.link);
         let (name, limit) = (self.config.name.clone(), self.config.connect_timeout);
@@ -240,28 +218,21 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
                     tracing::debug!(tier = %name, "connected to Redis");
                 }
                 Ok(Err(error)) => {
-                    link.fail_fast();
                     tracing::debug!(tier = %name, error = %map_error(&name, error), "could not connect to Redis");
                 }
                 Err(_) => {
-                    link.fail_fast();
                     tracing::debug!(tier = %name, after = ?limit * 2, "could not connect to Redis in time");
                 }
             }
         }
     }
 
-    /// Runs one command or script, failing fast while Redis is known to be unreachable, and
-    /// keeps the connection state and error count.
+    /// Runs one command or script, and keeps the connection state and error count.
     pub(crate) async fn run<T, F, Fut>(&self, call: F) -> Result<T>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        if self.link.failing_fast() {
-            self.stats.errors.incr();
-            return Err(Error::unavailable(&self.config.name, FailingFast));
-        }
         let connection = match self.connection().await {
             Ok(connection) => connection,
             Err(error) => {
@@ -272,16 +243,12 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Red
         match call(connection).await {
             Ok(value) => {
                 self.link.connected.store(true, Ordering::Relaxed);
-                self.link.down_until.store(0, Ordering::Relaxed);
                 Ok(value)
             }
             Err(error) => {
                 self.stats.errors.incr();
                 if is_connection_error(&error) {
                     self.link.connected.store(false, Ordering::Relaxed);
-                    if !error.is_timeout() {
-                        self.link.fail_fast();
-                    }
                 }
                 let mapped = match map_error(&self.config.name, error) {
                     Error::Timeout { tier, .. } => Error::Timeout {

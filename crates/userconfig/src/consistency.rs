@@ -285,20 +285,14 @@ async fn check(
     sample: Sample,
 ) {
     let source = cache.source();
-    let history = tokio::time::timeout(
-        tiercache_core::DEFAULT_SOURCE_TIMEOUT,
-        source.history(&sample.user, None, NEWER),
-    )
-    .await;
+    let history = cache
+        .source_call("history", source.history(&sample.user, None, NEWER))
+        .await;
     let revisions = match history {
-        Ok(Ok(revisions)) => revisions,
-        Ok(Err(error)) => {
+        Ok(revisions) => revisions,
+        Err(error) => {
             verifier.failed.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%error, "a consistency check could not read the history");
-            return;
-        }
-        Err(_) => {
-            verifier.failed.fetch_add(1, Ordering::Relaxed);
             return;
         }
     };

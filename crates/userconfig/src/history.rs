@@ -107,12 +107,12 @@ impl UserConfigStorage {
     ) -> Result<Vec<ConfigRevision>> {
         check_user_id(user_id)?;
         let limit = limit.min(MAX_HISTORY_PAGE);
+        let user = user_id.to_owned();
         let source = self.cache.source();
-        let found = bounded(
-            source.history(&user_id.to_owned(), before, limit),
-            source.name(),
-        )
-        .await?;
+        let found = self
+            .cache
+            .source_call("history", source.history(&user, before, limit))
+            .await?;
         Ok(found
             .into_iter()
             .map(ConfigRevision::from_revision)
@@ -130,8 +130,12 @@ impl UserConfigStorage {
         version: Version,
     ) -> Result<Option<ConfigRevision>> {
         check_user_id(user_id)?;
+        let user = user_id.to_owned();
         let source = self.cache.source();
-        let found = bounded(source.revision(&user_id.to_owned(), version), source.name()).await?;
+        let found = self
+            .cache
+            .source_call("revision", source.revision(&user, version))
+            .await?;
         Ok(found.map(ConfigRevision::from_revision))
     }
 
@@ -219,22 +223,12 @@ impl UserConfigStorage {
     /// As [`history`](Self::history).
     pub async fn purge_history(&self, user_id: &str) -> Result<u64> {
         check_user_id(user_id)?;
+        let user = user_id.to_owned();
         let source = self.cache.source();
-        bounded(source.purge_history(&user_id.to_owned()), source.name()).await
-    }
-}
-
-/// A database call within the chain's source time limit.
-async fn bounded<T>(
-    call: impl Future<Output = tiercache_core::Result<T>>,
-    source: &str,
-) -> Result<T> {
-    match tokio::time::timeout(tiercache_core::DEFAULT_SOURCE_TIMEOUT, call).await {
-        Ok(result) => Ok(result?),
-        Err(_) => Err(Error::Cache(tiercache_core::Error::Timeout {
-            tier: source.to_owned(),
-            after: tiercache_core::DEFAULT_SOURCE_TIMEOUT,
-        })),
+        Ok(self
+            .cache
+            .source_call("purge_history", source.purge_history(&user))
+            .await?)
     }
 }
 

@@ -321,7 +321,7 @@ impl Watches {
                         // One stored configuration does not decode: read the batch one by
                         // one, and leave that user's handle where it is.
                         for user in batch {
-                            match chain.source().get(user).await {
+                            match chain.source_call("get", chain.source().get(user)).await {
                                 Ok(entry) => self.offer(user, watched(user, entry), reads.reset),
                                 Err(error) => tracing::warn!(
                                     %error,
@@ -347,18 +347,9 @@ async fn read_batch(
     chain: &TieredCache<Key, UserConfig>,
     users: &[String],
 ) -> tiercache_core::Result<Vec<Option<Entry<UserConfig>>>> {
-    match tokio::time::timeout(
-        tiercache_core::DEFAULT_SOURCE_TIMEOUT,
-        chain.source().get_many(users),
-    )
-    .await
-    {
-        Ok(found) => found,
-        Err(_) => Err(tiercache_core::Error::Timeout {
-            tier: chain.source().name().to_owned(),
-            after: tiercache_core::DEFAULT_SOURCE_TIMEOUT,
-        }),
-    }
+    chain
+        .source_call("get_many", chain.source().get_many(users))
+        .await
 }
 
 fn watched(user: &str, entry: Option<Entry<UserConfig>>) -> WatchedConfig {

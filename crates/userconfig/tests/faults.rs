@@ -6,7 +6,7 @@ use sqlx::AssertSqlSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tiercache_core::CacheTier;
+use tiercache_core::{CacheTier, DEFAULT_BREAKER_COOLDOWN};
 use tiercache_postgres::PostgresSource;
 use tiercache_redis::RedisTier;
 use tiercache_testkit::{FaultProxy, ProxyMode, env, postgres_env, redis_env};
@@ -335,4 +335,89 @@ async fn a_service_starts_while_redis_and_postgres_are_down() {
             .unwrap_err()
             .is_invalid_input()
     );
+}
+
+/// A server that is down is asked at most once per breaker cool-down, whatever asks: reads
+/// through the chain and the database calls the chain does not make itself (history). The
+/// chain's breaker is what holds this (three failures, then one probe per 250 ms); the tiers
+/// used to keep fail-fast windows of their own as well, which this test showed to add nothing
+/// once every database call goes through the breaker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_server_is_asked_at_most_once_per_cool_down() {
+    let pool = postgres_env::postgres_pool().await;
+    let schema = postgres_env::fresh_schema(&pool).await;
+    let redis_url = redis_env::redis_url().await;
+    let redis_proxy = FaultProxy::start(&host_port(&redis_url)).await;
+    let pg_proxy = FaultProxy::start(&host_port(&env::database_url())).await;
+    let pg_url = env::database_url().replace(
+        &host_port(&env::database_url()),
+        &pg_proxy.addr().to_string(),
+    );
+    // Only the caller's calls reach the servers: no backplane, no change feed (each has a
+    // connection and a reconnection back-off of its own).
+    let storage = UserConfigStorage::builder()
+        .redis_tier(Arc::new(
+            RedisTier::builder()
+                .url(format!("redis://{}/", redis_proxy.addr()))
+                .prefix(redis_env::unique_prefix("cool-down"))
+                .build()
+                .unwrap(),
+        ))
+        .postgres_source(Arc::new(
+            PostgresSource::builder()
+                .url(pg_url)
+                .schema(schema.clone())
+                .build()
+                .unwrap(),
+        ))
+        .backplane(false)
+        .follow_changes(false)
+        .build()
+        .await
+        .unwrap();
+    storage
+        .update_user_config("warm", &themed("warm", "v1"))
+        .await
+        .unwrap();
+    for proxy in [&redis_proxy, &pg_proxy] {
+        proxy.set_mode(ProxyMode::Reset);
+        proxy.kill_connections();
+    }
+    let (redis_before, pg_before) = (redis_proxy.connections(), pg_proxy.connections());
+    let started = Instant::now();
+    const ROUNDS: usize = 300;
+    for i in 0..ROUNDS {
+        let err = storage
+            .get_user_config(&format!("nobody-{i}"))
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        let err = storage.history("warm", 10).await.unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let redis = redis_proxy.connections() - redis_before;
+    let pg = pg_proxy.connections() - pg_before;
+    let stats = storage.get_cache_stats();
+    eprintln!(
+        "{ROUNDS} rounds in {elapsed:?}: Redis asked {redis} times, PostgreSQL {pg}; \
+         redis {:?}; source {:?}",
+        stats.chain.tiers[1], stats.chain.source
+    );
+    // Every call that reached a tier asked its server (they keep no window of their own); the
+    // breaker let through three, then one probe per cool-down (two of slack for the rounds
+    // that straddle a cool-down's end).
+    let most = 3 + (elapsed.as_millis() / DEFAULT_BREAKER_COOLDOWN.as_millis()) as u64 + 2;
+    for (tier, asked) in [(&stats.chain.tiers[1], redis), (&stats.chain.source, pg)] {
+        assert!(asked > 0, "{}: the server was asked at all", tier.name);
+        assert!(
+            tier.tier.errors <= most,
+            "{}: {} calls reached the tier in {elapsed:?}, at most {most} expected: {tier:?}",
+            tier.name,
+            tier.tier.errors
+        );
+        assert!(tier.breaker_open && tier.skipped > 0, "{tier:?}");
+    }
+    postgres_env::drop_schema(&pool, &schema).await;
 }

@@ -114,6 +114,24 @@ impl<K: Key, V: Value, T: Described + ?Sized> Level<K, V, T> {
         op: &'static str,
         fut: impl Future<Output = Result<R>>,
     ) -> Result<R> {
+        self.call_as(op, fut, true).await
+    }
+
+    /// [`call`](Self::call) for [`CacheTier::get_stale`], whose success says nothing about the
+    /// tier: the default answers `Ok(None)` without asking it. A failure counts toward the
+    /// breaker as any other; a success does not close it. (Counting it did: with the database
+    /// down too, every read's fail-safe lookup reset a down Redis's breaker, which then never
+    /// opened: `userconfig/tests/faults.rs`, `a_down_server_is_asked_at_most_once_per_cool_down`.)
+    pub(super) async fn call_stale<R>(&self, fut: impl Future<Output = Result<R>>) -> Result<R> {
+        self.call_as("get_stale", fut, false).await
+    }
+
+    async fn call_as<R>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<R>>,
+        success_is_news: bool,
+    ) -> Result<R> {
         let permit = self.breaker.permit();
         if permit.access() == Access::Skip {
             self.skipped.incr();
@@ -137,7 +155,9 @@ impl<K: Key, V: Value, T: Described + ?Sized> Level<K, V, T> {
         #[cfg(feature = "metrics")]
         self.call_seconds.record(took.as_secs_f64());
         let transient = result.as_ref().err().is_some_and(Error::is_transient);
-        permit.record(!transient);
+        if transient || success_is_news {
+            permit.record(!transient);
+        }
         if let Err(error) = &result {
             self.errors.incr();
             if error.is_timeout() {
@@ -145,7 +165,8 @@ impl<K: Key, V: Value, T: Described + ?Sized> Level<K, V, T> {
             }
             tracing::debug!(tier = %self.name, op, %error, "tier call failed");
         }
-        if self.failing.load(Ordering::Relaxed) != transient
+        if (transient || success_is_news)
+            && self.failing.load(Ordering::Relaxed) != transient
             && self.failing.swap(transient, Ordering::Relaxed) != transient
         {
             match &result {

@@ -23,6 +23,7 @@ mod tasks;
 mod write;
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -340,6 +341,23 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     #[must_use]
     pub fn source(&self) -> &Arc<dyn Source<K, V>> {
         &self.inner.source.tier
+    }
+
+    /// Runs `call`, a call to the [`source`](Self::source) that the chain does not make
+    /// itself (its history, say), the way the chain makes its own: under the source's time
+    /// limit and circuit breaker, counted in its statistics (`op` names it in traces). While
+    /// the breaker is open it fails at once with [`Error::CircuitOpen`], so that a database
+    /// that is down is asked once per cool-down, not once per caller.
+    ///
+    /// # Errors
+    /// `call`'s error, [`Error::Timeout`] past the source's time limit, or
+    /// [`Error::CircuitOpen`].
+    pub async fn source_call<R>(
+        &self,
+        op: &'static str,
+        call: impl Future<Output = Result<R>>,
+    ) -> Result<R> {
+        self.inner.source.call(op, call).await
     }
 
     /// The chain's clock.

@@ -237,9 +237,8 @@ impl<K: Key, V: Value> TieredCache<K, V> {
                 if level.repairs.blocks(key) {
                     continue;
                 }
-                if let Ok(Some(entry)) = level
-                    .call("get_stale", level.tier.get_stale(key, max_stale))
-                    .await
+                if let Ok(Some(entry)) =
+                    level.call_stale(level.tier.get_stale(key, max_stale)).await
                     && inner.floors.allows(key, entry.version, &inner.clock)
                 {
                     tracing::debug!(tier = %level.name, %error, "source failed; serving stale copy");

@@ -278,7 +278,7 @@ impl<K: Key, V: Value> TieredCache<K, V> {
     async fn apply_local(&self, index: usize, step: &mut Step<K, V>, dead: Option<Version>) {
         let level = &self.inner.tiers[index];
         let held = level
-            .call("get_stale", level.tier.get_stale(&step.key, Duration::MAX))
+            .call_stale(level.tier.get_stale(&step.key, Duration::MAX))
             .await;
         match (&held, step.version) {
             // Not held: nothing to drop.
