@@ -257,21 +257,7 @@ pub(crate) async fn prune_history(
     retention: Duration,
 ) -> Result<u64, sqlx::Error> {
     let modifier = format!("-{:.3} seconds", retention.as_secs_f64());
-    let mut deleted = 0;
-    loop {
-        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        let gone = sqlx::query(AssertSqlSafe(sql.history.as_str()))
-            .bind(&modifier)
-            .bind(PRUNE_BATCH)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
-        deleted += gone;
-        if gone < PRUNE_BATCH as u64 {
-            return Ok(deleted);
-        }
-    }
+    delete_in_batches(pool, &sql.history, modifier).await
 }
 
 /// Prunes the log: records how far, then deletes in batches of [`PRUNE_BATCH`], each in an
@@ -295,11 +281,21 @@ pub(crate) async fn prune(
         .bind(through)
         .execute(pool)
         .await?;
+    delete_in_batches(pool, &sql.delete, through).await
+}
+
+/// Runs `delete` (parameters: `bound`, then the batch size [`PRUNE_BATCH`]) until a batch
+/// deletes fewer rows than that, each batch in an immediate transaction of its own (writers
+/// wait for one batch at most); returns how many rows it deleted.
+async fn delete_in_batches<T>(pool: &SqlitePool, delete: &str, bound: T) -> Result<u64, sqlx::Error>
+where
+    T: for<'q> sqlx::Encode<'q, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite> + Clone + Send + 'static,
+{
     let mut deleted = 0;
     loop {
         let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
-        let gone = sqlx::query(AssertSqlSafe(sql.delete.as_str()))
-            .bind(through)
+        let gone = sqlx::query(AssertSqlSafe(delete))
+            .bind(bound.clone())
             .bind(PRUNE_BATCH)
             .execute(&mut *tx)
             .await?

@@ -384,19 +384,11 @@ where
 
     async fn get(&self, key: &K) -> Result<Option<Entry<V>>> {
         let key = key.storage_key();
-        let row = sqlx::query(AssertSqlSafe(self.sql.get.as_str()))
+        let row: Option<(String, i64)> = sqlx::query_as(AssertSqlSafe(self.sql.get.as_str()))
             .bind(key.as_ref())
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| self.failed(e))?;
-        let row = match row {
-            Some(row) => {
-                let json: String = row.try_get(0).map_err(|e| self.failed(e))?;
-                let version: i64 = row.try_get(1).map_err(|e| self.failed(e))?;
-                Some((json, version))
-            }
-            None => None,
-        };
         let row = row.as_ref().map(|(json, v)| (json.as_str(), *v));
         tiercache_sql::found(&self.name, &self.stats, &key, row)
     }

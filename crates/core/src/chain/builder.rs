@@ -4,8 +4,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::floors::Floors;
-use super::level::{DEFAULT_MAX_PENDING_REPAIRS, Level};
+use super::level::Level;
 use super::marks::Marks;
+use super::repairs::DEFAULT_MAX_PENDING_REPAIRS;
 use super::{
     ChainCounters, DEFAULT_FLOOR_TTL, DEFAULT_MAX_STALE, DEFAULT_NEGATIVE_TTL,
     DEFAULT_SOURCE_TIMEOUT, DEFAULT_TIER_TIMEOUT, DEFAULT_WRITE_SETTLE, Inner, Policy, TieredCache,

@@ -6,7 +6,8 @@
 //! remote changes: the source's feed and the backplane), `feed.rs` (following the source's
 //! feed), `steps.rs` (what those paths share: may a tier serve a key, a marked fill and its
 //! taking back, an invalidation at a version, a floor), `level.rs` (one tier's limit,
-//! breaker, counters, missed invalidations and their replay), `marks.rs` (what changed since
+//! breaker and counters), `repairs.rs` (what a tier missed and its replay), `observe.rs` (the
+//! broadcast of every change the chain learns of), `marks.rs` (what changed since
 //! a load began), `floors.rs`, `tasks.rs` (background work) and `builder.rs`.
 
 mod builder;
@@ -18,6 +19,7 @@ mod marks;
 mod observe;
 mod read;
 mod remote;
+mod repairs;
 mod steps;
 mod tasks;
 mod write;
@@ -29,11 +31,11 @@ use std::time::Duration;
 
 pub use self::builder::TieredCacheBuilder;
 use self::floors::Floors;
-pub use self::level::DEFAULT_MAX_PENDING_REPAIRS;
 use self::level::Level;
 use self::marks::Marks;
 pub use self::observe::OBSERVER_BUFFER;
 use self::observe::Observers;
+pub use self::repairs::DEFAULT_MAX_PENDING_REPAIRS;
 use self::tasks::Tasks;
 use crate::backplane::Backplane;
 use crate::breaker::BreakerPolicy;
