@@ -5,6 +5,7 @@
 #
 #     bash scripts/rule-mutations.sh            # every mutation
 #     bash scripts/rule-mutations.sh floors     # one of them
+#     bash scripts/rule-mutations.sh --check    # only that every mutation still applies (CI)
 #
 # Each mutation is a literal replacement in one file, checked to have applied, then undone with
 # `git checkout` whatever happens. Prints one line per mutation: CAUGHT or MISSED. The exit
@@ -25,15 +26,21 @@ mutations=(
     "manual-tombstones|model|crates/core/src/entry.rs|entry.version.checked_sub(1).map(\|below\| Slot::Tombstone {|entry.version.checked_sub(1).filter(\|_\| false).map(\|below\| Slot::Tombstone {"
     "invalidation-epoch|model|crates/core/src/chain/marks.rs|Some(m) if m.blind_at > ticket => Verdict::Suspect,|"
     "manual-invalidation|model|crates/core/src/chain/invalidate.rs|async move { this.invalidate_everywhere(&key, None).await }|async move { let _ = (this, key); Ok(()) }"
-    "bottom-first|model|crates/core/src/chain/invalidate.rs|for i in (0..inner.tiers.len()).rev() {|for i in 0..inner.tiers.len() {"
+    "bottom-first|model|crates/core/src/chain/steps.rs|for i in (0..inner.tiers.len()).rev() {|for i in 0..inner.tiers.len() {"
     "version-marks|chain_write|crates/core/src/chain/marks.rs|Some(m) if version < m.version => Verdict::Older,|"
     "floors|rules|crates/core/src/chain/floors.rs|self.len.load(Ordering::Relaxed) == 0 \|\| self.check(key, version, clock)|{ let _ = (key, version, clock); true }"
-    "floor-life|rules|crates/core/src/chain/write.rs|let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);|let life = inner.policy.floor_ttl;"
+    "floor-life|rules|crates/core/src/chain/steps.rs|let life = inner.policy.floor_ttl + inner.policy.max_stale.unwrap_or(Duration::ZERO);|let life = inner.policy.floor_ttl;"
     "max-stale-boundary|rules|crates/tier-memory/src/lib.rs|now.saturating_since(at) <= max_stale|now.saturating_since(at) < max_stale"
-    "fill-take-back|rules|crates/core/src/chain/read.rs|self.take_back(index, key, verdict, entry.version).await;|let _ = verdict;"
+    "fill-take-back|rules|crates/core/src/chain/steps.rs|self.take_back(index, key, verdict, entry.version).await;|let _ = verdict;"
     "builder-floor-ttl|rules|crates/core/src/chain/builder.rs|if self.policy.floor_ttl.is_zero() {|if self.policy.floor_ttl.is_zero() && false {"
     "clear-second-pass|chain_write|crates/core/src/chain/invalidate.rs|if let Err(error) = this.clear_pass(index).await {|if let Err(error) = async { Ok::<(), Error>(()) }.await {"
 )
+
+check_only=false
+if [[ "${1:-}" == "--check" ]]; then
+    check_only=true
+    shift
+fi
 
 missed=0
 for m in "${mutations[@]}"; do
@@ -47,6 +54,10 @@ for m in "${mutations[@]}"; do
     if git diff --quiet -- "$file"; then
         echo "$name: the text to replace is not in $file (update this script)" >&2
         missed=$((missed + 1))
+        continue
+    fi
+    if $check_only; then
+        git checkout -q -- "$file"
         continue
     fi
     log="/tmp/rule-mutation-$name.log"
