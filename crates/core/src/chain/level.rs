@@ -90,12 +90,13 @@ impl<K: Key, V: Value, T: Described + ?Sized> Level<K, V, T> {
 
     /// Runs one call to the tier under its time limit and its breaker; counts and traces a
     /// failure. While the breaker is open the call is skipped with [`Error::CircuitOpen`].
-    pub(super) async fn call<R>(
+    // Plain functions returning `call_as`'s future: no second state machine around it.
+    pub(super) fn call<R>(
         &self,
         op: &'static str,
         fut: impl Future<Output = Result<R>>,
-    ) -> Result<R> {
-        self.call_as(op, fut, true).await
+    ) -> impl Future<Output = Result<R>> {
+        self.call_as(op, fut, true)
     }
 
     /// [`call`](Self::call) for [`CacheTier::get_stale`], whose success says nothing about the
@@ -103,8 +104,11 @@ impl<K: Key, V: Value, T: Described + ?Sized> Level<K, V, T> {
     /// breaker as any other; a success does not close it. (Counting it did: with the database
     /// down too, every read's fail-safe lookup reset a down Redis's breaker, which then never
     /// opened: `userconfig/tests/faults.rs`, `a_down_server_is_asked_at_most_once_per_cool_down`.)
-    pub(super) async fn call_stale<R>(&self, fut: impl Future<Output = Result<R>>) -> Result<R> {
-        self.call_as("get_stale", fut, false).await
+    pub(super) fn call_stale<R>(
+        &self,
+        fut: impl Future<Output = Result<R>>,
+    ) -> impl Future<Output = Result<R>> {
+        self.call_as("get_stale", fut, false)
     }
 
     async fn call_as<R>(
