@@ -191,18 +191,7 @@ async fn a_cache_that_is_behind_never_decides_a_precondition() {
     use axum::http::Request;
     use tower::ServiceExt as _;
     let dir = TempDir::new("conditional_stale");
-    let path = dir.0.join("db.sqlite3");
-    let a = userconfig::UserConfigStorage::builder()
-        .sqlite_path(&path)
-        .build()
-        .await
-        .unwrap();
-    let b = userconfig::UserConfigStorage::builder()
-        .sqlite_path(&path)
-        .follow_changes(false)
-        .build()
-        .await
-        .unwrap();
+    let (a, b) = support::instance_and_deaf_one(&dir).await;
     let router = userconfig_cli::router(b.clone());
     let call = |method: &str, header: (&str, &str), body: &'static str| {
         let request = Request::builder()

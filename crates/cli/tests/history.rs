@@ -195,18 +195,7 @@ async fn x_min_version_reads_a_write_made_through_another_instance() {
     use axum::http::Request;
     use tower::ServiceExt as _;
     let dir = TempDir::new("serve_min_version");
-    let path = dir.0.join("db.sqlite3");
-    let a = userconfig::UserConfigStorage::builder()
-        .sqlite_path(&path)
-        .build()
-        .await
-        .unwrap();
-    let b = userconfig::UserConfigStorage::builder()
-        .sqlite_path(&path)
-        .follow_changes(false)
-        .build()
-        .await
-        .unwrap();
+    let (a, b) = support::instance_and_deaf_one(&dir).await;
     let router = userconfig_cli::router(b.clone());
     let read = |min: Option<u64>| {
         let mut request = Request::builder().uri(PATH);

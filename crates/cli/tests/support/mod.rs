@@ -144,6 +144,27 @@ impl TempDir {
     }
 }
 
+/// Two instances on one SQLite file in `dir`: the first follows the database's changes, the
+/// second does not (its caches never hear of a write made through the first), for tests of
+/// what must be decided by the database, not by a cache that is behind.
+pub async fn instance_and_deaf_one(
+    dir: &TempDir,
+) -> (userconfig::UserConfigStorage, userconfig::UserConfigStorage) {
+    let path = dir.0.join("db.sqlite3");
+    let following = userconfig::UserConfigStorage::builder()
+        .sqlite_path(&path)
+        .build()
+        .await
+        .unwrap();
+    let deaf = userconfig::UserConfigStorage::builder()
+        .sqlite_path(&path)
+        .follow_changes(false)
+        .build()
+        .await
+        .unwrap();
+    (following, deaf)
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
