@@ -170,9 +170,10 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static>
 
     /// Time limit of one connection attempt the tier makes outside its pool: after an acquire
     /// time-out, a direct attempt tells a server that refuses connections or does not answer
-    /// (the call fails with [`Error::Unavailable`] saying so) from a pool that is merely busy. sqlx 0.9 has no per-attempt limit for the pool's own
-    /// connections: those are bounded by [`acquire_timeout`](Self::acquire_timeout), within
-    /// which a refused connection is retried. Defaults to [`DEFAULT_CONNECT_TIMEOUT`].
+    /// (the call fails with [`Error::Unavailable`] saying so) from a pool that is merely busy.
+    /// sqlx 0.9 has no per-attempt limit for the pool's own connections: those are bounded by
+    /// [`acquire_timeout`](Self::acquire_timeout), within which a refused connection is
+    /// retried. Defaults to [`DEFAULT_CONNECT_TIMEOUT`].
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self

@@ -54,10 +54,11 @@ impl<K: StorageKey, V: Serialize + DeserializeOwned + Send + Sync + 'static> Pos
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    /// Runs `call` (after the migrations). A read (`retry_broken`) that fails on a pooled connection that turned out
-    /// dead (the server restarted, or dropped it while idle) is run again on another, up to
-    /// once per pooled connection: the pool does not test connections before handing them out
-    /// (that costs a round trip per call), so a read finds a dead one this way instead.
+    /// Runs `call` (after the migrations). A read (`retry_broken`) that fails on a pooled
+    /// connection that turned out dead (the server restarted, or dropped it while idle) is run
+    /// again on another, up to once per pooled connection: the pool does not test connections
+    /// before handing them out (that costs a round trip per call), so a read finds a dead one
+    /// this way instead.
     pub(crate) async fn run<T, F, Fut>(&self, retry_broken: bool, call: F) -> Result<T>
     where
         F: Fn() -> Fut,

@@ -2,7 +2,8 @@
 //!
 //! **Missed invalidations** (the tier was down, slow or skipped when an update or an
 //! invalidation reached it) are remembered per key and replayed by a task of the level's own,
-//! off the request path, in batches ([`CacheTier::invalidate_many`](crate::CacheTier::invalidate_many)), retried with a backoff
+//! off the request path, in batches
+//! ([`CacheTier::invalidate_many`](crate::CacheTier::invalidate_many)), retried with a backoff
 //! until the tier takes them. Until a key's replay has succeeded no read uses this tier for
 //! that key: it could serve or copy up the version the replay is about to remove. Reads of
 //! other keys go on as usual, so the first read after an outage costs what any read costs.
