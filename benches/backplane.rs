@@ -25,9 +25,9 @@ use tiercache_testkit::{FakeSource, env};
 
 const INSTANCES: usize = 4;
 
-fn percentiles(mut samples: Vec<Duration>) -> String {
-    samples.sort_unstable();
-    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+fn percentiles(samples: Vec<Duration>) -> String {
+    let samples = tiercache_testkit::Samples::new(samples);
+    let at = |p: f64| samples.at(p);
     format!(
         "p50 {:>8.1?}  p90 {:>8.1?}  p99 {:>8.1?}  max {:>8.1?}  ({} rounds)",
         at(0.5),

@@ -33,9 +33,9 @@ use userconfig::{UserConfig, UserConfigStorage};
 const INSTANCES: usize = 4;
 const LOG_WRITES: usize = 100_000;
 
-fn percentiles(mut samples: Vec<Duration>) -> String {
-    samples.sort_unstable();
-    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+fn percentiles(samples: Vec<Duration>) -> String {
+    let samples = tiercache_testkit::Samples::new(samples);
+    let at = |p: f64| samples.at(p);
     format!(
         "p50 {:>8.2?}  p99 {:>8.2?}  max {:>8.2?}  ({} rounds)",
         at(0.5),

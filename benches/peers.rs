@@ -338,9 +338,9 @@ async fn warm(ours: &[&Ours], theirs: &Theirs, keys: &[String]) {
     );
 }
 
-fn percentiles(mut samples: Vec<Duration>) -> String {
-    samples.sort_unstable();
-    let at = |p: f64| samples[((samples.len() - 1) as f64 * p).round() as usize];
+fn percentiles(samples: Vec<Duration>) -> String {
+    let samples = tiercache_testkit::Samples::new(samples);
+    let at = |p: f64| samples.at(p);
     format!(
         "p50 {:>8.2?}  p90 {:>8.2?}  max {:>8.2?}",
         at(0.5),

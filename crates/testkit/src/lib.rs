@@ -74,6 +74,7 @@ pub mod postgres_env;
 mod proxy;
 #[cfg(feature = "redis")]
 pub mod redis_env;
+mod samples;
 
 pub use backplane::{BackplaneHandle, BackplaneHub};
 pub use capture::Captured;
@@ -82,4 +83,5 @@ pub use fake_source::FakeSource;
 pub use fault::{Fault, FaultSwitch, Faulty, Gate, InjectedFault, Op};
 #[cfg(feature = "proxy")]
 pub use proxy::{FaultProxy, ProxyMode};
+pub use samples::Samples;
 pub use tiercache_core::{Clock, ManualClock, MockCacheTier, MockSource};
